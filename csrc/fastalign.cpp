@@ -1,0 +1,36 @@
+// fastalign._C: the op schemas (registered once, here) and the Python module stub.
+//
+// Each fused kernel is a pair of ops, <name>_fwd and <name>_bwd, implemented per device in
+// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(fastalign, CPU)) and csrc/cuda/*.cu
+// (TORCH_LIBRARY_IMPL(fastalign, CUDA)). Autograd, fake (meta) implementations and argument
+// validation are registered from Python (fastalign/ops/), so every backend shares them.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/capability.h"
+
+TORCH_LIBRARY(fastalign, m) {
+  // Token log-probabilities: logits [N, V] (row stride free, unit inner stride), labels [N] int64.
+  // Returns fp32 (logprobs [N], entropy [N] or [0] when with_entropy is false, row_stats [N, 2]).
+  // row_stats = (m, log sum_j exp(z_j - m)) with z = logits / T and m = max_j z_j, so that the
+  // backward recomputes log p_j = (z_j - m) - row_stats[1] without the rounding of m + log s.
+  m.def(
+      "gather_logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, "
+      "bool with_entropy) -> (Tensor, Tensor, Tensor)");
+  // Gradient w.r.t. logits [N, V] in the logits' dtype; grad_entropy/entropy absent when the
+  // entropy output received no gradient.
+  m.def(
+      "gather_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
+      "Tensor labels, Tensor row_stats, Tensor? entropy, float temperature, int ignore_index) -> Tensor");
+}
+
+// A real (empty) Python module, so `import fastalign._C` loads the library and runs the
+// registrations above. Build facts live in fastalign/_build_info.py, readable without loading.
+static PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastalign::cpu::best_kernels().name);
+}
+static PyMethodDef fastalign_methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU kernel table in use: DEFAULT, AVX2 or AVX512."},
+    {nullptr, nullptr, 0, nullptr}};
+static PyModuleDef fastalign_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastalign_methods};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastalign_module); }

@@ -1,0 +1,12 @@
+"""fastalign: fused loss-head kernels for aligning language models.
+
+One Python API over four backends (eager torch, C++ CPU, CUDA, Triton); see DESIGN.md and
+`fastalign.backends()`.
+"""
+
+from fastalign._backends import backends
+from fastalign.ops.logprobs import gather_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "backends", "gather_logprobs"]

@@ -1,0 +1,3 @@
+from fastalign.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Kernels: `reference` (eager torch, the ground truth) and `triton/` (Triton kernels)."""

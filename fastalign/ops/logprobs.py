@@ -1,0 +1,157 @@
+"""gather_logprobs: fp32 token log-probabilities (and entropy) from logits, fused.
+
+Backends: torch (eager reference), cpp and cuda (fastalign._C: fastalign::gather_logprobs_{fwd,bwd}),
+triton (fastalign_triton::gather_logprobs_{fwd,bwd}). Every fused forward returns, per row,
+(logprobs [N], entropy [N] or [0], row_stats [N, 2] = (max z, log sum exp(z - max)) for z =
+logits / T); the backward recomputes softmax from row_stats, so nothing of size tokens x vocabulary
+is saved besides the caller's own logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastalign import _backends
+from fastalign.kernels import reference
+from fastalign.ops._register import cpp_op, register_fused
+
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LABEL_DTYPES = (torch.int32, torch.int64)
+
+
+# ---- autograd and fake implementations, shared by every fused backend -------------------------
+
+
+def _fake_fwd(logits, labels, temperature, ignore_index, with_entropy):
+    n = logits.shape[0]
+    out = logits.new_empty((n,), dtype=torch.float32)
+    ent = logits.new_empty((n if with_entropy else 0,), dtype=torch.float32)
+    return out, ent, logits.new_empty((n, 2), dtype=torch.float32)
+
+
+def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, with_entropy = inputs
+    logprobs, entropy, row_stats = output
+    ctx.save_for_backward(logits, labels, row_stats, entropy)
+    ctx.temperature, ctx.ignore_index, ctx.with_entropy = temperature, ignore_index, with_entropy
+
+
+def _backward(ctx, bwd, grad_logprobs, grad_entropy, _grad_row_stats):
+    logits, labels, row_stats, entropy = ctx.saved_tensors
+    if grad_logprobs is None:
+        grad_logprobs = row_stats.new_zeros(row_stats.shape[0])
+    if not ctx.with_entropy:
+        grad_entropy = None
+    grad = bwd(
+        grad_logprobs, grad_entropy, logits, labels, row_stats, entropy if grad_entropy is not None else None,
+        ctx.temperature, ctx.ignore_index,
+    )
+    return grad, None, None, None, None
+
+
+_FUSED = {}  # backend name -> (fwd op, bwd op)
+
+
+def _register(backend: str, fwd, bwd) -> None:
+    if fwd is None:
+        return
+    register_fused(fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_backward)
+    _FUSED[backend] = (fwd, bwd)
+
+
+_cpp_fwd, _cpp_bwd = cpp_op("gather_logprobs_fwd"), cpp_op("gather_logprobs_bwd")
+_register("cpp", _cpp_fwd, _cpp_bwd)
+_FUSED["cuda"] = _FUSED.get("cpp")  # same ops, dispatched by device
+
+
+def _triton_ops():
+    if "triton" not in _FUSED:
+        from fastalign.kernels.triton import logprobs as tl
+
+        _register("triton", tl.gather_logprobs_fwd, tl.gather_logprobs_bwd)
+    return _FUSED["triton"]
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+
+def _check_inputs(logits, labels, temperature, ignore_index):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"gather_logprobs: logits must be a tensor, got {type(logits).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"gather_logprobs: labels must be a tensor, got {type(labels).__name__}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"gather_logprobs: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if labels.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"gather_logprobs: labels must be int32 or int64, got {labels.dtype}")
+    if logits.dim() < 1 or tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"gather_logprobs: labels must have the shape of logits without its last (vocabulary) dim: "
+            f"logits {tuple(logits.shape)} needs labels {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"gather_logprobs: labels are on {labels.device} but logits on {logits.device}")
+    if not isinstance(temperature, (int, float)) or not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"gather_logprobs: temperature must be a finite number > 0, got {temperature!r}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"gather_logprobs: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels.numel() > 0 and logits.shape[-1] == 0:
+        raise ValueError("gather_logprobs: logits have an empty vocabulary (last) dim")
+
+
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raises IndexError naming the first label outside [0, vocab) that is not ignore_index.
+    Synchronises with the device; skipped while torch.compile traces (kernels then give NaN)."""
+    if labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise IndexError(
+            f"gather_logprobs: labels{list(idx)} = {int(labels[idx])} is outside [0, {vocab}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+
+
+# ---- public op --------------------------------------------------------------------------------
+
+
+def gather_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+):
+    """fp32 `log_softmax(logits / temperature)[labels]`, shape of labels, without materialising
+    the [tokens, V] log-softmax; with `return_entropy=True` returns `(logprobs, entropy)`.
+
+    logits `[..., V]` fp32/bf16/fp16; labels `[...]` int32/int64. Positions whose label is
+    `ignore_index` give 0 and receive no gradient. Gradients flow to logits (in their dtype) from
+    both outputs. Inputs are never modified.
+    """
+    _check_inputs(logits, labels, temperature, ignore_index)
+    name = _backends.resolve(backend, logits.device, op="gather_logprobs")
+    if name == "torch":
+        check_label_range(labels, logits.shape[-1], ignore_index)
+        return reference.gather_logprobs(logits, labels, temperature, ignore_index, return_entropy)
+
+    fwd, _ = _triton_ops() if name == "triton" else _FUSED[name]
+    vocab = logits.shape[-1]
+    rows = logits.reshape(-1, vocab)
+    if rows.stride(-1) != 1 and vocab > 1:
+        rows = rows.contiguous()
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    if name != "cpp":  # the CPU kernel checks the range itself, for free
+        check_label_range(flat_labels, vocab, ignore_index)
+    logprobs, entropy, _ = fwd(rows, flat_labels, float(temperature), int(ignore_index), bool(return_entropy))
+    logprobs = logprobs.view(labels.shape)
+    return (logprobs, entropy.view(labels.shape)) if return_entropy else logprobs

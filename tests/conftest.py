@@ -1,0 +1,42 @@
+"""Test configuration: which backends run here, and the shared tolerances.
+
+Triton kernels run on the CPU under TRITON_INTERPRET=1 (set here before anything imports
+Triton) when no GPU is visible; CUDA tests skip cleanly without a GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastalign  # noqa: E402
+from fastalign import _backends  # noqa: E402
+
+# Tolerances per dtype for kernel-vs-reference comparisons of values computed in fp32 and
+# rounded once to the output dtype: rtol ~ one rounding of that dtype (bf16 2^-8, fp16 2^-11)
+# plus fp32 accumulation error; atol for values near zero.
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-5),
+    torch.float16: dict(rtol=2**-9, atol=1e-5),
+}
+
+
+def backend_params(supported=("torch", "cpp", "triton", "cuda")):
+    """pytest params (backend, device) for every backend that can run here; the others are
+    reported as skipped with the reason."""
+    params = []
+    for name in supported:
+        device = "cuda" if name == "cuda" else ("cuda" if torch.cuda.is_available() and name == "triton" else "cpu")
+        reason = _backends.unavailable_reason(name, device)
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,259 @@
+"""gather_logprobs on every backend against kernels/reference.py, forward and backward."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastalign
+from fastalign.kernels import reference
+from tests.conftest import TOL, backend_params
+
+BACKENDS = backend_params()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _interpreted(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
+def _skip_slow_combo(backend, device, dtype):
+    # The Triton interpreter is numpy-based and slow: fp32 and small shapes only on the CPU.
+    if _interpreted(backend, device) and dtype != torch.float32:
+        pytest.skip("Triton interpreter on the CPU: fp32 only")
+
+
+def _compare(backend, device, logits, labels, *, temperature=1.0, ignore_index=-100, entropy=True, dtype=None):
+    """Forward and backward of `backend` vs the fp32 reference on the same inputs."""
+    dtype = dtype or logits.dtype
+    x = logits.detach().clone().requires_grad_()
+    xr = logits.detach().clone().requires_grad_()
+    out = fastalign.gather_logprobs(
+        x, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=entropy, backend=backend
+    )
+    ref = reference.gather_logprobs(xr, labels, temperature, ignore_index, entropy)
+    out, ref = (out, ref) if entropy else ((out,), (ref,))
+    for o, r in zip(out, ref):
+        assert o.dtype == torch.float32 and o.shape == labels.shape
+        torch.testing.assert_close(o, r, **TOL[torch.float32], equal_nan=True)
+    weights = [torch.randn(labels.shape, device=device) for _ in out]
+    sum(((o * w).sum() for o, w in zip(out, weights))).backward()
+    sum(((r * w).sum() for r, w in zip(ref, weights))).backward()
+    assert x.grad.dtype == dtype and x.grad.shape == logits.shape
+    torch.testing.assert_close(x.grad.float(), xr.grad.float(), **TOL[dtype], equal_nan=True)
+    return out
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,vocab",
+    [((1,), 1), ((1,), 7), ((5,), 1000), ((2, 3), 2049), ((3, 1), 5003), ((17,), 128), ((2, 9), 4096 + 37)],
+)
+def test_matches_reference(backend, device, dtype, shape, vocab):
+    _skip_slow_combo(backend, device, dtype)
+    logits = (torch.randn(*shape, vocab, device=device) * 3).to(dtype)
+    labels = torch.randint(0, vocab, shape, device=device)
+    labels.view(-1)[0] = -100  # always at least one ignored position
+    _compare(backend, device, logits, labels)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.3, 1.7])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_temperature_and_int32_labels(backend, device, temperature, entropy):
+    logits = torch.randn(4, 6, 777, device=device) * 5
+    labels = torch.randint(0, 777, (4, 6), device=device, dtype=torch.int32)
+    _compare(backend, device, logits, labels, temperature=temperature, entropy=entropy)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_custom_ignore_index_and_all_ignored_rows(backend, device):
+    logits = torch.randn(3, 8, 300, device=device)
+    labels = torch.randint(0, 300, (3, 8), device=device)
+    labels[1] = 7  # a whole sequence ignored, with a label that is in range
+    out = _compare(backend, device, logits, labels, ignore_index=7)
+    assert (out[0][1] == 0).all() and (out[1][1] == 0).all()
+
+    x = logits.clone().requires_grad_()
+    all_ignored = torch.full((3, 8), -100, device=device)
+    lp, ent = fastalign.gather_logprobs(x, all_ignored, return_entropy=True, backend=backend)
+    (lp.sum() + ent.sum()).backward()
+    assert (lp == 0).all() and (ent == 0).all() and (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_contiguous_inputs(backend, device):
+    base = torch.randn(6, 5, 1100, device=device)
+    logits = base.transpose(0, 1)[:, :, 3:1003]  # strided rows, offset columns
+    labels = torch.randint(0, 1000, (6, 5), device=device).t()
+    assert not logits.is_contiguous() and not labels.is_contiguous()
+    before = base.clone()
+    _compare(backend, device, logits, labels)
+    assert torch.equal(base, before)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_inputs_are_never_modified(backend, device):
+    logits = torch.randn(4, 513, device=device, requires_grad=True)
+    labels = torch.randint(0, 513, (4,), device=device)
+    snapshot, label_snapshot = logits.detach().clone(), labels.clone()
+    lp, ent = fastalign.gather_logprobs(logits, labels, return_entropy=True, backend=backend)
+    (lp.sum() + ent.sum()).backward()
+    assert torch.equal(logits.detach(), snapshot) and torch.equal(labels, label_snapshot)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_and_inf_propagation(backend, device):
+    vocab = 600
+    logits = torch.randn(4, vocab, device=device)
+    logits[0, 17] = float("nan")  # a NaN poisons its row only
+    logits[1, :500] = float("-inf")  # a masked vocabulary: still finite for labels kept
+    logits[2, 3] = float("inf")  # +inf: undefined softmax, NaN like the reference
+    labels = torch.tensor([5, 550, 9, 11], device=device)
+    lp, ent = _compare(backend, device, logits, labels)
+    assert lp[0].isnan() and ent[0].isnan()
+    assert lp[1].isfinite() and ent[1].isfinite() and ent[1] > 0
+    assert lp[2].isnan()
+    assert lp[3].isfinite() and ent[3].isfinite()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_extreme_logits_are_stable(backend, device):
+    logits = torch.randn(3, 257, device=device)
+    logits[0] *= 1e4  # one-hot-like distribution
+    logits[1] += 1e4  # large offset: needs the running max
+    logits[2] -= 1e4
+    labels = torch.tensor([1, 2, 3], device=device)
+    lp, ent = _compare(backend, device, logits, labels)
+    assert lp.isfinite().all() and ent.isfinite().all() and (lp <= 0).all() and (ent >= -1e-6).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_inputs_give_empty_outputs(backend, device):
+    for shape in [(0,), (2, 0)]:
+        logits = torch.randn(*shape, 11, device=device, requires_grad=True)
+        labels = torch.zeros(shape, dtype=torch.long, device=device)
+        lp, ent = fastalign.gather_logprobs(logits, labels, return_entropy=True, backend=backend)
+        assert lp.shape == shape and ent.shape == shape and lp.dtype == torch.float32
+        (lp.sum() + ent.sum()).backward()
+        assert logits.grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_bad_inputs_raise_clear_errors(backend, device):
+    logits = torch.randn(2, 3, 10, device=device)
+    labels = torch.randint(0, 10, (2, 3), device=device)
+    gl = fastalign.gather_logprobs
+    with pytest.raises(IndexError, match=r"labels.*10.*outside \[0, 10\)"):
+        gl(logits, torch.full((2, 3), 10, device=device), backend=backend)
+    with pytest.raises(IndexError, match="labels"):
+        gl(logits, torch.full((2, 3), -1, device=device), backend=backend)
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        gl(logits, labels[:, :2], backend=backend)
+    with pytest.raises(TypeError, match="logits must be float32"):
+        gl(logits.long(), labels, backend=backend)
+    with pytest.raises(TypeError, match="labels must be int32 or int64"):
+        gl(logits, labels.float(), backend=backend)
+    with pytest.raises(ValueError, match="temperature"):
+        gl(logits, labels, temperature=0.0, backend=backend)
+    with pytest.raises(ValueError, match="temperature"):
+        gl(logits, labels, temperature=float("nan"), backend=backend)
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        gl(torch.randn(2, 0, device=device), torch.zeros(2, dtype=torch.long, device=device), backend=backend)
+
+
+def test_device_mismatch_and_unknown_backend():
+    logits, labels = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastalign.gather_logprobs(logits, labels, backend="jax")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="labels are on"):
+            fastalign.gather_logprobs(logits, labels.cuda())
+    meta_labels = torch.zeros(2, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="labels are on"):
+        fastalign.gather_logprobs(logits, meta_labels)
+
+
+def test_unusable_backend_says_why(monkeypatch):
+    reason = fastalign.backends()["cuda"]["reason"]
+    if fastalign.backends()["cuda"]["usable"]:
+        pytest.skip("cuda backend is usable here")
+    assert reason
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run cpu tensors"):
+        fastalign.gather_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="cuda")
+
+
+def test_environment_overrides_auto(monkeypatch):
+    monkeypatch.setenv("FASTALIGN_BACKEND", "torch")
+    from fastalign import _backends
+
+    assert _backends.resolve("auto", torch.device("cpu")) == "torch"
+    # an explicit backend argument still wins over the environment
+    assert _backends.resolve("torch", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("FASTALIGN_BACKEND", "cuda")
+    if _backends.unavailable_reason("cuda", "cpu"):
+        with pytest.raises(RuntimeError, match="cannot run cpu tensors"):
+            _backends.resolve("auto", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id != "torch-cpu"])
+def test_opcheck(backend, device):
+    from fastalign.ops import logprobs as L
+
+    fwd, bwd = L._triton_ops() if backend == "triton" else L._FUSED[backend]
+    logits = torch.randn(5, 67, device=device, requires_grad=True)
+    labels = torch.randint(0, 67, (5,), device=device)
+    labels[2] = -100
+    for with_entropy in (False, True):
+        torch.library.opcheck(fwd, (logits, labels, 1.3, -100, with_entropy))
+    lp, ent, row_stats = fwd(logits.detach(), labels, 1.3, -100, True)
+    assert row_stats.shape == (5, 2)
+    g = torch.randn(5, device=device)
+    torch.library.opcheck(bwd, (g, g, logits.detach(), labels, row_stats, ent, 1.3, -100))
+    torch.library.opcheck(bwd, (g, None, logits.detach(), labels, row_stats, None, 1.3, -100))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if "triton-cpu" not in p.id])
+def test_torch_compile_fullgraph(backend, device):
+    def head(logits, labels):
+        lp, ent = fastalign.gather_logprobs(logits, labels, temperature=0.9, return_entropy=True, backend=backend)
+        return (lp * 2).sum() + ent.mean()
+
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    logits = torch.randn(3, 4, 129, device=device, requires_grad=True)
+    labels = torch.randint(0, 129, (3, 4), device=device)
+    loss = compiled(logits, labels)
+    loss.backward()
+    x = logits.detach().clone().requires_grad_()
+    ref = head(x, labels)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(logits.grad, x.grad)
+
+
+def test_import_does_not_initialise_cuda():
+    code = "import torch, fastalign; fastalign.backends(); assert not torch.cuda.is_initialized(); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id in ("cpp-cpu", "cuda-cuda")])
+def test_offsets_beyond_2_pow_31(backend, device):
+    # 3 rows x (2^30 + 3) bf16: element offsets of the last row exceed 2^31. Expected values are
+    # analytic (mostly-zero rows), so no fp32 [rows, V] reference is needed.
+    vocab = 2**30 + 3
+    logits = torch.zeros(3, vocab, dtype=torch.bfloat16, device=device)
+    logits[2, vocab - 1] = 4.0
+    labels = torch.tensor([0, -100, vocab - 1], device=device)
+    lse_other = math.log(vocab - 1 + math.exp(4.0))
+    lp = fastalign.gather_logprobs(logits, labels, backend=backend)
+    torch.testing.assert_close(lp.cpu(), torch.tensor([-math.log(vocab), 0.0, 4.0 - lse_other]), rtol=1e-5, atol=1e-5)
+    logits.requires_grad_()
+    fastalign.gather_logprobs(logits, labels, backend=backend)[2].backward()
+    grad = logits.grad[2]
+    assert abs(float(grad[vocab - 1]) - (1 - math.exp(4.0 - lse_other))) < 1e-2
+    assert abs(float(grad[5]) + math.exp(-lse_other)) < 1e-9 + 1e-2 * math.exp(-lse_other)

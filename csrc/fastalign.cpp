@@ -22,6 +22,11 @@ TORCH_LIBRARY(fastalign, m) {
   m.def(
       "gather_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
       "Tensor labels, Tensor row_stats, Tensor? entropy, float temperature, int ignore_index) -> Tensor");
+
+  // ---- GAE ----
+  // rewards, values [B, T] (one float dtype), mask [B, T] bool (true = valid step). Returns fp32
+  // (advantages, returns) [B, T]; 0 at masked steps. A reverse scan per row; no gradient.
+  m.def("gae_fwd(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
 }
 
 // A real (empty) Python module, so `import fastalign._C` loads the library and runs the

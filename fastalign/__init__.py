@@ -5,8 +5,10 @@ One Python API over four backends (eager torch, C++ CPU, CUDA, Triton); see DESI
 """
 
 from fastalign._backends import backends
+from fastalign.ops.gae import gae
+from fastalign.ops.kl import kl_penalty, masked_whiten
 from fastalign.ops.logprobs import gather_logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "backends", "gather_logprobs"]
+__all__ = ["__version__", "backends", "gae", "gather_logprobs", "kl_penalty", "masked_whiten"]

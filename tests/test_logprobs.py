@@ -257,3 +257,39 @@ def test_offsets_beyond_2_pow_31(backend, device):
     grad = logits.grad[2]
     assert abs(float(grad[vocab - 1]) - (1 - math.exp(4.0 - lse_other))) < 1e-2
     assert abs(float(grad[5]) + math.exp(-lse_other)) < 1e-9 + 1e-2 * math.exp(-lse_other)
+
+
+_CAPABILITY_CHECK = """
+import torch, fastalign
+from fastalign._backends import extension
+from fastalign.kernels import reference
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    x = (torch.randn(7, 2 * 2048 + 45) * 4).to(dtype).requires_grad_()
+    y = torch.randint(0, x.shape[-1], (7,)); y[1] = -100
+    lp, ent = fastalign.gather_logprobs(x, y, temperature=0.8, return_entropy=True, backend="cpp")
+    (lp.sum() + 2 * ent.sum()).backward()
+    xr = x.detach().clone().requires_grad_()
+    rlp, rent = reference.gather_logprobs(xr, y, 0.8, -100, True)
+    (rlp.sum() + 2 * rent.sum()).backward()
+    torch.testing.assert_close(lp, rlp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, rent, rtol=1e-5, atol=1e-5)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-9}[dtype]
+    torch.testing.assert_close(x.grad.float(), xr.grad.float(), rtol=tol, atol=1e-5)
+print(extension().cpu_capability())
+"""
+
+
+@pytest.mark.skipif(fastalign.backends()["cpp"]["usable"] is False, reason="fastalign._C not built")
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_every_cpu_kernel_table_matches_reference(capability):
+    # The C++ kernels are compiled once per ISA and chosen at run time; a wheel may land on a CPU
+    # that gets any of them, so each table is checked here, not just the widest.
+    import os
+
+    env = dict(os.environ, FASTALIGN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", _CAPABILITY_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    if out.returncode != 0 and "this CPU lacks" in out.stderr:
+        pytest.skip(f"this CPU cannot run the {capability} kernels")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == capability.upper()

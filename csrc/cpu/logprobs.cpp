@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "capability.h"
+#include "memory.h"
 
 namespace fastalign::cpu {
 namespace {
@@ -63,6 +64,7 @@ at::Tensor gather_logprobs_bwd(const at::Tensor& grad_logprobs, const std::optio
   const int64_t n = logits.size(0);
   at::Tensor grad_logits = at::empty({n, logits.size(1)}, logits.options());
   if (n == 0 || logits.size(1) == 0) return grad_logits;
+  advise_huge_pages(grad_logits.data_ptr(), grad_logits.nbytes());
   const at::Tensor g = grad_logprobs.to(at::kFloat).contiguous();
   TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == n && row_stats.size(1) == 2 &&
                   row_stats.scalar_type() == at::kFloat,

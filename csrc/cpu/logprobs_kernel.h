@@ -69,11 +69,70 @@ inline void store_block(const float* buf, int64_t n, scalar_t* dst) {
   }
 }
 
+// exp for the hot loops: at::vec's inline polynomial exp (max error ~20 ulp, i.e. ~2e-6
+// relative) instead of the out-of-line Sleef call -- 2-3x less time per element, and the
+// error averages out in the row sums: measured max |logp - fp64| is below eager torch's fp32 error.
+// It maps NaN to a finite value, so callers keep NaN alive through the row max instead.
+inline fVec fast_exp(const fVec& x) { return x.exp_u20(); }
+
+// One row's forward statistics in "online" form: running max m (of z = x / T), s = sum exp(z - m),
+// t = sum exp(z - m) (z - m).
+struct RowStats {
+  float m = -std::numeric_limits<float>::infinity();
+  float s = 0.f, t = 0.f;
+};
+
+// Folds a block of logits x (fp32, in L1: the caller's row or the staging buffer), tempered as
+// z = x * inv_t, into st.
+template <bool kEntropy>
+inline void accumulate_block(const float* x, int64_t sweep, float inv_t, RowStats& st) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  fVec vmax(ninf);
+  for (int64_t j = 0; j < sweep; j += fVec::size()) vmax = at::vec::maximum(vmax, fVec::loadu(x + j));
+  // max(x) * inv_t == max(x * inv_t): rounding is monotonic and inv_t > 0
+  const float block_max =
+      inv_t * at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return at::vec::maximum(p, q); }, vmax);
+  if (block_max == ninf) return;  // all -inf: probability 0, contributes nothing
+  const float m_new = std::isnan(block_max) ? block_max : std::max(st.m, block_max);
+  if (st.s > 0.f && m_new != st.m) {
+    // rescale the running sums from max m to m_new (m_new > m)
+    const float scale = std::exp(st.m - m_new);
+    if (kEntropy) st.t = (st.t + (st.m - m_new) * st.s) * scale;
+    st.s *= scale;
+  }
+  st.m = m_new;
+  const fVec vm(st.m), vinv(inv_t), lowest(std::numeric_limits<float>::lowest());
+  fVec vs0(0.f), vs1(0.f), vt0(0.f), vt1(0.f);  // two accumulators hide the add latency
+  int64_t j = 0;
+  for (; j + 2 * fVec::size() <= sweep; j += 2 * fVec::size()) {
+    const fVec d0 = at::vec::fmsub(fVec::loadu(x + j), vinv, vm);
+    const fVec d1 = at::vec::fmsub(fVec::loadu(x + j + fVec::size()), vinv, vm);
+    const fVec e0 = fast_exp(d0), e1 = fast_exp(d1);
+    vs0 = vs0 + e0;
+    vs1 = vs1 + e1;
+    if (kEntropy) {
+      vt0 = at::vec::fmadd(e0, at::vec::maximum(d0, lowest), vt0);
+      vt1 = at::vec::fmadd(e1, at::vec::maximum(d1, lowest), vt1);
+    }
+  }
+  for (; j < sweep; j += fVec::size()) {
+    const fVec d = at::vec::fmsub(fVec::loadu(x + j), vinv, vm);
+    const fVec e = fast_exp(d);
+    vs0 = vs0 + e;
+    if (kEntropy) vt0 = at::vec::fmadd(e, at::vec::maximum(d, lowest), vt0);
+  }
+  const auto add = [](fVec& p, fVec& q) { return p + q; };
+  st.s += at::vec::vec_reduce_all<float>(add, vs0 + vs1);
+  if (kEntropy) st.t += at::vec::vec_reduce_all<float>(add, vt0 + vt1);
+  if (std::isnan(st.m) || st.m == -ninf) {
+    // a NaN or +inf logit: softmax is undefined (NaN in torch too); fast_exp would hide it
+    st.s = st.t = std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
 template <typename scalar_t, bool kEntropy>
 void logprobs_fwd_typed(const LogprobsFwdArgs& a, int64_t begin, int64_t end) {
   alignas(64) float buf[kBlock];
-  const float ninf = -std::numeric_limits<float>::infinity();
-  const fVec lowest(std::numeric_limits<float>::lowest());
   for (int64_t row = begin; row < end; ++row) {
     const int64_t label = a.labels[row];
     if (label == a.ignore_index) {
@@ -84,47 +143,50 @@ void logprobs_fwd_typed(const LogprobsFwdArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     const scalar_t* x = static_cast<const scalar_t*>(a.logits) + row * a.row_stride;
-    float m = ninf, s = 0.f, t = 0.f;
+    RowStats st;
     for (int64_t start = 0; start < a.vocab; start += kBlock) {
       const int64_t n = std::min(kBlock, a.vocab - start);
-      const int64_t sweep = load_block(x + start, n, a.inv_temperature, buf);
-      fVec vmax(ninf);
-      for (int64_t j = 0; j < sweep; j += fVec::size()) vmax = at::vec::maximum(vmax, fVec::loadu(buf + j));
-      const float block_max = at::vec::vec_reduce_all<float>(
-          [](fVec& p, fVec& q) { return at::vec::maximum(p, q); }, vmax);
-      if (block_max == ninf && !std::isnan(block_max)) continue;  // all -inf: contributes nothing
-      const float m_new = std::isnan(block_max) ? block_max : std::max(m, block_max);
-      if (s > 0.f && m_new != m) {
-        // rescale the running sums from max m to m_new (m_new >= m)
-        const float scale = std::exp(m - m_new);
-        if (kEntropy) t = (t + (m - m_new) * s) * scale;
-        s *= scale;
+      if (std::is_same_v<scalar_t, float> && n % fVec::size() == 0) {
+        // fp32: read the row in place, no staging copy
+        accumulate_block<kEntropy>(reinterpret_cast<const float*>(x + start), n, a.inv_temperature, st);
+      } else {
+        accumulate_block<kEntropy>(buf, load_block(x + start, n, a.inv_temperature, buf), 1.f, st);
       }
-      m = m_new;
-      const fVec vm(m);
-      fVec vs(0.f), vt(0.f);
-      for (int64_t j = 0; j < sweep; j += fVec::size()) {
-        const fVec d = fVec::loadu(buf + j) - vm;
-        const fVec e = d.exp();
-        vs = vs + e;
-        if (kEntropy) vt = at::vec::fmadd(e, at::vec::maximum(d, lowest), vt);
-      }
-      s += at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, vs);
-      if (kEntropy) t += at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, vt);
     }
-    const float log_s = std::log(s);
+    const float log_s = std::log(st.s);
     const float z_label = static_cast<float>(x[label]) * a.inv_temperature;
-    a.row_stats[2 * row] = m;
+    a.row_stats[2 * row] = st.m;
     a.row_stats[2 * row + 1] = log_s;
-    a.logprobs[row] = (z_label - m) - log_s;
-    if (kEntropy) a.entropy[row] = log_s - t / s;
+    a.logprobs[row] = (z_label - st.m) - log_s;
+    if (kEntropy) a.entropy[row] = log_s - st.t / st.s;
+  }
+}
+
+// grad for one block: out_j = -(1/T) p_j (g + g_H (log p_j + H)), log p_j = (z_j - m) - log s,
+// z_j = x_j * z_scale (x: the caller's fp32 row with z_scale = 1/T, or the tempered staging buffer
+// with z_scale = 1).
+inline void grad_block(const float* x, int64_t sweep, float z_scale, float m, float log_s, float g, float gh, float h,
+                       float inv_t, float* out) {
+  const fVec vzs(z_scale), vm(m), vlog_s(log_s), vg(g), vgh(gh), vh(h), vscale(-inv_t);
+  const fVec lowest(std::numeric_limits<float>::lowest());
+  if (gh == 0.f) {
+    const fVec c(-inv_t * g);
+    for (int64_t j = 0; j < sweep; j += fVec::size()) {
+      (c * fast_exp(at::vec::fmsub(fVec::loadu(x + j), vzs, vm) - vlog_s)).store(out + j);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < sweep; j += fVec::size()) {
+    const fVec logp = at::vec::fmsub(fVec::loadu(x + j), vzs, vm) - vlog_s;
+    // log p clamped so that p = 0 gives 0, not 0 * -inf
+    const fVec coef = at::vec::fmadd(vgh, at::vec::maximum(logp, lowest) + vh, vg);
+    (vscale * fast_exp(logp) * coef).store(out + j);
   }
 }
 
 template <typename scalar_t>
 void logprobs_bwd_typed(const LogprobsBwdArgs& a, int64_t begin, int64_t end) {
   alignas(64) float buf[kBlock];
-  const fVec lowest(std::numeric_limits<float>::lowest());
   for (int64_t row = begin; row < end; ++row) {
     scalar_t* gx = static_cast<scalar_t*>(a.grad_logits) + row * a.vocab;
     const int64_t label = a.labels[row];
@@ -137,23 +199,28 @@ void logprobs_bwd_typed(const LogprobsBwdArgs& a, int64_t begin, int64_t end) {
     const scalar_t* x = static_cast<const scalar_t*>(a.logits) + row * a.row_stride;
     const float m = a.row_stats[2 * row], log_s = a.row_stats[2 * row + 1];
     const float h = a.grad_entropy ? a.entropy[row] : 0.f;
-    const fVec vm(m), vlog_s(log_s), vg(g), vgh(gh), vh(h), vscale(-a.inv_temperature);
+    if (!std::isfinite(m) || !std::isfinite(log_s) || std::isnan(h)) {
+      // a row whose softmax is undefined (NaN/inf logits): NaN gradient like autograd (fast_exp would hide it)
+      std::fill(gx, gx + a.vocab, scalar_t(std::numeric_limits<float>::quiet_NaN()));
+      continue;
+    }
     for (int64_t start = 0; start < a.vocab; start += kBlock) {
       const int64_t n = std::min(kBlock, a.vocab - start);
-      const int64_t sweep = load_block(x + start, n, a.inv_temperature, buf);
-      for (int64_t j = 0; j < sweep; j += fVec::size()) {
-        const fVec logp = (fVec::loadu(buf + j) - vm) - vlog_s;
-        const fVec p = logp.exp();
-        // -(1/T) p (g + g_H (log p + H)); log p clamped so p = 0 gives 0, not 0 * -inf
-        const fVec coef = at::vec::fmadd(vgh, at::vec::maximum(logp, lowest) + vh, vg);
-        (vscale * p * coef).store(buf + j);
+      if (std::is_same_v<scalar_t, float> && n % fVec::size() == 0) {
+        // fp32: straight from the row into the output, no staging
+        grad_block(reinterpret_cast<const float*>(x + start), n, a.inv_temperature, m, log_s, g, gh, h,
+                   a.inv_temperature, reinterpret_cast<float*>(gx + start));
+      } else {
+        const int64_t sweep = load_block(x + start, n, a.inv_temperature, buf);
+        grad_block(buf, sweep, 1.f, m, log_s, g, gh, h, a.inv_temperature, buf);
+        store_block(buf, n, gx + start);
       }
-      if (label >= start && label < start + n) {
-        // the one-hot term, added in fp32 before rounding to the output dtype
-        buf[label - start] += g * a.inv_temperature;
-      }
-      store_block(buf, n, gx + start);
     }
+    // The one-hot term, in fp32 from scratch (not added to a rounded value):
+    // (1/T) (g (1 - p_y) - g_H p_y (log p_y + H)).
+    const float logp_y = (static_cast<float>(x[label]) * a.inv_temperature - m) - log_s;
+    const float p_y = std::exp(logp_y);
+    gx[label] = static_cast<scalar_t>(a.inv_temperature * (g * (1.f - p_y) - gh * p_y * (logp_y + h)));
   }
 }
 

@@ -27,6 +27,28 @@ TORCH_LIBRARY(fastalign, m) {
   // rewards, values [B, T] (one float dtype), mask [B, T] bool (true = valid step). Returns fp32
   // (advantages, returns) [B, T]; 0 at masked steps. A reverse scan per row; no gradient.
   m.def("gae_fwd(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+
+  // ---- PPO losses ----
+  // Inputs [B, T]: three of one float dtype, mask bool (true = valid token). agg: 0 token-mean,
+  // 1 seq-mean-token-sum, 2 seq-mean-token-mean, 3 seq-mean-token-sum-norm; global_count < 0 =
+  // this batch's own count; horizon <= 0 = T. Forward returns fp32 (out [4] = (loss, stat1, stat2,
+  // stat3), row_weight [B] = d loss / d (token loss) per row); the backward takes grad of out (only
+  // out[0] carries one) and the row weights, and returns the gradient w.r.t. the first input, in its
+  // dtype. Policy: clip_lo = 1 - clip_low, clip_hi = 1 + clip_high, dual_clip <= 0 = off; stats
+  // (clipfrac, clipfrac_lower, approx_kl). Value: clip <= 0 = off; stats (vf_clipfrac, vpred_mean,
+  // value_mse). See fastalign/ops/ppo.py.
+  m.def(
+      "ppo_policy_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, float clip_lo, "
+      "float clip_hi, float dual_clip, int agg, float global_count, float horizon) -> (Tensor, Tensor)");
+  m.def(
+      "ppo_policy_loss_bwd(Tensor grad_out, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+      "Tensor row_weight, float clip_lo, float clip_hi, float dual_clip) -> Tensor");
+  m.def(
+      "ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, int agg, "
+      "float global_count, float horizon) -> (Tensor, Tensor)");
+  m.def(
+      "ppo_value_loss_bwd(Tensor grad_out, Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
+      "Tensor row_weight, float clip) -> Tensor");
 }
 
 // A real (empty) Python module, so `import fastalign._C` loads the library and runs the

@@ -95,3 +95,97 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1"):
         x = torch.clamp(-d, -20.0, 20.0)
         return torch.clamp(torch.exp(x) - x - 1.0, -10.0, 10.0)
     raise ValueError(f"kl_penalty: unknown kind {kind!r}")
+
+
+# ---- PPO losses (fastalign.ops.ppo) -----------------------------------------------------------
+
+PPO_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def ppo_agg(loss_mat, valid, agg="token-mean", global_count=None, horizon=None):
+    """Aggregates a per-token loss [B, T] over the valid (mask nonzero) tokens into a fp32 scalar.
+
+    token-mean:              sum of valid losses / N          (N = number of valid tokens)
+    seq-mean-token-sum:      sum_b (sum_t l_bt)        / S    (S = number of rows with a valid token)
+    seq-mean-token-mean:     sum_b (sum_t l_bt / n_b)  / S    (n_b = valid tokens in row b)
+    seq-mean-token-sum-norm: sum_b (sum_t l_bt)        / (S * H)   (H = horizon, default T)
+    global_count replaces N (token-mean) or S (seq-mean-*) -- the global count across micro-batches
+    and ranks, so that micro-batch losses add up to the full-batch loss. Rows without a valid token
+    take no part (as verl's agg_loss); a zero count gives loss 0, never NaN.
+    """
+    zero = torch.zeros((), dtype=torch.float32, device=loss_mat.device)
+    masked = torch.where(valid, loss_mat, zero)  # where(), not * mask: no NaN from masked tokens
+    n_b = valid.sum(-1).float()
+    if agg == "token-mean":
+        total, count = masked.sum(), n_b.sum()
+    elif agg in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
+        seq = masked.sum(-1)
+        if agg == "seq-mean-token-mean":
+            seq = seq / n_b.clamp(min=1)
+        total, count = seq.sum(), (n_b > 0).sum().float()
+        if agg == "seq-mean-token-sum-norm":
+            total = total / float(loss_mat.shape[-1] if horizon is None else horizon)
+    else:
+        raise ValueError(f"unknown agg {agg!r}; valid: {PPO_AGG_MODES}")
+    if global_count is not None:
+        count = torch.full_like(count, float(global_count))
+    return torch.where(count > 0, total / count.clamp(min=1e-30), zero)
+
+
+def _masked_mean_detached(x, valid):
+    x = torch.where(valid, x.detach().float(), torch.zeros((), device=x.device))
+    return x.sum() / valid.sum().clamp(min=1)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
+                    agg="token-mean", global_count=None, horizon=None):
+    """PPO clipped surrogate (DESIGN.md), fp32. Per token, with r = exp(clamp(logp - old, -20, 20)):
+        l = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high));  A < 0 and dual_clip = c: l = min(l, -A c)
+    aggregated by ppo_agg over mask != 0. Returns (loss, stats): clipfrac = valid fraction with the
+    clipped term strictly larger, clipfrac_lower = valid fraction with A < 0 and the dual-clip cap
+    binding (l > -A c), approx_kl = valid mean of old - logp (not clamped); stats are detached."""
+    clip_high = clip_low if clip_high is None else clip_high
+    valid = mask != 0
+    logp, old, adv = logprobs.float(), old_logprobs.float(), advantages.float()
+    diff = logp - old
+    ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
+    loss1 = -adv * ratio
+    loss2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss_tok = torch.maximum(loss1, loss2)
+    clipped_lower = torch.zeros_like(valid)
+    if dual_clip is not None:
+        loss3 = -adv * dual_clip
+        neg = adv < 0
+        clipped_lower = neg & (loss_tok > loss3)
+        loss_tok = torch.where(neg, torch.minimum(loss_tok, loss3), loss_tok)
+    loss = ppo_agg(loss_tok, valid, agg, global_count, horizon)
+    stats = {
+        "clipfrac": _masked_mean_detached((loss2 > loss1).float(), valid),
+        "clipfrac_lower": _masked_mean_detached(clipped_lower.float(), valid),
+        "approx_kl": _masked_mean_detached(-diff, valid),
+    }
+    return loss, stats
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip=None, agg="token-mean", global_count=None, horizon=None):
+    """Clipped value loss (DESIGN.md), fp32: 0.5 * agg(max((v - R)^2, (clamp(v, v_old - c, v_old + c) - R)^2));
+    without clip, 0.5 * agg((v - R)^2). Stats (detached): vf_clipfrac = valid fraction with the clipped
+    term strictly larger, vpred_mean = valid mean of v, value_mse = valid mean of (v - R)^2."""
+    valid = mask != 0
+    v, ret = values.float(), returns.float()
+    loss1 = (v - ret) ** 2
+    clipfrac = torch.zeros_like(loss1)
+    if clip is None:
+        loss_tok = loss1
+    else:
+        vo = old_values.float()
+        loss2 = (torch.clamp(v, vo - clip, vo + clip) - ret) ** 2
+        loss_tok = torch.maximum(loss1, loss2)
+        clipfrac = (loss2 > loss1).float()
+    loss = 0.5 * ppo_agg(loss_tok, valid, agg, global_count, horizon)
+    stats = {
+        "vf_clipfrac": _masked_mean_detached(clipfrac, valid),
+        "vpred_mean": _masked_mean_detached(v, valid),
+        "value_mse": _masked_mean_detached(loss1, valid),
+    }
+    return loss, stats

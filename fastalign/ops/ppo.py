@@ -1,0 +1,258 @@
+"""ppo_policy_loss and ppo_value_loss: PPO's clipped losses, each one fused forward kernel
+(per-token loss, masking, aggregation and statistics in one pass) and one fused backward kernel.
+
+Backends: torch (eager reference, kernels/reference.py), cpp and cuda (fastalign._C:
+fastalign::ppo_{policy,value}_loss_{fwd,bwd}), triton (fastalign_triton::ppo_{policy,value}_loss_{fwd,bwd}).
+
+Fused op contract (the same on every backend; schemas in csrc/fastalign.cpp):
+  fwd(x, y, z, mask bool, <loss params>, agg code, global_count, horizon) -> (out, row_weight)
+      out fp32 [4] = (loss, stat1, stat2, stat3), row_weight fp32 [B]: the loss is
+      sum_b row_weight[b] * sum_{t valid} l_bt, so row_weight[b] = d loss / d l_bt (0 for empty rows).
+  bwd(grad_out, x, y, z, mask, row_weight, <loss params>) -> grad w.r.t. x, in x's dtype
+      = grad_out[0] * row_weight[b] * d l_bt / d x_bt at valid tokens, 0 elsewhere.
+The backward recomputes the per-token math (no [B, T] tensor is saved besides the inputs) and
+reproduces autograd of the reference exactly: a tie of max/min sends half the gradient to each
+side, clamps pass the gradient at their bounds (inclusive) and block it outside.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from fastalign import _backends
+from fastalign.kernels import reference
+from fastalign.ops._register import cpp_op, register_fused
+
+AGG_MODES = reference.PPO_AGG_MODES  # index in this tuple = the kernels' agg code
+_AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl")
+VALUE_STATS = ("vf_clipfrac", "vpred_mean", "value_mse")
+
+
+# ---- autograd and fake implementations, shared by every fused backend -------------------------
+
+
+def _fake_fwd(x, *args):
+    return x.new_empty((4,), dtype=torch.float32), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def _fake_bwd(grad_out, x, *args):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, z, mask = inputs[:4]
+    ctx.params = inputs[4:]
+    ctx.save_for_backward(x, y, z, mask, output[1])
+
+
+def _make_backward(n_params):
+    def backward(ctx, bwd, grad_out, _grad_row_weight):
+        x, y, z, mask, row_weight = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = row_weight.new_zeros(4)
+        # the fwd's params after the loss params (agg, global_count, horizon) are not the bwd's
+        grad = bwd(grad_out, x, y, z, mask, row_weight, *ctx.params[:n_params])
+        return (grad,) + (None,) * (3 + len(ctx.params))
+
+    return backward
+
+
+_BACKWARD = {"policy": _make_backward(3), "value": _make_backward(1)}
+_FUSED = {}  # (loss, backend) -> (fwd op, bwd op)
+
+
+def _register(loss: str, backend: str, fwd, bwd) -> None:
+    if fwd is None:
+        return
+    register_fused(
+        fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_BACKWARD[loss]
+    )
+    _FUSED[(loss, backend)] = (fwd, bwd)
+
+
+for _loss in ("policy", "value"):
+    _register(_loss, "cpp", cpp_op(f"ppo_{_loss}_loss_fwd"), cpp_op(f"ppo_{_loss}_loss_bwd"))
+    if (_loss, "cpp") in _FUSED:
+        _FUSED[(_loss, "cuda")] = _FUSED[(_loss, "cpp")]  # same ops, dispatched by device
+
+
+def _fused_ops(loss: str, backend: str):
+    if backend == "triton" and (loss, "triton") not in _FUSED:
+        from fastalign.kernels.triton import ppo as tp
+
+        _register("policy", "triton", tp.ppo_policy_loss_fwd, tp.ppo_policy_loss_bwd)
+        _register("value", "triton", tp.ppo_value_loss_fwd, tp.ppo_value_loss_bwd)
+    return _FUSED[(loss, backend)]
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _check_tensors(op: str, names, tensors, mask) -> None:
+    for name, t in zip(names + ("mask",), tensors + (mask,)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    for name, t in zip(names, tensors):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{op}: mask must be bool or a real numeric dtype (nonzero = valid token), got {mask.dtype}")
+    first = tensors[0]
+    if first.dim() != 2:
+        raise ValueError(f"{op}: {names[0]} must be 2-D [B, T], got shape {tuple(first.shape)}")
+    for name, t in zip(names[1:] + ("mask",), tensors[1:] + (mask,)):
+        if t.shape != first.shape:
+            raise ValueError(f"{op}: {name} must have the shape of {names[0]} {tuple(first.shape)}, got {tuple(t.shape)}")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {names[0]} on {first.device}")
+
+
+def _check_agg(op: str, agg, global_count, horizon) -> None:
+    if agg not in _AGG_CODE:
+        raise ValueError(f"{op}: agg must be one of {AGG_MODES}, got {agg!r}")
+    if global_count is not None and not (_is_number(global_count) and global_count >= 0):
+        raise ValueError(f"{op}: global_count must be None or a finite number >= 0, got {global_count!r}")
+    if horizon is not None and not (_is_number(horizon) and horizon > 0):
+        raise ValueError(f"{op}: horizon must be None or a finite number > 0, got {horizon!r}")
+
+
+def _prepare(tensors, mask):
+    """One float dtype for the kernels (fp32 when the inputs disagree) and a bool mask."""
+    if any(t.dtype != tensors[0].dtype for t in tensors):
+        tensors = tuple(t.float() for t in tensors)
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    return tensors, valid.detach()
+
+
+def _agg_args(agg, global_count, horizon):
+    return _AGG_CODE[agg], -1.0 if global_count is None else float(global_count), 0.0 if horizon is None else float(horizon)
+
+
+# ---- public ops -------------------------------------------------------------------------------
+
+_AGG_DOC = """
+    agg (how the per-token losses l_bt over the valid tokens become one number; "valid" = mask
+    nonzero; n_b = valid tokens in row b; rows with n_b = 0 take no part, as in verl's agg_loss):
+      "token-mean":              sum_bt l_bt / N,              N = sum_b n_b
+      "seq-mean-token-sum":      sum_b (sum_t l_bt) / S,       S = number of rows with n_b > 0
+      "seq-mean-token-mean":     sum_b (sum_t l_bt / n_b) / S
+      "seq-mean-token-sum-norm": sum_b (sum_t l_bt) / (S * H)  (Dr. GRPO; H = horizon, default T)
+    global_count: replaces the divisor N (token-mean) or S (seq-mean-*) by a count over the whole
+      batch across micro-batches and data-parallel ranks. Pass the global number of valid tokens
+      (token-mean) or of non-empty sequences (seq-mean-*) and *sum* the micro-batch losses (and
+      their gradients): the sum then equals the loss of the full batch, where averaging per-micro-
+      batch means would weight tokens unequally. (Under DDP, which averages gradients over R ranks,
+      multiply the loss by R, or pass global_count / R.) Default None: this call's own count.
+    horizon: H for "seq-mean-token-sum-norm"; keep it constant across calls (e.g. the maximum
+      response length) for Dr. GRPO's constant normaliser. Default None: T of this call.
+    A zero count (nothing valid) gives loss 0 and zero gradients, never NaN.
+"""
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    global_count: float | None = None,
+    horizon: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict]:
+    """PPO clipped surrogate loss. Returns `(loss, stats)`: a fp32 0-dim loss and a dict of
+    detached fp32 0-dim tensors.
+
+    Inputs `[B, T]`: logprobs, old_logprobs, advantages float32/bfloat16/float16 (math in fp32);
+    mask bool or any real dtype (nonzero = valid token). Per token, with
+    ratio = exp(clamp(logprobs - old_logprobs, -20, 20)):
+
+        l = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))
+
+    (clip_high defaults to clip_low; clip_low in (0, 1), clip_high > 0). With dual_clip = c > 1,
+    tokens with A < 0 are capped: l = min(l, -A * c). Then aggregated by `agg` (below).
+
+    stats (means over the valid tokens of this call): "clipfrac" (the clipped term strictly
+    larger), "clipfrac_lower" (A < 0 and the dual-clip cap binding; 0 without dual_clip),
+    "approx_kl" (old_logprobs - logprobs, not clamped).
+
+    Only logprobs receives a gradient (in its dtype); it is exactly autograd of the formula: zero
+    where the log-ratio is outside [-20, 20] or the clip is active, half shares at exact ties.
+    """
+    op = "ppo_policy_loss"
+    names = ("logprobs", "old_logprobs", "advantages")
+    _check_tensors(op, names, (logprobs, old_logprobs, advantages), mask)
+    if not (_is_number(clip_low) and 0 < clip_low < 1):
+        raise ValueError(f"{op}: clip_low must be a number in (0, 1), got {clip_low!r}")
+    if clip_high is not None and not (_is_number(clip_high) and clip_high > 0):
+        raise ValueError(f"{op}: clip_high must be None or a finite number > 0, got {clip_high!r}")
+    if dual_clip is not None and not (_is_number(dual_clip) and dual_clip > 1):
+        raise ValueError(f"{op}: dual_clip must be None or a finite number > 1, got {dual_clip!r}")
+    _check_agg(op, agg, global_count, horizon)
+    name = _backends.resolve(backend, logprobs.device, op=op)
+    clip_high = clip_low if clip_high is None else clip_high
+    if name == "torch":
+        return reference.ppo_policy_loss(
+            logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg, global_count, horizon
+        )
+    (x, old, adv), valid = _prepare((logprobs, old_logprobs.detach(), advantages.detach()), mask)
+    fwd, _ = _fused_ops("policy", name)
+    out, _ = fwd(
+        x, old, adv, valid, 1.0 - float(clip_low), 1.0 + float(clip_high),
+        0.0 if dual_clip is None else float(dual_clip), *_agg_args(agg, global_count, horizon),
+    )
+    s = out.detach()
+    return out[0], {"clipfrac": s[1], "clipfrac_lower": s[2], "approx_kl": s[3]}
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float | None = None,
+    agg: str = "token-mean",
+    global_count: float | None = None,
+    horizon: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict]:
+    """PPO value loss `0.5 * agg(max((v - R)^2, (clamp(v, v_old - clip, v_old + clip) - R)^2))`;
+    without clip (None), `0.5 * agg((v - R)^2)`. Returns `(loss, stats)` like ppo_policy_loss.
+
+    Inputs `[B, T]`: values, old_values, returns float32/bfloat16/float16; mask bool or real
+    (nonzero = valid). clip must be None or > 0. Only values receives a gradient (in its dtype).
+    stats (means over the valid tokens): "vf_clipfrac" (the clipped term strictly larger),
+    "vpred_mean" (v), "value_mse" ((v - R)^2, unclipped).
+    """
+    op = "ppo_value_loss"
+    names = ("values", "old_values", "returns")
+    _check_tensors(op, names, (values, old_values, returns), mask)
+    if clip is not None and not (_is_number(clip) and clip > 0):
+        raise ValueError(f"{op}: clip must be None or a finite number > 0, got {clip!r}")
+    _check_agg(op, agg, global_count, horizon)
+    name = _backends.resolve(backend, values.device, op=op)
+    if name == "torch":
+        return reference.ppo_value_loss(values, old_values, returns, mask, clip, agg, global_count, horizon)
+    (v, old, ret), valid = _prepare((values, old_values.detach(), returns.detach()), mask)
+    fwd, _ = _fused_ops("value", name)
+    out, _ = fwd(v, old, ret, valid, -1.0 if clip is None else float(clip), *_agg_args(agg, global_count, horizon))
+    s = out.detach()
+    return out[0], {"vf_clipfrac": s[1], "vpred_mean": s[2], "value_mse": s[3]}
+
+
+for _fn in (ppo_policy_loss, ppo_value_loss):
+    if _fn.__doc__:  # None under python -OO
+        _fn.__doc__ += _AGG_DOC

@@ -1,0 +1,294 @@
+"""gae on every backend against kernels/reference.py (the per-time-step loop), plus the peers'
+formulas (TRL's unmasked loop, verl's multi-turn loop) written out locally from their code."""
+
+import math
+
+import pytest
+import torch
+
+import fastalign
+from fastalign.kernels import reference
+from tests.conftest import backend_params
+
+BACKENDS = backend_params()
+GAMMA_LAM = [(0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (0.5, 0.5), (0.95, 0.95), (1.0, 1.0), (0.99, 0.95), (1.0, 0.5)]
+
+
+def _interpreted(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
+def _tol(steps):
+    # fp32 accumulation over up to T steps, in a different association order for the parallel
+    # scans (cuda, triton) than the sequential reference: error grows ~ sqrt(T) ulps of |A|.
+    return dict(rtol=1e-5, atol=1e-5 * max(1.0, math.sqrt(steps)))
+
+
+def _random_mask(batch, steps, device):
+    """Holes in the middle, a leading and a trailing masked span, one all-masked row."""
+    mask = torch.rand(batch, steps, device=device) > 0.3
+    if steps >= 4:
+        mask[0, : steps // 4] = False  # leading span (prompt-like)
+        mask[-1, -(steps // 4) :] = False  # trailing span (padding)
+        if batch >= 3:
+            mask[1, steps // 3 : steps // 2 + 1] = False  # an observation span mid-sequence
+    if batch >= 2:
+        mask[batch // 2] = False  # a row of length 0
+    return mask
+
+
+def _check(backend, device, rewards, values, mask, gamma, lam):
+    adv, ret = fastalign.gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
+    ref_adv, ref_ret = reference.gae(rewards, values, mask, gamma, lam)
+    assert adv.dtype == torch.float32 and ret.dtype == torch.float32
+    assert adv.shape == rewards.shape and ret.shape == rewards.shape
+    assert adv.device == rewards.device
+    tol = _tol(rewards.shape[-1])
+    torch.testing.assert_close(adv, ref_adv, **tol, equal_nan=True)
+    torch.testing.assert_close(ret, ref_ret, **tol, equal_nan=True)
+    invalid = mask == 0
+    assert (adv[invalid] == 0).all() and (ret[invalid] == 0).all()
+    return adv, ret
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (4, 7), (5, 33), (3, 300), (2, 1100)])
+def test_matches_reference(backend, device, dtype, shape):
+    if _interpreted(backend, device) and shape[1] > 300:
+        pytest.skip("Triton interpreter on the CPU: small shapes only")
+    rewards = torch.randn(shape, device=device).to(dtype)
+    values = torch.randn(shape, device=device).to(dtype)
+    mask = _random_mask(*shape, device)
+    for gamma, lam in GAMMA_LAM:
+        _check(backend, device, rewards, values, mask, gamma, lam)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_long_rows_cross_chunks(backend, device):
+    # several chunks of the parallel scans (Triton 1024, CUDA up to 2048 steps per chunk), with
+    # gamma*lam = 1 so nothing decays across chunk borders; sparse end-of-sequence rewards.
+    steps = 2100 if not _interpreted(backend, device) else 1100
+    rewards = torch.zeros(3, steps, device=device)
+    rewards[:, -1] = torch.randn(3, device=device)
+    rewards += 0.01 * torch.randn(3, steps, device=device)
+    values = torch.randn(3, steps, device=device)
+    mask = _random_mask(3, steps, device)
+    mask[:, 1020:1030] = False  # a masked span straddling a chunk border
+    _check(backend, device, rewards, values, mask, 1.0, 1.0)
+    _check(backend, device, rewards, values, mask, 0.99, 0.95)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_hand_computed(backend, device):
+    # gamma = lam = 0.5, mask [1, 0, 1] (step 1 an observation token):
+    #   t=2: delta = 1 - 0.125 = 0.875;              A = 0.875;            ret = 1.0
+    #   t=1: skipped (outputs 0; V = 0.125 and A = 0.875 carry through)
+    #   t=0: delta = 0 + 0.5*0.125 - 0.5 = -0.4375;  A = -0.4375 + 0.25*0.875 = -0.21875; ret = 0.28125
+    rewards = torch.tensor([[0.0, 123.0, 1.0]], device=device)
+    values = torch.tensor([[0.5, -77.0, 0.125]], device=device)
+    mask = torch.tensor([[1, 0, 1]], device=device)
+    adv, ret = fastalign.gae(rewards, values, mask, gamma=0.5, lam=0.5, backend=backend)
+    assert adv.tolist() == [[-0.21875, 0.0, 0.875]]
+    assert ret.tolist() == [[0.28125, 0.0, 1.0]]
+    # defaults gamma = lam = 1: A_t = (sum of rewards from t on) - v_t over valid steps
+    adv, ret = fastalign.gae(rewards, values, mask, backend=backend)
+    assert adv.tolist() == [[1.0 - 0.5, 0.0, 1.0 - 0.125]]
+    assert ret.tolist() == [[1.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_mask_dtypes_nonzero_is_valid(backend, device):
+    rewards, values = torch.randn(3, 9, device=device), torch.randn(3, 9, device=device)
+    valid = _random_mask(3, 9, device)
+    expected = fastalign.gae(rewards, values, valid, gamma=0.9, lam=0.8, backend=backend)
+    as_float = valid.float() * torch.rand(3, 9, device=device).clamp(min=0.1)  # any nonzero is valid
+    for mask in (valid.to(torch.uint8), valid.to(torch.int32), valid.long(), as_float, -as_float.double()):
+        got = fastalign.gae(rewards, values, mask, gamma=0.9, lam=0.8, backend=backend)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+# ---- the peers' formulas, written from their code (not imported) ----------------------------
+
+
+def _trl_gae(rewards, values, gamma, lam):
+    """TRL PPOTrainer: the loop without a mask (values zero-filled past the end by the caller)."""
+    lastgaelam = 0
+    advantages_reversed = []
+    gen_length = rewards.shape[1]
+    for t in reversed(range(gen_length)):
+        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], axis=1)
+    return advantages, advantages + values
+
+
+def _verl_gae(rewards, values, response_mask, gamma, lam):
+    """verl core_algos.compute_gae_advantage_return (multi-turn variant), before its whitening:
+    value and advantage carried through masked steps by multiplying with the mask."""
+    nextvalues = 0
+    lastgaelam = 0
+    advantages_reversed = []
+    for t in reversed(range(rewards.shape[-1])):
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam_ = delta + gamma * lam * lastgaelam
+        nextvalues = values[:, t] * response_mask[:, t] + (1 - response_mask[:, t]) * nextvalues
+        lastgaelam = lastgaelam_ * response_mask[:, t] + (1 - response_mask[:, t]) * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (0.0, 1.0)])
+def test_all_ones_mask_is_trls_loop(backend, device, gamma, lam):
+    rewards, values = torch.randn(4, 50, device=device), torch.randn(4, 50, device=device)
+    ones = torch.ones(4, 50, dtype=torch.bool, device=device)
+    adv, ret = fastalign.gae(rewards, values, ones, gamma=gamma, lam=lam, backend=backend)
+    trl_adv, trl_ret = _trl_gae(rewards, values, gamma, lam)
+    torch.testing.assert_close(adv, trl_adv, **_tol(50))
+    torch.testing.assert_close(ret, trl_ret, **_tol(50))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_masked_semantics_match_verl_multi_turn(backend, device):
+    # prompt-free response of 12 tokens: turn 1 (0-3), tool observation (4-6), turn 2 (7-9),
+    # padding (10-11). Rewards on the last token of each turn; garbage rewards and values on the
+    # observation and padding tokens, which must not matter.
+    rewards = torch.zeros(2, 12, device=device)
+    rewards[:, 3], rewards[:, 9] = torch.tensor([0.3, -0.2]), torch.tensor([1.0, 0.5])
+    values = torch.randn(2, 12, device=device)
+    mask = torch.ones(2, 12, device=device)
+    mask[:, 4:7] = 0
+    mask[:, 10:] = 0
+    rewards[:, 4:7] = 5.0
+    values[:, 10:] = -9.0
+    mask[1, 0] = 0  # a leading masked token too
+    gamma, lam = 0.99, 0.95
+    adv, ret = fastalign.gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
+    v_adv, v_ret = _verl_gae(rewards, values, mask, gamma, lam)
+    valid = mask != 0
+    torch.testing.assert_close(adv[valid], v_adv[valid], **_tol(12))
+    torch.testing.assert_close(ret[valid], v_ret[valid], **_tol(12))
+    # the one documented difference: at masked steps verl leaves the carried advantage, we give 0
+    assert (adv[~valid] == 0).all() and (ret[~valid] == 0).all()
+    assert (v_adv[0, 4:7] == v_adv[0, 7]).all()
+    # and the skipping really matters: the plain unmasked loop (TRL) disagrees on turn 1
+    assert not torch.allclose(adv[0, :4], _trl_gae(rewards, values, gamma, lam)[0][0, :4])
+
+
+# ---- edge cases -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_at_masked_steps_is_ignored_and_at_valid_steps_stays_in_its_row(backend, device):
+    rewards, values = torch.randn(3, 10, device=device), torch.randn(3, 10, device=device)
+    mask = torch.ones(3, 10, dtype=torch.bool, device=device)
+    mask[0, 5] = False
+    rewards[0, 5] = float("nan")
+    values[0, 5] = float("inf")
+    rewards[1, 6] = float("nan")  # valid: poisons steps 0..6 of row 1 (the scan runs backward)
+    adv, ret = _check(backend, device, rewards, values, mask, 0.9, 0.9)
+    assert adv[0].isfinite().all() and ret[0].isfinite().all()
+    assert adv[1, :7].isnan().all() and adv[1, 7:].isfinite().all()
+    assert adv[2].isfinite().all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_no_gradient_and_inputs_untouched(backend, device):
+    rewards = torch.randn(2, 6, device=device, requires_grad=True)
+    values = torch.randn(2, 6, device=device, requires_grad=True)
+    mask = _random_mask(2, 6, device)
+    snapshots = [t.detach().clone() for t in (rewards, values, mask)]
+    adv, ret = fastalign.gae(rewards, values, mask, gamma=0.9, lam=0.9, backend=backend)
+    assert not adv.requires_grad and not ret.requires_grad
+    for t, s in zip((rewards, values, mask), snapshots):
+        assert torch.equal(t.detach(), s)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_mixed_dtypes_and_non_contiguous(backend, device):
+    base = torch.randn(7, 5, device=device)
+    rewards = base.t()  # [5, 7], non-contiguous
+    values = torch.randn(5, 14, device=device).to(torch.bfloat16)[:, ::2]
+    mask = _random_mask(7, 5, device).t()
+    assert not rewards.is_contiguous() and not values.is_contiguous()
+    _check(backend, device, rewards, values, mask, 0.95, 0.9)
+    _check(backend, device, rewards.half(), values.half(), mask, 0.95, 0.9)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_inputs(backend, device):
+    for shape in [(0, 5), (3, 0), (0, 0)]:
+        adv, ret = fastalign.gae(
+            torch.zeros(shape, device=device), torch.zeros(shape, device=device),
+            torch.ones(shape, dtype=torch.bool, device=device), backend=backend,
+        )
+        assert adv.shape == shape and ret.shape == shape and adv.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_bad_inputs_raise_clear_errors(backend, device):
+    r, v = torch.randn(2, 4, device=device), torch.randn(2, 4, device=device)
+    m = torch.ones(2, 4, dtype=torch.bool, device=device)
+    g = fastalign.gae
+    with pytest.raises(ValueError, match="values must have the shape of rewards"):
+        g(r, v[:, :3], m, backend=backend)
+    with pytest.raises(ValueError, match="mask must have the shape of rewards"):
+        g(r, v, m[:1], backend=backend)
+    with pytest.raises(ValueError, match=r"rewards must be 2-D \[B, T\]"):
+        g(r[0], v[0], m[0], backend=backend)
+    with pytest.raises(TypeError, match="rewards must be float32"):
+        g(r.long(), v, m, backend=backend)
+    with pytest.raises(TypeError, match="values must be float32"):
+        g(r, v.double(), m, backend=backend)
+    with pytest.raises(TypeError, match="mask must be bool or a real"):
+        g(r, v, m.to(torch.complex64), backend=backend)
+    with pytest.raises(TypeError, match="mask must be a tensor"):
+        g(r, v, [[1] * 4] * 2, backend=backend)
+    for bad in (-0.1, 1.5, float("nan"), float("inf"), True, "0.9", None):
+        with pytest.raises(ValueError, match=r"gamma must be a number in \[0, 1\]"):
+            g(r, v, m, gamma=bad, backend=backend)
+        with pytest.raises(ValueError, match=r"lam must be a number in \[0, 1\]"):
+            g(r, v, m, lam=bad, backend=backend)
+
+
+def test_device_mismatch_and_backend_errors():
+    r, v, m = torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="mask is on meta but rewards on cpu"):
+        fastalign.gae(r, v, m.to("meta"))
+    with pytest.raises(ValueError, match="values is on meta"):
+        fastalign.gae(r, v.to("meta"), m)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastalign.gae(r, v, m, backend="jax")
+    if not fastalign.backends()["cuda"]["usable"]:
+        with pytest.raises(RuntimeError, match="backend 'cuda' cannot run cpu tensors"):
+            fastalign.gae(r, v, m, backend="cuda")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id != "torch-cpu"])
+def test_opcheck(backend, device):
+    from fastalign.ops import gae as G
+
+    op = G._triton_op() if backend == "triton" else G._OPS[backend]
+    rewards, values = torch.randn(3, 11, device=device), torch.randn(3, 11, device=device)
+    mask = _random_mask(3, 11, device)
+    torch.library.opcheck(op, (rewards, values, mask, 0.99, 0.95))
+    torch.library.opcheck(op, (rewards[:, :1], values[:, :1], mask[:, :1], 1.0, 1.0))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if "triton-cpu" not in p.id])
+def test_torch_compile_fullgraph(backend, device):
+    def step(rewards, values, mask):
+        adv, ret = fastalign.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend=backend)
+        return adv * 2, ret.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    rewards, values = torch.randn(3, 17, device=device), torch.randn(3, 17, device=device)
+    mask = _random_mask(3, 17, device)
+    got, want = compiled(rewards, values, mask), step(rewards, values, mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

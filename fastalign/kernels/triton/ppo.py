@@ -1,0 +1,312 @@
+"""Triton kernels for the PPO losses: fastalign_triton::ppo_{policy,value}_loss_{fwd,bwd}.
+
+Same contract as the C++/CUDA ops (csrc/fastalign.cpp, fastalign/ops/ppo.py):
+  fwd(x, y, z, mask bool, <params>, agg, global_count, horizon) -> (out fp32 [4], row_weight fp32 [B])
+  bwd(grad_out, x, y, z, mask, row_weight, <params>) -> grad w.r.t. x in x's dtype
+
+Forward: one program per row sweeps the row in BLOCK tiles and writes the row's partial sums
+(loss, valid count, three statistic sums) to a [B, 5] buffer; then one program reduces the
+buffer in row order (no atomics: the result is deterministic) into out and the per-row weights.
+Backward: a 2-D grid of (row, tile) programs, each token independent.
+The per-token math mirrors csrc/cpu/ppo.cpp and kernels/reference.py: torch's NaN-propagating
+max/min/clamp forward, and autograd's half shares at ties and inclusive clamp bounds backward.
+"""
+
+# No `from __future__ import annotations`: torch.library.custom_op infers the op schema from
+# these functions' real type hints.
+import torch
+import triton
+import triton.language as tl
+
+from fastalign.kernels.triton._utils import device_guard, row_block
+from fastalign.ops._register import triton_op
+
+_PARTS = 5
+
+
+@triton.jit
+def _tmax(a, b):  # torch.maximum: NaN in a wins; else the larger
+    return tl.where((a >= b) | (a != a), a, b)
+
+
+@triton.jit
+def _tmin(a, b):
+    return tl.where((a <= b) | (a != a), a, b)
+
+
+@triton.jit
+def _max_share(s, o):  # share of d max(s, o) that goes to s (autograd of torch.maximum)
+    return tl.where(s < o, 0.0, tl.where(s == o, 0.5, 1.0))
+
+
+@triton.jit
+def _min_share(s, o):
+    return tl.where(s > o, 0.0, tl.where(s == o, 0.5, 1.0))
+
+
+@triton.jit
+def _inside(x, lo, hi):  # clamp passes the gradient on [lo, hi]
+    return (x >= lo) & (x <= hi)
+
+
+# ---- policy loss ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _policy_fwd_kernel(x_ptr, o_ptr, a_ptr, m_ptr, parts_ptr, T, clip_lo, clip_hi, dual, USE_DUAL: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * T  # 64-bit offsets
+    loss = 0.0
+    n = 0.0
+    clip = 0.0
+    lower = 0.0
+    kl = 0.0
+    for start in range(0, T, BLOCK):
+        t = start + tl.arange(0, BLOCK)
+        valid = tl.load(m_ptr + base + t, mask=t < T, other=0) != 0
+        x = tl.load(x_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
+        o = tl.load(o_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
+        d = x - o
+        ratio = tl.exp(_tmin(_tmax(d, -20.0), 20.0))
+        na = -a
+        l1 = na * ratio
+        l2 = na * _tmin(_tmax(ratio, clip_lo), clip_hi)
+        lt = _tmax(l1, l2)
+        if USE_DUAL:
+            l3 = na * dual
+            lower += tl.sum(tl.where(valid & (a < 0.0) & (lt > l3), 1.0, 0.0), axis=0)
+            lt = tl.where(a < 0.0, _tmin(lt, l3), lt)
+        loss += tl.sum(tl.where(valid, lt, 0.0), axis=0)
+        n += tl.sum(tl.where(valid, 1.0, 0.0), axis=0)
+        clip += tl.sum(tl.where(valid & (l2 > l1), 1.0, 0.0), axis=0)
+        kl += tl.sum(tl.where(valid, o - x, 0.0), axis=0)
+    p = parts_ptr + row * 5
+    tl.store(p + 0, loss)
+    tl.store(p + 1, n)
+    tl.store(p + 2, clip)
+    tl.store(p + 3, lower)
+    tl.store(p + 4, kl)
+
+
+@triton.jit
+def _policy_bwd_kernel(g_ptr, x_ptr, o_ptr, a_ptr, m_ptr, w_ptr, gx_ptr, T, clip_lo, clip_hi, dual,
+                       USE_DUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs = row * T + t
+    inb = t < T
+    valid = tl.load(m_ptr + offs, mask=inb, other=0) != 0
+    gb = tl.load(g_ptr) * tl.load(w_ptr + row)
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    d = x - o
+    ratio = tl.exp(_tmin(_tmax(d, -20.0), 20.0))
+    na = -a
+    l1 = na * ratio
+    l2 = na * _tmin(_tmax(ratio, clip_lo), clip_hi)
+    gm = tl.zeros([BLOCK], tl.float32) + gb
+    if USE_DUAL:
+        gm = tl.where(a < 0.0, gm * _min_share(_tmax(l1, l2), na * dual), gm)
+    gr = na * (gm * _max_share(l1, l2))
+    gr += tl.where(_inside(ratio, clip_lo, clip_hi), na * (gm * _max_share(l2, l1)), 0.0)
+    gd = tl.where(_inside(d, -20.0, 20.0), gr * ratio, 0.0)
+    gd = tl.where(valid, gd, 0.0)
+    tl.store(gx_ptr + offs, gd.to(gx_ptr.dtype.element_ty), mask=inb)
+
+
+# ---- value loss -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _value_fwd_kernel(v_ptr, o_ptr, r_ptr, m_ptr, parts_ptr, T, clip, USE_CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * T
+    loss = 0.0
+    n = 0.0
+    clipped = 0.0
+    vsum = 0.0
+    mse = 0.0
+    for start in range(0, T, BLOCK):
+        t = start + tl.arange(0, BLOCK)
+        valid = tl.load(m_ptr + base + t, mask=t < T, other=0) != 0
+        v = tl.load(v_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
+        e1 = v - r
+        s1 = e1 * e1
+        lt = s1
+        if USE_CLIP:
+            vo = tl.load(o_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
+            e2 = _tmin(_tmax(v, vo - clip), vo + clip) - r
+            s2 = e2 * e2
+            clipped += tl.sum(tl.where(valid & (s2 > s1), 1.0, 0.0), axis=0)
+            lt = _tmax(s1, s2)
+        loss += tl.sum(tl.where(valid, lt, 0.0), axis=0)
+        n += tl.sum(tl.where(valid, 1.0, 0.0), axis=0)
+        vsum += tl.sum(tl.where(valid, v, 0.0), axis=0)
+        mse += tl.sum(tl.where(valid, s1, 0.0), axis=0)
+    p = parts_ptr + row * 5
+    tl.store(p + 0, loss)
+    tl.store(p + 1, n)
+    tl.store(p + 2, clipped)
+    tl.store(p + 3, vsum)
+    tl.store(p + 4, mse)
+
+
+@triton.jit
+def _value_bwd_kernel(g_ptr, v_ptr, o_ptr, r_ptr, m_ptr, w_ptr, gx_ptr, T, clip, USE_CLIP: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs = row * T + t
+    inb = t < T
+    valid = tl.load(m_ptr + offs, mask=inb, other=0) != 0
+    gb = tl.load(g_ptr) * tl.load(w_ptr + row)
+    v = tl.load(v_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    e1 = v - r
+    if USE_CLIP:
+        vo = tl.load(o_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        lo = vo - clip
+        hi = vo + clip
+        e2 = _tmin(_tmax(v, lo), hi) - r
+        s1 = e1 * e1
+        s2 = e2 * e2
+        gv = gb * _max_share(s1, s2) * 2.0 * e1
+        gv += tl.where(_inside(v, lo, hi), gb * _max_share(s2, s1) * 2.0 * e2, 0.0)
+    else:
+        gv = gb * 2.0 * e1
+    gv = tl.where(valid, gv, 0.0)
+    tl.store(gx_ptr + offs, gv.to(gx_ptr.dtype.element_ty), mask=inb)
+
+
+# ---- shared aggregation -----------------------------------------------------------------------
+
+
+@triton.jit
+def _finalize_kernel(parts_ptr, out_ptr, w_ptr, B, T, agg, global_count, horizon, scale, BLOCK_B: tl.constexpr):
+    # One program: reduces the [B, 5] row partials in a fixed order (deterministic).
+    n_tok = 0.0
+    n_seq = 0.0
+    total = 0.0
+    st1 = 0.0
+    st2 = 0.0
+    st3 = 0.0
+    for start in range(0, B, BLOCK_B):
+        rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
+        inb = rows < B
+        p = parts_ptr + rows * 5
+        loss = tl.load(p + 0, mask=inb, other=0.0)
+        n = tl.load(p + 1, mask=inb, other=0.0)
+        n_tok += tl.sum(n, axis=0)
+        n_seq += tl.sum(tl.where(n > 0.0, 1.0, 0.0), axis=0)
+        # seq-mean-token-mean (agg 2) averages each row first
+        total += tl.sum(tl.where(agg == 2, tl.where(n > 0.0, loss / tl.maximum(n, 1.0), 0.0), loss), axis=0)
+        st1 += tl.sum(tl.load(p + 2, mask=inb, other=0.0), axis=0)
+        st2 += tl.sum(tl.load(p + 3, mask=inb, other=0.0), axis=0)
+        st3 += tl.sum(tl.load(p + 4, mask=inb, other=0.0), axis=0)
+    count = tl.where(global_count >= 0.0, global_count, tl.where(agg == 0, n_tok, n_seq))
+    h = tl.where(horizon > 0.0, horizon, T * 1.0)
+    norm = tl.where(count > 0.0, scale / tl.maximum(count, 1e-30) / tl.where(agg == 3, h, 1.0), 0.0)
+    inv_n = tl.where(n_tok > 0.0, 1.0 / tl.maximum(n_tok, 1.0), 0.0)
+    tl.store(out_ptr + 0, total * norm)
+    tl.store(out_ptr + 1, st1 * inv_n)
+    tl.store(out_ptr + 2, st2 * inv_n)
+    tl.store(out_ptr + 3, st3 * inv_n)
+    for start in range(0, B, BLOCK_B):
+        rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
+        inb = rows < B
+        n = tl.load(parts_ptr + rows * 5 + 1, mask=inb, other=0.0)
+        w = tl.where(n > 0.0, tl.where(agg == 2, norm / tl.maximum(n, 1.0), norm), 0.0)
+        tl.store(w_ptr + rows, w, mask=inb)
+
+
+# ---- launchers (custom ops) -------------------------------------------------------------------
+
+_BLOCK_CAP = 1024
+
+
+def _finish(parts, batch, steps, agg, global_count, horizon, scale):
+    out = torch.empty(4, dtype=torch.float32, device=parts.device)
+    row_w = torch.empty(batch, dtype=torch.float32, device=parts.device)
+    _finalize_kernel[(1,)](
+        parts, out, row_w, batch, steps, agg, float(global_count), float(horizon), float(scale),
+        BLOCK_B=row_block(batch, 1024),
+    )
+    return out, row_w
+
+
+def _ppo_policy_loss_fwd(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    clip_lo: float, clip_hi: float, dual_clip: float, agg: int, global_count: float, horizon: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x, o, a, m = (t.contiguous() for t in (logprobs, old_logprobs, advantages, mask))
+    batch, steps = x.shape
+    parts = torch.zeros(batch, _PARTS, dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        if batch > 0 and steps > 0:
+            _policy_fwd_kernel[(batch,)](
+                x, o, a, m.view(torch.uint8), parts, steps, float(clip_lo), float(clip_hi), float(dual_clip),
+                USE_DUAL=dual_clip > 0, BLOCK=row_block(steps, _BLOCK_CAP),
+            )
+        return _finish(parts, batch, steps, agg, global_count, horizon, 1.0)
+
+
+def _ppo_policy_loss_bwd(
+    grad_out: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+    mask: torch.Tensor, row_weight: torch.Tensor, clip_lo: float, clip_hi: float, dual_clip: float,
+) -> torch.Tensor:
+    x, o, a, m = (t.contiguous() for t in (logprobs, old_logprobs, advantages, mask))
+    batch, steps = x.shape
+    grad = torch.empty_like(x)
+    if grad.numel() == 0:
+        return grad
+    block = row_block(steps, _BLOCK_CAP)
+    with device_guard(x):
+        _policy_bwd_kernel[(batch, triton.cdiv(steps, block))](
+            grad_out.float().contiguous(), x, o, a, m.view(torch.uint8), row_weight.float().contiguous(), grad,
+            steps, float(clip_lo), float(clip_hi), float(dual_clip), USE_DUAL=dual_clip > 0, BLOCK=block,
+        )
+    return grad
+
+
+def _ppo_value_loss_fwd(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    clip: float, agg: int, global_count: float, horizon: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    v, o, r, m = (t.contiguous() for t in (values, old_values, returns, mask))
+    batch, steps = v.shape
+    parts = torch.zeros(batch, _PARTS, dtype=torch.float32, device=v.device)
+    with device_guard(v):
+        if batch > 0 and steps > 0:
+            _value_fwd_kernel[(batch,)](
+                v, o, r, m.view(torch.uint8), parts, steps, float(clip), USE_CLIP=clip > 0,
+                BLOCK=row_block(steps, _BLOCK_CAP),
+            )
+        return _finish(parts, batch, steps, agg, global_count, horizon, 0.5)  # loss = 0.5 * agg(...)
+
+
+def _ppo_value_loss_bwd(
+    grad_out: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+    mask: torch.Tensor, row_weight: torch.Tensor, clip: float,
+) -> torch.Tensor:
+    v, o, r, m = (t.contiguous() for t in (values, old_values, returns, mask))
+    batch, steps = v.shape
+    grad = torch.empty_like(v)
+    if grad.numel() == 0:
+        return grad
+    block = row_block(steps, _BLOCK_CAP)
+    with device_guard(v):
+        _value_bwd_kernel[(batch, triton.cdiv(steps, block))](
+            grad_out.float().contiguous(), v, o, r, m.view(torch.uint8), row_weight.float().contiguous(), grad,
+            steps, float(clip), USE_CLIP=clip > 0, BLOCK=block,
+        )
+    return grad
+
+
+ppo_policy_loss_fwd = triton_op("ppo_policy_loss_fwd", _ppo_policy_loss_fwd)
+ppo_policy_loss_bwd = triton_op("ppo_policy_loss_bwd", _ppo_policy_loss_bwd)
+ppo_value_loss_fwd = triton_op("ppo_value_loss_fwd", _ppo_value_loss_fwd)
+ppo_value_loss_bwd = triton_op("ppo_value_loss_bwd", _ppo_value_loss_bwd)

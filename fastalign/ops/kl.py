@@ -61,8 +61,9 @@ def masked_whiten(
     `mask` is nonzero, across the whole tensor (one mean and variance per call, not per row).
     The formula is applied to every entry, masked-out ones included (as in TRL and verl; mask the
     result yourself if those entries matter). With `shift_mean=False` the mean is added back
-    (only the scale changes). Entries outside the mask never affect the statistics (NaN there
-    stays local to its entry).
+    (only the scale changes). Entries outside the mask never affect the statistics: NaN/inf
+    there stays local to its entry in the forward result (the gradient is the formula's, so a
+    NaN entry still reaches d(out)/d(scale) when any gradient flows).
 
     Fewer than 2 masked entries (variance undefined; TRL and verl raise here): the scale is 1,
     so the result is `x - mean` (or `x` with shift_mean=False), mean = 0 when no entry is in the

@@ -16,7 +16,7 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from fastalign.ops._register import cpp_op
+from fastalign.ops._register import cpp_op, triton_op
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -41,11 +41,20 @@ if "cpp" in _OPS:
     _OPS["cuda"] = _OPS["cpp"]  # same op, dispatched by device
 
 
-def _triton_op():
-    if "triton" not in _OPS:
-        from fastalign.kernels.triton import gae as tg
+def _triton_gae_fwd(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Triton is imported on the first run, not at registration: the op itself is registered at
+    # import (cheap, no Triton needed), so a first call inside torch.compile finds it defined.
+    from fastalign.kernels.triton import gae as tg
 
-        _register("triton", tg.gae_fwd)
+    return tg.gae_fwd(rewards, values, mask, gamma, lam)
+
+
+_register("triton", triton_op("gae_fwd", _triton_gae_fwd))
+
+
+def _triton_op():
     return _OPS["triton"]
 
 

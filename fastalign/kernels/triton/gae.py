@@ -19,8 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastalign.ops._register import triton_op
-
 
 @triton.jit
 def _compose(a_f, b_f, k1_f, e_f, k2_f, a_g, b_g, k1_g, e_g, k2_g):
@@ -69,9 +67,12 @@ def _block_for(steps: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(max(steps, 1))))
 
 
-def _gae_fwd(
+def gae_fwd(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the kernel: rewards/values [B, T] (one float dtype), mask [B, T] bool; returns
+    fp32 (advantages, returns). Wrapped as the custom op fastalign_triton::gae_fwd by
+    fastalign/ops/gae.py."""
     rewards, values, mask = rewards.contiguous(), values.contiguous(), mask.contiguous()
     batch, steps = rewards.shape
     adv = torch.empty((batch, steps), dtype=torch.float32, device=rewards.device)
@@ -83,6 +84,3 @@ def _gae_fwd(
         BLOCK=_block_for(steps),
     )
     return adv, ret
-
-
-gae_fwd = triton_op("gae_fwd", _gae_fwd)

@@ -146,7 +146,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip
     binding (l > -A c), approx_kl = valid mean of old - logp (not clamped); stats are detached."""
     clip_high = clip_low if clip_high is None else clip_high
     valid = mask != 0
-    logp, old, adv = logprobs.float(), old_logprobs.float(), advantages.float()
+    # where() first: NaN/inf at masked tokens must reach neither the loss nor (0 * NaN) the gradient
+    logp, old, adv = (torch.where(valid, t.float(), 0.0) for t in (logprobs, old_logprobs, advantages))
     diff = logp - old
     ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
     loss1 = -adv * ratio
@@ -172,13 +173,13 @@ def ppo_value_loss(values, old_values, returns, mask, clip=None, agg="token-mean
     without clip, 0.5 * agg((v - R)^2). Stats (detached): vf_clipfrac = valid fraction with the clipped
     term strictly larger, vpred_mean = valid mean of v, value_mse = valid mean of (v - R)^2."""
     valid = mask != 0
-    v, ret = values.float(), returns.float()
+    v, ret = (torch.where(valid, t.float(), 0.0) for t in (values, returns))
     loss1 = (v - ret) ** 2
     clipfrac = torch.zeros_like(loss1)
     if clip is None:
         loss_tok = loss1
     else:
-        vo = old_values.float()
+        vo = torch.where(valid, old_values.float(), 0.0)
         loss2 = (torch.clamp(v, vo - clip, vo + clip) - ret) ** 2
         loss_tok = torch.maximum(loss1, loss2)
         clipfrac = (loss2 > loss1).float()

@@ -1,0 +1,425 @@
+"""ppo_policy_loss and ppo_value_loss on every backend against kernels/reference.py, forward and
+backward, plus the published formula on hand-computed cases, ties, edge cases and bad input."""
+
+import math
+
+import pytest
+import torch
+
+import fastalign
+from fastalign.kernels import reference
+from fastalign.ops import ppo as P
+from tests.conftest import TOL, backend_params
+
+BACKENDS = backend_params()
+AGGS = list(P.AGG_MODES)
+DTYPES = [torch.float32, torch.bfloat16]
+POLICY_CLIPS = [  # (clip_low, clip_high, dual_clip)
+    (0.2, None, None),
+    (0.2, 0.28, None),  # asymmetric (DAPO clip-higher)
+    (0.1, 0.3, 3.0),  # asymmetric + dual clip
+    (0.2, None, 1.5),
+]
+
+
+def _skip_interpreted(backend, device, dtype=torch.float32):
+    if backend == "triton" and device == "cpu" and dtype != torch.float32:
+        pytest.skip("Triton interpreter on the CPU: fp32 only")
+
+
+def _inputs(shape, device, dtype, scale=1.0, seed_mask=True):
+    """(x, y, z, mask) with holes in the middle of rows, one empty row when B > 2."""
+    b, t = shape
+    x = (torch.randn(b, t, device=device) * scale).to(dtype)
+    y = (x.float() + torch.randn(b, t, device=device) * scale).to(dtype)
+    z = torch.randn(b, t, device=device).to(dtype)
+    mask = torch.rand(b, t, device=device) > 0.3
+    if seed_mask and b > 2:
+        mask[1] = False  # a row of length 0
+        mask[0, t // 3 : t // 2] = False  # a hole inside a row
+    return x, y, z, mask
+
+
+def _check_stats(stats, ref_stats, names):
+    assert set(names) <= set(stats)
+    for k in names:
+        s = stats[k]
+        assert s.dtype == torch.float32 and s.dim() == 0 and not s.requires_grad
+        torch.testing.assert_close(s, ref_stats[k].to(s.device), rtol=1e-5, atol=1e-6)
+
+
+def _compare_policy(backend, x, y, z, mask, **kw):
+    a = x.detach().clone().requires_grad_()
+    ar = x.detach().clone().requires_grad_()
+    loss, stats = fastalign.ppo_policy_loss(a, y, z, mask, backend=backend, **kw)
+    ref, ref_stats = reference.ppo_policy_loss(
+        ar, y, z, mask, kw.get("clip_low", 0.2), kw.get("clip_high") or kw.get("clip_low", 0.2),
+        kw.get("dual_clip"), kw.get("agg", "token-mean"), kw.get("global_count"), kw.get("horizon"),
+    )
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
+    _check_stats(stats, ref_stats, P.POLICY_STATS)
+    g = torch.randn((), device=x.device)
+    (loss * g).backward()
+    (ref * g).backward()
+    assert a.grad.dtype == x.dtype and a.grad.shape == x.shape
+    torch.testing.assert_close(a.grad.float(), ar.grad.float(), **TOL[x.dtype])
+    return loss, stats, a.grad
+
+
+def _compare_value(backend, v, vo, r, mask, **kw):
+    a = v.detach().clone().requires_grad_()
+    ar = v.detach().clone().requires_grad_()
+    loss, stats = fastalign.ppo_value_loss(a, vo, r, mask, backend=backend, **kw)
+    ref, ref_stats = reference.ppo_value_loss(
+        ar, vo, r, mask, kw.get("clip"), kw.get("agg", "token-mean"), kw.get("global_count"), kw.get("horizon")
+    )
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
+    _check_stats(stats, ref_stats, P.VALUE_STATS)
+    g = torch.randn((), device=v.device)
+    (loss * g).backward()
+    (ref * g).backward()
+    assert a.grad.dtype == v.dtype and a.grad.shape == v.shape
+    torch.testing.assert_close(a.grad.float(), ar.grad.float(), **TOL[v.dtype])
+    return loss, stats, a.grad
+
+
+# ---- agreement with the reference -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("clips", POLICY_CLIPS, ids=lambda c: "-".join(map(str, c)))
+def test_policy_matches_reference(backend, device, dtype, agg, clips):
+    _skip_interpreted(backend, device, dtype)
+    clip_low, clip_high, dual = clips
+    for shape in [(5, 37), (3, 1), (1, 1), (2, 1100)]:
+        x, y, z, mask = _inputs(shape, device, dtype, scale=0.3)
+        _compare_policy(backend, x, y, z, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual, agg=agg)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_value_matches_reference(backend, device, dtype, agg, clip):
+    _skip_interpreted(backend, device, dtype)
+    for shape in [(5, 37), (3, 1), (1, 1), (2, 1100)]:
+        v, vo, r, mask = _inputs(shape, device, dtype, scale=0.3)
+        _compare_value(backend, v, vo, r, mask, clip=clip, agg=agg)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_fp16_and_mixed_dtypes_and_numeric_masks(backend, device):
+    dtype = torch.float32 if backend == "triton" and device == "cpu" else torch.float16
+    x, y, z, mask = _inputs((4, 29), device, dtype, scale=0.3)
+    _compare_policy(backend, x, y, z, mask, dual_clip=2.0)
+    _compare_value(backend, x, y, z, mask, clip=0.1)
+    # old_logprobs / advantages of another dtype than logprobs; float and int masks (nonzero = valid)
+    for m in (mask.float(), mask.to(torch.int32) * 3):
+        _compare_policy(backend, x, y.double().float(), z.to(torch.bfloat16), m, agg="seq-mean-token-mean")
+        _compare_value(backend, x, y.float(), z.float(), m, clip=0.5, agg="seq-mean-token-sum")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_contiguous_inputs_and_inputs_untouched(backend, device):
+    base = torch.randn(4, 9, 40, device=device)
+    x, y, z = base[:, 0, 3:], base[:, 2, 3:], base[:, 5, 3:]
+    mask = (torch.rand(40, 4, device=device) > 0.2).t()[:, 3:]
+    assert not x.is_contiguous() and not mask.is_contiguous()
+    before = base.clone()
+    _compare_policy(backend, x, y, z, mask, clip_high=0.3, dual_clip=2.5)
+    _compare_value(backend, x, y, z, mask, clip=0.2)
+    assert torch.equal(base, before)
+
+
+# ---- the published formula, by hand ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_policy_hand_computed(backend, device):
+    # ratios 1.5, 0.5, 1, 2 with A = 1, -1, 2, -1; clip 0.2: per token
+    #   max(-1.5, -1.2) = -1.2 (clipped), max(0.5, 0.8) = 0.8 (clipped), max(-2, -2) = -2,
+    #   max(2, 1.2) = 2 (unclipped); dual clip c = 1.5 caps the last at 1.5 (lower clip).
+    ratios = torch.tensor([[1.5, 0.5, 1.0, 2.0]])
+    old = torch.zeros(1, 4, device=device)
+    logp = ratios.log().to(device).requires_grad_()
+    adv = torch.tensor([[1.0, -1.0, 2.0, -1.0]], device=device)
+    mask = torch.ones(1, 4, dtype=torch.bool, device=device)
+    loss, stats = fastalign.ppo_policy_loss(logp, old, adv, mask, clip_low=0.2, backend=backend)
+    assert abs(float(loss.detach()) - (-1.2 + 0.8 - 2.0 + 2.0) / 4) < 1e-6
+    assert abs(float(stats["clipfrac"]) - 0.5) < 1e-7 and float(stats["clipfrac_lower"]) == 0.0
+    assert abs(float(stats["approx_kl"]) - float(-ratios.log().mean())) < 1e-6
+    loss.backward()
+    # d/dlogp of -A * ratio = -A * ratio where unclipped; 0 where clipped; mean over 4 tokens
+    torch.testing.assert_close(logp.grad.cpu(), torch.tensor([[0.0, 0.0, -2.0 / 4, 2.0 / 4]]), rtol=1e-6, atol=1e-7)
+
+    logp.grad = None
+    loss, stats = fastalign.ppo_policy_loss(logp, old, adv, mask, clip_low=0.2, dual_clip=1.5, backend=backend)
+    assert abs(float(loss.detach()) - (-1.2 + 0.8 - 2.0 + 1.5) / 4) < 1e-6
+    assert abs(float(stats["clipfrac_lower"]) - 0.25) < 1e-7
+    loss.backward()
+    torch.testing.assert_close(logp.grad.cpu(), torch.tensor([[0.0, 0.0, -2.0 / 4, 0.0]]), rtol=1e-6, atol=1e-7)
+
+    # seq-mean-token-sum over two rows, one of them empty: the empty row does not count
+    loss, _ = fastalign.ppo_policy_loss(
+        logp.detach().repeat(2, 1), old.repeat(2, 1), adv.repeat(2, 1), torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], device=device),
+        agg="seq-mean-token-sum", backend=backend,
+    )
+    assert abs(float(loss) - (-1.2 + 0.8 - 2.0 + 2.0)) < 1e-6
+    loss, _ = fastalign.ppo_policy_loss(
+        logp.detach(), old, adv, mask, agg="seq-mean-token-sum-norm", horizon=8, backend=backend
+    )
+    assert abs(float(loss) - (-1.2 + 0.8 - 2.0 + 2.0) / 8) < 1e-6
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_value_hand_computed(backend, device):
+    # v = (1, 2), v_old = (0, 2), R = (3, 0), clip 0.5:
+    #   token 1: (1 - 3)^2 = 4 vs (clamp(1, -0.5, 0.5) - 3)^2 = 6.25 -> 6.25 (clipped, no gradient)
+    #   token 2: (2 - 0)^2 = 4 vs (clamp(2, 1.5, 2.5) - 0)^2 = 4 -> a tie inside the clip range
+    v = torch.tensor([[1.0, 2.0]], device=device, requires_grad=True)
+    vo = torch.tensor([[0.0, 2.0]], device=device)
+    ret = torch.tensor([[3.0, 0.0]], device=device)
+    mask = torch.ones(1, 2, device=device)
+    loss, stats = fastalign.ppo_value_loss(v, vo, ret, mask, clip=0.5, backend=backend)
+    assert abs(float(loss.detach()) - 0.5 * (6.25 + 4.0) / 2) < 1e-6
+    assert float(stats["vf_clipfrac"]) == 0.5
+    assert abs(float(stats["vpred_mean"]) - 1.5) < 1e-7 and abs(float(stats["value_mse"]) - 4.0) < 1e-6
+    loss.backward()
+    # token 2: 0.5 / 2 * (half of 2 * 2 through each tied branch) = 1
+    torch.testing.assert_close(v.grad.cpu(), torch.tensor([[0.0, 1.0]]))
+    v.grad = None
+    loss, _ = fastalign.ppo_value_loss(v, vo, ret, mask, backend=backend)  # no clip
+    assert abs(float(loss.detach()) - 0.5 * (4.0 + 4.0) / 2) < 1e-6
+    loss.backward()
+    torch.testing.assert_close(v.grad.cpu(), torch.tensor([[-1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_policy_gradient_at_ties_and_clamp_bounds(backend, device):
+    # Exact ties, where autograd splits the gradient: d = 0 (ratio 1, both terms equal), d = ln 2
+    # in fp32 (exp gives exactly 2.0 = 1 + clip_high = dual_clip: ties at the clip bound and the
+    # dual-clip cap), d = 20 exactly (the clamp passes the gradient) and d = 20.5, -50, 50 (it
+    # does not), and A = 0.
+    ln2 = float(torch.tensor(math.log(2.0)))
+    d = torch.tensor([[0.0, ln2, ln2, ln2, 20.0, 20.5, -50.0, 50.0, 0.3, 0.0]], device=device)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -2.0, -1e-9, -1.0, 1.0, -1.0, 0.0, -3.0]], device=device)
+    old = torch.full_like(d, -1.0)
+    mask = torch.ones_like(d, dtype=torch.bool)
+    assert float(torch.exp(d[0, 1])) == 2.0
+    for kw in (dict(clip_high=1.0), dict(clip_high=1.0, dual_clip=2.0), dict(clip_low=0.5, dual_clip=1.5)):
+        loss, stats, grad = _compare_policy(backend, old + d, old, adv, mask, **kw)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    # and exactly autograd's numbers for the second setting, token by token (token-mean over 10):
+    x = (old + d).requires_grad_()
+    loss, _ = fastalign.ppo_policy_loss(x, old, adv, mask, clip_high=1.0, dual_clip=2.0, backend=backend)
+    loss.backward()
+    expected = torch.tensor([[-1.0, -2.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0]]) / 10
+    # token 3: A = -1 ties the dual cap (2 == 2): half of +2; token 4 likewise; token 5 (d = 20,
+    # A < 0, ratio e^20 > c): the dual cap binds, no gradient
+    expected[0, 2], expected[0, 3] = 0.5 * 2.0 / 10, 0.5 * 4.0 / 10
+    torch.testing.assert_close(x.grad.cpu(), expected, rtol=1e-5, atol=1e-7)
+    # without dual clip, d = 20 exactly passes the clamp's gradient (-A e^20), d = 20.5 does not
+    x = torch.tensor([[19.0, 19.5]], device=device).requires_grad_()
+    loss, _ = fastalign.ppo_policy_loss(x, torch.full_like(x, -1.0), torch.full_like(x, -1e-9), torch.ones_like(x),
+                                        backend=backend)
+    loss.backward()
+    torch.testing.assert_close(x.grad.cpu(), torch.tensor([[1e-9 * math.exp(20.0) / 2, 0.0]]), rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_value_gradient_at_clip_bounds(backend, device):
+    # v exactly at v_old +- clip (the clamp passes the gradient there) and ties of the two terms
+    vo = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]], device=device)
+    v = torch.tensor([[0.5, -0.5, 1.5, 0.25, 3.0]], device=device)
+    ret = torch.tensor([[0.5, 2.0, -1.0, 0.25, 0.0]], device=device)
+    mask = torch.ones_like(v)
+    _compare_value(backend, v, vo, ret, mask, clip=0.5)
+    _compare_value(backend, v, vo, ret, mask, clip=0.5, agg="seq-mean-token-mean")
+
+
+# ---- edge cases -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("agg", AGGS)
+def test_all_masked_gives_zero_not_nan(backend, device, agg):
+    x, y, z, _ = _inputs((3, 7), device, torch.float32)
+    x = x.requires_grad_()
+    for mask in (torch.zeros(3, 7, dtype=torch.bool, device=device), torch.zeros(3, 0, device=device)):
+        xs = x[:, : mask.shape[1]].detach().requires_grad_()
+        ys, zs = y[:, : mask.shape[1]], z[:, : mask.shape[1]]
+        for loss, stats in (
+            fastalign.ppo_policy_loss(xs, ys, zs, mask, agg=agg, dual_clip=2.0, backend=backend),
+            fastalign.ppo_value_loss(xs, ys, zs, mask, agg=agg, clip=0.2, backend=backend),
+        ):
+            assert float(loss.detach()) == 0.0 and all(float(s) == 0.0 for s in stats.values())
+            loss.backward()
+            assert xs.grad.shape == xs.shape and (xs.grad == 0).all()
+            xs.grad = None
+    empty = torch.zeros(0, 5, device=device, requires_grad=True)
+    loss, stats = fastalign.ppo_policy_loss(empty, empty.detach(), empty.detach(), empty.detach() > 0, agg=agg, backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and empty.grad.shape == (0, 5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("agg", AGGS)
+def test_extreme_log_ratios_are_finite(backend, device, agg):
+    x, y, z, mask = _inputs((4, 33), device, torch.float32)
+    y = x + torch.where(torch.rand_like(x) > 0.5, 50.0, -50.0)  # log-ratios of +-50
+    y[0, :5] = x[0, :5] + torch.tensor([19.0, 20.0, -20.0, 21.0, 0.0], device=device)
+    for dual in (None, 3.0):
+        loss, stats, grad = _compare_policy(backend, x, y, z * 10, mask, dual_clip=dual, agg=agg)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert all(torch.isfinite(s) for s in stats.values())
+    loss, stats, grad = _compare_value(backend, x * 1e3, y, z, mask, clip=0.2, agg=agg)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_outside_the_mask_does_not_leak(backend, device):
+    x, y, z, mask = _inputs((3, 11), device, torch.float32)
+    mask[:, 4] = False
+    for t in (x, y, z):
+        t[:, 4] = float("nan")
+    loss, stats, grad = _compare_policy(backend, x, y, z, mask, dual_clip=2.0)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and all(torch.isfinite(s) for s in stats.values())
+    loss, stats, grad = _compare_value(backend, x, y, z, mask, clip=0.3)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    mask[0, 4] = True  # now a NaN is a valid token: the loss says so
+    assert fastalign.ppo_policy_loss(x, y, z, mask, backend=backend)[0].isnan()
+    assert fastalign.ppo_value_loss(x, y, z, mask, backend=backend)[0].isnan()
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id != "torch-cpu"])
+def test_deterministic(backend, device):
+    x, y, z, mask = _inputs((37, 301), device, torch.float32)
+    a = fastalign.ppo_policy_loss(x, y, z, mask, agg="seq-mean-token-mean", backend=backend)[0]
+    b = fastalign.ppo_policy_loss(x, y, z, mask, agg="seq-mean-token-mean", backend=backend)[0]
+    assert torch.equal(a, b)
+
+
+# ---- micro-batch accumulation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("agg", AGGS)
+def test_micro_batch_accumulation_with_global_count(backend, device, agg):
+    """Summing micro-batch losses computed with global_count gives the full-batch loss and
+    gradient; the per-micro-batch mean (global_count=None) does not, in general."""
+    x, y, z, mask = _inputs((6, 23), device, torch.float32)
+    mask[4, 2:] = False  # unequal lengths, so that averaging means would weight tokens unequally
+    mask[3] = False
+    count = mask.sum() if agg == "token-mean" else (mask.sum(-1) > 0).sum()
+    for fn, kw in ((fastalign.ppo_policy_loss, dict(clip_high=0.3, dual_clip=2.0)), (fastalign.ppo_value_loss, dict(clip=0.3))):
+        full_x = x.clone().requires_grad_()
+        full, _ = fn(full_x, y, z, mask, agg=agg, backend=backend, **kw)
+        full.backward()
+        acc_x = x.clone().requires_grad_()
+        total, naive = 0.0, 0.0
+        for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):
+            part, _ = fn(acc_x[rows], y[rows], z[rows], mask[rows], agg=agg, global_count=int(count), horizon=23,
+                         backend=backend, **kw)
+            part.backward()
+            total = total + part
+            naive += float(fn(x[rows], y[rows], z[rows], mask[rows], agg=agg, backend=backend, **kw)[0]) / 3
+        torch.testing.assert_close(total, full, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(acc_x.grad, full_x.grad, rtol=1e-5, atol=1e-7)
+        assert abs(naive - float(full.detach())) > 1e-4  # the pitfall global_count exists for
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_bad_inputs_raise_clear_errors(backend, device):
+    x, y, z, mask = _inputs((2, 5), device, torch.float32)
+    pl, vl = fastalign.ppo_policy_loss, fastalign.ppo_value_loss
+    with pytest.raises(ValueError, match="old_logprobs must have the shape of logprobs"):
+        pl(x, y[:, :4], z, mask, backend=backend)
+    with pytest.raises(ValueError, match="mask must have the shape"):
+        pl(x, y, z, mask[:1], backend=backend)
+    with pytest.raises(ValueError, match="2-D"):
+        pl(x[0], y[0], z[0], mask[0], backend=backend)
+    with pytest.raises(TypeError, match="mask must be bool or a real"):
+        pl(x, y, z, mask.to(torch.complex64), backend=backend)
+    with pytest.raises(TypeError, match="advantages must be float32"):
+        pl(x, y, z.long(), mask, backend=backend)
+    with pytest.raises(TypeError, match="logprobs must be a tensor"):
+        pl(x.tolist(), y, z, mask, backend=backend)
+    for bad in (0.0, 1.0, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="clip_low must be a number in \\(0, 1\\)"):
+            pl(x, y, z, mask, clip_low=bad, backend=backend)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="clip_high"):
+            pl(x, y, z, mask, clip_high=bad, backend=backend)
+    for bad in (1.0, 0.5, float("nan")):
+        with pytest.raises(ValueError, match="dual_clip must be None or a finite number > 1"):
+            pl(x, y, z, mask, dual_clip=bad, backend=backend)
+    with pytest.raises(ValueError, match="agg must be one of .*token-mean.*seq-mean-token-sum-norm"):
+        pl(x, y, z, mask, agg="mean", backend=backend)
+    with pytest.raises(ValueError, match="global_count"):
+        pl(x, y, z, mask, global_count=-1, backend=backend)
+    with pytest.raises(ValueError, match="horizon"):
+        pl(x, y, z, mask, agg="seq-mean-token-sum-norm", horizon=0, backend=backend)
+    with pytest.raises(ValueError, match="clip must be None or a finite number > 0"):
+        vl(x, y, z, mask, clip=0.0, backend=backend)
+    with pytest.raises(ValueError, match="returns must have the shape of values"):
+        vl(x, y, z[:, :2], mask, backend=backend)
+    with pytest.raises(ValueError, match="agg must be one of"):
+        vl(x, y, z, mask, agg="sum", backend=backend)
+
+
+def test_device_mismatch_and_unknown_backend():
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="mask is on meta"):
+        fastalign.ppo_policy_loss(x, x, x, torch.ones(2, 3, device="meta"))
+    with pytest.raises(ValueError, match="old_values is on meta"):
+        fastalign.ppo_value_loss(x, torch.ones(2, 3, device="meta"), x, x > 0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastalign.ppo_policy_loss(x, x, x, x > 0, backend="jax")
+
+
+# ---- custom-op machinery ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id != "torch-cpu"])
+def test_opcheck(backend, device):
+    x, y, z, mask = _inputs((4, 19), device, torch.float32)
+    pf, pb = P._fused_ops("policy", backend)
+    vf, vb = P._fused_ops("value", backend)
+    xg = x.clone().requires_grad_()
+    for dual, agg, count in ((0.0, 0, -1.0), (2.0, 2, 7.0), (3.0, 3, -1.0)):
+        torch.library.opcheck(pf, (xg, y, z, mask, 0.8, 1.3, dual, agg, count, 0.0))
+        out, w = pf(x, y, z, mask, 0.8, 1.3, dual, agg, count, 0.0)
+        torch.library.opcheck(pb, (torch.randn(4, device=device), x, y, z, mask, w, 0.8, 1.3, dual))
+    for clip, agg in ((-1.0, 0), (0.2, 1), (0.2, 3)):
+        torch.library.opcheck(vf, (xg, y, z, mask, clip, agg, -1.0, 30.0))
+        out, w = vf(x, y, z, mask, clip, agg, -1.0, 30.0)
+        torch.library.opcheck(vb, (torch.randn(4, device=device), x, y, z, mask, w, clip))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if "triton-cpu" not in p.id])
+def test_torch_compile_fullgraph(backend, device):
+    def step(logp, old, adv, mask, v, vo, ret):
+        pl, ps = fastalign.ppo_policy_loss(logp, old, adv, mask, clip_high=0.28, dual_clip=3.0, backend=backend)
+        vl, vs = fastalign.ppo_value_loss(v, vo, ret, mask, clip=0.2, agg="seq-mean-token-mean", backend=backend)
+        return pl + 0.5 * vl, ps["clipfrac"] + vs["vf_clipfrac"]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    x, y, z, mask = _inputs((3, 17), device, torch.float32)
+    v, vo, ret, _ = _inputs((3, 17), device, torch.float32)
+    a, b = x.clone().requires_grad_(), v.clone().requires_grad_()
+    loss, frac = compiled(a, y, z, mask, b, vo, ret)
+    loss.backward()
+    a2, b2 = x.clone().requires_grad_(), v.clone().requires_grad_()
+    ref, ref_frac = step(a2, y, z, mask, b2, vo, ret)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(frac, ref_frac)
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)

@@ -121,6 +121,24 @@ def test_nan_and_inf_propagation(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_masked_vocabulary_with_large_entropy_gradient(backend, device):
+    # p = 0 entries (logit -inf) must get exactly 0 gradient even when |dL/dH| > 1: a clamp of
+    # log p at -FLT_MAX would overflow g_H * (log p + H) to inf and give 0 * inf = NaN.
+    logits = torch.randn(3, 300, device=device) * 2
+    logits[:, :120] = float("-inf")
+    labels = torch.tensor([130, 299, 200], device=device)
+    x = logits.clone().requires_grad_()
+    lp, ent = fastalign.gather_logprobs(x, labels, return_entropy=True, backend=backend)
+    (lp.sum() + 37.0 * ent.sum()).backward()
+    assert ent.isfinite().all() and x.grad.isfinite().all()
+    assert (x.grad[:, :120] == 0).all()
+    xr = logits.clone().requires_grad_()
+    rlp, rent = reference.gather_logprobs(xr, labels, 1.0, -100, True)
+    (rlp.sum() + 37.0 * rent.sum()).backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_extreme_logits_are_stable(backend, device):
     logits = torch.randn(3, 257, device=device)
     logits[0] *= 1e4  # one-hot-like distribution

@@ -14,7 +14,8 @@
 // Backward (d/dz, then times 1/T):
 //   d logp_y / dz_j = [j == y] - p_j,     dH / dz_j = -p_j (log p_j + H)
 //   grad_x_j = (1/T) (g [j == y] - p_j (g + g_H (z_j - lse + H)))
-// Zero probabilities (z = -inf, e.g. a masked vocabulary) contribute 0 to t, never 0 * inf.
+// Zero probabilities (z = -inf, e.g. a masked vocabulary) contribute 0 to t, never 0 * inf: log p
+// is clamped at kLogpFloor first. (Not at -FLT_MAX: g_H * (-FLT_MAX + H) overflows to inf.)
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -30,6 +31,8 @@ namespace CPU_CAPABILITY {
 
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kBlock = 2048;  // floats per block: 8 KiB, stays in L1 between the two sweeps
+// Below log(smallest fp32 denormal) ~ -103.3, so exp() of anything clamped here is already 0.
+constexpr float kLogpFloor = -200.f;
 
 // Loads n (<= kBlock) elements of a row as fp32, pre-multiplied by inv_t, into buf; pads the
 // last vector with -inf (probability 0). Returns the number of floats to sweep (a multiple of
@@ -101,7 +104,7 @@ inline void accumulate_block(const float* x, int64_t sweep, float inv_t, RowStat
     st.s *= scale;
   }
   st.m = m_new;
-  const fVec vm(st.m), vinv(inv_t), lowest(std::numeric_limits<float>::lowest());
+  const fVec vm(st.m), vinv(inv_t), floor_(kLogpFloor);
   fVec vs0(0.f), vs1(0.f), vt0(0.f), vt1(0.f);  // two accumulators hide the add latency
   int64_t j = 0;
   for (; j + 2 * fVec::size() <= sweep; j += 2 * fVec::size()) {
@@ -111,15 +114,15 @@ inline void accumulate_block(const float* x, int64_t sweep, float inv_t, RowStat
     vs0 = vs0 + e0;
     vs1 = vs1 + e1;
     if (kEntropy) {
-      vt0 = at::vec::fmadd(e0, at::vec::maximum(d0, lowest), vt0);
-      vt1 = at::vec::fmadd(e1, at::vec::maximum(d1, lowest), vt1);
+      vt0 = at::vec::fmadd(e0, at::vec::maximum(d0, floor_), vt0);
+      vt1 = at::vec::fmadd(e1, at::vec::maximum(d1, floor_), vt1);
     }
   }
   for (; j < sweep; j += fVec::size()) {
     const fVec d = at::vec::fmsub(fVec::loadu(x + j), vinv, vm);
     const fVec e = fast_exp(d);
     vs0 = vs0 + e;
-    if (kEntropy) vt0 = at::vec::fmadd(e, at::vec::maximum(d, lowest), vt0);
+    if (kEntropy) vt0 = at::vec::fmadd(e, at::vec::maximum(d, floor_), vt0);
   }
   const auto add = [](fVec& p, fVec& q) { return p + q; };
   st.s += at::vec::vec_reduce_all<float>(add, vs0 + vs1);
@@ -168,7 +171,7 @@ void logprobs_fwd_typed(const LogprobsFwdArgs& a, int64_t begin, int64_t end) {
 inline void grad_block(const float* x, int64_t sweep, float z_scale, float m, float log_s, float g, float gh, float h,
                        float inv_t, float* out) {
   const fVec vzs(z_scale), vm(m), vlog_s(log_s), vg(g), vgh(gh), vh(h), vscale(-inv_t);
-  const fVec lowest(std::numeric_limits<float>::lowest());
+  const fVec floor_(kLogpFloor);
   if (gh == 0.f) {
     const fVec c(-inv_t * g);
     for (int64_t j = 0; j < sweep; j += fVec::size()) {
@@ -179,7 +182,7 @@ inline void grad_block(const float* x, int64_t sweep, float z_scale, float m, fl
   for (int64_t j = 0; j < sweep; j += fVec::size()) {
     const fVec logp = at::vec::fmsub(fVec::loadu(x + j), vzs, vm) - vlog_s;
     // log p clamped so that p = 0 gives 0, not 0 * -inf
-    const fVec coef = at::vec::fmadd(vgh, at::vec::maximum(logp, lowest) + vh, vg);
+    const fVec coef = at::vec::fmadd(vgh, at::vec::maximum(logp, floor_) + vh, vg);
     (vscale * fast_exp(logp) * coef).store(out + j);
   }
 }

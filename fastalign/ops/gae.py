@@ -9,7 +9,6 @@ torch.compile and no autograd formula; the public function detaches its inputs.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch

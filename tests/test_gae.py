@@ -79,6 +79,23 @@ def test_long_rows_cross_chunks(backend, device):
     _check(backend, device, rewards, values, mask, 0.99, 0.95)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id in ("cuda-cuda", "triton-cuda", "cpp-cpu")])
+def test_rl_sized_rows(backend, device):
+    # the benchmark's shape family (B = 64 is cut to 8 rows to keep the reference loop cheap):
+    # T = 8192 spans 4 CUDA chunks / 8 Triton chunks; reference computed on the CPU
+    steps = 8192
+    rewards = torch.zeros(8, steps)
+    rewards[:, -1] = torch.randn(8)
+    rewards -= 0.05 * torch.rand(8, steps)  # a per-token KL penalty
+    values = torch.randn(8, steps)
+    mask = _random_mask(8, steps, "cpu")
+    mask[3, 2040:2060] = False  # across a CUDA chunk border
+    ref_adv, ref_ret = reference.gae(rewards, values, mask, 1.0, 0.95)
+    adv, ret = fastalign.gae(rewards.to(device), values.to(device), mask.to(device), gamma=1.0, lam=0.95, backend=backend)
+    torch.testing.assert_close(adv.cpu(), ref_adv, **_tol(steps))
+    torch.testing.assert_close(ret.cpu(), ref_ret, **_tol(steps))
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_hand_computed(backend, device):
     # gamma = lam = 0.5, mask [1, 0, 1] (step 1 an observation token):

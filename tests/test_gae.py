@@ -330,9 +330,10 @@ for dtype in ("fp32", "bf16", "fp16"):
         sig = {"r_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "m_ptr": "*u8", "adv_ptr": "*fp32", "ret_ptr": "*fp32",
                "T": steps_type, "gamma": "fp32", "gamma_lam": "fp32", "BLOCK": "constexpr"}
         sig = {name: sig[name] for name in K._gae_kernel.arg_names}
-        for block in (16, 1024):
+        for block in (16, 256, 1024):
             src = ASTSource(K._gae_kernel, sig, constexprs={"BLOCK": block})
-            assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+            options = {"num_warps": K._warps_for(block)}
+            assert compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 print("compiled")
 """
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastalign.kernels.triton._utils import device_guard
+
 
 @triton.jit
 def _compose(a_f, b_f, k1_f, e_f, k2_f, a_g, b_g, k1_g, e_g, k2_g):
@@ -64,7 +66,13 @@ def _gae_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, T, gamma, gamma_lam, BLOC
 
 
 def _block_for(steps: int) -> int:
+    # chunk length: the whole row up to 1024 steps, else 1024-step chunks carried serially
     return max(16, min(1024, triton.next_power_of_2(max(steps, 1))))
+
+
+def _warps_for(block: int) -> int:
+    # ~8 steps per thread for the 5-component scan; 1 warp for short rows, 4 for full chunks
+    return max(1, min(4, block // 256))
 
 
 def gae_fwd(
@@ -79,8 +87,10 @@ def gae_fwd(
     ret = torch.empty_like(adv)
     if batch == 0 or steps == 0:
         return adv, ret
-    _gae_kernel[(batch,)](
-        rewards, values, mask.view(torch.uint8), adv, ret, steps, float(gamma), float(gamma * lam),
-        BLOCK=_block_for(steps),
-    )
+    block = _block_for(steps)
+    with device_guard(rewards):
+        _gae_kernel[(batch,)](
+            rewards, values, mask.view(torch.uint8), adv, ret, steps, float(gamma), float(gamma * lam),
+            BLOCK=block, num_warps=_warps_for(block),
+        )
     return adv, ret

@@ -1,0 +1,125 @@
+"""Direct Preference Optimisation with every loss type of `fastalign.dpo_loss`.
+
+The reference is a frozen model, or its log-probs are precomputed once before training
+(`precompute_ref_logps`, after which the reference model is freed), or they come with the data
+(records with `ref_chosen_logps` / `ref_rejected_logps`). Metrics are the implicit rewards
+beta * (logp - ref): rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins.
+
+Variants override `pair_loss` (and `needs_reference` / `logp_reduce`); see the SimPO plugin in
+tests/example_plugin for one in a few lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastalign.algorithms._ops import op
+from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
+from fastalign.algorithms.registry import register_algorithm
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+@dataclass
+class DPOConfig(AlgorithmConfig):
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    precompute_ref_logps: bool = False
+    sft_weight: float = 0.0  # optional NLL on the chosen completions (RPO-style regulariser), per token
+
+
+@register_algorithm("dpo")
+class DPO(Algorithm):
+    """Direct Preference Optimisation (sigmoid, ipo, hinge, robust), implicit-reward metrics."""
+
+    config_class = DPOConfig
+    data_kind = "preferences"
+    models = ("policy", "reference")
+    trainable = ("policy",)
+    needs_reference = True
+
+    @property
+    def logp_reduce(self) -> str:
+        # IPO is defined on length-averaged log-probs (as in TRL); the others on sums
+        return "mean" if self.config.loss_type == "ipo" else "sum"
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        if type(self).pair_loss is DPO.pair_loss and self.config.loss_type not in LOSS_TYPES:
+            raise ValueError(f"dpo: unknown loss_type {self.config.loss_type!r}; known: {', '.join(LOSS_TYPES)}")
+
+    def build_models(self, policy, tokenizer, *, reference=None, seed=0, tiny_kwargs=None):
+        models = super().build_models(policy, tokenizer, reference=reference, seed=seed, tiny_kwargs=tiny_kwargs)
+        if not self.needs_reference:
+            models.pop("reference", None)
+        return models
+
+    # ---- log-probs ----------------------------------------------------------------------------
+
+    def sequence_logps(self, model, batch):
+        logps, mask = token_logps(model, batch)
+        seq = op("sequence_logps")(logps, mask, reduce=self.logp_reduce)
+        return seq, logps, mask
+
+    @torch.no_grad()
+    def reference_logps(self, models, batch):
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        if not self.needs_reference:
+            z = torch.zeros(batch["input_ids"].shape[0] // 2, device=batch["input_ids"].device)
+            return z, z
+        if "reference" not in models:
+            raise RuntimeError("dpo: no reference model and the batch carries no ref_chosen_logps/ref_rejected_logps")
+        seq, _, _ = self.sequence_logps(models["reference"], batch)
+        b = seq.shape[0] // 2
+        return seq[:b], seq[b:]
+
+    def setup(self, trainer) -> None:
+        if not (self.needs_reference and self.config.precompute_ref_logps) or "reference" not in trainer.models:
+            return
+        # One pass of the frozen reference over the data, then it is no longer needed.
+        for dataset in (trainer.train_data, trainer.eval_data or []):
+            bs = trainer.config.batch_size
+            for i in range(0, len(dataset), bs):
+                chunk = dataset[i: i + bs]
+                batch = trainer.to_device(self.collate(chunk, trainer.tokenizer))
+                with trainer.autocast():
+                    rc, rr = self.reference_logps(trainer.models, batch)
+                for ex, c, r in zip(chunk, rc.tolist(), rr.tolist()):
+                    ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
+        del trainer.models["reference"]
+
+    # ---- loss ---------------------------------------------------------------------------------
+
+    def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
+        """Per-pair losses [B] and implicit rewards (chosen, rejected); override for variants."""
+        c = self.config
+        return op("dpo_loss")(chosen, rejected, ref_chosen, ref_rejected, beta=c.beta, loss_type=c.loss_type,
+                              label_smoothing=c.label_smoothing)
+
+    def loss_units(self, batch) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def loss(self, models, batch):
+        seq, logps, mask = self.sequence_logps(models["policy"], batch)
+        b = seq.shape[0] // 2
+        ref_c, ref_r = self.reference_logps(models, batch)
+        losses, rc, rr = self.pair_loss(seq[:b], seq[b:], ref_c.float(), ref_r.float())
+        loss_sum = losses.sum()
+        if self.config.sft_weight > 0:
+            # per-pair mean NLL of the chosen completion, so the units stay pairs
+            nll = -op("sequence_logps")(logps[:b], mask[:b], reduce="mean")
+            loss_sum = loss_sum + self.config.sft_weight * nll.sum()
+        metrics = {
+            "loss": float(losses.detach().mean()),
+            "rewards/chosen": float(rc.mean()),
+            "rewards/rejected": float(rr.mean()),
+            "rewards/accuracies": float((rc > rr).float().mean()),
+            "rewards/margins": float((rc - rr).mean()),
+            "logps/chosen": float(seq[:b].detach().mean()),
+            "logps/rejected": float(seq[b:].detach().mean()),
+        }
+        return loss_sum, metrics

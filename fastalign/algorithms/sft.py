@@ -1,0 +1,78 @@
+"""Supervised fine-tuning: next-token loss on the completion tokens only.
+
+Options: `packing` (concatenate examples into full rows of max_length; see data.collate.pack) and
+midtraining-style mixing of plain-text "pretraining" data at `pretrain_ratio` (the fraction of
+training rows that are text, loss on every token), read from `pretrain_data` (a text file in the
+`text` format) or given as records in `pretrain_records`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from fastalign.algorithms._ops import op
+from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
+from fastalign.algorithms.registry import register_algorithm
+from fastalign.data import collate as C
+
+
+@dataclass
+class SFTConfig(AlgorithmConfig):
+    packing: bool = False
+    pretrain_data: str | None = None
+    pretrain_ratio: float = 0.0
+    seed: int = 0
+
+
+@register_algorithm("sft")
+class SFT(Algorithm):
+    """Supervised fine-tuning on demonstrations (loss on completion tokens only)."""
+
+    config_class = SFTConfig
+    data_kind = "demonstrations"
+    models = ("policy",)
+    trainable = ("policy",)
+    pretrain_records: list | None = None
+
+    def encode(self, records, tokenizer, max_length, stats: Counter) -> list:
+        cfg = self.config
+        if not 0.0 <= cfg.pretrain_ratio < 1.0:
+            raise ValueError(f"sft: pretrain_ratio must be in [0, 1), got {cfg.pretrain_ratio}")
+        rows = C.encode_demonstrations(records, tokenizer, max_length, stats)
+        if cfg.pretrain_ratio > 0:
+            text = self.pretrain_records
+            if text is None:
+                if not cfg.pretrain_data:
+                    raise ValueError("sft: pretrain_ratio > 0 needs pretrain_data (a text file) or pretrain_records")
+                from fastalign.data.formats import load_records
+
+                text, tstats = load_records("text", cfg.pretrain_data)
+                stats.update({f"pretrain {k}": v for k, v in tstats.items()})
+            windows = C.encode_text(text, tokenizer, max_length, stats)
+            if not windows:
+                raise ValueError("sft: the pretraining data has no text")
+            # n_text / (n_text + n_demo) = ratio; sample windows with replacement if needed
+            n_text = round(cfg.pretrain_ratio / (1 - cfg.pretrain_ratio) * len(rows))
+            rng = random.Random(cfg.seed)
+            picked = [windows[rng.randrange(len(windows))] for _ in range(n_text)]
+            stats["pretrain rows mixed in"] += len(picked)
+            rows = rows + picked
+        if cfg.packing:
+            n = len(rows)
+            rng = random.Random(cfg.seed)
+            rng.shuffle(rows)  # mix demonstrations and text before packing
+            rows = C.pack(rows, max_length)
+            stats["packed: examples -> rows"] = f"{n} -> {len(rows)}"
+        return rows
+
+    def loss_units(self, batch) -> int:
+        return int((batch["labels"][:, 1:] != C.IGNORE).sum())
+
+    def loss(self, models, batch):
+        logps, mask = token_logps(models["policy"], batch)
+        n = mask.sum().clamp(min=1)
+        loss_sum = -logps.sum()  # masked positions are exactly 0
+        seq_nll = op("sequence_logps")(logps.detach(), mask, reduce="sum")
+        return loss_sum, {"loss": float(loss_sum.detach() / n), "seq_nll": float(-seq_nll.mean())}

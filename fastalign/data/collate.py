@@ -1,0 +1,193 @@
+"""Tokenisation and collation: canonical records -> token ids -> padded batches.
+
+Prompts are rendered with the tokenizer's chat template when it has one, else with a simple
+default ("### User:" / "### Assistant:" blocks ending in the EOS token). The completion is what
+the full conversation adds after the prompt rendered with the generation prompt, so templates
+that close an assistant turn with their own end token train on it.
+
+Label convention: `labels[t]` is the token at position t, -100 where no loss is taken (prompt,
+padding); the loss of position t predicts labels[t + 1] from logits[t] (the caller shifts).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+IGNORE = -100
+_DEFAULT_HEADERS = {"user": "### User:\n", "assistant": "### Assistant:\n", "system": "### System:\n"}
+
+
+def as_messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def _default_render(tokenizer, messages, add_generation_prompt):
+    eos = tokenizer.eos_token or ""
+    text = tokenizer.bos_token or ""
+    for m in messages:
+        text += _DEFAULT_HEADERS[m["role"]] + m["content"] + (eos if m["role"] == "assistant" else "\n\n")
+    if add_generation_prompt:
+        text += _DEFAULT_HEADERS["assistant"]
+    return text
+
+
+def render(tokenizer, messages, add_generation_prompt=False) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return _default_render(tokenizer, messages, add_generation_prompt)
+
+
+def prompt_text(tokenizer, prompt) -> str:
+    """The prompt rendered up to where the assistant's answer starts."""
+    return render(tokenizer, as_messages(prompt), add_generation_prompt=True)
+
+
+def completion_text(tokenizer, prompt, response: str) -> str:
+    """What follows prompt_text for this response (including the template's end-of-turn token)."""
+    msgs = as_messages(prompt)
+    p = render(tokenizer, msgs, add_generation_prompt=True)
+    full = render(tokenizer, msgs + [{"role": "assistant", "content": response}])
+    if full.startswith(p):
+        return full[len(p):]
+    return response + (tokenizer.eos_token or "")
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt_completion(tokenizer, prompt, response, max_length, stats: Counter):
+    """(prompt_ids, completion_ids) within max_length tokens, or None if the prompt alone does
+    not fit (counted in stats); an over-long completion is cut and counted."""
+    p = _ids(tokenizer, prompt_text(tokenizer, prompt))
+    c = _ids(tokenizer, completion_text(tokenizer, prompt, response))
+    if len(p) >= max_length:
+        stats["skipped: prompt longer than max_length"] += 1
+        return None
+    if len(p) + len(c) > max_length:
+        stats["truncated: completion cut at max_length"] += 1
+        c = c[: max_length - len(p)]
+    return p, c
+
+
+def encode_demonstrations(records, tokenizer, max_length, stats: Counter | None = None):
+    """Demonstration records -> [{"input_ids", "labels"}] with the loss on the last assistant
+    turn only (the history is prompt)."""
+    stats = stats if stats is not None else Counter()
+    out = []
+    for r in records:
+        msgs = r["messages"]
+        enc = encode_prompt_completion(tokenizer, msgs[:-1], msgs[-1]["content"], max_length, stats)
+        if enc is None:
+            continue
+        p, c = enc
+        out.append({"input_ids": p + c, "labels": [IGNORE] * len(p) + c})
+    return out
+
+
+def encode_text(records, tokenizer, max_length, stats: Counter | None = None):
+    """Plain-text records -> [{"input_ids", "labels"}] with the loss on every token, split into
+    windows of max_length (pretraining-style data for mixing)."""
+    stats = stats if stats is not None else Counter()
+    out = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for r in records:
+        ids = _ids(tokenizer, r["text"]) + eos
+        for i in range(0, len(ids), max_length):
+            chunk = ids[i: i + max_length]
+            if len(chunk) >= 2:
+                out.append({"input_ids": chunk, "labels": list(chunk)})
+    return out
+
+
+def encode_preferences(records, tokenizer, max_length, stats: Counter | None = None):
+    """Preference records -> [{"prompt_ids", "chosen_ids", "rejected_ids"}] (+ any
+    precomputed "ref_chosen_logps"/"ref_rejected_logps" passed through)."""
+    stats = stats if stats is not None else Counter()
+    out = []
+    for r in records:
+        c = encode_prompt_completion(tokenizer, r["prompt"], r["chosen"], max_length, stats)
+        j = encode_prompt_completion(tokenizer, r["prompt"], r["rejected"], max_length, stats)
+        if c is None or j is None:
+            continue
+        ex = {"prompt_ids": c[0], "chosen_ids": c[1], "rejected_ids": j[1]}
+        for k in ("ref_chosen_logps", "ref_rejected_logps"):
+            if k in r:
+                ex[k] = float(r[k])
+        out.append(ex)
+    return out
+
+
+def encode_prompts(records, tokenizer, max_length, stats: Counter | None = None):
+    stats = stats if stats is not None else Counter()
+    out = []
+    for r in records:
+        p = _ids(tokenizer, prompt_text(tokenizer, r["prompt"]))
+        if len(p) >= max_length:
+            stats["skipped: prompt longer than max_length"] += 1
+            continue
+        out.append({"prompt_ids": p, **{k: v for k, v in r.items() if k != "prompt"}, "prompt": r["prompt"]})
+    return out
+
+
+def pack(examples, max_length):
+    """Concatenates examples into rows of exactly max_length tokens (the last row may be
+    shorter); labels keep their prompt masking, and the first token of each example is never a
+    target of the previous one. Attention is not blocked across example boundaries (the
+    classic packing trade-off: fewer pad tokens, some cross-example context)."""
+    rows, ids, labels = [], [], []
+    for ex in examples:
+        e_ids, e_lab = list(ex["input_ids"]), list(ex["labels"])
+        e_lab[0] = IGNORE  # not predicted from the previous example's tokens
+        ids += e_ids
+        labels += e_lab
+        while len(ids) >= max_length:
+            rows.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
+            ids, labels = ids[max_length:], labels[max_length:]
+            if labels:
+                labels[0] = IGNORE
+    if len(ids) >= 2:
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def pad(seqs, value, side="right"):
+    T = max((len(s) for s in seqs), default=0)
+    if side == "right":
+        return torch.tensor([list(s) + [value] * (T - len(s)) for s in seqs], dtype=torch.long)
+    return torch.tensor([[value] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long)
+
+
+def collate_lm(examples, pad_id):
+    """{"input_ids", "attention_mask", "labels"} [B, T], right-padded."""
+    ids = pad([e["input_ids"] for e in examples], pad_id)
+    mask = pad([[1] * len(e["input_ids"]) for e in examples], 0)
+    labels = pad([e["labels"] for e in examples], IGNORE)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_pairs(examples, pad_id):
+    """Chosen and rejected sequences in one right-padded batch [2B, T]: rows 0..B-1 chosen,
+    B..2B-1 rejected (one forward pass for both); labels cover the completions only."""
+    seqs = [e["prompt_ids"] + e["chosen_ids"] for e in examples] + [e["prompt_ids"] + e["rejected_ids"] for e in examples]
+    labels = [[IGNORE] * len(e["prompt_ids"]) + e["chosen_ids"] for e in examples] + [
+        [IGNORE] * len(e["prompt_ids"]) + e["rejected_ids"] for e in examples
+    ]
+    batch = {
+        "input_ids": pad(seqs, pad_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+        "labels": pad(labels, IGNORE),
+    }
+    if all("ref_chosen_logps" in e for e in examples):
+        batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+def collate_prompts(examples, pad_id):
+    """Left-padded prompts for generation: {"input_ids", "attention_mask"} + the raw records."""
+    ids = pad([e["prompt_ids"] for e in examples], pad_id, side="left")
+    mask = pad([[1] * len(e["prompt_ids"]) for e in examples], 0, side="left")
+    return {"input_ids": ids, "attention_mask": mask, "records": examples}

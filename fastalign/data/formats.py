@@ -1,0 +1,300 @@
+"""Loaders for the data formats people use, into fastalign's canonical records.
+
+Canonical records (what the algorithms consume):
+    demonstrations  {"messages": [{"role", "content"}, ..., {"role": "assistant", ...}]}
+    preferences     {"prompt": str | messages, "chosen": str, "rejected": str}
+    prompts         {"prompt": str | messages}
+    text            {"text": str}
+
+File formats (JSONL, or a JSON array; `.txt` for plain text):
+    alpaca      {"instruction", "input" (optional), "output"}
+    chat        {"messages": [{"role", "content"}, ...]} (ShareGPT {"conversations": [{"from",
+                "value"}]} too); every conversation must end with an assistant turn
+    oasst       OpenAssistant message trees {"prompt": {"text", "role": "prompter", "replies":
+                [...]}} (or the root node itself); one demonstration per assistant message, with
+                the path from the root as its history
+    flan        {"inputs", "targets"}, or {"task", <fields>} rendered with FLAN-style templates
+                ({"task": [[input_template, target_template], ...]}, Python format strings)
+    preference  {"prompt", "chosen", "rejected"}: plain strings or chat (prompt a message list,
+                chosen/rejected a string or a list ending in the assistant message)
+    prompts     {"prompt"}
+    text        {"text"} (JSONL) or a .txt file with documents separated by blank lines
+
+A malformed record raises DataFormatError naming the file and line. Nothing is dropped silently:
+every loader returns (records, stats) and records that carry nothing to learn (e.g. an empty
+response) are counted in stats and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+KINDS = {
+    "alpaca": "demonstrations",
+    "chat": "demonstrations",
+    "oasst": "demonstrations",
+    "flan": "demonstrations",
+    "preference": "preferences",
+    "prompts": "prompts",
+    "text": "text",
+}
+ROLES = {"user": "user", "human": "user", "prompter": "user", "assistant": "assistant", "gpt": "assistant",
+         "bot": "assistant", "system": "system"}
+
+
+class DataFormatError(ValueError):
+    """A malformed record: the message starts with `file:line:`."""
+
+
+def _where(path, line):
+    return f"{path}:{line}"
+
+
+def _read_records(path):
+    """Yields (line, object) from a JSONL file or a JSON array (line of each element's start)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        dec = json.JSONDecoder()
+        i = text.index("[") + 1
+        while True:
+            while i < len(text) and text[i] in " \t\r\n,":
+                i += 1
+            if i >= len(text):
+                raise DataFormatError(f"{_where(path, text.count(chr(10), 0, i) + 1)}: JSON array is not closed with ']'")
+            if text[i] == "]":
+                return
+            line = text.count("\n", 0, i) + 1
+            try:
+                obj, i = dec.raw_decode(text, i)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{_where(path, line)}: invalid JSON: {e.msg}") from None
+            yield line, obj
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            yield n, json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{_where(path, n)}: invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def _str_field(obj, key, where, *, required=True, allow_empty=False):
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if key not in obj or obj[key] is None:
+        if required:
+            raise DataFormatError(f"{where}: missing field {key!r} (fields present: {sorted(obj)})")
+        return ""
+    v = obj[key]
+    if not isinstance(v, str):
+        raise DataFormatError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
+    if required and not allow_empty and not v.strip():
+        raise DataFormatError(f"{where}: field {key!r} is empty")
+    return v
+
+
+def _messages(value, where, field):
+    if not isinstance(value, list) or not value:
+        raise DataFormatError(f"{where}: {field!r} must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataFormatError(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
+        role = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        if role not in ROLES:
+            raise DataFormatError(f"{where}: {field}[{i}] has role {role!r}; expected one of {sorted(ROLES)}")
+        if not isinstance(content, str):
+            raise DataFormatError(f"{where}: {field}[{i}] content must be a string, got {type(content).__name__}")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+# ---- per-format record parsers: (obj, where, stats, **options) -> list of canonical records ----
+
+
+def _alpaca(obj, where, stats, **_):
+    instruction = _str_field(obj, "instruction", where)
+    inp = _str_field(obj, "input", where, required=False)
+    output = _str_field(obj, "output", where, allow_empty=True)
+    if not output.strip():
+        stats["skipped: empty output"] += 1
+        return []
+    user = instruction + ("\n\n" + inp if inp.strip() else "")
+    return [{"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}]
+
+
+def _chat(obj, where, stats, **_):
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    key = "messages" if "messages" in obj else "conversations" if "conversations" in obj else None
+    if key is None:
+        raise DataFormatError(f"{where}: missing field 'messages' (fields present: {sorted(obj)})")
+    msgs = _messages(obj[key], where, key)
+    if msgs[-1]["role"] != "assistant":
+        raise DataFormatError(f"{where}: the conversation must end with an assistant message, ends with {msgs[-1]['role']!r}")
+    if not msgs[-1]["content"].strip():
+        stats["skipped: empty assistant message"] += 1
+        return []
+    return [{"messages": msgs}]
+
+
+def _oasst(obj, where, stats, **_):
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    root = obj.get("prompt", obj) if isinstance(obj.get("prompt"), dict) else obj
+    out = []
+
+    def walk(node, history, path):
+        if not isinstance(node, dict):
+            raise DataFormatError(f"{where}: tree node {path} must be an object")
+        text = node.get("text")
+        role = node.get("role")
+        if not isinstance(text, str):
+            raise DataFormatError(f"{where}: tree node {path} needs a string 'text'")
+        if role not in ROLES:
+            raise DataFormatError(f"{where}: tree node {path} has role {role!r}; expected 'prompter' or 'assistant'")
+        msg = {"role": ROLES[role], "content": text}
+        if msg["role"] == "assistant":
+            if not history:
+                raise DataFormatError(f"{where}: tree node {path} is an assistant message without a prompt")
+            if text.strip():
+                out.append({"messages": history + [msg]})
+            else:
+                stats["skipped: empty assistant message"] += 1
+        replies = node.get("replies", [])
+        if not isinstance(replies, list):
+            raise DataFormatError(f"{where}: tree node {path}: 'replies' must be a list")
+        for i, r in enumerate(replies):
+            walk(r, history + [msg], f"{path}.replies[{i}]")
+
+    walk(root, [], "root")
+    if not out:
+        stats["skipped: tree without assistant replies"] += 1
+    return out
+
+
+def _flan(obj, where, stats, templates=None, **_):
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "inputs" in obj:
+        inputs = _str_field(obj, "inputs", where)
+        targets = _str_field(obj, "targets", where, allow_empty=True)
+    else:
+        task = _str_field(obj, "task", where)
+        if not templates or task not in templates:
+            raise DataFormatError(
+                f"{where}: record has no 'inputs'/'targets' and no template for task {task!r} "
+                f"(templates for: {sorted(templates or {})})"
+            )
+        options = templates[task]
+        # deterministic template choice per record, spread over the task's templates
+        stats[f"template use: {task}"] += 1
+        in_tpl, out_tpl = options[(stats[f"template use: {task}"] - 1) % len(options)]
+        try:
+            inputs, targets = in_tpl.format(**obj), out_tpl.format(**obj)
+        except (KeyError, IndexError) as e:
+            raise DataFormatError(f"{where}: template for task {task!r} needs field {e} missing from the record") from None
+    if not targets.strip():
+        stats["skipped: empty target"] += 1
+        return []
+    return [{"messages": [{"role": "user", "content": inputs}, {"role": "assistant", "content": targets}]}]
+
+
+def _response(value, where, field):
+    if isinstance(value, str):
+        return value
+    msgs = _messages(value, where, field)
+    if msgs[-1]["role"] != "assistant":
+        raise DataFormatError(f"{where}: {field!r} must end with an assistant message")
+    return msgs[-1]["content"]
+
+
+def _preference(obj, where, stats, **_):
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for k in ("chosen", "rejected"):
+        if k not in obj:
+            raise DataFormatError(f"{where}: missing field {k!r} (fields present: {sorted(obj)})")
+    if "prompt" in obj:
+        p = obj["prompt"]
+        prompt = p if isinstance(p, str) else _messages(p, where, "prompt")
+        if isinstance(prompt, str) and not prompt.strip():
+            raise DataFormatError(f"{where}: field 'prompt' is empty")
+    else:
+        # implicit prompt: chosen and rejected are whole conversations sharing all but the last turn
+        c, r = _messages(obj["chosen"], where, "chosen"), _messages(obj["rejected"], where, "rejected")
+        if len(c) < 2 or c[:-1] != r[:-1]:
+            raise DataFormatError(f"{where}: no 'prompt' and chosen/rejected do not share a prompt")
+        prompt = c[:-1]
+    chosen, rejected = _response(obj["chosen"], where, "chosen"), _response(obj["rejected"], where, "rejected")
+    if chosen == rejected:
+        stats["skipped: chosen == rejected"] += 1
+        return []
+    return [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+
+
+def _prompts(obj, where, stats, **_):
+    if not isinstance(obj, dict) or "prompt" not in obj:
+        raise DataFormatError(f"{where}: expected an object with a 'prompt' field")
+    p = obj["prompt"]
+    prompt = p if isinstance(p, str) else _messages(p, where, "prompt")
+    if isinstance(prompt, str) and not prompt.strip():
+        raise DataFormatError(f"{where}: field 'prompt' is empty")
+    return [{"prompt": prompt}]
+
+
+def _text(obj, where, stats, **_):
+    t = _str_field(obj, "text", where, allow_empty=True)
+    if not t.strip():
+        stats["skipped: empty text"] += 1
+        return []
+    return [{"text": t}]
+
+
+_PARSERS = {"alpaca": _alpaca, "chat": _chat, "oasst": _oasst, "flan": _flan, "preference": _preference,
+            "prompts": _prompts, "text": _text}
+
+
+def load_records(fmt: str, path: str, *, templates=None, limit: int | None = None) -> tuple[list[dict], Counter]:
+    """Reads `path` in format `fmt`; returns (canonical records, stats Counter). `templates`
+    (dict or path of a JSON file) is for `flan`. `limit` keeps the first records."""
+    if fmt not in _PARSERS:
+        raise ValueError(f"unknown data format {fmt!r}; known formats: {', '.join(sorted(_PARSERS))}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    if isinstance(templates, str):
+        with open(templates, encoding="utf-8") as f:
+            templates = json.load(f)
+    stats = Counter()
+    records = []
+    if fmt == "text" and path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            docs = [d.strip() for d in f.read().split("\n\n")]
+        records = [{"text": d} for d in docs if d]
+    else:
+        parse = _PARSERS[fmt]
+        for line, obj in _read_records(path):
+            stats["records read"] += 1
+            records.extend(parse(obj, _where(path, line), stats, templates=templates))
+            if limit is not None and len(records) >= limit:
+                records = records[:limit]
+                break
+    stats["records kept"] = len(records)
+    return records, stats
+
+
+def kind_of(fmt: str) -> str:
+    """The record kind ("demonstrations", "preferences", "prompts", "text") a format yields."""
+    if fmt not in KINDS:
+        raise ValueError(f"unknown data format {fmt!r}; known formats: {', '.join(sorted(KINDS))}")
+    return KINDS[fmt]
+
+
+def describe(stats: Counter) -> str:
+    """One line for logs: counts read/kept and every reason a record was skipped or changed."""
+    return ", ".join(f"{k}: {v}" for k, v in stats.items() if v)

@@ -1,0 +1,143 @@
+"""The bundled synthetic instruction-following task and its programmatic oracle.
+
+Four small tasks a tiny character-level model can learn on a CPU in minutes:
+
+    reverse 3 1 4        -> 4 1 3
+    sort 3 1 4           -> 1 3 4
+    repeat ab 3          -> ab ab ab
+    count 1 in 3 1 4 1   -> 2
+
+The oracle plays the human/AI labeller. `Oracle.score` gives graded partial credit in [0, 1]
+(position-wise matches over the longer of answer and response, so both wrong items and wrong
+length cost), which makes the mean score an informative learning signal. `Oracle.prefer` turns
+scores into pairwise preferences the way a labeller would, with the biases the field warns
+about, each configurable: a noise rate (a random fraction of labels flipped), a length bias
+(longer responses look better) and a style bias (responses ending in "!" look better).
+The evaluation metric is always the unbiased `score`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+TASKS = ("reverse", "sort", "repeat", "count")
+WORDS = ("ab", "cat", "dog", "hi", "sun", "red", "zip", "ok", "yes", "map")
+
+
+@dataclass
+class SyntheticTask:
+    """Generator of (prompt, answer) pairs; deterministic for a given seed."""
+
+    tasks: tuple = TASKS
+    min_items: int = 3
+    max_items: int = 6
+    digits: str = "0123456789"
+
+    def make(self, rng: random.Random) -> tuple[str, str]:
+        task = rng.choice(self.tasks)
+        if task == "repeat":
+            word, n = rng.choice(WORDS), rng.randint(2, 5)
+            prompt = f"repeat {word} {n}"
+        elif task == "count":
+            items = [rng.choice(self.digits) for _ in range(rng.randint(self.min_items, self.max_items))]
+            target = rng.choice(items) if rng.random() < 0.8 else rng.choice(self.digits)
+            prompt = f"count {target} in {' '.join(items)}"
+        else:
+            items = [rng.choice(self.digits) for _ in range(rng.randint(self.min_items, self.max_items))]
+            prompt = f"{task} {' '.join(items)}"
+        return prompt, solve(prompt)
+
+    def sample(self, n: int, seed: int = 0) -> list[dict]:
+        """n records {"prompt", "answer"} (plain strings)."""
+        rng = random.Random(seed)
+        out = []
+        for _ in range(n):
+            p, a = self.make(rng)
+            out.append({"prompt": p, "answer": a})
+        return out
+
+    def demonstrations(self, n: int, seed: int = 0) -> list[dict]:
+        """n SFT records in the canonical chat form {"messages": [user, assistant]}."""
+        return [
+            {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}]}
+            for r in self.sample(n, seed)
+        ]
+
+
+def solve(prompt: str) -> str:
+    """The correct answer to a task prompt; ValueError if the prompt is not one of the tasks."""
+    parts = prompt.split()
+    if not parts:
+        raise ValueError("synthetic task: empty prompt")
+    task, args = parts[0], parts[1:]
+    if task == "reverse":
+        return " ".join(reversed(args))
+    if task == "sort":
+        return " ".join(sorted(args))
+    if task == "repeat" and len(args) == 2 and args[1].isdigit():
+        return " ".join([args[0]] * int(args[1]))
+    if task == "count" and len(args) >= 2 and args[1] == "in":
+        return str(args[2:].count(args[0]))
+    raise ValueError(f"synthetic task: cannot parse prompt {prompt!r}")
+
+
+class Oracle:
+    """Scores responses and labels preference pairs for the synthetic task.
+
+    noise: probability that a preference label is flipped (labeller error).
+    length_bias: utility bonus per whitespace-separated item of the response (verbosity bias).
+    style_bias: utility bonus for a response ending in "!" (a surface-style bias).
+    """
+
+    def __init__(self, noise: float = 0.0, length_bias: float = 0.0, style_bias: float = 0.0, seed: int = 0):
+        if not 0.0 <= noise <= 1.0:
+            raise ValueError(f"Oracle: noise must be in [0, 1], got {noise}")
+        self.noise, self.length_bias, self.style_bias = noise, length_bias, style_bias
+        self.rng = random.Random(seed)
+
+    @staticmethod
+    def score(prompt: str, response: str) -> float:
+        """Graded correctness in [0, 1] (the unbiased ground truth)."""
+        answer = solve(prompt)
+        if prompt.startswith("count "):
+            try:
+                got = int(response.strip())
+            except ValueError:
+                return 0.0
+            return {0: 1.0, 1: 0.5}.get(abs(got - int(answer)), 0.0)
+        want, got = answer.split(), response.split()
+        if not got:
+            return 0.0
+        hits = sum(a == b for a, b in zip(want, got))
+        return hits / max(len(want), len(got))
+
+    def utility(self, prompt: str, response: str) -> float:
+        """What the (biased) labeller perceives: score plus the configured biases."""
+        u = self.score(prompt, response)
+        u += self.length_bias * len(response.split())
+        u += self.style_bias * float(response.rstrip().endswith("!"))
+        return u
+
+    def prefer(self, prompt: str, a: str, b: str) -> int | None:
+        """0 if `a` is preferred, 1 if `b`, None for a tie (equal utility); noise flips a label."""
+        ua, ub = self.utility(prompt, a), self.utility(prompt, b)
+        if ua == ub:
+            return None
+        choice = 0 if ua > ub else 1
+        if self.noise > 0 and self.rng.random() < self.noise:
+            choice = 1 - choice
+        return choice
+
+    def label_pairs(self, prompts, responses_a, responses_b) -> tuple[list[dict], int]:
+        """Preference records {"prompt", "chosen", "rejected"} from two responses per prompt.
+        Ties carry no preference and are left out; their count is returned with the pairs."""
+        pairs, ties = [], 0
+        for p, a, b in zip(prompts, responses_a, responses_b, strict=True):
+            c = self.prefer(p, a, b)
+            if c is None:
+                ties += 1
+                continue
+            chosen, rejected = (a, b) if c == 0 else (b, a)
+            pairs.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+        return pairs, ties

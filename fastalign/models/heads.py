@@ -1,0 +1,72 @@
+"""Scalar heads on a causal LM: the reward model (one score per sequence, read at its last
+token) and the value model of PPO (one value per token) are the same module.
+
+`ScalarHeadModel(lm)` runs the LM's base transformer (not its vocabulary head) and applies a
+Linear(hidden, 1) to the final hidden states. Saved as the backbone LM (save_pretrained, so any
+transformers model works) plus `score_head.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+HEAD_FILE = "score_head.safetensors"
+HEAD_META = "fastalign_head.json"
+
+
+def _base(lm):
+    prefix = getattr(lm, "base_model_prefix", "")
+    base = getattr(lm, prefix, None) if prefix else None
+    return base if base is not None else lm
+
+
+class ScalarHeadModel(nn.Module):
+    def __init__(self, lm, *, init_std: float | None = None):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
+        self.head = nn.Linear(hidden, 1)
+        std = init_std if init_std is not None else 1.0 / (hidden + 1) ** 0.5
+        nn.init.normal_(self.head.weight, std=std)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids, attention_mask=None):
+        """Per-token scalars [B, T] in fp32."""
+        out = _base(self.lm)(input_ids=input_ids, attention_mask=attention_mask)
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def score(self, input_ids, attention_mask):
+        """One score per sequence: the scalar at the last non-padding token (right padding)."""
+        values = self(input_ids, attention_mask)
+        last = attention_mask.long().sum(-1).clamp(min=1) - 1
+        return values.gather(1, last[:, None]).squeeze(1)
+
+    def save_pretrained(self, path, **kw):
+        from safetensors.torch import save_file
+
+        self.lm.save_pretrained(path, **kw)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, os.path.join(path, HEAD_FILE))
+        with open(os.path.join(path, HEAD_META), "w") as f:
+            json.dump({"class": "ScalarHeadModel"}, f)
+
+    @classmethod
+    def from_pretrained(cls, path, **kw):
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        model = cls(AutoModelForCausalLM.from_pretrained(path, **kw))
+        model.head.load_state_dict(load_file(os.path.join(path, HEAD_FILE)))
+        return model
+
+
+def is_scalar_head_dir(path) -> bool:
+    return os.path.exists(os.path.join(path, HEAD_META))

@@ -15,7 +15,9 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from fastalign.ops._register import cpp_op, register_fused
+from typing import Optional
+
+from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LABEL_DTYPES = (torch.int32, torch.int64)
@@ -70,11 +72,37 @@ _register("cpp", _cpp_fwd, _cpp_bwd)
 _FUSED["cuda"] = _FUSED.get("cpp")  # same ops, dispatched by device
 
 
-def _triton_ops():
-    if "triton" not in _FUSED:
-        from fastalign.kernels.triton import logprobs as tl
+# The Triton pair is registered at import (cheap, Triton not needed) so that a first call inside
+# torch.compile finds the ops defined; Triton itself is imported on the first run.
+def _triton_fwd(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastalign.kernels.triton import logprobs as kernels
 
-        _register("triton", tl.gather_logprobs_fwd, tl.gather_logprobs_bwd)
+    return kernels.gather_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy)
+
+
+def _triton_bwd(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    row_stats: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    from fastalign.kernels.triton import logprobs as kernels
+
+    return kernels.gather_logprobs_bwd(
+        grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index
+    )
+
+
+_register("triton", triton_op("gather_logprobs_fwd", _triton_fwd), triton_op("gather_logprobs_bwd", _triton_bwd))
+
+
+def _triton_ops():
     return _FUSED["triton"]
 
 

@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels.triton._utils import device_guard, row_block, warps_for
-from fastalign.ops._register import triton_op
 
 # Clamp for log p (and z - m) before it multiplies anything: below log of the smallest fp32
 # denormal (-103.3), so exp() of any clamped value is 0 anyway, and small enough in magnitude
@@ -217,13 +216,13 @@ def _bwd(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temper
     return grad_logits
 
 
-def _gather_logprobs_fwd(
+def gather_logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd(logits, labels, temperature, ignore_index, with_entropy)
 
 
-def _gather_logprobs_bwd(
+def gather_logprobs_bwd(
     grad_logprobs: torch.Tensor,
     grad_entropy: Optional[torch.Tensor],
     logits: torch.Tensor,
@@ -235,8 +234,5 @@ def _gather_logprobs_bwd(
 ) -> torch.Tensor:
     return _bwd(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index)
 
-
-gather_logprobs_fwd = triton_op("gather_logprobs_fwd", _gather_logprobs_fwd)
-gather_logprobs_bwd = triton_op("gather_logprobs_bwd", _gather_logprobs_bwd)
 
 __all__ = ["gather_logprobs_fwd", "gather_logprobs_bwd"]

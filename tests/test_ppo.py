@@ -2,6 +2,9 @@
 backward, plus the published formula on hand-computed cases, ties, edge cases and bad input."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -255,6 +258,8 @@ def test_all_masked_gives_zero_not_nan(backend, device, agg):
         for loss, stats in (
             fastalign.ppo_policy_loss(xs, ys, zs, mask, agg=agg, dual_clip=2.0, backend=backend),
             fastalign.ppo_value_loss(xs, ys, zs, mask, agg=agg, clip=0.2, backend=backend),
+            fastalign.ppo_policy_loss(xs, ys, zs, mask, agg=agg, global_count=5, backend=backend),
+            fastalign.ppo_value_loss(xs, ys, zs, mask, agg=agg, global_count=5, backend=backend),
         ):
             assert float(loss.detach()) == 0.0 and all(float(s) == 0.0 for s in stats.values())
             loss.backward()
@@ -423,3 +428,25 @@ def test_torch_compile_fullgraph(backend, device):
     torch.testing.assert_close(frac, ref_frac)
     torch.testing.assert_close(a.grad, a2.grad)
     torch.testing.assert_close(b.grad, b2.grad)
+
+
+def test_cpp_baseline_isa_path_matches_reference():
+    """The C++ kernels have AVX2 clones of their row loops; FASTALIGN_CPU_CAPABILITY=default runs
+    the baseline ones (a fresh process: the choice is made once)."""
+    if fastalign.backends()["cpp"]["reason"]:
+        pytest.skip(fastalign.backends()["cpp"]["reason"])
+    code = """
+import torch, fastalign
+from tests.test_ppo import _compare_policy, _compare_value, _inputs
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    for agg in fastalign.ops.ppo.AGG_MODES:
+        x, y, z, m = _inputs((5, 45), "cpu", dtype, scale=0.3)
+        _compare_policy("cpp", x, y, z, m, clip_high=0.3, dual_clip=2.0, agg=agg)
+        _compare_value("cpp", x, y, z, m, clip=0.2, agg=agg)
+print("ok")
+"""
+    env = dict(os.environ, FASTALIGN_CPU_CAPABILITY="default")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

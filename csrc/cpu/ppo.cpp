@@ -304,7 +304,8 @@ void finalize(const std::vector<float>& parts, int64_t batch, int64_t steps, int
   }
   const double count = global_count >= 0 ? global_count : (agg == kTokenMean ? n_tok : n_seq);
   double norm = 0;  // d loss / d (row sum) for a row with valid tokens (before / n_b)
-  if (count > 0) norm = scale / count / (agg == kSeqMeanTokenSumNorm ? (horizon > 0 ? horizon : steps) : 1.0);
+  const double h = horizon > 0 ? horizon : std::max<double>(static_cast<double>(steps), 1.0);  // T = 0: no tokens
+  if (count > 0) norm = scale / count / (agg == kSeqMeanTokenSumNorm ? h : 1.0);
   out[0] = static_cast<float>(total * norm);
   for (int k = 0; k < 3; ++k) out[1 + k] = n_tok > 0 ? static_cast<float>(st[k] / n_tok) : 0.f;
   for (int64_t b = 0; b < batch; ++b) {

@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const float* __restr
   __shared__ float s_norm;
   if (threadIdx.x == 0) {
     const float count = global_count >= 0.f ? global_count : (agg == kTokenMean ? acc[0] : acc[1]);
-    const float h = agg == kSeqMeanTokenSumNorm ? (horizon > 0.f ? horizon : static_cast<float>(steps)) : 1.f;
+    const float h = agg == kSeqMeanTokenSumNorm ? (horizon > 0.f ? horizon : fmaxf(static_cast<float>(steps), 1.f)) : 1.f;
     const float norm = count > 0.f ? scale / count / h : 0.f;
     const float inv_n = acc[0] > 0.f ? 1.f / acc[0] : 0.f;
     out[0] = acc[2] * norm;

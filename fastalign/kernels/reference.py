@@ -124,7 +124,7 @@ def ppo_agg(loss_mat, valid, agg="token-mean", global_count=None, horizon=None):
             seq = seq / n_b.clamp(min=1)
         total, count = seq.sum(), (n_b > 0).sum().float()
         if agg == "seq-mean-token-sum-norm":
-            total = total / float(loss_mat.shape[-1] if horizon is None else horizon)
+            total = total / float(max(loss_mat.shape[-1], 1) if horizon is None else horizon)
     else:
         raise ValueError(f"unknown agg {agg!r}; valid: {PPO_AGG_MODES}")
     if global_count is not None:

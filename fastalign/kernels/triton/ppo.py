@@ -208,7 +208,7 @@ def _finalize_kernel(parts_ptr, out_ptr, w_ptr, B, T, agg, global_count, horizon
         st2 += tl.sum(tl.load(p + 3, mask=inb, other=0.0), axis=0)
         st3 += tl.sum(tl.load(p + 4, mask=inb, other=0.0), axis=0)
     count = tl.where(global_count >= 0.0, global_count, tl.where(agg == 0, n_tok, n_seq))
-    h = tl.where(horizon > 0.0, horizon, T * 1.0)
+    h = tl.where(horizon > 0.0, horizon, tl.maximum(T * 1.0, 1.0))  # T = 0: no tokens, any h > 0
     norm = tl.where(count > 0.0, scale / tl.maximum(count, 1e-30) / tl.where(agg == 3, h, 1.0), 0.0)
     inv_n = tl.where(n_tok > 0.0, 1.0 / tl.maximum(n_tok, 1.0), 0.0)
     tl.store(out_ptr + 0, total * norm)

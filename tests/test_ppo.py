@@ -408,7 +408,7 @@ def test_opcheck(backend, device):
         torch.library.opcheck(vb, (torch.randn(4, device=device), x, y, z, mask, w, clip))
 
 
-@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if "triton-cpu" not in p.id])
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_torch_compile_fullgraph(backend, device):
     def step(logp, old, adv, mask, v, vo, ret):
         pl, ps = fastalign.ppo_policy_loss(logp, old, adv, mask, clip_high=0.28, dual_clip=3.0, backend=backend)

@@ -24,7 +24,7 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from fastalign.ops._register import cpp_op, register_fused
+from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 AGG_MODES = reference.PPO_AGG_MODES  # index in this tuple = the kernels' agg code
 _AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
@@ -81,12 +81,55 @@ for _loss in ("policy", "value"):
         _FUSED[(_loss, "cuda")] = _FUSED[(_loss, "cpp")]  # same ops, dispatched by device
 
 
-def _fused_ops(loss: str, backend: str):
-    if backend == "triton" and (loss, "triton") not in _FUSED:
-        from fastalign.kernels.triton import ppo as tp
+# The Triton ops are registered at import (cheap: Triton is not imported until the first run), so
+# that a first call inside torch.compile finds them defined. Their schemas come from these hints.
+def _triton_policy_fwd(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    clip_lo: float, clip_hi: float, dual_clip: float, agg: int, global_count: float, horizon: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastalign.kernels.triton import ppo as kernels
 
-        _register("policy", "triton", tp.ppo_policy_loss_fwd, tp.ppo_policy_loss_bwd)
-        _register("value", "triton", tp.ppo_value_loss_fwd, tp.ppo_value_loss_bwd)
+    return kernels.ppo_policy_loss_fwd(
+        logprobs, old_logprobs, advantages, mask, clip_lo, clip_hi, dual_clip, agg, global_count, horizon
+    )
+
+
+def _triton_policy_bwd(
+    grad_out: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+    mask: torch.Tensor, row_weight: torch.Tensor, clip_lo: float, clip_hi: float, dual_clip: float,
+) -> torch.Tensor:
+    from fastalign.kernels.triton import ppo as kernels
+
+    return kernels.ppo_policy_loss_bwd(
+        grad_out, logprobs, old_logprobs, advantages, mask, row_weight, clip_lo, clip_hi, dual_clip
+    )
+
+
+def _triton_value_fwd(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    clip: float, agg: int, global_count: float, horizon: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastalign.kernels.triton import ppo as kernels
+
+    return kernels.ppo_value_loss_fwd(values, old_values, returns, mask, clip, agg, global_count, horizon)
+
+
+def _triton_value_bwd(
+    grad_out: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+    mask: torch.Tensor, row_weight: torch.Tensor, clip: float,
+) -> torch.Tensor:
+    from fastalign.kernels.triton import ppo as kernels
+
+    return kernels.ppo_value_loss_bwd(grad_out, values, old_values, returns, mask, row_weight, clip)
+
+
+_register("policy", "triton", triton_op("ppo_policy_loss_fwd", _triton_policy_fwd),
+          triton_op("ppo_policy_loss_bwd", _triton_policy_bwd))
+_register("value", "triton", triton_op("ppo_value_loss_fwd", _triton_value_fwd),
+          triton_op("ppo_value_loss_bwd", _triton_value_bwd))
+
+
+def _fused_ops(loss: str, backend: str):
     return _FUSED[(loss, backend)]
 
 

@@ -12,14 +12,11 @@ The per-token math mirrors csrc/cpu/ppo.cpp and kernels/reference.py: torch's Na
 max/min/clamp forward, and autograd's half shares at ties and inclusive clamp bounds backward.
 """
 
-# No `from __future__ import annotations`: torch.library.custom_op infers the op schema from
-# these functions' real type hints.
 import torch
 import triton
 import triton.language as tl
 
 from fastalign.kernels.triton._utils import device_guard, row_block
-from fastalign.ops._register import triton_op
 
 _PARTS = 5
 
@@ -223,7 +220,7 @@ def _finalize_kernel(parts_ptr, out_ptr, w_ptr, B, T, agg, global_count, horizon
         tl.store(w_ptr + rows, w, mask=inb)
 
 
-# ---- launchers (custom ops) -------------------------------------------------------------------
+# ---- launchers (wrapped as the custom ops fastalign_triton::ppo_* in fastalign/ops/ppo.py) -----
 
 _BLOCK_CAP = 1024
 
@@ -238,7 +235,7 @@ def _finish(parts, batch, steps, agg, global_count, horizon, scale):
     return out, row_w
 
 
-def _ppo_policy_loss_fwd(
+def ppo_policy_loss_fwd(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     clip_lo: float, clip_hi: float, dual_clip: float, agg: int, global_count: float, horizon: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +251,7 @@ def _ppo_policy_loss_fwd(
         return _finish(parts, batch, steps, agg, global_count, horizon, 1.0)
 
 
-def _ppo_policy_loss_bwd(
+def ppo_policy_loss_bwd(
     grad_out: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
     mask: torch.Tensor, row_weight: torch.Tensor, clip_lo: float, clip_hi: float, dual_clip: float,
 ) -> torch.Tensor:
@@ -272,7 +269,7 @@ def _ppo_policy_loss_bwd(
     return grad
 
 
-def _ppo_value_loss_fwd(
+def ppo_value_loss_fwd(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
     clip: float, agg: int, global_count: float, horizon: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +285,7 @@ def _ppo_value_loss_fwd(
         return _finish(parts, batch, steps, agg, global_count, horizon, 0.5)  # loss = 0.5 * agg(...)
 
 
-def _ppo_value_loss_bwd(
+def ppo_value_loss_bwd(
     grad_out: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
     mask: torch.Tensor, row_weight: torch.Tensor, clip: float,
 ) -> torch.Tensor:
@@ -306,7 +303,3 @@ def _ppo_value_loss_bwd(
     return grad
 
 
-ppo_policy_loss_fwd = triton_op("ppo_policy_loss_fwd", _ppo_policy_loss_fwd)
-ppo_policy_loss_bwd = triton_op("ppo_policy_loss_bwd", _ppo_policy_loss_bwd)
-ppo_value_loss_fwd = triton_op("ppo_value_loss_fwd", _ppo_value_loss_fwd)
-ppo_value_loss_bwd = triton_op("ppo_value_loss_bwd", _ppo_value_loss_bwd)

@@ -54,11 +54,12 @@ def _policy_fwd_kernel(x_ptr, o_ptr, a_ptr, m_ptr, parts_ptr, T, clip_lo, clip_h
                        BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * T  # 64-bit offsets
-    loss = 0.0
-    n = 0.0
-    clip = 0.0
-    lower = 0.0
-    kl = 0.0
+    zero = clip_lo * 0.0  # an fp32 scalar (a literal 0.0 would be a constexpr in the loop carry)
+    loss = zero
+    n = zero
+    clip = zero
+    lower = zero
+    kl = zero
     for start in range(0, T, BLOCK):
         t = start + tl.arange(0, BLOCK)
         valid = tl.load(m_ptr + base + t, mask=t < T, other=0) != 0
@@ -121,11 +122,12 @@ def _policy_bwd_kernel(g_ptr, x_ptr, o_ptr, a_ptr, m_ptr, w_ptr, gx_ptr, T, clip
 def _value_fwd_kernel(v_ptr, o_ptr, r_ptr, m_ptr, parts_ptr, T, clip, USE_CLIP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
-    loss = 0.0
-    n = 0.0
-    clipped = 0.0
-    vsum = 0.0
-    mse = 0.0
+    zero = clip * 0.0  # an fp32 scalar
+    loss = zero
+    n = zero
+    clipped = zero
+    vsum = zero
+    mse = zero
     for start in range(0, T, BLOCK):
         t = start + tl.arange(0, BLOCK)
         valid = tl.load(m_ptr + base + t, mask=t < T, other=0) != 0
@@ -183,14 +185,16 @@ def _value_bwd_kernel(g_ptr, v_ptr, o_ptr, r_ptr, m_ptr, w_ptr, gx_ptr, T, clip,
 
 
 @triton.jit
-def _finalize_kernel(parts_ptr, out_ptr, w_ptr, B, T, agg, global_count, horizon, scale, BLOCK_B: tl.constexpr):
+def _finalize_kernel(parts_ptr, out_ptr, w_ptr, B, agg, global_count, horizon, scale, BLOCK_B: tl.constexpr):
     # One program: reduces the [B, 5] row partials in a fixed order (deterministic).
-    n_tok = 0.0
-    n_seq = 0.0
-    total = 0.0
-    st1 = 0.0
-    st2 = 0.0
-    st3 = 0.0
+    # horizon: H of seq-mean-token-sum-norm (> 0, resolved by the launcher).
+    zero = scale * 0.0  # an fp32 scalar
+    n_tok = zero
+    n_seq = zero
+    total = zero
+    st1 = zero
+    st2 = zero
+    st3 = zero
     for start in range(0, B, BLOCK_B):
         rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
         inb = rows < B
@@ -205,8 +209,7 @@ def _finalize_kernel(parts_ptr, out_ptr, w_ptr, B, T, agg, global_count, horizon
         st2 += tl.sum(tl.load(p + 3, mask=inb, other=0.0), axis=0)
         st3 += tl.sum(tl.load(p + 4, mask=inb, other=0.0), axis=0)
     count = tl.where(global_count >= 0.0, global_count, tl.where(agg == 0, n_tok, n_seq))
-    h = tl.where(horizon > 0.0, horizon, tl.maximum(T * 1.0, 1.0))  # T = 0: no tokens, any h > 0
-    norm = tl.where(count > 0.0, scale / tl.maximum(count, 1e-30) / tl.where(agg == 3, h, 1.0), 0.0)
+    norm = tl.where(count > 0.0, scale / tl.maximum(count, 1e-30) / tl.where(agg == 3, horizon, 1.0), 0.0)
     inv_n = tl.where(n_tok > 0.0, 1.0 / tl.maximum(n_tok, 1.0), 0.0)
     tl.store(out_ptr + 0, total * norm)
     tl.store(out_ptr + 1, st1 * inv_n)
@@ -225,12 +228,16 @@ def _finalize_kernel(parts_ptr, out_ptr, w_ptr, B, T, agg, global_count, horizon
 _BLOCK_CAP = 1024
 
 
+def _block(steps: int) -> int:
+    return max(16, row_block(steps, _BLOCK_CAP))
+
+
 def _finish(parts, batch, steps, agg, global_count, horizon, scale):
     out = torch.empty(4, dtype=torch.float32, device=parts.device)
     row_w = torch.empty(batch, dtype=torch.float32, device=parts.device)
+    h = float(horizon) if horizon > 0 else float(max(steps, 1))  # T = 0: no tokens, any h > 0
     _finalize_kernel[(1,)](
-        parts, out, row_w, batch, steps, agg, float(global_count), float(horizon), float(scale),
-        BLOCK_B=row_block(batch, 1024),
+        parts, out, row_w, batch, agg, float(global_count), h, float(scale), BLOCK_B=max(16, row_block(batch, 1024))
     )
     return out, row_w
 
@@ -246,7 +253,7 @@ def ppo_policy_loss_fwd(
         if batch > 0 and steps > 0:
             _policy_fwd_kernel[(batch,)](
                 x, o, a, m.view(torch.uint8), parts, steps, float(clip_lo), float(clip_hi), float(dual_clip),
-                USE_DUAL=dual_clip > 0, BLOCK=row_block(steps, _BLOCK_CAP),
+                USE_DUAL=dual_clip > 0, BLOCK=_block(steps),
             )
         return _finish(parts, batch, steps, agg, global_count, horizon, 1.0)
 
@@ -260,7 +267,7 @@ def ppo_policy_loss_bwd(
     grad = torch.empty_like(x)
     if grad.numel() == 0:
         return grad
-    block = row_block(steps, _BLOCK_CAP)
+    block = _block(steps)
     with device_guard(x):
         _policy_bwd_kernel[(batch, triton.cdiv(steps, block))](
             grad_out.float().contiguous(), x, o, a, m.view(torch.uint8), row_weight.float().contiguous(), grad,
@@ -280,7 +287,7 @@ def ppo_value_loss_fwd(
         if batch > 0 and steps > 0:
             _value_fwd_kernel[(batch,)](
                 v, o, r, m.view(torch.uint8), parts, steps, float(clip), USE_CLIP=clip > 0,
-                BLOCK=row_block(steps, _BLOCK_CAP),
+                BLOCK=_block(steps),
             )
         return _finish(parts, batch, steps, agg, global_count, horizon, 0.5)  # loss = 0.5 * agg(...)
 
@@ -294,7 +301,7 @@ def ppo_value_loss_bwd(
     grad = torch.empty_like(v)
     if grad.numel() == 0:
         return grad
-    block = row_block(steps, _BLOCK_CAP)
+    block = _block(steps)
     with device_guard(v):
         _value_bwd_kernel[(batch, triton.cdiv(steps, block))](
             grad_out.float().contiguous(), v, o, r, m.view(torch.uint8), row_weight.float().contiguous(), grad,

@@ -63,8 +63,15 @@
 namespace fastalign::cuda {
 namespace {
 
-constexpr int kMaxThreads = 512;  // per block; __launch_bounds__(512, 2): <= 64 registers, 2 blocks/SM
-constexpr int kUnroll = 4;        // 16-byte vectors per thread per step: 64 bytes in flight
+// Launch shape, aimed at streaming the logits at memory bandwidth (H100: ~3.3 TB/s, i.e.
+// ~25 GB/s per SM; at ~1 us load latency that needs >~25 KiB in flight per SM). A block of up
+// to 256 threads per row, at most 64 registers a thread so that 4 blocks (1024 threads) share an
+// SM; each thread issues kUnroll 16-byte loads before any math: 4 x 256 x 64 B = 64 KiB in
+// flight per SM. Several smaller blocks rather than one large one per SM, so that one block's
+// end of row (block-wide merge, exit) leaves the others streaming.
+constexpr int kMaxThreads = 256;
+constexpr int kMinBlocksPerSM = 4;
+constexpr int kUnroll = 4;  // 16-byte vectors per thread per step
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kLogpFloor = -200.f;  // see "Backward" above
 
@@ -203,7 +210,7 @@ struct FwdParams {
 };
 
 template <typename T, int kVec, bool kEntropy>
-__global__ void __launch_bounds__(kMaxThreads, 2) logprobs_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) logprobs_fwd_kernel(const FwdParams p) {
   __shared__ Lse smem[kMaxThreads / 32];
   constexpr int kStep = kUnroll * kVec;  // elements per thread per step
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
@@ -349,7 +356,7 @@ __device__ __forceinline__ void bwd_row(const T* x, T* gx, int64_t vocab, int64_
 }
 
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kMaxThreads, 2) logprobs_bwd_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) logprobs_bwd_kernel(const BwdParams p) {
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
     T* gx = static_cast<T*>(p.grad_logits) + row * p.vocab;
@@ -371,7 +378,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) logprobs_bwd_kernel(const BwdP
 
 // ---- host side ----------------------------------------------------------------------------------
 
-// Threads per block: enough for kUnroll vectors each over the row, a multiple of 32, <= 512.
+// Threads per block: enough for kUnroll vectors each over the row, a multiple of 32, <= kMaxThreads.
 int block_threads(int64_t vocab, int vec) {
   const int64_t per_thread = static_cast<int64_t>(kUnroll) * vec;
   const int64_t want = (vocab + per_thread - 1) / per_thread;

@@ -1,0 +1,225 @@
+// The PPO losses' per-token math and row loops on W-lane float vectors (GCC/Clang vector
+// extensions). NOT a normal header: csrc/cpu/ppo.cpp includes it twice, inside namespaces that
+// define `constexpr int W` (4 lanes: one SSE2/NEON register, the baseline; 8 lanes: the AVX2
+// clones), after defining FA_INLINE, PolicyParams, ValueParams and kParts. Everything is forced
+// inline, so it compiles for the instruction set of the (target-attributed) function using it, and
+// no vector crosses a call boundary.
+//
+// The math mirrors kernels/reference.py op by op, with torch's NaN-propagating max/min/clamp
+// forward and autograd's half shares at ties and inclusive clamp bounds backward.
+
+using vf = float __attribute__((vector_size(W * sizeof(float))));
+using vi = int32_t __attribute__((vector_size(W * sizeof(int32_t))));
+
+FA_INLINE vf splat(float x) { return vf{} + x; }
+// c ? a : b per lane (c all-ones or all-zeros), as bit operations: lowered well on every ISA
+// (GCC may scalarise a vector ?:).
+FA_INLINE vf blend(vi c, vf a, vf b) { return (vf)(((vi)a & c) | ((vi)b & ~c)); }
+// torch.maximum / torch.minimum / torch.clamp forward, NaN-propagating like torch.
+FA_INLINE vf tmax(vf a, vf b) { return blend((a >= b) | (a != a), a, b); }
+FA_INLINE vf tmin(vf a, vf b) { return blend((a <= b) | (a != a), a, b); }
+FA_INLINE vf tclamp(vf x, vf lo, vf hi) { return tmin(tmax(x, lo), hi); }
+// clamp passes the gradient on [lo, hi] (inclusive), as autograd's clamp_backward
+FA_INLINE vi inside(vf x, vf lo, vf hi) { return (x >= lo) & (x <= hi); }
+// torch.maximum/minimum backward: the share of the gradient that goes to `self` (NaN: all of it).
+FA_INLINE vf max_share(vf self, vf other) {
+  return blend(self < other, splat(0.f), blend(self == other, splat(0.5f), splat(1.f)));
+}
+FA_INLINE vf min_share(vf self, vf other) {
+  return blend(self > other, splat(0.f), blend(self == other, splat(0.5f), splat(1.f)));
+}
+FA_INLINE vf sel(vi c, vf a) { return (vf)((vi)a & c); }
+
+// exp(x) for x in [-20, 20] (the clamped log-ratio) or NaN: x = n ln2 + r, |r| <= ln2 / 2, with
+// ln2 split in two (Cody-Waite) so that r is exact, exp(r) by Cephes' degree-7 polynomial (about
+// 1 ulp), 2^n from the exponent bits (|n| <= 29, never subnormal or overflowing). exp(0) = 1 and
+// exp(fp32(ln 2)) = 2 exactly, like libm, so the ties that autograd splits are ties here too.
+FA_INLINE vf vexp(vf x) {
+  const vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23)
+  vf r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  const vi e = (__builtin_convertvector(sel(x == x, n), vi) + 127) << 23;
+  const vf res = p * (vf)e;  // a vector cast reinterprets the bits
+  return blend(x != x, x, res);
+}
+
+template <typename T>
+FA_INLINE vf vload(const T* p) {
+  vf v;
+  for (int j = 0; j < W; ++j) v[j] = static_cast<float>(p[j]);
+  return v;
+}
+FA_INLINE vi load_mask(const bool* m) {
+  vi v;
+  for (int j = 0; j < W; ++j) v[j] = m[j] ? -1 : 0;
+  return v;
+}
+FA_INLINE float hsum(vf v) {  // fixed lane order: deterministic
+  float s = 0.f;
+  for (int j = 0; j < W; ++j) s += v[j];
+  return s;
+}
+
+// A row's last (steps mod W) tokens, copied into W-lane buffers padded with masked lanes.
+template <typename T>
+struct Pad {
+  T x[W], y[W], z[W];
+  bool m[W];
+  FA_INLINE Pad(const T* xp, const T* yp, const T* zp, const bool* mp, int64_t i, int64_t k) {
+    for (int j = 0; j < W; ++j) {
+      const bool in = j < k;
+      x[j] = in ? xp[i + j] : T(0.f);
+      y[j] = in ? yp[i + j] : T(0.f);
+      z[j] = in ? zp[i + j] : T(0.f);
+      m[j] = in && mp[i + j];
+    }
+  }
+};
+
+template <typename T>
+FA_INLINE void vstore(T* out, vf v, int64_t k) {
+  for (int j = 0; j < k; ++j) out[j] = static_cast<T>(v[j]);
+}
+
+// Per-token policy loss, accumulated into acc = (loss, count, clipped, lower-clipped, old - logp).
+FA_INLINE void policy_acc(vf x, vf o, vf a, vi valid, const PolicyParams& p, vf* acc) {
+  const vf ratio = vexp(tclamp(x - o, splat(-20.f), splat(20.f)));
+  const vf na = -a;
+  const vf l1 = na * ratio, l2 = na * tclamp(ratio, splat(p.lo), splat(p.hi));
+  vf m = tmax(l1, l2);
+  if (p.use_dual) {
+    const vi neg = a < 0.f;
+    const vf l3 = na * p.dual;
+    acc[3] += sel(valid & neg & (m > l3), splat(1.f));
+    m = blend(neg, tmin(m, l3), m);
+  }
+  acc[0] += sel(valid, m);
+  acc[1] += sel(valid, splat(1.f));
+  acc[2] += sel(valid & (l2 > l1), splat(1.f));
+  acc[4] += sel(valid, o - x);
+}
+
+// g * d(policy token loss)/d(logp) at valid tokens, 0 elsewhere.
+FA_INLINE vf policy_grad(vf x, vf o, vf a, vi valid, const PolicyParams& p, float g) {
+  const vf d = x - o;
+  const vf ratio = vexp(tclamp(d, splat(-20.f), splat(20.f)));
+  const vf na = -a;
+  const vf lo = splat(p.lo), hi = splat(p.hi);
+  const vf l1 = na * ratio, l2 = na * tclamp(ratio, lo, hi);
+  vf gm = splat(g);
+  if (p.use_dual) gm = blend(a < 0.f, gm * min_share(tmax(l1, l2), na * p.dual), gm);
+  vf gr = na * (gm * max_share(l1, l2));
+  gr += sel(inside(ratio, lo, hi), na * (gm * max_share(l2, l1)));
+  return sel(valid & inside(d, splat(-20.f), splat(20.f)), gr * ratio);  // d exp(x)/dx = exp(x)
+}
+
+// acc = (loss, count, clipped, sum v, sum (v - R)^2)
+FA_INLINE void value_acc(vf v, vf vo, vf r, vi valid, const ValueParams& p, vf* acc) {
+  const vf e1 = v - r;
+  const vf s1 = e1 * e1;
+  vf m = s1;
+  if (p.clip > 0.f) {
+    const vf e2 = tclamp(v, vo - p.clip, vo + p.clip) - r;
+    const vf s2 = e2 * e2;
+    acc[2] += sel(valid & (s2 > s1), splat(1.f));
+    m = tmax(s1, s2);
+  }
+  acc[0] += sel(valid, m);
+  acc[1] += sel(valid, splat(1.f));
+  acc[3] += sel(valid, v);
+  acc[4] += sel(valid, s1);
+}
+
+FA_INLINE vf value_grad(vf v, vf vo, vf r, vi valid, const ValueParams& p, float g) {
+  const vf e1 = v - r;
+  if (p.clip <= 0.f) return sel(valid, g * 2.f * e1);
+  const vf lo = vo - p.clip, hi = vo + p.clip;
+  const vf e2 = tclamp(v, lo, hi) - r;
+  const vf s1 = e1 * e1, s2 = e2 * e2;
+  vf gv = g * max_share(s1, s2) * 2.f * e1;
+  gv += sel(inside(v, lo, hi), g * max_share(s2, s1) * 2.f * e2);
+  return sel(valid, gv);
+}
+
+// ---- row loops ------------------------------------------------------------------------------------
+
+template <typename T>
+FA_INLINE void policy_fwd_rows(const T* x, const T* y, const T* z, const bool* m, int64_t steps, PolicyParams p,
+                               float* parts, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    vf acc[kParts] = {};
+    const int64_t base = b * steps;  // 64-bit offsets
+    int64_t t = 0;
+    for (; t + W <= steps; t += W) {
+      const int64_t i = base + t;
+      policy_acc(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, acc);
+    }
+    if (t < steps) {
+      const Pad<T> q(x, y, z, m, base + t, steps - t);
+      policy_acc(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, acc);
+    }
+    for (int k = 0; k < kParts; ++k) parts[b * kParts + k] = hsum(acc[k]);
+  }
+}
+
+template <typename T>
+FA_INLINE void policy_bwd_rows(const T* x, const T* y, const T* z, const bool* m, int64_t steps, PolicyParams p,
+                               const float* w, float g, T* gx, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float gb = g * w[b];
+    const int64_t base = b * steps;
+    int64_t t = 0;
+    for (; t + W <= steps; t += W) {
+      const int64_t i = base + t;
+      vstore(gx + i, policy_grad(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, gb), W);
+    }
+    if (t < steps) {
+      const Pad<T> q(x, y, z, m, base + t, steps - t);
+      vstore(gx + base + t, policy_grad(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, gb), steps - t);
+    }
+  }
+}
+
+template <typename T>
+FA_INLINE void value_fwd_rows(const T* x, const T* y, const T* z, const bool* m, int64_t steps, ValueParams p,
+                              float* parts, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    vf acc[kParts] = {};
+    const int64_t base = b * steps;
+    int64_t t = 0;
+    for (; t + W <= steps; t += W) {
+      const int64_t i = base + t;
+      value_acc(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, acc);
+    }
+    if (t < steps) {
+      const Pad<T> q(x, y, z, m, base + t, steps - t);
+      value_acc(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, acc);
+    }
+    for (int k = 0; k < kParts; ++k) parts[b * kParts + k] = hsum(acc[k]);
+  }
+}
+
+template <typename T>
+FA_INLINE void value_bwd_rows(const T* x, const T* y, const T* z, const bool* m, int64_t steps, ValueParams p,
+                              const float* w, float g, T* gx, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float gb = g * w[b];
+    const int64_t base = b * steps;
+    int64_t t = 0;
+    for (; t + W <= steps; t += W) {
+      const int64_t i = base + t;
+      vstore(gx + i, value_grad(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, gb), W);
+    }
+    if (t < steps) {
+      const Pad<T> q(x, y, z, m, base + t, steps - t);
+      vstore(gx + base + t, value_grad(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, gb), steps - t);
+    }
+  }
+}

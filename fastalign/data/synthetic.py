@@ -65,6 +65,43 @@ class SyntheticTask:
         ]
 
 
+    def preference_pairs(self, n: int, oracle: "Oracle | None" = None, seed: int = 0) -> tuple[list[dict], int]:
+        """n prompts, each with two candidate responses (the answer or corruptions of it: items
+        dropped, added, swapped or changed), labelled by `oracle`. Needs no model: a quick
+        preference set for tests and example configs. Returns (pairs, ties left out)."""
+        oracle = oracle or Oracle(seed=seed)
+        rng = random.Random(seed)
+        prompts, a, b = [], [], []
+        for r in self.sample(n, seed):
+            prompts.append(r["prompt"])
+            x = r["answer"] if rng.random() < 0.5 else corrupt(r["answer"], rng)
+            a.append(x)
+            b.append(corrupt(r["answer"], rng))
+        return oracle.label_pairs(prompts, a, b)
+
+
+def corrupt(answer: str, rng: random.Random) -> str:
+    """A plausible wrong response: one random edit of the answer's items (dropped, added,
+    swapped or changed), never the answer itself."""
+    for _ in range(20):
+        items = answer.split()
+        op = rng.choice(("drop", "add", "swap", "change"))
+        if op == "drop" and len(items) > 1:
+            items.pop(rng.randrange(len(items)))
+        elif op == "swap" and len(items) > 1:
+            i, j = rng.sample(range(len(items)), 2)
+            items[i], items[j] = items[j], items[i]
+        elif op == "add":
+            items.insert(rng.randrange(len(items) + 1), rng.choice(items) if rng.random() < 0.5 else str(rng.randint(0, 9)))
+        else:
+            i = rng.randrange(len(items))
+            items[i] = str(rng.randint(0, 9))
+        out = " ".join(items)
+        if out != answer:
+            return out
+    return answer + " " + answer.split()[-1]
+
+
 def solve(prompt: str) -> str:
     """The correct answer to a task prompt; ValueError if the prompt is not one of the tasks."""
     parts = prompt.split()
@@ -128,6 +165,18 @@ class Oracle:
         if self.noise > 0 and self.rng.random() < self.noise:
             choice = 1 - choice
         return choice
+
+    def best_worst(self, prompt: str, responses: list[str]) -> tuple[str, str] | None:
+        """The labeller ranks K responses (as in InstructGPT's K-way comparisons) and reports its
+        top and bottom one as (chosen, rejected); None when all look equally good. Noise flips
+        the pair."""
+        u = [self.utility(prompt, r) for r in responses]
+        hi, lo = max(range(len(u)), key=u.__getitem__), min(range(len(u)), key=u.__getitem__)
+        if u[hi] == u[lo]:
+            return None
+        if self.noise > 0 and self.rng.random() < self.noise:
+            hi, lo = lo, hi
+        return responses[hi], responses[lo]
 
     def label_pairs(self, prompts, responses_a, responses_b) -> tuple[list[dict], int]:
         """Preference records {"prompt", "chosen", "rejected"} from two responses per prompt.

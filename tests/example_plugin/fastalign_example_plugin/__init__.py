@@ -1,0 +1,37 @@
+"""A third-party fastalign plugin: two DPO loss variants that are not in the kernel, each in a
+few lines. Installed, it is found through the `fastalign.algorithms` entry-point group:
+
+    pip install --no-build-isolation -e tests/example_plugin
+    fastalign list          # shows simpo and ln-dpo
+"""
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from fastalign.algorithms.dpo import DPO, DPOConfig
+
+
+@dataclass
+class SimPOConfig(DPOConfig):
+    beta: float = 2.0
+    gamma: float = 0.5  # target reward margin
+
+
+class SimPO(DPO):
+    """SimPO: reference-free, length-normalised log-probs, target margin gamma."""
+
+    config_class = SimPOConfig
+    models = ("policy",)
+    needs_reference = False
+    logp_reduce = "mean"
+
+    def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
+        b, g = self.config.beta, self.config.gamma
+        return -F.logsigmoid(b * (chosen - rejected) - g), (b * chosen).detach(), (b * rejected).detach()
+
+
+class LengthNormalizedDPO(DPO):
+    """DPO on per-token mean log-probs (length-normalised DPO)."""
+
+    logp_reduce = "mean"

@@ -168,7 +168,8 @@ def test_policy_hand_computed(backend, device):
 
     # seq-mean-token-sum over two rows, one of them empty: the empty row does not count
     loss, _ = fastalign.ppo_policy_loss(
-        logp.detach().repeat(2, 1), old.repeat(2, 1), adv.repeat(2, 1), torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], device=device),
+        logp.detach().repeat(2, 1), old.repeat(2, 1), adv.repeat(2, 1),
+        torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], device=device),
         agg="seq-mean-token-sum", backend=backend,
     )
     assert abs(float(loss) - (-1.2 + 0.8 - 2.0 + 2.0)) < 1e-6
@@ -266,7 +267,8 @@ def test_all_masked_gives_zero_not_nan(backend, device, agg):
             assert xs.grad.shape == xs.shape and (xs.grad == 0).all()
             xs.grad = None
     empty = torch.zeros(0, 5, device=device, requires_grad=True)
-    loss, stats = fastalign.ppo_policy_loss(empty, empty.detach(), empty.detach(), empty.detach() > 0, agg=agg, backend=backend)
+    e = empty.detach()
+    loss, stats = fastalign.ppo_policy_loss(empty, e, e, e > 0, agg=agg, backend=backend)
     loss.backward()
     assert float(loss.detach()) == 0.0 and empty.grad.shape == (0, 5)
 
@@ -320,7 +322,8 @@ def test_micro_batch_accumulation_with_global_count(backend, device, agg):
     mask[4, 2:] = False  # unequal lengths, so that averaging means would weight tokens unequally
     mask[3] = False
     count = mask.sum() if agg == "token-mean" else (mask.sum(-1) > 0).sum()
-    for fn, kw in ((fastalign.ppo_policy_loss, dict(clip_high=0.3, dual_clip=2.0)), (fastalign.ppo_value_loss, dict(clip=0.3))):
+    cases = ((fastalign.ppo_policy_loss, dict(clip_high=0.3, dual_clip=2.0)), (fastalign.ppo_value_loss, dict(clip=0.3)))
+    for fn, kw in cases:
         full_x = x.clone().requires_grad_()
         full, _ = fn(full_x, y, z, mask, agg=agg, backend=backend, **kw)
         full.backward()

@@ -3,6 +3,9 @@
 
 Backends: torch (eager reference, kernels/reference.py), cpp and cuda (fastalign._C:
 fastalign::ppo_{policy,value}_loss_{fwd,bwd}), triton (fastalign_triton::ppo_{policy,value}_loss_{fwd,bwd}).
+cpp: rows in parallel, per-token math on 4- or 8-lane (AVX2) float vectors (csrc/cpu/ppo_lanes.h);
+cuda: a block per row, then one block reduces the row partials (no atomics); triton: a program per
+row, then one program reduces. Every backend's reduction has a fixed order (deterministic).
 
 Fused op contract (the same on every backend; schemas in csrc/fastalign.cpp):
   fwd(x, y, z, mask bool, <loss params>, agg code, global_count, horizon) -> (out, row_weight)
@@ -154,7 +157,9 @@ def _check_tensors(op: str, names, tensors, mask) -> None:
         raise ValueError(f"{op}: {names[0]} must be 2-D [B, T], got shape {tuple(first.shape)}")
     for name, t in zip(names[1:] + ("mask",), tensors[1:] + (mask,)):
         if t.shape != first.shape:
-            raise ValueError(f"{op}: {name} must have the shape of {names[0]} {tuple(first.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{op}: {name} must have the shape of {names[0]} {tuple(first.shape)}, got {tuple(t.shape)}"
+            )
         if t.device != first.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {names[0]} on {first.device}")
 
@@ -177,7 +182,8 @@ def _prepare(tensors, mask):
 
 
 def _agg_args(agg, global_count, horizon):
-    return _AGG_CODE[agg], -1.0 if global_count is None else float(global_count), 0.0 if horizon is None else float(horizon)
+    count = -1.0 if global_count is None else float(global_count)  # < 0: this call's own count
+    return _AGG_CODE[agg], count, 0.0 if horizon is None else float(horizon)  # 0: horizon = T
 
 
 # ---- public ops -------------------------------------------------------------------------------

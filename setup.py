@@ -53,7 +53,10 @@ def _extensions():
         with_cuda = cuda_possible
 
     sources = ["csrc/fastalign.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template that is only parallel when the extension
+    # itself is compiled with OpenMP (torch's CPU builds use the OpenMP backend).
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     define_macros = []
     arch_list = None
     if with_cuda:
@@ -64,13 +67,14 @@ def _extensions():
             "fastalign._C",
             sources,
             define_macros=define_macros,
+            extra_link_args=link_flags,
             extra_compile_args={
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
             },
         )
     else:
-        ext = CppExtension("fastalign._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("fastalign._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     _write_build_info(torch.__version__, torch.version.cuda if with_cuda else None, with_cuda, arch_list)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -12,5 +12,18 @@ from fastalign.ops.ppo import ppo_policy_loss, ppo_value_loss
 
 __version__ = "0.1.0"
 
+# The trainer layer (fastalign.trainer, fastalign.algorithms) loads on first use, so that
+# `import fastalign` for the kernels stays light.
+_LAZY = {"Trainer": "fastalign.trainer", "TrainerConfig": "fastalign.trainer", "get_algorithm": "fastalign.algorithms",
+         "list_algorithms": "fastalign.algorithms", "register_algorithm": "fastalign.algorithms"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastalign' has no attribute {name!r}")
+
 __all__ = ["__version__", "backends", "gae", "gather_logprobs", "kl_penalty", "masked_whiten",
            "ppo_policy_loss", "ppo_value_loss"]

@@ -39,9 +39,58 @@ def _info(_args) -> int:
     return 0
 
 
+def _list(_args) -> int:
+    from fastalign.algorithms import get_algorithm, list_algorithms
+
+    for name, doc in list_algorithms().items():
+        cls = get_algorithm(name)
+        print(f"{name:10s} {doc}")
+        print(f"{'':10s} data: {cls.data_kind}; models: {', '.join(cls.models)}; origin: {cls.__module__}")
+    return 0
+
+
+def _train(args) -> int:
+    from fastalign.trainer.run import load_config, run_training
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.get("algorithm") not in (None, args.algorithm):
+        print(f"note: the config says algorithm {cfg['algorithm']!r}; training {args.algorithm!r} as asked")
+    summary = run_training(args.algorithm, cfg)
+    state = "interrupted (Ctrl-C), checkpoint saved" if summary["interrupted"] else "done"
+    print(f"{args.algorithm}: {state} at step {summary['step']}; checkpoint {summary['checkpoint']}")
+    if summary["eval"]:
+        print("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
+    if summary["plot"]:
+        print(f"plot: {summary['plot']}")
+    return 130 if summary["interrupted"] else 0
+
+
+def _demo(args) -> int:
+    from fastalign.trainer.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(output_dir=args.output_dir, seed=args.seed, device=args.device))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastalign", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backends and why any is unusable").set_defaults(func=_info)
-    args = parser.parse_args(argv)
+    sub.add_parser("list", help="the registered algorithms (built-in and plugins)").set_defaults(func=_list)
+    p = sub.add_parser("train", help="train with a registered algorithm from a YAML/JSON config")
+    p.add_argument("algorithm", help="a name from `fastalign list`")
+    p.add_argument("--config", help="YAML/JSON file with sections model, data, algo, trainer")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. trainer.max_steps=20")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("demo", help="SFT -> reward model -> DPO on the bundled task, judged by its oracle")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_demo)
+    # overrides may come after options (train sft --config f.yaml trainer.lr=1e-4): collect them
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "train" or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     return args.func(args)

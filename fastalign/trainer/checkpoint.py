@@ -93,16 +93,20 @@ def save_checkpoint(root: str, step: int, *, models: dict, optimizer, scheduler,
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     _quiet_hf()
-    for role, model in models.items():
-        d = os.path.join(tmp, role)
-        model.save_pretrained(d)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(d)
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-    torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
-    with open(os.path.join(tmp, STATE_FILE), "w") as f:
-        json.dump({**state, "step": step}, f, indent=1, default=str)
+    try:
+        for role, model in models.items():
+            d = os.path.join(tmp, role)
+            model.save_pretrained(d)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(d)
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump({**state, "step": step}, f, indent=1, default=str)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the latest
+        raise
     if os.path.exists(final):  # same step saved again (e.g. Ctrl-C right after a save)
         old = final + f".old-{os.getpid()}"
         os.replace(final, old)

@@ -150,16 +150,17 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------
 
-    def optimize(self, micro_batches: list[dict], *, loss_fn=None, units_fn=None) -> dict:
-        """Accumulates gradients over micro_batches with global normalisation, then one
-        optimizer + scheduler step. `loss_fn(models, batch) -> (loss_sum, metrics)` and
-        `units_fn(batch)` default to the algorithm's. Returns the step's metrics."""
+    def accumulate(self, micro_batches: list[dict], *, loss_fn=None, units_fn=None) -> dict:
+        """Backward over micro_batches with global normalisation: each micro-batch's summed loss
+        is divided by the loss units of *all* of them (counted before any forward), so the
+        accumulated gradient is exactly that of the full batch's mean. Gradients add to .grad;
+        returns the metrics (unit-weighted means) and `loss` = total loss / total units."""
         loss_fn = loss_fn or self.algorithm.loss
         units_fn = units_fn or self.algorithm.loss_units
         units = [int(units_fn(mb)) for mb in micro_batches]
         total = sum(units)
         if total == 0:
-            raise ValueError("optimize: the batch has no loss units (every label masked?); check max_length and the data")
+            raise ValueError("the batch has no loss units (every label masked?); check max_length and the data")
         loss_total, sums = 0.0, {}
         for mb, u in zip(micro_batches, units):
             with self.autocast():
@@ -168,15 +169,22 @@ class Trainer:
             if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise TrainingDivergedError(
-                    f"step {self.step + 1}: loss is {value}; the step was not applied (last checkpoint: {self.last_checkpoint})")
+                    f"step {self.step + 1}: loss is {value}; the step was not applied "
+                    f"(last checkpoint: {self.last_checkpoint})")
             (loss_sum / total).backward()
             loss_total += value
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * u
-        if self.config.max_grad_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float("inf"))
+        out = {k: v / total for k, v in sums.items()}
+        out.update(loss=loss_total / total, units=total)
+        return out
+
+    def optimize(self, micro_batches: list[dict], *, loss_fn=None, units_fn=None) -> dict:
+        """`accumulate`, then clip, one optimizer step and one scheduler step. `loss_fn(models,
+        batch) -> (loss_sum, metrics)` and `units_fn(batch)` default to the algorithm's (online
+        algorithms pass their own). Returns the step's metrics."""
+        out = self.accumulate(micro_batches, loss_fn=loss_fn, units_fn=units_fn)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDivergedError(f"step {self.step + 1}: gradient norm is {float(grad_norm)}; the step was not applied")
@@ -184,8 +192,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {k: v / total for k, v in sums.items()}
-        out.update(loss=loss_total / total, grad_norm=float(grad_norm), lr=lr, units=total)
+        out.update(grad_norm=float(grad_norm), lr=lr)
         return out
 
     # ---- evaluation ----------------------------------------------------------------------------

@@ -1,0 +1,280 @@
+"""The trainer: token-level normalisation under gradient accumulation, atomic checkpoints,
+exact resume, Ctrl-C, divergence errors, metrics/plot, precision, config runs and the CLI, and the
+demo end to end (slow)."""
+
+import json
+import os
+import signal
+from collections import Counter
+
+import pytest
+import torch
+
+from fastalign.algorithms import get_algorithm
+from fastalign.data.synthetic import SyntheticTask
+from fastalign.trainer import Trainer, TrainingDivergedError
+from fastalign.trainer import checkpoint as ckpt
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from fastalign.models import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def _model(tok, seed=0):
+    from fastalign.models import tiny_model
+
+    return tiny_model(tok, seed=seed, **TINY)
+
+
+@pytest.fixture(scope="module")
+def sft_data(tok):
+    return get_algorithm("sft")().encode(SyntheticTask().demonstrations(64, 0), tok, 64, Counter())
+
+
+def _trainer(tok, data, out, **kw):
+    cfg = dict(output_dir=str(out), max_steps=8, batch_size=4, grad_accum=2, lr=3e-3, progress=False, plot=False,
+               warmup_steps=2)
+    cfg.update(kw)
+    return Trainer(get_algorithm("sft")(), {"policy": _model(tok)}, tok, data, None, cfg)
+
+
+def _losses(out, split="train"):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if r["split"] == split]
+
+
+# ---- gradient accumulation -------------------------------------------------------------------
+
+
+def test_accumulated_grads_equal_full_batch_grads(tok, sft_data, tmp_path):
+    tr = _trainer(tok, sft_data, tmp_path)
+    alg = tr.algorithm
+    # examples of very different lengths, so per-micro-batch token counts differ
+    exs = sorted(sft_data[:8], key=lambda e: len(e["input_ids"]))
+    exs = exs[:2] + exs[-6:]
+    full = alg.collate(exs, tok)
+    parts = [alg.collate(exs[:2], tok), alg.collate(exs[2:], tok)]
+    assert alg.loss_units(parts[0]) != alg.loss_units(parts[1])
+
+    def grads(batches):
+        tr.optimizer.zero_grad(set_to_none=True)
+        m = tr.accumulate(batches)
+        return [p.grad.clone() for p in tr.params], m
+
+    g_full, m_full = grads([full])
+    g_acc, m_acc = grads(parts)
+    for a, b in zip(g_full, g_acc):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert m_acc["loss"] == pytest.approx(m_full["loss"], rel=1e-6)
+    # the naive mean of micro-batch means is a different (wrong) gradient
+    tr.optimizer.zero_grad(set_to_none=True)
+    for mb in parts:
+        loss_sum, _ = alg.loss(tr.models, mb)
+        (loss_sum / alg.loss_units(mb) / len(parts)).backward()
+    naive = [p.grad.clone() for p in tr.params]
+    assert max(float((a - b).abs().max()) for a, b in zip(g_full, naive)) > 1e-4
+
+
+# ---- checkpoints and resume ------------------------------------------------------------------------
+
+
+def test_exact_resume_reproduces_losses(tok, sft_data, tmp_path):
+    a = tmp_path / "a"
+    _trainer(tok, sft_data, a, save_every=4, save_total_limit=5).fit()
+    full = _losses(a)
+    assert len(full) == 8
+    b = tmp_path / "b"
+    tr = _trainer(tok, sft_data, b, resume_from=str(a / "checkpoints" / "step-000004"))
+    s = tr.fit()
+    assert s["step"] == 8
+    assert _losses(b) == full[4:]  # bit-for-bit, on the CPU
+    pa = ckpt.list_checkpoints(str(a / "checkpoints"))[-1]
+    pb = ckpt.list_checkpoints(str(b / "checkpoints"))[-1]
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(os.path.join(pa, "policy", "model.safetensors")), load_file(os.path.join(pb, "policy", "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoint_layout_and_retention(tok, sft_data, tmp_path):
+    tr = _trainer(tok, sft_data, tmp_path, save_every=2, save_total_limit=2)
+    s = tr.fit()
+    found = ckpt.list_checkpoints(str(tmp_path / "checkpoints"))
+    assert [os.path.basename(p) for p in found] == ["step-000006", "step-000008"]
+    assert ckpt.resolve_checkpoint("latest", str(tmp_path)) == found[-1] == s["checkpoint"]
+    files = set(os.listdir(found[-1]))
+    assert {"optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "policy"} <= files
+    assert "model.safetensors" in os.listdir(os.path.join(found[-1], "policy"))
+    # the saved policy loads as a plain transformers model
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tr.model_dir("policy"))
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
+
+
+def test_checkpoint_write_is_atomic(tok, sft_data, tmp_path, monkeypatch):
+    tr = _trainer(tok, sft_data, tmp_path, max_steps=2, save_final=False)
+    tr.fit()
+    first = tr.save_checkpoint()
+    tr.step = 3
+    real_save = torch.save
+
+    def failing_save(obj, path, *a, **k):
+        if str(path).endswith("scheduler.pt"):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        tr.save_checkpoint()
+    monkeypatch.setattr(torch, "save", real_save)
+    root = str(tmp_path / "checkpoints")
+    assert ckpt.list_checkpoints(root) == [first]
+    assert ckpt.resolve_checkpoint("latest", str(tmp_path)) == first
+    assert not [n for n in os.listdir(root) if n.startswith(".tmp") or n == "step-000003"]
+
+
+def test_resume_errors(tok, sft_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _trainer(tok, sft_data, tmp_path, resume_from="latest").fit()
+    with pytest.raises(FileNotFoundError, match="not a fastalign checkpoint"):
+        _trainer(tok, sft_data, tmp_path, resume_from=str(tmp_path)).fit()
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------------
+
+
+def test_sigint_saves_and_stops_then_resume_matches(tok, sft_data, tmp_path):
+    ref = tmp_path / "ref"
+    _trainer(tok, sft_data, ref).fit()
+
+    def ctrl_c_at_3(trainer, metrics):
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends on Ctrl-C
+
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)
+    tr = _trainer(tok, sft_data, out)
+    tr.callbacks.append(ctrl_c_at_3)
+    s = tr.fit()
+    assert s["interrupted"] and s["step"] == 3
+    assert os.path.basename(s["checkpoint"]) == "step-000003"
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
+    s2 = _trainer(tok, sft_data, out, resume_from="latest").fit()
+    assert not s2["interrupted"] and s2["step"] == 8
+    assert _losses(out) == _losses(ref)
+
+
+def test_cli_train_returns_130_on_ctrl_c(tmp_path, monkeypatch):
+    from fastalign import cli
+    from fastalign.trainer import loop
+
+    orig = loop.Trainer.optimize
+
+    def optimize(self, *a, **k):
+        out = orig(self, *a, **k)
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(loop.Trainer, "optimize", optimize)
+    rc = cli.main(["train", "sft", f"trainer.output_dir={tmp_path}", "trainer.max_steps=5", "trainer.progress=false",
+                   "data.train_size=64", "data.eval_size=8", "trainer.batch_size=4"]
+                  + [f"model.tiny.{k}={v}" for k, v in TINY.items()])
+    assert rc == 130
+    assert os.path.isdir(tmp_path / "checkpoints" / "step-000002")
+
+
+# ---- robustness, metrics, precision -------------------------------------------------------------------
+
+
+def test_nan_loss_stops_with_clear_error(tok, sft_data, tmp_path):
+    tr = _trainer(tok, sft_data, tmp_path)
+    with torch.no_grad():
+        next(tr.models["policy"].parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingDivergedError, match="loss is nan"):
+        tr.fit()
+
+
+def test_metrics_jsonl_and_plot(tok, sft_data, tmp_path):
+    s = _trainer(tok, sft_data, tmp_path, plot=True, eval_every=4).fit()
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
+    assert {"loss", "lr", "grad_norm", "units"} <= set(rows[0])
+    assert s["plot"] and os.path.getsize(s["plot"]) > 1000
+
+
+def test_lr_schedule_warmup_and_decay(tok, sft_data, tmp_path):
+    tr = _trainer(tok, sft_data, tmp_path, max_steps=10, warmup_steps=2, schedule="linear", lr=1.0)
+    lrs = []
+    for _ in range(10):
+        lrs.append(tr.optimizer.param_groups[0]["lr"])
+        tr.optimizer.step()
+        tr.scheduler.step()
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == 1.0 and lrs[-1] == pytest.approx(1 / 8)
+
+
+def test_bf16_autocast_on_cpu(tok, sft_data, tmp_path):
+    tr = _trainer(tok, sft_data, tmp_path, precision="bf16", max_steps=2)
+    assert tr.dtype == torch.bfloat16
+    s = tr.fit()
+    assert torch.isfinite(torch.tensor(s["train"]["loss"]))
+    assert _trainer(tok, sft_data, tmp_path).dtype is None  # auto on the CPU: fp32
+
+
+# ---- config files and the CLI --------------------------------------------------------------------------
+
+
+def test_cli_list(capsys):
+    from fastalign import cli
+
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "sft" in out and "reward" in out and "dpo" in out
+
+
+@pytest.mark.parametrize("config, algo", [("configs/sft_alpaca.yaml", "sft"), ("configs/dpo_bundled.yaml", "dpo"),
+                                          ("configs/reward_synthetic.yaml", "reward")])
+def test_cli_train_from_config(tmp_path, config, algo, capsys):
+    from fastalign import cli
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        rc = cli.main(["train", algo, "--config", config, f"trainer.output_dir={tmp_path}", "trainer.max_steps=2",
+                       "trainer.progress=false"])
+    finally:
+        os.chdir(cwd)
+    assert rc == 0
+    assert "done at step 2" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_config_errors(tmp_path):
+    from fastalign.trainer.run import load_config, run_training
+
+    with pytest.raises(ValueError, match="unknown config section"):
+        load_config(None, ["optim.lr=1"])
+    with pytest.raises(ValueError, match="TrainerConfig: unknown option"):
+        run_training("sft", load_config(None, ["trainer.learning_rate=1", "data.train_size=8", "data.eval_size=0"]))
+
+
+# ---- the demo ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_dpo_beats_sft(tmp_path):
+    from fastalign.trainer.demo import DemoConfig, run_demo
+
+    s = run_demo(DemoConfig(output_dir=str(tmp_path), progress=False), log=lambda *a: None)
+    sft, dpo = s["results"]["SFT"], s["results"]["DPO"]
+    assert dpo["oracle score"] > sft["oracle score"] + 0.03
+    assert dpo["win rate vs SFT"] > 0.55
+    assert 0 < dpo["KL to ref"] < 5
+    assert os.path.exists(s["plot"]) and os.path.exists(tmp_path / "dpo" / "checkpoints" / "latest")

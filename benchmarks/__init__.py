@@ -1,0 +1,1 @@
+"""fastalign's benchmark suite: `python -m benchmarks --help` (or `fastalign bench --help`)."""

@@ -1,0 +1,273 @@
+"""RL kernels: gae against the per-time-step Python loops of TRL and verl; ppo_policy_loss and
+ppo_value_loss (forward, forward+backward) against eager PyTorch (verl's formulas) and
+torch.compile of it.
+
+The peers' loops and losses are written out here from their published formulas (not imported):
+- TRL PPOTrainer GAE: the plain reverse loop without a mask;
+- verl compute_gae_advantage_return: the reverse loop carrying value and advantage through
+  masked steps (multi-turn);
+- verl compute_policy_loss (vanilla, with dual clip) and compute_value_loss, "token-mean".
+torch.compile of the GAE loops is not measured: it unrolls T steps into one graph (minutes of
+compilation at T = 2048), which nobody ships.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks._common import DTYPES, Case, compiled, fastalign_backend, fastalign_op, grad_of
+
+FAMILY = "rl"
+
+
+# ---- the peers' formulas --------------------------------------------------------------------------
+
+
+def trl_gae_loop(rewards, values, gamma, lam):
+    lastgaelam = 0
+    advantages_reversed = []
+    gen_length = rewards.shape[1]
+    for t in reversed(range(gen_length)):
+        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], axis=1)
+    return advantages, advantages + values
+
+
+def verl_gae_loop(rewards, values, response_mask, gamma, lam):
+    nextvalues = 0
+    lastgaelam = 0
+    advantages_reversed = []
+    for t in reversed(range(rewards.shape[-1])):
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam_ = delta + gamma * lam * lastgaelam
+        nextvalues = values[:, t] * response_mask[:, t] + (1 - response_mask[:, t]) * nextvalues
+        lastgaelam = lastgaelam_ * response_mask[:, t] + (1 - response_mask[:, t]) * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def _masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def eager_policy_loss(logprobs, old_logprobs, advantages, mask, clip=0.2, dual_clip=3.0):
+    neg_kl = torch.clamp(logprobs.float() - old_logprobs.float(), -20.0, 20.0)
+    ratio = torch.exp(neg_kl)
+    adv = advantages.float()
+    l1 = -adv * ratio
+    l2 = -adv * torch.clamp(ratio, 1 - clip, 1 + clip)
+    clip1 = torch.maximum(l1, l2)
+    l3 = -adv * dual_clip
+    clip2 = torch.minimum(l3, clip1)
+    losses = torch.where(adv < 0, clip2, clip1)
+    loss = _masked_mean(losses, mask)
+    stats = (_masked_mean(-neg_kl, mask).detach(), _masked_mean((l2 > l1).float(), mask).detach(),
+             _masked_mean(((clip1 > l3) & (adv < 0)).float(), mask).detach())
+    return loss, stats
+
+
+def eager_value_loss(values, old_values, returns, mask, clip=0.2):
+    v, ret = values.float(), returns.float()
+    clipped = torch.clamp(v, old_values.float() - clip, old_values.float() + clip)
+    l1 = (v - ret) ** 2
+    l2 = (clipped - ret) ** 2
+    loss = 0.5 * _masked_mean(torch.maximum(l1, l2), mask)
+    return loss, _masked_mean((l2 > l1).float(), mask).detach()
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+
+def _mask(batch, steps, g):
+    """Responses of random length (>= T/4) with a few masked observation spans inside."""
+    lengths = torch.randint(max(1, steps // 4), steps + 1, (batch,), generator=g)
+    mask = torch.arange(steps)[None, :] < lengths[:, None]
+    holes = torch.rand(batch, steps, generator=g) < 0.05
+    return (mask & ~holes).float()
+
+
+def _gae_inputs(batch, steps):
+    def make(device):
+        g = torch.Generator().manual_seed(0)
+        r, v = torch.randn(batch, steps, generator=g), torch.randn(batch, steps, generator=g)
+        return {"device": device, "rewards": r.to(device), "values": v.to(device),
+                "mask": _mask(batch, steps, g).to(device)}
+
+    return make
+
+
+def _loss_inputs(batch, steps, dtype, backward):
+    def make(device):
+        g = torch.Generator().manual_seed(0)
+        x = (torch.randn(batch, steps, generator=g) * 0.1 - 1).to(DTYPES[dtype]).to(device)
+        old = (x.float().cpu() + torch.randn(batch, steps, generator=g) * 0.2).to(DTYPES[dtype]).to(device)
+        other = torch.randn(batch, steps, generator=g).to(DTYPES[dtype]).to(device)
+        return {"device": device, "x": x.requires_grad_(backward), "old": old, "other": other,
+                "mask": _mask(batch, steps, g).to(device), "backward": backward}
+
+    return make
+
+
+GAMMA, LAM = 1.0, 0.95
+
+
+def _fa_gae(backend):
+    def build(inp):
+        fastalign_backend(backend, inp["device"])
+        gae = fastalign_op("gae")
+        r, v, m = inp["rewards"], inp["values"], inp["mask"]
+        return lambda: gae(r, v, m, gamma=GAMMA, lam=LAM, backend=backend)
+
+    return build
+
+
+def _trl_gae(inp):
+    r, v, m = inp["rewards"], inp["values"] * inp["mask"], inp["mask"]  # TRL zero-fills values past the end
+
+    def run():
+        with torch.no_grad():
+            return trl_gae_loop(r, v, GAMMA, LAM)
+
+    return run
+
+
+def _verl_gae(inp):
+    r, v, m = inp["rewards"], inp["values"], inp["mask"]
+
+    def run():
+        with torch.no_grad():
+            return verl_gae_loop(r, v, m, GAMMA, LAM)
+
+    return run
+
+
+def _loss_runner(inp, f):
+    x = inp["x"]
+    if not inp["backward"]:
+        def fwd():
+            with torch.no_grad():
+                return f()
+        return fwd
+    return lambda: grad_of(f()[0], x, None)
+
+
+def _fa_loss(op_name, backend):
+    def build(inp):
+        fastalign_backend(backend, inp["device"])
+        op = fastalign_op(op_name)
+        x, old, other, mask = inp["x"], inp["old"], inp["other"], inp["mask"]
+        if op_name == "ppo_policy_loss":
+            f = lambda: op(x, old, other, mask, clip_low=0.2, dual_clip=3.0, backend=backend)  # noqa: E731
+        else:
+            f = lambda: op(x, old, other, mask, clip=0.2, backend=backend)  # noqa: E731
+        return _loss_runner(inp, f)
+
+    return build
+
+
+def _eager_loss(op_name, compile_it):
+    def build(inp):
+        fn = eager_policy_loss if op_name == "ppo_policy_loss" else eager_value_loss
+        if compile_it:
+            fn = compiled(fn)
+        x, old, other, mask = inp["x"], inp["old"], inp["other"], inp["mask"]
+        return _loss_runner(inp, lambda: fn(x, old, other, mask))
+
+    return build
+
+
+def _fa_names(device):
+    return ("cuda", "triton") if device.startswith("cuda") else ("cpp",)
+
+
+def cases(quick: bool, device: str) -> list[Case]:
+    fastalign_op("gae")
+    out = []
+    fa = _fa_names(device)
+    gae_conts = {f"fastalign[{b}]": _fa_gae(b) for b in fa}
+    gae_conts.update({"trl loop": _trl_gae, "verl loop": _verl_gae})
+    if quick:
+        gae_shapes = [(4, 64)]
+    elif device.startswith("cuda"):
+        gae_shapes = [(64, 2048), (64, 8192)]
+    else:
+        gae_shapes = [(64, 512), (64, 2048), (64, 8192)]
+    for b, t in gae_shapes:
+        out.append(Case(FAMILY, "gae", "fwd", {"B": b, "T": t, "dtype": "fp32"}, b * t, "B x T",
+                        _gae_inputs(b, t), gae_conts, tuple(f"fastalign[{x}]" for x in fa), group="gae fp32"))
+    loss_shapes = [(4, 64, "fp32")] if quick else [(64, 2048, "fp32"), (64, 8192, "fp32"), (64, 2048, "bf16")]
+    for op_name in ("ppo_policy_loss", "ppo_value_loss"):
+        try:
+            fastalign_op(op_name)
+        except Exception:
+            continue
+        conts = {f"fastalign[{b}]": _fa_loss(op_name, b) for b in fa}
+        conts.update({"eager": _eager_loss(op_name, False), "torch.compile": _eager_loss(op_name, True)})
+        for b, t, dtype in loss_shapes:
+            for mode in ("fwd", "fwd+bwd"):
+                out.append(Case(FAMILY, op_name, mode, {"B": b, "T": t, "dtype": dtype}, b * t, "B x T",
+                                _loss_inputs(b, t, dtype, mode == "fwd+bwd"), conts,
+                                tuple(f"fastalign[{x}]" for x in fa), group=f"{op_name} {mode} {dtype}"))
+    return out
+
+
+# ---- targets (issue 3 on the CPU, issue 8 on the GPU) -----------------------------------------------
+
+
+def _find(records, op, mode, **params):
+    for r in records:
+        if r["op"] == op and r["mode"] == mode and all(r["params"].get(k) == v for k, v in params.items()):
+            return r
+    return None
+
+
+def _med(rec, name):
+    c = rec["contenders"].get(name) if rec else None
+    return c.get("median_s") if c else None
+
+
+def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
+    from benchmarks._report import target
+
+    out = []
+    if device == "cpu":
+        checks = [("issue 3", "gae", "fwd", 2048, "fastalign[cpp]", 100.0)]
+    else:
+        checks = [("issue 8", "gae", "fwd", 8192, "fastalign[cuda]", 1000.0),
+                  ("issue 8", "gae", "fwd", 8192, "fastalign[triton]", 1000.0)]
+    for issue, op, mode, t, fa, need in checks:
+        rec = _find(records, op, mode, B=64, T=t, dtype="fp32")
+        tf = _med(rec, fa)
+        loops = {n: _med(rec, n) for n in ("trl loop", "verl loop")}
+        loops = {n: v for n, v in loops.items() if v}
+        # against the faster of the two loops (the conservative ratio); both are in the table
+        value = min(loops.values()) / tf if tf and loops else None
+        detail = ", ".join(f"{n} {v / tf:.0f}x" for n, v in loops.items()) if tf and loops else None
+        out.append(target(issue, f"gae {fa} speedup vs the faster Python loop (B=64, T={t})", value,
+                          f">= {need:g}x", value is not None and value >= need, quick, detail=detail))
+    if device == "cpu":
+        rec = _find(records, "ppo_policy_loss", "fwd+bwd", B=64, T=2048, dtype="fp32")
+        tf, te = _med(rec, "fastalign[cpp]"), _med(rec, "eager")
+        value = te / tf if tf and te else None
+        out.append(target("issue 3", "ppo_policy_loss fwd+bwd cpp speedup vs eager (B=64, T=2048 fp32)", value,
+                          ">= 3x", value is not None and value >= 3.0, quick))
+    return out
+
+
+# ---- pytest-benchmark entry (`pytest benchmarks/bench_rl.py --benchmark-enable`) ------------------
+
+try:
+    import pytest
+except ImportError:
+    pytest = None
+
+if pytest is not None:
+    from benchmarks.conftest import bench_params, run_pytest_benchmark
+
+    @pytest.mark.parametrize("case,name", bench_params(cases))
+    def test_rl(benchmark, case, name):
+        run_pytest_benchmark(benchmark, case, name)

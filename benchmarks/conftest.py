@@ -1,0 +1,46 @@
+"""pytest-benchmark glue: `pytest benchmarks/bench_<family>.py --benchmark-enable [-k ...]`.
+
+Each bench file parametrizes one test over (case, contender) and calls run_pytest_benchmark.
+FASTALIGN_BENCH_QUICK=1 selects the tiny --quick shapes. pytest-benchmark does not interleave
+contenders; for ratios on a noisy machine use the runner, `python -m benchmarks`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from benchmarks._common import Skip, cuda_extra_peak
+
+QUICK = os.environ.get("FASTALIGN_BENCH_QUICK") == "1"
+DEVICE = os.environ.get("FASTALIGN_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bench_params(cases_fn):
+    """(case, contender name) pytest params for a family's cases on DEVICE."""
+    try:
+        cases = cases_fn(QUICK, DEVICE)
+    except Skip as exc:
+        return [pytest.param(None, None, marks=pytest.mark.skip(reason=str(exc)), id="skipped")]
+    return [pytest.param(c, n, id=f"{c.id}|{n}") for c in cases for n in c.contenders]
+
+
+def run_pytest_benchmark(benchmark, case, name):
+    inputs = case.make_inputs(DEVICE)
+    try:
+        fn = case.contenders[name](inputs)
+    except Skip as exc:
+        pytest.skip(str(exc))
+    benchmark.group = case.id
+    if DEVICE.startswith("cuda"):
+        def timed():
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+    else:
+        timed = fn
+    benchmark.pedantic(timed, rounds=3 if QUICK else 7, warmup_rounds=1, iterations=1)
+    if DEVICE.startswith("cuda"):
+        benchmark.extra_info["extra_peak_bytes"] = cuda_extra_peak(fn)

@@ -28,17 +28,17 @@ import torch
 
 from benchmarks import _report
 from benchmarks._common import (
-    Skip, build_contenders, case_record, cuda_extra_peak, fmt_bytes, fmt_time, summarize, time_cuda,
+    Skip, build_contenders, case_record, cuda_extra_peak, fmt_time, summarize, time_cuda,
     time_interleaved, warm_up,
 )
 
 FAMILIES = ("logprobs", "rl", "preference", "linear_logprobs")
 
 
-def _measure_bandwidth(device: str) -> dict:
+def _measure_bandwidth(device: str, quick: bool) -> dict:
     """Streaming read bandwidth (a sum over 512 MiB) and copy bandwidth (read + write bytes)."""
     out = {}
-    n = (2**29 if device == "cpu" else 2**30) // 4
+    n = (2**26 if quick else 2**29 if device == "cpu" else 2**30) // 4
     try:
         x = torch.ones(n, device=device)
         y = torch.empty_like(x)
@@ -88,7 +88,7 @@ def run_family(family: str, args, device: str, ctx: dict, notes: list):
     except Skip as exc:
         notes.append(f"{family}: skipped: {exc}")
         print(f"== {family}: skipped: {exc}", flush=True)
-        return [], []
+        return [], None
     rounds = args.rounds or (3 if args.quick else 7)
     min_time = 0.002 if args.quick else 0.05
     records = []
@@ -100,7 +100,7 @@ def run_family(family: str, args, device: str, ctx: dict, notes: list):
         fns, cnotes = build_contenders(case, inputs)
         first = warm_up(fns, cnotes, device)
         if device == "cpu":
-            times = time_interleaved(fns, device, rounds, min_time, first)
+            times = time_interleaved(fns, device, case.rounds or rounds, min_time, first)
         else:
             times = time_cuda(fns, rep_ms=40 if args.quick else 100)
         for name in case.contenders:
@@ -118,16 +118,7 @@ def run_family(family: str, args, device: str, ctx: dict, notes: list):
         print(f"  {case.id}  ({time.time() - t0:.1f}s)", flush=True)
         for name, c in rec["contenders"].items():
             print(f"    {name:20s} " + (fmt_time(c["median_s"]) if "median_s" in c else c["note"]), flush=True)
-    if device == "cpu" and not args.no_memory:
-        print(f"== {family}: peak memory pass (child process)", flush=True)
-        mem = _memory_pass(family, args.quick)
-        if "error" in mem:
-            notes.append(f"{family}: CPU peak memory not measured: {mem['error']}")
-        for rec in records:
-            for name, b in mem.get(rec["id"], {}).items():
-                if name in rec["contenders"] and "median_s" in rec["contenders"][name]:
-                    rec["contenders"][name]["extra_peak_bytes"] = b
-    return records, mod.targets(records, args.quick, device, ctx)
+    return records, mod
 
 
 def main(argv=None) -> int:
@@ -138,9 +129,13 @@ def main(argv=None) -> int:
     p.add_argument("--only", action="append", help=f"families to run, comma separated: {', '.join(FAMILIES)}")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when a GPU is visible)")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds per case (default 3 quick, 7 full)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (CPU)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory child inherits it
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     families = FAMILIES
     if args.only:
@@ -150,7 +145,7 @@ def main(argv=None) -> int:
             p.error(f"unknown family {unknown}; valid: {', '.join(FAMILIES)}")
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
-    ctx = _measure_bandwidth(device)
+    ctx = _measure_bandwidth(device, args.quick)
     meta = {
         "quick": args.quick, "families": list(families), "argv": sys.argv[1:], "machine": _report.machine_info(device),
         **ctx,
@@ -159,11 +154,24 @@ def main(argv=None) -> int:
         "memory": ("CPU: extra peak RSS (VmHWM - VmRSS, child process, glibc mmap threshold 64 KiB)"
                    if device == "cpu" else "CUDA: max_memory_allocated - memory_allocated before the call"),
     }
-    records, targets, notes = [], [], []
+    records, targets, notes, mods = [], [], [], {}
     for fam in families:
-        recs, tg = run_family(fam, args, device, ctx, notes)
+        recs, mod = run_family(fam, args, device, ctx, notes)
         records += recs
-        targets += tg
+        if mod is not None:
+            mods[fam] = (mod, recs)
+    if device == "cpu" and not args.no_memory and records:
+        # one child process for all families: one torch import, compile caches warm
+        print("== peak memory pass (child process)", flush=True)
+        mem = _memory_pass(",".join(mods), args.quick)
+        if "error" in mem:
+            notes.append(f"CPU peak memory not measured: {mem['error']}")
+        for rec in records:
+            for name, b in mem.get(rec["id"], {}).items():
+                if name in rec["contenders"] and "median_s" in rec["contenders"][name]:
+                    rec["contenders"][name]["extra_peak_bytes"] = b
+    for fam, (mod, recs) in mods.items():
+        targets += mod.targets(recs, args.quick, device, ctx)
     meta["wall_s"] = time.time() - t_start
     _report.write_json(os.path.join(args.out, "results.json"), meta, records, targets, notes)
     md = _report.markdown(meta, records, targets, notes)

@@ -53,6 +53,7 @@ class Case:
     contenders: dict  # name -> build(inputs) -> fn
     fastalign: tuple  # the contender names that are fastalign
     group: str = ""  # plot group (one line per contender over the sizes of a group)
+    rounds: int | None = None  # timing rounds, if not the runner's default (slow cases: fewer)
 
     @property
     def id(self) -> str:

@@ -49,7 +49,8 @@ def trl_chunked_logprob():
         from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
     except Exception as exc:
         raise Skip(f"TRL's ChunkedLogProbFunction not importable ({type(exc).__name__})") from None
-    return lambda h, w, t: ChunkedLogProbFunction.apply(h, w, None, t, 1.0, chunk)
+    # outputs=(): log-probabilities only (no entropy/statistics), as for a plain logprob pass
+    return lambda h, w, t: ChunkedLogProbFunction.apply(h, w, None, t, 1.0, chunk, None, 1.0, ())[0]
 
 
 def liger_cross_entropy(device: str):

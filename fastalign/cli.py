@@ -73,8 +73,14 @@ def _demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` goes to the benchmark runner as is
+        from fastalign.bench import main as bench
+
+        return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="fastalign", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", help="run the benchmark suite (= python -m benchmarks; see fastalign bench --help)")
     sub.add_parser("info", help="versions, backends and why any is unusable").set_defaults(func=_info)
     sub.add_parser("list", help="the registered algorithms (built-in and plugins)").set_defaults(func=_list)
     p = sub.add_parser("train", help="train with a registered algorithm from a YAML/JSON config")

@@ -311,3 +311,75 @@ def test_every_cpu_kernel_table_matches_reference(capability):
         pytest.skip(f"this CPU cannot run the {capability} kernels")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == capability.upper()
+
+
+# ---- review regressions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_python_bools_and_out_of_range_scalars_are_rejected(backend, device):
+    # bool is an int subclass: temperature=True / ignore_index=True used to be taken as 1
+    logits = torch.randn(3, 5, device=device)
+    labels = torch.tensor([0, 1, 2], device=device)
+    gl = fastalign.gather_logprobs
+    with pytest.raises(ValueError, match="temperature"):
+        gl(logits, labels, temperature=True, backend=backend)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        gl(logits, labels, ignore_index=True, backend=backend)
+    # used to be an OverflowError (torch, triton) or a cryptic schema error (cpp)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        gl(logits, labels, ignore_index=2**70, backend=backend)
+    # 1/T overflows fp32: every logprob used to come out NaN without an error
+    with pytest.raises(ValueError, match="temperature"):
+        gl(logits, labels, temperature=1e-45, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_int32_labels_with_ignore_index_beyond_int32(backend, device):
+    # the torch backend compared int32 labels with ignore_index in int32: 2**40 wrapped to 0,
+    # so every label 0 was silently ignored (logprob 0)
+    logits = torch.randn(3, 5, device=device)
+    labels = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
+    out = fastalign.gather_logprobs(logits, labels, ignore_index=2**40, backend=backend)
+    expected = torch.log_softmax(logits.double(), -1).gather(-1, labels.long()[:, None])[:, 0]
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_rows_with_empty_vocabulary(backend, device):
+    # no tokens and no vocabulary: the fused backends used to fail in reshape(-1, 0)
+    for shape in [(0, 0), (2, 0, 0)]:
+        logits = torch.randn(*shape, device=device)
+        labels = torch.zeros(shape[:-1], dtype=torch.long, device=device)
+        lp, ent = fastalign.gather_logprobs(logits, labels, return_entropy=True, backend=backend)
+        assert lp.shape == ent.shape == labels.shape and lp.dtype == ent.dtype == torch.float32
+
+
+@pytest.mark.skipif(fastalign.backends()["cpp"]["usable"] is False, reason="fastalign._C not built")
+def test_raw_cpu_backward_op_rejects_bad_arguments():
+    # The raw C++ backward used to trust its arguments: a label >= V wrote out of bounds
+    # (segfault), short labels/grad/grad_entropy were read out of bounds, temperature <= 0 gave NaN.
+    bwd, fwd = torch.ops.fastalign.gather_logprobs_bwd, torch.ops.fastalign.gather_logprobs_fwd
+    logits, labels, stats = torch.randn(4, 8), torch.zeros(4, dtype=torch.long), torch.zeros(4, 2)
+    g = torch.ones(4)
+    with pytest.raises(IndexError, match=r"labels\[0\] = 1000000000 is outside \[0, 8\)"):
+        bwd(g, None, logits, torch.full((4,), 10**9), stats, None, 1.0, -100)
+    with pytest.raises(RuntimeError, match=r"labels must be \[N\]"):
+        bwd(g, None, logits, labels[:1], stats, None, 1.0, -100)
+    with pytest.raises(RuntimeError, match="grad_logprobs must have N = 4"):
+        bwd(g[:1], None, logits, labels, stats, None, 1.0, -100)
+    with pytest.raises(RuntimeError, match="grad_entropy must have N = 4"):
+        bwd(g, g[:1], logits, labels, stats, torch.zeros(4), 1.0, -100)
+    with pytest.raises(RuntimeError, match="entropy must have N = 4"):
+        bwd(g, g, logits, labels, stats, torch.zeros(1), 1.0, -100)
+    with pytest.raises(RuntimeError, match="grad_entropy given without entropy"):
+        bwd(g, g, logits, labels, stats, None, 1.0, -100)
+    with pytest.raises(RuntimeError, match="row_stats must be fp32"):
+        bwd(g, None, logits, labels, stats[:2], None, 1.0, -100)
+    with pytest.raises(RuntimeError, match="logits must be float32"):
+        bwd(g, None, logits.int(), labels, stats, None, 1.0, -100)
+    for t in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(RuntimeError, match="temperature"):
+            fwd(logits, labels, t, -100, False)
+        with pytest.raises(RuntimeError, match="temperature"):
+            bwd(g, None, logits, labels, stats, None, t, -100)

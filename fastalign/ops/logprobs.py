@@ -21,6 +21,7 @@ from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LABEL_DTYPES = (torch.int32, torch.int64)
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 # ---- autograd and fake implementations, shared by every fused backend -------------------------
@@ -125,10 +126,21 @@ def _check_inputs(logits, labels, temperature, ignore_index):
         )
     if labels.device != logits.device:
         raise ValueError(f"gather_logprobs: labels are on {labels.device} but logits on {logits.device}")
-    if not isinstance(temperature, (int, float)) or not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"gather_logprobs: temperature must be a finite number > 0, got {temperature!r}")
-    if not isinstance(ignore_index, int):
+    # bool is an int subclass: temperature=True would silently mean 1.0. The kernels run with
+    # 1/T in fp32, so a T whose reciprocal overflows fp32 would turn every logprob into NaN.
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (temperature > 0 and math.isfinite(temperature) and 1.0 / temperature <= _FP32_MAX)
+    ):
+        raise ValueError(
+            f"gather_logprobs: temperature must be a finite number > 0 (with 1/temperature finite in fp32), "
+            f"got {temperature!r}"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"gather_logprobs: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"gather_logprobs: ignore_index must fit in int64, got {ignore_index}")
     if labels.numel() > 0 and logits.shape[-1] == 0:
         raise ValueError("gather_logprobs: logits have an empty vocabulary (last) dim")
 
@@ -168,16 +180,19 @@ def gather_logprobs(
     """
     _check_inputs(logits, labels, temperature, ignore_index)
     name = _backends.resolve(backend, logits.device, op="gather_logprobs")
+    # Compare labels with ignore_index in int64 on every backend: an int32 comparison would wrap
+    # an ignore_index outside int32 (2**40 == 0 in int32) and silently ignore real labels.
+    labels64 = labels.to(torch.int64)
     if name == "torch":
-        check_label_range(labels, logits.shape[-1], ignore_index)
-        return reference.gather_logprobs(logits, labels, temperature, ignore_index, return_entropy)
+        check_label_range(labels64, logits.shape[-1], ignore_index)
+        return reference.gather_logprobs(logits, labels64, temperature, ignore_index, return_entropy)
 
     fwd, _ = _triton_ops() if name == "triton" else _FUSED[name]
     vocab = logits.shape[-1]
-    rows = logits.reshape(-1, vocab)
+    rows = logits.reshape(labels.numel(), vocab)  # not (-1, vocab): ambiguous when both are 0
     if rows.stride(-1) != 1 and vocab > 1:
         rows = rows.contiguous()
-    flat_labels = labels.reshape(-1).to(torch.int64)
+    flat_labels = labels64.reshape(-1)
     if name != "cpp":  # the CPU kernel checks the range itself, for free
         check_label_range(flat_labels, vocab, ignore_index)
     logprobs, entropy, _ = fwd(rows, flat_labels, float(temperature), int(ignore_index), bool(return_entropy))

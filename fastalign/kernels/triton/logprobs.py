@@ -24,6 +24,7 @@ op rejects such labels before calling). Offsets are 64-bit (row index cast to in
 
 # No `from __future__ import annotations`: torch.library.custom_op infers the op schema from
 # these functions' real type hints.
+import math
 from typing import Optional
 
 import torch
@@ -146,7 +147,7 @@ def _bwd_kernel(
         tl.store(g_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def _check_2d(logits: torch.Tensor, labels: torch.Tensor, op: str) -> None:
+def _check_2d(logits: torch.Tensor, labels: torch.Tensor, temperature: float, op: str) -> None:
     if logits.dim() != 2:
         raise ValueError(f"{op}: logits must be 2-D [N, V], got shape {tuple(logits.shape)}")
     if logits.dtype not in _CAP:
@@ -157,6 +158,8 @@ def _check_2d(logits: torch.Tensor, labels: torch.Tensor, op: str) -> None:
         raise TypeError(f"{op}: labels must be int64 here, got {labels.dtype}")
     if labels.device != logits.device:
         raise ValueError(f"{op}: labels are on {labels.device} but logits on {logits.device}")
+    if not (temperature > 0 and math.isfinite(temperature)):  # as the C++/CUDA ops check
+        raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
 
 
 def _unit_inner(logits: torch.Tensor) -> torch.Tensor:
@@ -166,7 +169,7 @@ def _unit_inner(logits: torch.Tensor) -> torch.Tensor:
 
 def _fwd(logits, labels, temperature, ignore_index, with_entropy, block_v=None):
     """Launches the forward kernel; block_v overrides the tile length (tests use small tiles)."""
-    _check_2d(logits, labels, "gather_logprobs_fwd")
+    _check_2d(logits, labels, temperature, "gather_logprobs_fwd")
     n, vocab = logits.shape
     f32 = dict(dtype=torch.float32, device=logits.device)
     logprobs = torch.empty(n, **f32)
@@ -188,7 +191,7 @@ def _fwd(logits, labels, temperature, ignore_index, with_entropy, block_v=None):
 
 
 def _bwd(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index, block_v=None):
-    _check_2d(logits, labels, "gather_logprobs_bwd")
+    _check_2d(logits, labels, temperature, "gather_logprobs_bwd")
     n, vocab = logits.shape
     grad_logits = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
     if n == 0 or vocab == 0:

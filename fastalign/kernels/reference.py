@@ -16,7 +16,7 @@ def gather_logprobs(logits, labels, temperature=1.0, ignore_index=-100, return_e
     Labels are assumed valid (the public op checks them).
     """
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    valid = labels != ignore_index
+    valid = labels.long() != ignore_index  # int64: an int32 compare would wrap a large ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     token_logp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     token_logp = torch.where(valid, token_logp, torch.zeros_like(token_logp))

@@ -492,3 +492,39 @@ print("ok")
     if out.stdout.strip() == "skip":
         pytest.skip("this Triton has no NVIDIA backend")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+# ---- review regressions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_only_the_first_input_gets_a_gradient_on_every_backend(backend, device):
+    # the torch backend used to back-propagate into old_logprobs/advantages (old_values/returns)
+    # while the fused backends did not: same call, different autograd graph per backend
+    x, y, z, mask = _inputs((2, 5), device, torch.float32)
+    for fn in (fastalign.ppo_policy_loss, fastalign.ppo_value_loss):
+        first = x.clone().requires_grad_()
+        others = [t.clone().requires_grad_() for t in (y, z)]
+        loss, _ = fn(first, *others, mask, backend=backend)
+        loss.backward()
+        assert first.grad is not None and all(t.grad is None for t in others)
+        loss, _ = fn(x, *others, mask, backend=backend)
+        assert not loss.requires_grad
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_parameters_must_be_finite_in_fp32_and_agg_a_string(backend, device):
+    # clip_high=1e300 used to raise a cryptic RuntimeError on torch and run on the fused backends;
+    # an unhashable agg raised "unhashable type: 'list'"
+    x, y, z, mask = _inputs((2, 5), device, torch.float32)
+    pl, vl = fastalign.ppo_policy_loss, fastalign.ppo_value_loss
+    with pytest.raises(ValueError, match="clip_high must be None or a finite number"):
+        pl(x, y, z, mask, clip_high=1e300, backend=backend)
+    with pytest.raises(ValueError, match="dual_clip must be None or a finite number"):
+        pl(x, y, z, mask, dual_clip=1e300, backend=backend)
+    with pytest.raises(ValueError, match="clip must be None or a finite number"):
+        vl(x, y, z, mask, clip=1e300, backend=backend)
+    with pytest.raises(ValueError, match="agg must be one of"):
+        pl(x, y, z, mask, agg=["token-mean"], backend=backend)
+    with pytest.raises(ValueError, match="agg must be one of"):
+        vl(x, y, z, mask, agg=None, backend=backend)

@@ -20,7 +20,6 @@ side, clamps pass the gradient at their bounds (inclusive) and block it outside.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -139,8 +138,13 @@ def _fused_ops(loss: str, backend: str):
 # ---- validation -------------------------------------------------------------------------------
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
 def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+    # Finite in fp32, not just in Python: the kernels take their parameters as fp32 and the torch
+    # backend failed on e.g. clip_high=1e300 ("cannot be converted to float") where they ran.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and abs(float(x)) <= _FP32_MAX
 
 
 def _check_tensors(op: str, names, tensors, mask) -> None:
@@ -165,7 +169,7 @@ def _check_tensors(op: str, names, tensors, mask) -> None:
 
 
 def _check_agg(op: str, agg, global_count, horizon) -> None:
-    if agg not in _AGG_CODE:
+    if not isinstance(agg, str) or agg not in _AGG_CODE:  # (an unhashable agg raised TypeError)
         raise ValueError(f"{op}: agg must be one of {AGG_MODES}, got {agg!r}")
     if global_count is not None and not (_is_number(global_count) and global_count >= 0):
         raise ValueError(f"{op}: global_count must be None or a finite number >= 0, got {global_count!r}")
@@ -252,9 +256,10 @@ def ppo_policy_loss(
     _check_agg(op, agg, global_count, horizon)
     name = _backends.resolve(backend, logprobs.device, op=op)
     clip_high = clip_low if clip_high is None else clip_high
-    if name == "torch":
+    if name == "torch":  # detached like the fused path: only logprobs gets a gradient on every backend
         return reference.ppo_policy_loss(
-            logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg, global_count, horizon
+            logprobs, old_logprobs.detach(), advantages.detach(), mask, clip_low, clip_high, dual_clip, agg,
+            global_count, horizon,
         )
     (x, old, adv), valid = _prepare((logprobs, old_logprobs.detach(), advantages.detach()), mask)
     fwd, _ = _fused_ops("policy", name)
@@ -294,7 +299,9 @@ def ppo_value_loss(
     _check_agg(op, agg, global_count, horizon)
     name = _backends.resolve(backend, values.device, op=op)
     if name == "torch":
-        return reference.ppo_value_loss(values, old_values, returns, mask, clip, agg, global_count, horizon)
+        return reference.ppo_value_loss(
+            values, old_values.detach(), returns.detach(), mask, clip, agg, global_count, horizon
+        )
     (v, old, ret), valid = _prepare((values, old_values.detach(), returns.detach()), mask)
     fwd, _ = _fused_ops("value", name)
     out, _ = fwd(v, old, ret, valid, -1.0 if clip is None else float(clip), *_agg_args(agg, global_count, horizon))

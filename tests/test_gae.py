@@ -286,6 +286,24 @@ def test_device_mismatch_and_backend_errors():
             fastalign.gae(r, v, m, backend="cuda")
 
 
+@pytest.mark.skipif(not fastalign.backends()["triton"]["usable"], reason="Triton not usable here")
+def test_raw_triton_op_rejects_bad_arguments():
+    # The raw fastalign_triton::gae_fwd used to launch on any arguments: a short values tensor was
+    # read out of bounds, a float mask reinterpreted, gamma = 2 silently computed.
+    op = torch.ops.fastalign_triton.gae_fwd
+    r, m = torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="one shape and device"):
+        op(r, r[:1], m, 1.0, 1.0)
+    with pytest.raises(TypeError, match="mask must be bool"):
+        op(r, r, m.float(), 1.0, 1.0)
+    with pytest.raises(TypeError, match="one dtype"):
+        op(r, r.half(), m, 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"2-D \[B, T\]"):
+        op(r[0], r[0], m[0], 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"gamma and lam must be in \[0, 1\]"):
+        op(r, r, m, 2.0, 1.0)
+
+
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id != "torch-cpu"])
 def test_opcheck(backend, device):
     from fastalign.ops import gae as G

@@ -528,3 +528,23 @@ def test_parameters_must_be_finite_in_fp32_and_agg_a_string(backend, device):
         pl(x, y, z, mask, agg=["token-mean"], backend=backend)
     with pytest.raises(ValueError, match="agg must be one of"):
         vl(x, y, z, mask, agg=None, backend=backend)
+
+
+@pytest.mark.skipif(not fastalign.backends()["triton"]["usable"], reason="Triton not usable here")
+def test_raw_triton_ops_reject_bad_arguments():
+    # The raw fastalign_triton ops used to launch on any arguments: a short input or row_weight,
+    # or an empty grad_out, was read out of bounds (a segfault under the interpreter).
+    ops = torch.ops.fastalign_triton
+    x, b = torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="one shape and device"):
+        ops.ppo_policy_loss_fwd(x, x[:1], x, b, 0.8, 1.2, 0.0, 0, -1.0, 0.0)
+    with pytest.raises(TypeError, match="mask must be bool"):
+        ops.ppo_policy_loss_fwd(x, x, x, b.float(), 0.8, 1.2, 0.0, 0, -1.0, 0.0)
+    with pytest.raises(TypeError, match="one dtype"):
+        ops.ppo_value_loss_fwd(x, x.half(), x, b, 0.2, 0, -1.0, 0.0)
+    with pytest.raises(ValueError, match="agg code"):
+        ops.ppo_policy_loss_fwd(x, x, x, b, 0.8, 1.2, 0.0, 9, -1.0, 0.0)
+    with pytest.raises(ValueError, match="row_weight must have 2"):
+        ops.ppo_policy_loss_bwd(torch.ones(4), x, x, x, b, torch.ones(1), 0.8, 1.2, 0.0)
+    with pytest.raises(ValueError, match="grad_out must have >= 1"):
+        ops.ppo_value_loss_bwd(torch.ones(0), x, x, x, b, torch.ones(2), 0.2)

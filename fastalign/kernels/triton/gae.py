@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastalign.kernels.triton._utils import device_guard
+from fastalign.kernels.triton._utils import check_rows, device_guard
 
 
 @triton.jit
@@ -81,6 +81,9 @@ def gae_fwd(
     """Launches the kernel: rewards/values [B, T] (one float dtype), mask [B, T] bool; returns
     fp32 (advantages, returns). Wrapped as the custom op fastalign_triton::gae_fwd by
     fastalign/ops/gae.py."""
+    check_rows("gae_fwd", (rewards, values), mask)
+    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):  # as the C++ op checks
+        raise ValueError(f"gae_fwd: gamma and lam must be in [0, 1], got {gamma}, {lam}")
     rewards, values, mask = rewards.contiguous(), values.contiguous(), mask.contiguous()
     batch, steps = rewards.shape
     adv = torch.empty((batch, steps), dtype=torch.float32, device=rewards.device)

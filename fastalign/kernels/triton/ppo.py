@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastalign.kernels.triton._utils import device_guard, row_block
+from fastalign.kernels.triton._utils import check_row_vectors, check_rows, device_guard, row_block
 
 _PARTS = 5
 
@@ -233,6 +233,8 @@ def _block(steps: int) -> int:
 
 
 def _finish(parts, batch, steps, agg, global_count, horizon, scale):
+    if agg not in (0, 1, 2, 3):  # as the C++ ops check
+        raise ValueError(f"ppo loss: agg code must be in [0, 3], got {agg}")
     out = torch.empty(4, dtype=torch.float32, device=parts.device)
     row_w = torch.empty(batch, dtype=torch.float32, device=parts.device)
     h = float(horizon) if horizon > 0 else float(max(steps, 1))  # T = 0: no tokens, any h > 0
@@ -246,6 +248,7 @@ def ppo_policy_loss_fwd(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     clip_lo: float, clip_hi: float, dual_clip: float, agg: int, global_count: float, horizon: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_rows("ppo_policy_loss_fwd", (logprobs, old_logprobs, advantages), mask)
     x, o, a, m = (t.contiguous() for t in (logprobs, old_logprobs, advantages, mask))
     batch, steps = x.shape
     parts = torch.zeros(batch, _PARTS, dtype=torch.float32, device=x.device)
@@ -262,6 +265,8 @@ def ppo_policy_loss_bwd(
     grad_out: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
     mask: torch.Tensor, row_weight: torch.Tensor, clip_lo: float, clip_hi: float, dual_clip: float,
 ) -> torch.Tensor:
+    check_rows("ppo_policy_loss_bwd", (logprobs, old_logprobs, advantages), mask)
+    check_row_vectors("ppo_policy_loss_bwd", logprobs.shape[0], logprobs.device, grad_out, row_weight)
     x, o, a, m = (t.contiguous() for t in (logprobs, old_logprobs, advantages, mask))
     batch, steps = x.shape
     grad = torch.empty_like(x)
@@ -280,6 +285,7 @@ def ppo_value_loss_fwd(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
     clip: float, agg: int, global_count: float, horizon: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_rows("ppo_value_loss_fwd", (values, old_values, returns), mask)
     v, o, r, m = (t.contiguous() for t in (values, old_values, returns, mask))
     batch, steps = v.shape
     parts = torch.zeros(batch, _PARTS, dtype=torch.float32, device=v.device)
@@ -296,6 +302,8 @@ def ppo_value_loss_bwd(
     grad_out: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
     mask: torch.Tensor, row_weight: torch.Tensor, clip: float,
 ) -> torch.Tensor:
+    check_rows("ppo_value_loss_bwd", (values, old_values, returns), mask)
+    check_row_vectors("ppo_value_loss_bwd", values.shape[0], values.device, grad_out, row_weight)
     v, o, r, m = (t.contiguous() for t in (values, old_values, returns, mask))
     batch, steps = v.shape
     grad = torch.empty_like(v)

@@ -49,6 +49,28 @@ TORCH_LIBRARY(fastalign, m) {
   m.def(
       "ppo_value_loss_bwd(Tensor grad_out, Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
       "Tensor row_weight, float clip) -> Tensor");
+
+  // ---- Preference ----
+  // See csrc/cpu/preference.cpp and fastalign/ops/preference.py. Token log-probs [N, T] float32/
+  // bfloat16/float16 with a bool mask (true = valid); mean: divide by the valid count (>= 1).
+  // loss_type: 0 sigmoid, 1 ipo, 2 hinge, 3 robust. Outputs fp32; token gradients in the input dtype.
+  m.def("sequence_logps_fwd(Tensor token_logps, Tensor mask, bool mean) -> Tensor");
+  m.def("sequence_logps_bwd(Tensor grad, Tensor token_logps, Tensor mask, bool mean) -> Tensor");
+  // (losses, chosen_rewards, rejected_rewards) [B]; the backward returns grad_losses * dL/ddelta [B].
+  m.def(
+      "dpo_loss_fwd(Tensor chosen, Tensor rejected, Tensor ref_chosen, Tensor ref_rejected, float beta, "
+      "int loss_type, float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dpo_loss_bwd(Tensor grad_losses, Tensor chosen, Tensor rejected, Tensor ref_chosen, Tensor ref_rejected, "
+      "float beta, int loss_type, float label_smoothing) -> Tensor");
+  // policy, ref [2B, T] = [chosen; rejected]: (losses, chosen_rewards, rejected_rewards [B],
+  // policy_seq, ref_seq [2B]); the backward returns the gradient w.r.t. policy [2B, T].
+  m.def(
+      "dpo_tokens_fwd(Tensor policy, Tensor ref, Tensor mask, float beta, int loss_type, float label_smoothing, "
+      "bool mean) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dpo_tokens_bwd(Tensor grad_losses, Tensor? grad_policy_seq, Tensor policy_seq, Tensor ref_seq, "
+      "Tensor policy, Tensor mask, float beta, int loss_type, float label_smoothing, bool mean) -> Tensor");
 }
 
 // A real (empty) Python module, so `import fastalign._C` loads the library and runs the

@@ -190,3 +190,52 @@ def ppo_value_loss(values, old_values, returns, mask, clip=None, agg="token-mean
         "value_mse": _masked_mean_detached(loss1, valid),
     }
     return loss, stats
+
+
+# ---- Preference (sequence_logps, dpo_loss, dpo_loss_from_tokens, reward_loss) -----------------
+
+
+def sequence_logps(token_logps, mask, mean=False):
+    """fp32 per-row sum (or mean) of token_logps over valid positions (mask nonzero), [N, T] -> [N].
+    Masked positions are never read into the result (NaN there is harmless); a row with no valid
+    position gives 0 for both sum and mean."""
+    valid = mask != 0
+    s = torch.where(valid, token_logps.float(), 0.0).sum(-1)
+    if mean:
+        s = s / valid.sum(-1).clamp(min=1).to(torch.float32)
+    return s
+
+
+def _logsigmoid(x):
+    return torch.nn.functional.logsigmoid(x)
+
+
+def dpo_pair_losses(delta, beta, loss_type, label_smoothing):
+    """The published per-pair DPO losses of the fp32 margin delta = (c - ref_c) - (r - ref_r)."""
+    eps = label_smoothing
+    x = beta * delta
+    if loss_type == "sigmoid":  # conservative DPO (Mitchell 2023) for eps > 0
+        return -(1 - eps) * _logsigmoid(x) - eps * _logsigmoid(-x)
+    if loss_type == "ipo":  # Azar et al. 2023
+        return (delta - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":  # SLiC (Zhao et al. 2023)
+        return torch.relu(1 - x)
+    if loss_type == "robust":  # rDPO (Chowdhury et al. 2024)
+        return (-(1 - eps) * _logsigmoid(x) + eps * _logsigmoid(-x)) / (1 - 2 * eps)
+    raise ValueError(f"unknown DPO loss_type {loss_type!r}")
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing):
+    """(losses, chosen_rewards, rejected_rewards), fp32 [B]; rewards detached."""
+    c, r, rc, rr = (t.float() for t in (chosen, rejected, ref_chosen, ref_rejected))
+    delta = (c - rc) - (r - rr)
+    losses = dpo_pair_losses(delta, beta, loss_type, label_smoothing)
+    return losses, (beta * (c - rc)).detach(), (beta * (r - rr)).detach()
+
+
+def reward_loss(chosen_scores, rejected_scores, margin=None):
+    """Mean Bradley-Terry loss -logsigmoid(c - r - margin), fp32 scalar."""
+    d = chosen_scores.float() - rejected_scores.float()
+    if margin is not None:
+        d = d - (margin.float() if isinstance(margin, torch.Tensor) else float(margin))
+    return -_logsigmoid(d).mean()

@@ -1,0 +1,331 @@
+// CPU implementation of the preference ops (fastalign/ops/preference.py):
+//   sequence_logps_fwd/bwd  per-row masked sum (or mean) of token log-probs, [N, T] -> [N]
+//   dpo_loss_fwd/bwd        per-pair DPO losses and implicit rewards from sequence log-probs
+//   dpo_tokens_fwd/bwd      the two fused: token log-probs of a [chosen; rejected] batch -> losses
+//
+// DPO math (x = beta * delta, delta = (c - ref_c) - (r - ref_r), eps = label smoothing):
+//   sigmoid: L = -(1-eps) logsig(x) - eps logsig(-x)         dL/dx = -(1-eps) sig(-x) + eps sig(x)
+//   ipo:     L = (delta - 1/(2 beta))^2                        dL/ddelta = 2 (delta - 1/(2 beta))
+//   hinge:   L = relu(1 - x)                                   dL/dx = -1 where x < 1, else 0
+//   robust:  L = (-(1-eps) logsig(x) + eps logsig(-x))/(1-2eps)  dL/dx = (-(1-eps) sig(-x) - eps sig(x))/(1-2eps)
+// logsig(x) = min(x, 0) - log1p(exp(-|x|)) never overflows (exp of a non-positive number), so
+// |x| up to 1e4 and beyond gives finite, exact-asymptote results. All math fp32; outputs fp32;
+// gradients w.r.t. token log-probs in their dtype. Masked positions are never read into a sum.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace fastalign::cpu {
+namespace {
+
+enum LossType : int64_t { kSigmoid = 0, kIpo = 1, kHinge = 2, kRobust = 3 };
+
+inline float log_sigmoid(float x) { return std::min(x, 0.f) - std::log1p(std::exp(-std::fabs(x))); }
+inline float sigmoid(float x) {
+  const float e = std::exp(-std::fabs(x));  // in (0, 1]: no overflow
+  return x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+}
+
+struct PairParams {
+  float beta, eps, half_inv_beta, robust_scale;
+  int64_t type;
+};
+
+PairParams make_params(double beta, int64_t type, double eps) {
+  return {static_cast<float>(beta), static_cast<float>(eps), static_cast<float>(1.0 / (2.0 * beta)),
+          static_cast<float>(1.0 / (1.0 - 2.0 * eps)), type};
+}
+
+inline float pair_loss(float delta, const PairParams& p) {
+  const float x = p.beta * delta;
+  switch (p.type) {
+    case kSigmoid:
+      return -(1.f - p.eps) * log_sigmoid(x) - p.eps * log_sigmoid(-x);
+    case kIpo: {
+      const float d = delta - p.half_inv_beta;
+      return d * d;
+    }
+    case kHinge: {
+      const float h = 1.f - x;
+      return (h > 0.f || std::isnan(h)) ? h : 0.f;
+    }
+    default:  // kRobust
+      return (-(1.f - p.eps) * log_sigmoid(x) + p.eps * log_sigmoid(-x)) * p.robust_scale;
+  }
+}
+
+// d loss / d delta
+inline float pair_grad(float delta, const PairParams& p) {
+  const float x = p.beta * delta;
+  switch (p.type) {
+    case kSigmoid:
+      return p.beta * (-(1.f - p.eps) * sigmoid(-x) + p.eps * sigmoid(x));
+    case kIpo:
+      return 2.f * (delta - p.half_inv_beta);
+    case kHinge:
+      return (1.f - x > 0.f || std::isnan(x)) ? -p.beta : 0.f;
+    default:
+      return p.beta * (-(1.f - p.eps) * sigmoid(-x) - p.eps * sigmoid(x)) * p.robust_scale;
+  }
+}
+
+// Masked sum of one row and its valid count. 8 independent fp32 partial sums (a fixed order, so
+// the fused DPO path and sequence_logps give bit-identical sums; vectorisable as one 8-lane add).
+template <typename scalar_t>
+inline void row_sum(const scalar_t* x, const bool* m, int64_t steps, float& sum, int64_t& count) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t n = 0, t = 0;
+  for (; t + 8 <= steps; t += 8) {
+    for (int k = 0; k < 8; ++k) {
+      acc[k] += m[t + k] ? static_cast<float>(x[t + k]) : 0.f;
+      n += m[t + k];
+    }
+  }
+  for (; t < steps; ++t) {
+    acc[t & 7] += m[t] ? static_cast<float>(x[t]) : 0.f;
+    n += m[t];
+  }
+  sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  count = n;
+}
+
+inline float reduce_row(float sum, int64_t count, bool mean) {
+  return mean ? sum / static_cast<float>(std::max<int64_t>(count, 1)) : sum;
+}
+
+void check_rows(const char* op, const at::Tensor& x, const at::Tensor& mask) {
+  TORCH_CHECK(x.dim() == 2, op, ": token log-probs must be 2-D [N, T], got ", x.sizes());
+  TORCH_CHECK(mask.sizes() == x.sizes(), op, ": mask must have the shape of the token log-probs ", x.sizes(),
+              ", got ", mask.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool here, got ", mask.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+              ": token log-probs must be float32, bfloat16 or float16, got ", x.scalar_type());
+}
+
+void check_loss_args(const char* op, double beta, int64_t type, double eps) {
+  TORCH_CHECK(beta > 0.0 && std::isfinite(beta), op, ": beta must be a finite number > 0, got ", beta);
+  TORCH_CHECK(type >= 0 && type <= 3, op, ": loss_type id must be 0..3 (sigmoid, ipo, hinge, robust), got ", type);
+  TORCH_CHECK(eps >= 0.0 && eps < 0.5, op, ": label_smoothing must be in [0, 0.5), got ", eps);
+}
+
+// ---- sequence_logps ---------------------------------------------------------------------------
+
+at::Tensor sequence_logps_fwd(const at::Tensor& x_in, const at::Tensor& mask_in, bool mean) {
+  check_rows("sequence_logps", x_in, mask_in);
+  const at::Tensor x = x_in.contiguous(), mask = mask_in.contiguous();
+  const int64_t rows = x.size(0), steps = x.size(1);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sequence_logps_fwd", [&] {
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    const bool* pm = mask.data_ptr<bool>();
+    float* po = out.data_ptr<float>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(steps, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float s;
+        int64_t n;
+        row_sum(px + r * steps, pm + r * steps, steps, s, n);
+        po[r] = reduce_row(s, n, mean);
+      }
+    });
+  });
+  return out;
+}
+
+// grad_x[r, t] = valid ? grad[r] (/ count_r for the mean) : 0, in x's dtype.
+template <typename scalar_t>
+void write_row_grad(scalar_t* g, const bool* m, int64_t steps, float gr, bool mean) {
+  if (mean) {
+    int64_t n = 0;
+    for (int64_t t = 0; t < steps; ++t) n += m[t];
+    gr = gr / static_cast<float>(std::max<int64_t>(n, 1));
+  }
+  const scalar_t v = static_cast<scalar_t>(gr), zero = static_cast<scalar_t>(0.f);
+  for (int64_t t = 0; t < steps; ++t) g[t] = m[t] ? v : zero;
+}
+
+at::Tensor sequence_logps_bwd(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& mask_in, bool mean) {
+  check_rows("sequence_logps", x, mask_in);
+  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == x.size(0), "sequence_logps: grad must be [N] = [", x.size(0),
+              "], got ", grad_in.sizes());
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous(), mask = mask_in.contiguous();
+  const int64_t rows = x.size(0), steps = x.size(1);
+  at::Tensor gx = at::empty({rows, steps}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sequence_logps_bwd", [&] {
+    scalar_t* pg = gx.data_ptr<scalar_t>();
+    const bool* pm = mask.data_ptr<bool>();
+    const float* gr = grad.data_ptr<float>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(steps, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) write_row_grad(pg + r * steps, pm + r * steps, steps, gr[r], mean);
+    });
+  });
+  return gx;
+}
+
+// ---- dpo_loss (from sequence log-probs) -------------------------------------------------------
+
+void check_pairs(const at::Tensor& c, const at::Tensor& r, const at::Tensor& rc, const at::Tensor& rr) {
+  TORCH_CHECK(c.dim() == 1, "dpo_loss: chosen_logps must be 1-D [B], got ", c.sizes());
+  for (const at::Tensor* t : {&r, &rc, &rr}) {
+    TORCH_CHECK(t->sizes() == c.sizes(), "dpo_loss: every log-prob input must have the shape of chosen_logps ",
+                c.sizes(), ", got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == c.scalar_type(), "dpo_loss: the log-prob inputs must share one dtype here");
+  }
+  TORCH_CHECK(c.scalar_type() == at::kFloat || c.scalar_type() == at::kBFloat16 || c.scalar_type() == at::kHalf,
+              "dpo_loss: log-probs must be float32, bfloat16 or float16, got ", c.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_fwd(const at::Tensor& c_in, const at::Tensor& r_in,
+                                                            const at::Tensor& rc_in, const at::Tensor& rr_in,
+                                                            double beta, int64_t type, double eps) {
+  check_pairs(c_in, r_in, rc_in, rr_in);
+  check_loss_args("dpo_loss", beta, type, eps);
+  const at::Tensor c = c_in.contiguous(), r = r_in.contiguous(), rc = rc_in.contiguous(), rr = rr_in.contiguous();
+  const int64_t n = c.size(0);
+  auto opts = c.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({n}, opts), cw = at::empty({n}, opts), rw = at::empty({n}, opts);
+  const PairParams p = make_params(beta, type, eps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "dpo_loss_fwd", [&] {
+    const scalar_t *pc = c.data_ptr<scalar_t>(), *pr = r.data_ptr<scalar_t>();
+    const scalar_t *prc = rc.data_ptr<scalar_t>(), *prr = rr.data_ptr<scalar_t>();
+    float *pl = loss.data_ptr<float>(), *pcw = cw.data_ptr<float>(), *prw = rw.data_ptr<float>();
+    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const float dc = static_cast<float>(pc[i]) - static_cast<float>(prc[i]);
+        const float dr = static_cast<float>(pr[i]) - static_cast<float>(prr[i]);
+        pl[i] = pair_loss(dc - dr, p);
+        pcw[i] = p.beta * dc;
+        prw[i] = p.beta * dr;
+      }
+    });
+  });
+  return {loss, cw, rw};
+}
+
+// Returns g [B] fp32 = grad_losses * dL/ddelta, the gradient w.r.t. chosen_logps (and ref_rejected);
+// rejected and ref_chosen get -g (applied by the autograd formula in Python).
+at::Tensor dpo_loss_bwd(const at::Tensor& grad_in, const at::Tensor& c_in, const at::Tensor& r_in,
+                        const at::Tensor& rc_in, const at::Tensor& rr_in, double beta, int64_t type, double eps) {
+  check_pairs(c_in, r_in, rc_in, rr_in);
+  check_loss_args("dpo_loss", beta, type, eps);
+  TORCH_CHECK(grad_in.sizes() == c_in.sizes(), "dpo_loss: grad must be [B], got ", grad_in.sizes());
+  const at::Tensor c = c_in.contiguous(), r = r_in.contiguous(), rc = rc_in.contiguous(), rr = rr_in.contiguous();
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
+  const int64_t n = c.size(0);
+  at::Tensor g = at::empty({n}, c.options().dtype(at::kFloat));
+  const PairParams p = make_params(beta, type, eps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "dpo_loss_bwd", [&] {
+    const scalar_t *pc = c.data_ptr<scalar_t>(), *pr = r.data_ptr<scalar_t>();
+    const scalar_t *prc = rc.data_ptr<scalar_t>(), *prr = rr.data_ptr<scalar_t>();
+    const float* pgo = grad.data_ptr<float>();
+    float* pg = g.data_ptr<float>();
+    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const float dc = static_cast<float>(pc[i]) - static_cast<float>(prc[i]);
+        const float dr = static_cast<float>(pr[i]) - static_cast<float>(prr[i]);
+        pg[i] = pgo[i] * pair_grad(dc - dr, p);
+      }
+    });
+  });
+  return g;
+}
+
+// ---- dpo_tokens: [chosen; rejected] token log-probs -> per-pair losses ------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_tokens_fwd(
+    const at::Tensor& pol_in, const at::Tensor& ref_in, const at::Tensor& mask_in, double beta, int64_t type,
+    double eps, bool mean) {
+  check_rows("dpo_loss_from_tokens", pol_in, mask_in);
+  check_rows("dpo_loss_from_tokens", ref_in, mask_in);
+  check_loss_args("dpo_loss_from_tokens", beta, type, eps);
+  TORCH_CHECK(pol_in.size(0) % 2 == 0, "dpo_loss_from_tokens: the batch must have 2B rows [chosen; rejected], got ",
+              pol_in.size(0));
+  TORCH_CHECK(ref_in.scalar_type() == pol_in.scalar_type(), "dpo_loss_from_tokens: one dtype for both inputs here");
+  const at::Tensor pol = pol_in.contiguous(), ref = ref_in.contiguous(), mask = mask_in.contiguous();
+  const int64_t rows = pol.size(0), pairs = rows / 2, steps = pol.size(1);
+  auto opts = pol.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({pairs}, opts), cw = at::empty({pairs}, opts), rw = at::empty({pairs}, opts);
+  at::Tensor pseq = at::empty({rows}, opts), rseq = at::empty({rows}, opts);
+  const PairParams p = make_params(beta, type, eps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pol.scalar_type(), "dpo_tokens_fwd", [&] {
+    const scalar_t *pp = pol.data_ptr<scalar_t>(), *pr = ref.data_ptr<scalar_t>();
+    const bool* pm = mask.data_ptr<bool>();
+    float *pl = loss.data_ptr<float>(), *pcw = cw.data_ptr<float>(), *prw = rw.data_ptr<float>();
+    float *pps = pseq.data_ptr<float>(), *prs = rseq.data_ptr<float>();
+    at::parallel_for(0, pairs, std::max<int64_t>(1, 8192 / std::max<int64_t>(steps, 1)), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        float v[4];  // policy chosen, ref chosen, policy rejected, ref rejected
+        for (int k = 0; k < 2; ++k) {
+          const int64_t row = i + k * pairs, off = row * steps;
+          float s;
+          int64_t n;
+          row_sum(pp + off, pm + off, steps, s, n);
+          v[2 * k] = pps[row] = reduce_row(s, n, mean);
+          row_sum(pr + off, pm + off, steps, s, n);
+          v[2 * k + 1] = prs[row] = reduce_row(s, n, mean);
+        }
+        const float dc = v[0] - v[1], dr = v[2] - v[3];
+        pl[i] = pair_loss(dc - dr, p);
+        pcw[i] = p.beta * dc;
+        prw[i] = p.beta * dr;
+      }
+    });
+  });
+  return {loss, cw, rw, pseq, rseq};
+}
+
+// grad wrt policy token log-probs [2B, T] in their dtype. Row j (pair i = j mod B) gets the
+// per-row scalar  s_j = +-grad_losses[i] * dL/ddelta_i (+ for chosen, - for rejected)
+// + grad_policy_seq[j], divided by the row's valid count for the mean, at its valid positions.
+at::Tensor dpo_tokens_bwd(const at::Tensor& grad_in, const c10::optional<at::Tensor>& grad_seq_in,
+                          const at::Tensor& pseq_in, const at::Tensor& rseq_in, const at::Tensor& pol,
+                          const at::Tensor& mask_in, double beta, int64_t type, double eps, bool mean) {
+  check_rows("dpo_loss_from_tokens", pol, mask_in);
+  check_loss_args("dpo_loss_from_tokens", beta, type, eps);
+  const int64_t rows = pol.size(0), pairs = rows / 2, steps = pol.size(1);
+  TORCH_CHECK(rows % 2 == 0 && grad_in.dim() == 1 && grad_in.size(0) == pairs && pseq_in.dim() == 1 &&
+                  pseq_in.size(0) == rows && rseq_in.sizes() == pseq_in.sizes(),
+              "dpo_loss_from_tokens: backward shapes do not match the batch");
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous(), mask = mask_in.contiguous();
+  const at::Tensor pseq = pseq_in.to(at::kFloat).contiguous(), rseq = rseq_in.to(at::kFloat).contiguous();
+  at::Tensor gseq;
+  if (grad_seq_in.has_value()) {
+    TORCH_CHECK(grad_seq_in->sizes() == pseq_in.sizes(), "dpo_loss_from_tokens: grad of the sequence log-probs must be [2B]");
+    gseq = grad_seq_in->to(at::kFloat).contiguous();
+  }
+  at::Tensor gx = at::empty({rows, steps}, pol.options());
+  const PairParams p = make_params(beta, type, eps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pol.scalar_type(), "dpo_tokens_bwd", [&] {
+    scalar_t* pg = gx.data_ptr<scalar_t>();
+    const bool* pm = mask.data_ptr<bool>();
+    const float *go = grad.data_ptr<float>(), *ps = pseq.data_ptr<float>(), *rs = rseq.data_ptr<float>();
+    const float* gs = gseq.defined() ? gseq.data_ptr<float>() : nullptr;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(steps, 1)), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t i = j < pairs ? j : j - pairs;
+        const float delta = (ps[i] - rs[i]) - (ps[i + pairs] - rs[i + pairs]);
+        const float g = go[i] * pair_grad(delta, p);
+        float s = j < pairs ? g : -g;
+        if (gs != nullptr) s += gs[j];
+        write_row_grad(pg + j * steps, pm + j * steps, steps, s, mean);
+      }
+    });
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
+  m.impl("sequence_logps_fwd", &sequence_logps_fwd);
+  m.impl("sequence_logps_bwd", &sequence_logps_bwd);
+  m.impl("dpo_loss_fwd", &dpo_loss_fwd);
+  m.impl("dpo_loss_bwd", &dpo_loss_bwd);
+  m.impl("dpo_tokens_fwd", &dpo_tokens_fwd);
+  m.impl("dpo_tokens_bwd", &dpo_tokens_bwd);
+}
+
+}  // namespace fastalign::cpu

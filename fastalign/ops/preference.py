@@ -1,0 +1,451 @@
+"""Preference ops: sequence_logps, dpo_loss (every loss type), dpo_loss_from_tokens, reward_loss.
+
+Backends: torch (kernels/reference.py, the eager ground truth), cpp and cuda (fastalign._C:
+fastalign::{sequence_logps,dpo_loss,dpo_tokens}_{fwd,bwd}), triton (fastalign_triton::...).
+Each fused op is one kernel launch forward and one backward; all math is fp32 for every input
+dtype and every result is fp32; token gradients come back in the token log-probs' dtype.
+
+DPO loss types live in a registry, `DPO_LOSS_TYPES` (name -> DPOLossType). The four built-in
+types (sigmoid, ipo, hinge, robust) have fused kernels; a plugin adds a type with
+`register_dpo_loss_type(name, formula)`, where `formula(delta, beta, label_smoothing)` maps the
+fp32 margin delta = (c - ref_c) - (r - ref_r) [B] to per-pair losses [B] in torch. A plugin type
+runs that torch formula on every backend (a fused backend still computes the per-sequence
+log-probs of dpo_loss_from_tokens with its fused sequence_logps kernel), so it is correct
+everywhere and fast where the formula is cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from fastalign import _backends
+from fastalign.kernels import reference
+from fastalign.ops._register import cpp_op, register_fused, triton_op
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---- the loss-type registry ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DPOLossType:
+    """formula(delta, beta, label_smoothing) -> per-pair losses (torch, differentiable in delta);
+    kernel_id: the fused kernels' id for this type, or None (then every backend runs `formula`)."""
+
+    formula: Callable
+    kernel_id: Optional[int] = None
+
+
+def _builtin(name):
+    return lambda delta, beta, eps: reference.dpo_pair_losses(delta, beta, name, eps)
+
+
+DPO_LOSS_TYPES: dict[str, DPOLossType] = {
+    name: DPOLossType(_builtin(name), kernel_id) for kernel_id, name in enumerate(("sigmoid", "ipo", "hinge", "robust"))
+}
+
+
+def register_dpo_loss_type(name: str, formula: Callable, *, overwrite: bool = False) -> None:
+    """Adds a DPO loss type usable as dpo_loss(..., loss_type=name) on every backend.
+
+    formula(delta, beta, label_smoothing) gets the fp32 margin delta [B] and returns per-pair
+    losses [B]. It runs in torch (autograd gives its gradient) on every backend, including the
+    fused ones, which have kernels only for the built-in types. E.g. SimPO (length-averaged
+    log-probs, no reference: pass zeros as the reference log-probs):
+        register_dpo_loss_type("simpo", lambda d, beta, eps: -F.logsigmoid(beta * d - gamma))
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_dpo_loss_type: name must be a non-empty string, got {name!r}")
+    if not callable(formula):
+        raise TypeError(f"register_dpo_loss_type: formula must be callable, got {type(formula).__name__}")
+    if name in DPO_LOSS_TYPES and not overwrite:
+        raise ValueError(f"register_dpo_loss_type: loss_type {name!r} exists; pass overwrite=True to replace it")
+    if name in DPO_LOSS_TYPES and DPO_LOSS_TYPES[name].kernel_id is not None:
+        raise ValueError(f"register_dpo_loss_type: the built-in loss_type {name!r} cannot be replaced")
+    DPO_LOSS_TYPES[name] = DPOLossType(formula, None)
+
+
+# ---- fused op pairs: fakes and autograd, shared by every backend --------------------------------
+
+_SEQ, _DPO, _TOK = {}, {}, {}  # backend -> (fwd, bwd)
+
+
+def _fake_seq_fwd(x, mask, mean):
+    return x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def _fake_seq_bwd(grad, x, mask, mean):
+    return torch.empty_like(x)
+
+
+def _seq_setup(ctx, inputs, output):
+    ctx.x, ctx.mask, ctx.mean = inputs[0], inputs[1], inputs[2]
+
+
+def _seq_backward(ctx, bwd, grad):
+    return bwd(grad, ctx.x, ctx.mask, ctx.mean), None, None
+
+
+def _fake_dpo_fwd(c, r, rc, rr, beta, loss_type, eps):
+    return tuple(c.new_empty(c.shape, dtype=torch.float32) for _ in range(3))
+
+
+def _fake_dpo_bwd(grad, c, r, rc, rr, beta, loss_type, eps):
+    return c.new_empty(c.shape, dtype=torch.float32)
+
+
+def _dpo_setup(ctx, inputs, output):
+    ctx.inputs = inputs
+
+
+def _dpo_backward(ctx, bwd, grad_losses, _grad_cw, _grad_rw):
+    # rewards are detached in the public function: only the losses carry a gradient.
+    c, r, rc, rr, beta, loss_type, eps = ctx.inputs
+    g = bwd(grad_losses, c, r, rc, rr, beta, loss_type, eps)  # dL/d chosen = dL/d delta
+    pos, neg = g.to(c.dtype), (-g).to(c.dtype)
+    return pos, neg, neg, pos, None, None, None
+
+
+def _fake_tok_fwd(pol, ref, mask, beta, loss_type, eps, mean):
+    rows = pol.shape[0]
+    pairs = rows // 2
+    return (*(pol.new_empty((pairs,), dtype=torch.float32) for _ in range(3)),
+            pol.new_empty((rows,), dtype=torch.float32), pol.new_empty((rows,), dtype=torch.float32))
+
+
+def _fake_tok_bwd(grad, grad_seq, pseq, rseq, pol, mask, beta, loss_type, eps, mean):
+    return torch.empty_like(pol)
+
+
+def _tok_setup(ctx, inputs, output):
+    pol, _ref, mask, beta, loss_type, eps, mean = inputs
+    ctx.pol, ctx.mask, ctx.args = pol, mask, (beta, loss_type, eps, mean)
+    ctx.pseq, ctx.rseq = output[3], output[4]
+
+
+def _tok_backward(ctx, bwd, grad_losses, _g_cw, _g_rw, grad_pseq, _g_rseq):
+    # the reference token log-probs are frozen (detached in the public function): no gradient.
+    g = bwd(grad_losses, grad_pseq, ctx.pseq, ctx.rseq, ctx.pol, ctx.mask, *ctx.args)
+    return g, None, None, None, None, None, None
+
+
+def _register(backend: str, seq, dpo, tok) -> None:
+    for table, ops, fakes, setup, backward in (
+        (_SEQ, seq, (_fake_seq_fwd, _fake_seq_bwd), _seq_setup, _seq_backward),
+        (_DPO, dpo, (_fake_dpo_fwd, _fake_dpo_bwd), _dpo_setup, _dpo_backward),
+        (_TOK, tok, (_fake_tok_fwd, _fake_tok_bwd), _tok_setup, _tok_backward),
+    ):
+        if ops[0] is None:
+            continue
+        register_fused(ops[0], ops[1], fake_fwd=fakes[0], fake_bwd=fakes[1], setup_context=setup, backward=backward)
+        table[backend] = ops
+
+
+def _cpp_ops():
+    try:
+        return cpp_op("sequence_logps_fwd")
+    except AttributeError:  # an _C built before these ops existed
+        return None
+
+
+if _cpp_ops() is not None:
+    _register("cpp", (cpp_op("sequence_logps_fwd"), cpp_op("sequence_logps_bwd")),
+              (cpp_op("dpo_loss_fwd"), cpp_op("dpo_loss_bwd")), (cpp_op("dpo_tokens_fwd"), cpp_op("dpo_tokens_bwd")))
+    for _t in (_SEQ, _DPO, _TOK):
+        _t["cuda"] = _t["cpp"]  # same ops, dispatched by device
+
+
+# Triton launchers: Triton itself is imported on the first run, not at registration.
+def _tk():
+    from fastalign.kernels.triton import preference as tp
+
+    return tp
+
+
+def _triton_seq_fwd(x: torch.Tensor, mask: torch.Tensor, mean: bool) -> torch.Tensor:
+    return _tk().sequence_logps_fwd(x, mask, mean)
+
+
+def _triton_seq_bwd(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, mean: bool) -> torch.Tensor:
+    return _tk().sequence_logps_bwd(grad, x, mask, mean)
+
+
+def _triton_dpo_fwd(
+    c: torch.Tensor, r: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float, loss_type: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _tk().dpo_loss_fwd(c, r, rc, rr, beta, loss_type, eps)
+
+
+def _triton_dpo_bwd(
+    grad: torch.Tensor, c: torch.Tensor, r: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
+    loss_type: int, eps: float,
+) -> torch.Tensor:
+    return _tk().dpo_loss_bwd(grad, c, r, rc, rr, beta, loss_type, eps)
+
+
+def _triton_tok_fwd(
+    pol: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, beta: float, loss_type: int, eps: float, mean: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _tk().dpo_tokens_fwd(pol, ref, mask, beta, loss_type, eps, mean)
+
+
+def _triton_tok_bwd(
+    grad: torch.Tensor, grad_seq: Optional[torch.Tensor], pseq: torch.Tensor, rseq: torch.Tensor, pol: torch.Tensor,
+    mask: torch.Tensor, beta: float, loss_type: int, eps: float, mean: bool,
+) -> torch.Tensor:
+    return _tk().dpo_tokens_bwd(grad, grad_seq, pseq, rseq, pol, mask, beta, loss_type, eps, mean)
+
+
+_register(
+    "triton",
+    (triton_op("sequence_logps_fwd", _triton_seq_fwd), triton_op("sequence_logps_bwd", _triton_seq_bwd)),
+    (triton_op("dpo_loss_fwd", _triton_dpo_fwd), triton_op("dpo_loss_bwd", _triton_dpo_bwd)),
+    (triton_op("dpo_tokens_fwd", _triton_tok_fwd), triton_op("dpo_tokens_bwd", _triton_tok_bwd)),
+)
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_float_tensor(op, name, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def _check_mask(op, mask, like, like_name) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: mask must be a tensor, got {type(mask).__name__}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{op}: mask must be bool or a real numeric dtype (nonzero = valid), got {mask.dtype}")
+    if mask.shape != like.shape:
+        raise ValueError(f"{op}: mask must have the shape of {like_name} {tuple(like.shape)}, got {tuple(mask.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"{op}: mask is on {mask.device} but {like_name} on {like.device}")
+
+
+def _check_loss_args(op, beta, loss_type, label_smoothing) -> None:
+    if not _is_real(beta) or not math.isfinite(float(beta)) or float(beta) <= 0:
+        raise ValueError(f"{op}: beta must be a finite number > 0, got {beta!r}")
+    if not _is_real(label_smoothing) or not (0.0 <= float(label_smoothing) < 0.5):
+        raise ValueError(f"{op}: label_smoothing must be a number in [0, 0.5), got {label_smoothing!r}")
+    if not isinstance(loss_type, str) or loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"{op}: unknown loss_type {loss_type!r}; valid choices: {', '.join(DPO_LOSS_TYPES)}")
+
+
+def _check_reduce(op, reduce) -> bool:
+    if reduce not in ("sum", "mean") or not isinstance(reduce, str):
+        raise ValueError(f"{op}: reduce must be 'sum' or 'mean', got {reduce!r}")
+    return reduce == "mean"
+
+
+def _valid(mask):
+    return (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+
+
+def _fused(table, name):
+    return table[name]
+
+
+# ---- public ops -------------------------------------------------------------------------------
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, *, reduce: str = "sum",
+                   backend: str = "auto") -> torch.Tensor:
+    """Per-sequence sum (reduce="sum") or mean ("mean") of token log-probs over valid positions.
+
+    token_logps `[..., T]` float32/bfloat16/float16; mask of the same shape, bool or any real dtype
+    (nonzero = valid; the mask selects, it does not weight). Returns fp32 `[...]`. Masked positions
+    are never read into the result (NaN there is harmless) and get zero gradient; a row with no
+    valid position gives 0 for both sum and mean (never NaN). Gradient flows to token_logps (in
+    its dtype): 1 (sum) or 1/count (mean) at valid positions. Fused backends: one pass per row.
+    """
+    op = "sequence_logps"
+    _check_float_tensor(op, "token_logps", token_logps)
+    if token_logps.dim() < 1:
+        raise ValueError(f"{op}: token_logps must have at least 1 dimension [..., T], got a scalar")
+    _check_mask(op, mask, token_logps, "token_logps")
+    mean = _check_reduce(op, reduce)
+    name = _backends.resolve(backend, token_logps.device, op=op)
+    if name == "torch":
+        return reference.sequence_logps(token_logps, mask, mean)
+    lead, steps = token_logps.shape[:-1], token_logps.shape[-1]
+    rows = math.prod(lead)
+    x = token_logps.reshape(rows, steps).contiguous()
+    out = _fused(_SEQ, name)[0](x, _valid(mask).reshape(rows, steps), mean)
+    return out.reshape(lead)
+
+
+def _check_pairs(op, names, tensors) -> None:
+    for n, t in zip(names, tensors):
+        _check_float_tensor(op, n, t)
+    first = tensors[0]
+    if first.dim() != 1:
+        raise ValueError(f"{op}: {names[0]} must be 1-D [B], got shape {tuple(first.shape)}")
+    for n, t in zip(names[1:], tensors[1:]):
+        if t.shape != first.shape:
+            raise ValueError(f"{op}: {n} must have the shape of {names[0]} {tuple(first.shape)} (one entry per "
+                             f"pair), got {tuple(t.shape)}")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {n} is on {t.device} but {names[0]} on {first.device}")
+
+
+def _torch_dpo(c, r, rc, rr, beta, loss_type, eps):
+    c, r, rc, rr = (t.float() for t in (c, r, rc, rr))
+    delta = (c - rc) - (r - rr)
+    losses = DPO_LOSS_TYPES[loss_type].formula(delta, beta, eps)
+    return losses, (beta * (c - rc)).detach(), (beta * (r - rr)).detach()
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and implicit rewards: `(losses, chosen_rewards, rejected_rewards)`, fp32 [B].
+
+    Inputs: per-sequence log-probs [B] (float32/bfloat16/float16; math in fp32). With
+    delta = (c - ref_c) - (r - ref_r), x = beta * delta, eps = label_smoothing in [0, 0.5):
+        sigmoid  -(1-eps) logsig(x) - eps logsig(-x)        (eps > 0: conservative DPO)
+        ipo      (delta - 1/(2 beta))^2                      (pass length-averaged log-probs)
+        hinge    relu(1 - x)
+        robust   (-(1-eps) logsig(x) + eps logsig(-x)) / (1 - 2 eps)
+    and any type added with `register_dpo_loss_type`. label_smoothing is accepted (and validated)
+    for every type; ipo and hinge do not use it. logsig is evaluated as min(x, 0) - log1p(exp(-|x|)),
+    finite for any finite x (|x| = 1e4 included). Rewards are beta * (logp - ref), detached.
+
+    Gradients reach all four log-prob inputs that require grad (the loss is symmetric in them:
+    +g for chosen and ref_rejected, -g for rejected and ref_chosen); pass detached reference
+    log-probs for the usual frozen reference. Fused backends: one kernel forward, one backward.
+    A loss type without a kernel (a plugin) runs its torch formula on every backend.
+    """
+    op = "dpo_loss"
+    names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+    tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    _check_pairs(op, names, tensors)
+    _check_loss_args(op, beta, loss_type, label_smoothing)
+    beta, eps = float(beta), float(label_smoothing)
+    name = _backends.resolve(backend, chosen_logps.device, op=op)
+    kernel_id = DPO_LOSS_TYPES[loss_type].kernel_id
+    if name == "torch" or kernel_id is None:
+        return _torch_dpo(*tensors, beta, loss_type, eps)
+    if len({t.dtype for t in tensors}) > 1:  # the kernels take one dtype; fp32 loses nothing
+        tensors = tuple(t.float() for t in tensors)
+    losses, cw, rw = _fused(_DPO, name)[0](*(t.contiguous() for t in tensors), beta, kernel_id, eps)
+    return losses, cw.detach(), rw.detach()
+
+
+def dpo_loss_from_tokens(
+    policy_token_logps: torch.Tensor,
+    ref_token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    average_log_prob: bool = False,
+    return_sequence_logps: bool = False,
+    backend: str = "auto",
+):
+    """The whole DPO head in one call: token log-probs of a [chosen; rejected] batch -> losses.
+
+    policy_token_logps, ref_token_logps [2B, T] (rows 0..B-1 the chosen completions, rows B..2B-1
+    the rejected ones of the same pairs, in order); mask [2B, T] as for `sequence_logps`. Each
+    row is reduced to its sequence log-prob (masked sum, or with average_log_prob=True the masked
+    mean, IPO-style), then `dpo_loss` applies. Returns `(losses, chosen_rewards, rejected_rewards)`
+    and, with return_sequence_logps=True, also the fp32 per-sequence log-probs (policy [2B],
+    reference [2B]); the policy ones carry gradient (e.g. for an added SFT term).
+
+    Equal to `dpo_loss(*split(sequence_logps(policy)), *split(sequence_logps(ref)), ...)` on the
+    same backend, in one kernel launch forward and one backward on the fused backends. The
+    reference log-probs are token-level here (use `dpo_loss` with precomputed per-sequence
+    reference log-probs) and treated as frozen: they never receive a gradient. Gradient flows to
+    policy_token_logps, in its dtype.
+    """
+    op = "dpo_loss_from_tokens"
+    _check_float_tensor(op, "policy_token_logps", policy_token_logps)
+    _check_float_tensor(op, "ref_token_logps", ref_token_logps)
+    pol, ref = policy_token_logps, ref_token_logps.detach()
+    if pol.dim() != 2:
+        raise ValueError(f"{op}: policy_token_logps must be 2-D [2B, T] ([chosen; rejected]), got {tuple(pol.shape)}")
+    if pol.shape[0] % 2:
+        raise ValueError(f"{op}: policy_token_logps must have an even number of rows 2B ([chosen; rejected]), got "
+                         f"{pol.shape[0]}")
+    if ref.shape != pol.shape:
+        raise ValueError(f"{op}: ref_token_logps must have the shape of policy_token_logps {tuple(pol.shape)}, got "
+                         f"{tuple(ref.shape)}")
+    if ref.device != pol.device:
+        raise ValueError(f"{op}: ref_token_logps is on {ref.device} but policy_token_logps on {pol.device}")
+    _check_mask(op, mask, pol, "policy_token_logps")
+    _check_loss_args(op, beta, loss_type, label_smoothing)
+    if not isinstance(average_log_prob, bool):
+        raise TypeError(f"{op}: average_log_prob must be a bool, got {average_log_prob!r}")
+    beta, eps = float(beta), float(label_smoothing)
+    name = _backends.resolve(backend, pol.device, op=op)
+    kernel_id = DPO_LOSS_TYPES[loss_type].kernel_id
+    b = pol.shape[0] // 2
+    if name == "torch" or kernel_id is None:
+        reduce = "mean" if average_log_prob else "sum"
+        pseq = sequence_logps(pol, mask, reduce=reduce, backend=name)
+        rseq = sequence_logps(ref, mask, reduce=reduce, backend=name)
+        out = _torch_dpo(pseq[:b], pseq[b:], rseq[:b], rseq[b:], beta, loss_type, eps)
+    else:
+        if ref.dtype != pol.dtype:  # the kernels take one dtype; fp32 loses nothing
+            pol, ref = pol.float(), ref.float()
+        losses, cw, rw, pseq, rseq = _fused(_TOK, name)[0](
+            pol.contiguous(), ref.contiguous(), _valid(mask), beta, kernel_id, eps, average_log_prob)
+        out = (losses, cw.detach(), rw.detach())
+    if return_sequence_logps:
+        return (*out, pseq, rseq.detach())
+    return out
+
+
+def reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *, margin=None,
+                backend: str = "auto") -> torch.Tensor:
+    """Bradley-Terry pairwise loss, mean over pairs: mean(-logsig(c - r - margin)), fp32 scalar.
+
+    chosen_scores, rejected_scores: one shape (usually [B]), float32/bfloat16/float16; margin:
+    None, a number, or a tensor of that shape. Gradients reach both scores (and a margin tensor
+    that requires grad). The op is a handful of elementwise ops on B numbers, so every backend
+    runs the same composed torch formula (fp32, logsigmoid stable for any finite argument);
+    `backend` is validated and resolved like every op's.
+    """
+    op = "reward_loss"
+    _check_float_tensor(op, "chosen_scores", chosen_scores)
+    _check_float_tensor(op, "rejected_scores", rejected_scores)
+    if rejected_scores.shape != chosen_scores.shape:
+        raise ValueError(f"{op}: rejected_scores must have the shape of chosen_scores {tuple(chosen_scores.shape)}, "
+                         f"got {tuple(rejected_scores.shape)}")
+    if rejected_scores.device != chosen_scores.device:
+        raise ValueError(f"{op}: rejected_scores is on {rejected_scores.device} but chosen_scores on "
+                         f"{chosen_scores.device}")
+    if chosen_scores.numel() == 0:
+        raise ValueError(f"{op}: chosen_scores is empty (the mean over no pairs is undefined)")
+    if isinstance(margin, torch.Tensor):
+        _check_float_tensor(op, "margin", margin)
+        if margin.shape != chosen_scores.shape:
+            raise ValueError(f"{op}: margin must have the shape of chosen_scores {tuple(chosen_scores.shape)}, got "
+                             f"{tuple(margin.shape)}")
+        if margin.device != chosen_scores.device:
+            raise ValueError(f"{op}: margin is on {margin.device} but chosen_scores on {chosen_scores.device}")
+    elif margin is not None and not (_is_real(margin) and math.isfinite(float(margin))):
+        raise TypeError(f"{op}: margin must be None, a finite number or a tensor, got {margin!r}")
+    _backends.resolve(backend, chosen_scores.device, op=op)
+    return reference.reward_loss(chosen_scores, rejected_scores, margin)

@@ -9,6 +9,7 @@ from fastalign.ops.gae import gae
 from fastalign.ops.kl import kl_penalty, masked_whiten
 from fastalign.ops.logprobs import gather_logprobs
 from fastalign.ops.ppo import ppo_policy_loss, ppo_value_loss
+from fastalign.ops.preference import dpo_loss, dpo_loss_from_tokens, register_dpo_loss_type, reward_loss, sequence_logps
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastalign' has no attribute {name!r}")
 
 __all__ = ["__version__", "backends", "gae", "gather_logprobs", "kl_penalty", "masked_whiten",
-           "ppo_policy_loss", "ppo_value_loss"]
+           "ppo_policy_loss", "ppo_value_loss",
+           "dpo_loss", "dpo_loss_from_tokens", "register_dpo_loss_type", "reward_loss", "sequence_logps"]

@@ -244,77 +244,72 @@ def _finish(parts, batch, steps, agg, global_count, horizon, scale):
     return out, row_w
 
 
-def ppo_policy_loss_fwd(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    clip_lo: float, clip_hi: float, dual_clip: float, agg: int, global_count: float, horizon: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    check_rows("ppo_policy_loss_fwd", (logprobs, old_logprobs, advantages), mask)
-    x, o, a, m = (t.contiguous() for t in (logprobs, old_logprobs, advantages, mask))
+def _launch_fwd(kernel, op, inputs, mask, params, flags, agg, global_count, horizon, scale):
+    """Row pass (a program per row) then the one-program finalize; shared by both losses."""
+    check_rows(op, inputs, mask)
+    x, y, z, m = (t.contiguous() for t in inputs + (mask,))
     batch, steps = x.shape
     parts = torch.zeros(batch, _PARTS, dtype=torch.float32, device=x.device)
     with device_guard(x):
         if batch > 0 and steps > 0:
-            _policy_fwd_kernel[(batch,)](
-                x, o, a, m.view(torch.uint8), parts, steps, float(clip_lo), float(clip_hi), float(dual_clip),
-                USE_DUAL=dual_clip > 0, BLOCK=_block(steps),
-            )
-        return _finish(parts, batch, steps, agg, global_count, horizon, 1.0)
+            kernel[(batch,)](x, y, z, m.view(torch.uint8), parts, steps, *params, **flags, BLOCK=_block(steps))
+        return _finish(parts, batch, steps, agg, global_count, horizon, scale)
 
 
-def ppo_policy_loss_bwd(
-    grad_out: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-    mask: torch.Tensor, row_weight: torch.Tensor, clip_lo: float, clip_hi: float, dual_clip: float,
-) -> torch.Tensor:
-    check_rows("ppo_policy_loss_bwd", (logprobs, old_logprobs, advantages), mask)
-    check_row_vectors("ppo_policy_loss_bwd", logprobs.shape[0], logprobs.device, grad_out, row_weight)
-    x, o, a, m = (t.contiguous() for t in (logprobs, old_logprobs, advantages, mask))
+def _launch_bwd(kernel, op, grad_out, inputs, mask, row_weight, params, flags):
+    """Elementwise backward over (row, tile) programs; shared by both losses."""
+    check_rows(op, inputs, mask)
+    check_row_vectors(op, inputs[0].shape[0], inputs[0].device, grad_out, row_weight)
+    x, y, z, m = (t.contiguous() for t in inputs + (mask,))
     batch, steps = x.shape
     grad = torch.empty_like(x)
     if grad.numel() == 0:
         return grad
     block = _block(steps)
     with device_guard(x):
-        _policy_bwd_kernel[(batch, triton.cdiv(steps, block))](
-            grad_out.float().contiguous(), x, o, a, m.view(torch.uint8), row_weight.float().contiguous(), grad,
-            steps, float(clip_lo), float(clip_hi), float(dual_clip), USE_DUAL=dual_clip > 0, BLOCK=block,
+        kernel[(batch, triton.cdiv(steps, block))](
+            grad_out.float().contiguous(), x, y, z, m.view(torch.uint8), row_weight.float().contiguous(), grad,
+            steps, *params, **flags, BLOCK=block,
         )
     return grad
+
+
+def ppo_policy_loss_fwd(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    clip_lo: float, clip_hi: float, dual_clip: float, agg: int, global_count: float, horizon: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_fwd(
+        _policy_fwd_kernel, "ppo_policy_loss_fwd", (logprobs, old_logprobs, advantages), mask,
+        (float(clip_lo), float(clip_hi), float(dual_clip)), dict(USE_DUAL=dual_clip > 0),
+        agg, global_count, horizon, 1.0,
+    )
+
+
+def ppo_policy_loss_bwd(
+    grad_out: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+    mask: torch.Tensor, row_weight: torch.Tensor, clip_lo: float, clip_hi: float, dual_clip: float,
+) -> torch.Tensor:
+    return _launch_bwd(
+        _policy_bwd_kernel, "ppo_policy_loss_bwd", grad_out, (logprobs, old_logprobs, advantages), mask, row_weight,
+        (float(clip_lo), float(clip_hi), float(dual_clip)), dict(USE_DUAL=dual_clip > 0),
+    )
 
 
 def ppo_value_loss_fwd(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
     clip: float, agg: int, global_count: float, horizon: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_rows("ppo_value_loss_fwd", (values, old_values, returns), mask)
-    v, o, r, m = (t.contiguous() for t in (values, old_values, returns, mask))
-    batch, steps = v.shape
-    parts = torch.zeros(batch, _PARTS, dtype=torch.float32, device=v.device)
-    with device_guard(v):
-        if batch > 0 and steps > 0:
-            _value_fwd_kernel[(batch,)](
-                v, o, r, m.view(torch.uint8), parts, steps, float(clip), USE_CLIP=clip > 0,
-                BLOCK=_block(steps),
-            )
-        return _finish(parts, batch, steps, agg, global_count, horizon, 0.5)  # loss = 0.5 * agg(...)
+    return _launch_fwd(
+        _value_fwd_kernel, "ppo_value_loss_fwd", (values, old_values, returns), mask, (float(clip),),
+        dict(USE_CLIP=clip > 0), agg, global_count, horizon, 0.5,  # loss = 0.5 * agg(...)
+    )
 
 
 def ppo_value_loss_bwd(
     grad_out: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
     mask: torch.Tensor, row_weight: torch.Tensor, clip: float,
 ) -> torch.Tensor:
-    check_rows("ppo_value_loss_bwd", (values, old_values, returns), mask)
-    check_row_vectors("ppo_value_loss_bwd", values.shape[0], values.device, grad_out, row_weight)
-    v, o, r, m = (t.contiguous() for t in (values, old_values, returns, mask))
-    batch, steps = v.shape
-    grad = torch.empty_like(v)
-    if grad.numel() == 0:
-        return grad
-    block = _block(steps)
-    with device_guard(v):
-        _value_bwd_kernel[(batch, triton.cdiv(steps, block))](
-            grad_out.float().contiguous(), v, o, r, m.view(torch.uint8), row_weight.float().contiguous(), grad,
-            steps, float(clip), USE_CLIP=clip > 0, BLOCK=block,
-        )
-    return grad
-
-
+    return _launch_bwd(
+        _value_bwd_kernel, "ppo_value_loss_bwd", grad_out, (values, old_values, returns), mask, row_weight,
+        (float(clip),), dict(USE_CLIP=clip > 0),
+    )

@@ -246,6 +246,9 @@ at::Tensor bwd_impl(const char* op, const at::Tensor& grad_out, const at::Tensor
                     const at::Tensor& z_in, const at::Tensor& mask_in, const at::Tensor& row_w_in, PolicyParams pp,
                     ValueParams vp) {
   check_inputs(op, x_in, y_in, z_in, mask_in);
+  // .to(kFloat) keeps the device: a CPU row_w would hand the kernel a host pointer
+  TORCH_CHECK(row_w_in.device() == x_in.device(), op, ": row_weight is on ", row_w_in.device(), " but the inputs on ",
+              x_in.device());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), z = z_in.contiguous(), mask = mask_in.contiguous();
   const at::Tensor row_w = row_w_in.to(at::kFloat).contiguous();

@@ -370,3 +370,19 @@ def test_triton_kernel_compiles_for_sm90_without_a_gpu():
     out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+
+def test_environment_overrides_auto(monkeypatch):
+    # FASTALIGN_BACKEND replaces "auto" (DESIGN.md): "torch" must reach the reference loop, and an
+    # unusable backend must fail as if it had been asked for explicitly
+    r, v, m = torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 4, dtype=torch.bool)
+    calls = []
+    real = reference.gae
+    monkeypatch.setattr(reference, "gae", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("FASTALIGN_BACKEND", "torch")
+    fastalign.gae(r, v, m)
+    assert calls == [1]
+    if not fastalign.backends()["cuda"]["usable"]:
+        monkeypatch.setenv("FASTALIGN_BACKEND", "cuda")
+        with pytest.raises(RuntimeError, match="backend 'cuda' cannot run cpu tensors"):
+            fastalign.gae(r, v, m)

@@ -238,3 +238,16 @@ def test_torch_compile_fullgraph(backend, device):
     want.backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(logp.grad, lp2.grad)
+
+
+@pytest.mark.skipif(fastalign.backends()["cuda"]["usable"], reason="needs a machine where cuda is unusable")
+def test_environment_backend_is_validated(monkeypatch):
+    # FASTALIGN_BACKEND replaces "auto" here too: an unusable backend fails like an explicit one
+    x = torch.randn(2, 3)
+    monkeypatch.setenv("FASTALIGN_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run cpu tensors"):
+        fastalign.kl_penalty(x, x)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run cpu tensors"):
+        fastalign.masked_whiten(x, x > 0)
+    monkeypatch.setenv("FASTALIGN_BACKEND", "torch")
+    torch.testing.assert_close(fastalign.kl_penalty(x, x), torch.zeros(2, 3))

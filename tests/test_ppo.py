@@ -548,3 +548,33 @@ def test_raw_triton_ops_reject_bad_arguments():
         ops.ppo_policy_loss_bwd(torch.ones(4), x, x, x, b, torch.ones(1), 0.8, 1.2, 0.0)
     with pytest.raises(ValueError, match="grad_out must have >= 1"):
         ops.ppo_value_loss_bwd(torch.ones(0), x, x, x, b, torch.ones(2), 0.2)
+
+
+@pytest.mark.skipif(not fastalign.backends()["cuda"]["usable"], reason="no usable cuda backend")
+def test_raw_cuda_backward_rejects_row_weight_on_another_device():
+    # .to(kFloat) kept a CPU row_weight on the CPU and its host pointer went to the kernel
+    x, b = torch.randn(2, 3, device="cuda"), torch.ones(2, 3, dtype=torch.bool, device="cuda")
+    g = torch.ones(4, device="cuda")
+    with pytest.raises(RuntimeError, match="row_weight is on cpu"):
+        torch.ops.fastalign.ppo_policy_loss_bwd(g, x, x, x, b, torch.ones(2), 0.8, 1.2, 0.0)
+    with pytest.raises(RuntimeError, match="row_weight is on cpu"):
+        torch.ops.fastalign.ppo_value_loss_bwd(g, x, x, x, b, torch.ones(2), 0.2)
+
+
+def test_environment_overrides_auto(monkeypatch):
+    # FASTALIGN_BACKEND replaces "auto" for both losses (DESIGN.md)
+    x, y, z, mask = _inputs((2, 5), "cpu", torch.float32)
+    calls = []
+    for name in ("ppo_policy_loss", "ppo_value_loss"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    monkeypatch.setenv("FASTALIGN_BACKEND", "torch")
+    fastalign.ppo_policy_loss(x, y, z, mask)
+    fastalign.ppo_value_loss(x, y, z, mask, clip=0.2)
+    assert calls == ["ppo_policy_loss", "ppo_value_loss"]
+    if not fastalign.backends()["cuda"]["usable"]:
+        monkeypatch.setenv("FASTALIGN_BACKEND", "cuda")
+        with pytest.raises(RuntimeError, match="backend 'cuda' cannot run cpu tensors"):
+            fastalign.ppo_policy_loss(x, y, z, mask)
+        with pytest.raises(RuntimeError, match="backend 'cuda' cannot run cpu tensors"):
+            fastalign.ppo_value_loss(x, y, z, mask)

@@ -1,0 +1,368 @@
+// CUDA implementation of the preference ops (see csrc/cpu/preference.cpp for the math):
+//   sequence_logps_fwd/bwd  a block per row: strided masked sum, block reduction
+//   dpo_loss_fwd/bwd        a thread per pair
+//   dpo_tokens_fwd          a block per pair: the four masked row sums, then the pair loss
+//   dpo_tokens_bwd          a block per row: the row's scalar gradient broadcast to its valid tokens
+// logsig(x) = min(x, 0) - log1p(exp(-|x|)) (finite for any finite x); fp32 math and outputs,
+// token gradients in the input dtype; 64-bit offsets.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common.cuh"
+
+namespace fastalign::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct PairParams {
+  float beta, eps, half_inv_beta, robust_scale;
+  int type;
+};
+
+PairParams make_params(double beta, int64_t type, double eps) {
+  return {static_cast<float>(beta), static_cast<float>(eps), static_cast<float>(1.0 / (2.0 * beta)),
+          static_cast<float>(1.0 / (1.0 - 2.0 * eps)), static_cast<int>(type)};
+}
+
+__device__ __forceinline__ float log_sigmoid(float x) { return fminf(x, 0.f) - log1pf(expf(-fabsf(x))); }
+__device__ __forceinline__ float sigmoid(float x) {
+  const float e = expf(-fabsf(x));
+  return x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+}
+
+__device__ __forceinline__ float pair_loss(float delta, const PairParams& p) {
+  const float x = p.beta * delta;
+  switch (p.type) {
+    case 0:
+      return -(1.f - p.eps) * log_sigmoid(x) - p.eps * log_sigmoid(-x);
+    case 1: {
+      const float d = delta - p.half_inv_beta;
+      return d * d;
+    }
+    case 2: {
+      const float h = 1.f - x;
+      return (h > 0.f || isnan(h)) ? h : 0.f;
+    }
+    default:
+      return (-(1.f - p.eps) * log_sigmoid(x) + p.eps * log_sigmoid(-x)) * p.robust_scale;
+  }
+}
+
+__device__ __forceinline__ float pair_grad(float delta, const PairParams& p) {
+  const float x = p.beta * delta;
+  switch (p.type) {
+    case 0:
+      return p.beta * (-(1.f - p.eps) * sigmoid(-x) + p.eps * sigmoid(x));
+    case 1:
+      return 2.f * (delta - p.half_inv_beta);
+    case 2:
+      return (1.f - x > 0.f || isnan(x)) ? -p.beta : 0.f;
+    default:
+      return p.beta * (-(1.f - p.eps) * sigmoid(-x) - p.eps * sigmoid(x)) * p.robust_scale;
+  }
+}
+
+// Sum of v over the block (kThreads threads); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // scratch free from a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) s += scratch[w];
+  return s;
+}
+
+// Masked sum (or mean, count >= 1) of one row, by the whole block.
+template <typename T>
+__device__ float row_sum(const T* __restrict__ x, const bool* __restrict__ m, int64_t steps, bool mean,
+                         float* scratch) {
+  float acc = 0.f, cnt = 0.f;
+  for (int64_t t = threadIdx.x; t < steps; t += kThreads) {
+    if (m[t]) {
+      acc += to_f32(x[t]);
+      cnt += 1.f;
+    }
+  }
+  const float s = block_sum(acc, scratch);
+  if (!mean) return s;
+  const float n = block_sum(cnt, scratch);  // exact in fp32 up to 2^24 valid tokens per row
+  return s / fmaxf(n, 1.f);
+}
+
+template <typename T>
+__device__ void write_row_grad(T* __restrict__ g, const bool* __restrict__ m, int64_t steps, float gr, bool mean,
+                               float* scratch) {
+  if (mean) {
+    float cnt = 0.f;
+    for (int64_t t = threadIdx.x; t < steps; t += kThreads) cnt += m[t] ? 1.f : 0.f;
+    gr = gr / fmaxf(block_sum(cnt, scratch), 1.f);
+  }
+  const T v = from_f32<T>(gr), zero = from_f32<T>(0.f);
+  for (int64_t t = threadIdx.x; t < steps; t += kThreads) g[t] = m[t] ? v : zero;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) seq_fwd_kernel(const T* x, const bool* m, float* out, int64_t steps, bool mean) {
+  __shared__ float scratch[kThreads / 32];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * steps;
+  const float s = row_sum(x + base, m + base, steps, mean, scratch);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) seq_bwd_kernel(const float* grad, const bool* m, T* gx, int64_t steps, bool mean) {
+  __shared__ float scratch[kThreads / 32];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * steps;
+  write_row_grad(gx + base, m + base, steps, grad[blockIdx.x], mean, scratch);
+}
+
+template <typename T>
+__global__ void dpo_fwd_kernel(const T* c, const T* r, const T* rc, const T* rr, float* loss, float* cw, float* rw,
+                               int64_t n, PairParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float dc = to_f32(c[i]) - to_f32(rc[i]), dr = to_f32(r[i]) - to_f32(rr[i]);
+  loss[i] = pair_loss(dc - dr, p);
+  cw[i] = p.beta * dc;
+  rw[i] = p.beta * dr;
+}
+
+template <typename T>
+__global__ void dpo_bwd_kernel(const float* go, const T* c, const T* r, const T* rc, const T* rr, float* g, int64_t n,
+                               PairParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float dc = to_f32(c[i]) - to_f32(rc[i]), dr = to_f32(r[i]) - to_f32(rr[i]);
+  g[i] = go[i] * pair_grad(dc - dr, p);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) tok_fwd_kernel(const T* pol, const T* ref, const bool* m, float* loss,
+                                                           float* cw, float* rw, float* pseq, float* rseq,
+                                                           int64_t pairs, int64_t steps, bool mean, PairParams p) {
+  __shared__ float scratch[kThreads / 32];
+  const int64_t i = blockIdx.x;
+  const int64_t bc = i * steps, br = (i + pairs) * steps;
+  const float pc = row_sum(pol + bc, m + bc, steps, mean, scratch);
+  const float qc = row_sum(ref + bc, m + bc, steps, mean, scratch);
+  const float pr = row_sum(pol + br, m + br, steps, mean, scratch);
+  const float qr = row_sum(ref + br, m + br, steps, mean, scratch);
+  if (threadIdx.x == 0) {
+    pseq[i] = pc;
+    pseq[i + pairs] = pr;
+    rseq[i] = qc;
+    rseq[i + pairs] = qr;
+    const float dc = pc - qc, dr = pr - qr;
+    loss[i] = pair_loss(dc - dr, p);
+    cw[i] = p.beta * dc;
+    rw[i] = p.beta * dr;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) tok_bwd_kernel(const float* go, const float* gs, const float* pseq,
+                                                           const float* rseq, const bool* m, T* gx, int64_t pairs,
+                                                           int64_t steps, bool mean, PairParams p) {
+  __shared__ float scratch[kThreads / 32];
+  const int64_t j = blockIdx.x;
+  const int64_t i = j < pairs ? j : j - pairs;
+  const float delta = (pseq[i] - rseq[i]) - (pseq[i + pairs] - rseq[i + pairs]);
+  const float g = go[i] * pair_grad(delta, p);
+  float s = j < pairs ? g : -g;
+  if (gs != nullptr) s += gs[j];
+  write_row_grad(gx + j * steps, m + j * steps, steps, s, mean, scratch);
+}
+
+// ---- host side ----------------------------------------------------------------------------------
+
+void check_rows(const char* op, const at::Tensor& x, const at::Tensor& mask) {
+  TORCH_CHECK(x.dim() == 2, op, ": token log-probs must be 2-D [N, T], got ", x.sizes());
+  TORCH_CHECK(mask.sizes() == x.sizes(), op, ": mask must have the shape of the token log-probs ", x.sizes(),
+              ", got ", mask.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool here, got ", mask.scalar_type());
+  TORCH_CHECK(mask.device() == x.device(), op, ": mask and token log-probs must be on one device");
+  TORCH_CHECK(x.size(0) <= 2147483647LL, op, ": at most 2^31 - 1 rows on CUDA, got ", x.size(0));
+}
+
+void check_loss_args(const char* op, double beta, int64_t type, double eps) {
+  TORCH_CHECK(beta > 0.0 && std::isfinite(beta), op, ": beta must be a finite number > 0, got ", beta);
+  TORCH_CHECK(type >= 0 && type <= 3, op, ": loss_type id must be 0..3 (sigmoid, ipo, hinge, robust), got ", type);
+  TORCH_CHECK(eps >= 0.0 && eps < 0.5, op, ": label_smoothing must be in [0, 0.5), got ", eps);
+}
+
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mptr(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.mutable_data_ptr());
+}
+
+unsigned int pair_blocks(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
+
+at::Tensor sequence_logps_fwd(const at::Tensor& x_in, const at::Tensor& mask_in, bool mean) {
+  check_rows("sequence_logps", x_in, mask_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), mask = mask_in.contiguous();
+  const int64_t rows = x.size(0), steps = x.size(1);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kFloat));
+  if (rows == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTALIGN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "sequence_logps", [&] {
+    seq_fwd_kernel<scalar_t><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
+        cptr<scalar_t>(x), mask.const_data_ptr<bool>(), out.mutable_data_ptr<float>(), steps, mean);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor sequence_logps_bwd(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& mask_in, bool mean) {
+  check_rows("sequence_logps", x, mask_in);
+  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == x.size(0), "sequence_logps: grad must be [N]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous(), mask = mask_in.contiguous();
+  const int64_t rows = x.size(0), steps = x.size(1);
+  at::Tensor gx = at::empty({rows, steps}, x.options());
+  if (rows == 0 || steps == 0) return gx;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTALIGN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "sequence_logps", [&] {
+    seq_bwd_kernel<scalar_t><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
+        grad.const_data_ptr<float>(), mask.const_data_ptr<bool>(), mptr<scalar_t>(gx), steps, mean);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return gx;
+}
+
+void check_pairs(const at::Tensor& c, const at::Tensor& r, const at::Tensor& rc, const at::Tensor& rr) {
+  TORCH_CHECK(c.dim() == 1, "dpo_loss: chosen_logps must be 1-D [B], got ", c.sizes());
+  for (const at::Tensor* t : {&r, &rc, &rr}) {
+    TORCH_CHECK(t->sizes() == c.sizes(), "dpo_loss: every log-prob input must have the shape of chosen_logps");
+    TORCH_CHECK(t->scalar_type() == c.scalar_type(), "dpo_loss: the log-prob inputs must share one dtype here");
+    TORCH_CHECK(t->device() == c.device(), "dpo_loss: the log-prob inputs must be on one device");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_fwd(const at::Tensor& c_in, const at::Tensor& r_in,
+                                                            const at::Tensor& rc_in, const at::Tensor& rr_in,
+                                                            double beta, int64_t type, double eps) {
+  check_pairs(c_in, r_in, rc_in, rr_in);
+  check_loss_args("dpo_loss", beta, type, eps);
+  const c10::cuda::CUDAGuard guard(c_in.device());
+  const at::Tensor c = c_in.contiguous(), r = r_in.contiguous(), rc = rc_in.contiguous(), rr = rr_in.contiguous();
+  const int64_t n = c.size(0);
+  auto opts = c.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({n}, opts), cw = at::empty({n}, opts), rw = at::empty({n}, opts);
+  if (n == 0) return {loss, cw, rw};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const PairParams p = make_params(beta, type, eps);
+  FASTALIGN_DISPATCH_FLOAT_TYPES(c.scalar_type(), "dpo_loss", [&] {
+    dpo_fwd_kernel<scalar_t><<<pair_blocks(n), kThreads, 0, stream>>>(
+        cptr<scalar_t>(c), cptr<scalar_t>(r), cptr<scalar_t>(rc), cptr<scalar_t>(rr), loss.mutable_data_ptr<float>(),
+        cw.mutable_data_ptr<float>(), rw.mutable_data_ptr<float>(), n, p);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, cw, rw};
+}
+
+at::Tensor dpo_loss_bwd(const at::Tensor& grad_in, const at::Tensor& c_in, const at::Tensor& r_in,
+                        const at::Tensor& rc_in, const at::Tensor& rr_in, double beta, int64_t type, double eps) {
+  check_pairs(c_in, r_in, rc_in, rr_in);
+  check_loss_args("dpo_loss", beta, type, eps);
+  TORCH_CHECK(grad_in.sizes() == c_in.sizes(), "dpo_loss: grad must be [B], got ", grad_in.sizes());
+  const c10::cuda::CUDAGuard guard(c_in.device());
+  const at::Tensor c = c_in.contiguous(), r = r_in.contiguous(), rc = rc_in.contiguous(), rr = rr_in.contiguous();
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
+  const int64_t n = c.size(0);
+  at::Tensor g = at::empty({n}, c.options().dtype(at::kFloat));
+  if (n == 0) return g;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const PairParams p = make_params(beta, type, eps);
+  FASTALIGN_DISPATCH_FLOAT_TYPES(c.scalar_type(), "dpo_loss", [&] {
+    dpo_bwd_kernel<scalar_t><<<pair_blocks(n), kThreads, 0, stream>>>(
+        grad.const_data_ptr<float>(), cptr<scalar_t>(c), cptr<scalar_t>(r), cptr<scalar_t>(rc), cptr<scalar_t>(rr),
+        g.mutable_data_ptr<float>(), n, p);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_tokens_fwd(
+    const at::Tensor& pol_in, const at::Tensor& ref_in, const at::Tensor& mask_in, double beta, int64_t type,
+    double eps, bool mean) {
+  check_rows("dpo_loss_from_tokens", pol_in, mask_in);
+  check_rows("dpo_loss_from_tokens", ref_in, mask_in);
+  check_loss_args("dpo_loss_from_tokens", beta, type, eps);
+  TORCH_CHECK(pol_in.size(0) % 2 == 0, "dpo_loss_from_tokens: the batch must have 2B rows [chosen; rejected]");
+  TORCH_CHECK(ref_in.scalar_type() == pol_in.scalar_type(), "dpo_loss_from_tokens: one dtype for both inputs here");
+  const c10::cuda::CUDAGuard guard(pol_in.device());
+  const at::Tensor pol = pol_in.contiguous(), ref = ref_in.contiguous(), mask = mask_in.contiguous();
+  const int64_t rows = pol.size(0), pairs = rows / 2, steps = pol.size(1);
+  auto opts = pol.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({pairs}, opts), cw = at::empty({pairs}, opts), rw = at::empty({pairs}, opts);
+  at::Tensor pseq = at::empty({rows}, opts), rseq = at::empty({rows}, opts);
+  if (pairs == 0) return {loss, cw, rw, pseq, rseq};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const PairParams p = make_params(beta, type, eps);
+  FASTALIGN_DISPATCH_FLOAT_TYPES(pol.scalar_type(), "dpo_loss_from_tokens", [&] {
+    tok_fwd_kernel<scalar_t><<<static_cast<unsigned int>(pairs), kThreads, 0, stream>>>(
+        cptr<scalar_t>(pol), cptr<scalar_t>(ref), mask.const_data_ptr<bool>(), loss.mutable_data_ptr<float>(),
+        cw.mutable_data_ptr<float>(), rw.mutable_data_ptr<float>(), pseq.mutable_data_ptr<float>(),
+        rseq.mutable_data_ptr<float>(), pairs, steps, mean, p);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, cw, rw, pseq, rseq};
+}
+
+at::Tensor dpo_tokens_bwd(const at::Tensor& grad_in, const c10::optional<at::Tensor>& grad_seq_in,
+                          const at::Tensor& pseq_in, const at::Tensor& rseq_in, const at::Tensor& pol,
+                          const at::Tensor& mask_in, double beta, int64_t type, double eps, bool mean) {
+  check_rows("dpo_loss_from_tokens", pol, mask_in);
+  check_loss_args("dpo_loss_from_tokens", beta, type, eps);
+  const int64_t rows = pol.size(0), pairs = rows / 2, steps = pol.size(1);
+  TORCH_CHECK(rows % 2 == 0 && grad_in.dim() == 1 && grad_in.size(0) == pairs && pseq_in.dim() == 1 &&
+                  pseq_in.size(0) == rows && rseq_in.sizes() == pseq_in.sizes(),
+              "dpo_loss_from_tokens: backward shapes do not match the batch");
+  const c10::cuda::CUDAGuard guard(pol.device());
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous(), mask = mask_in.contiguous();
+  const at::Tensor pseq = pseq_in.to(at::kFloat).contiguous(), rseq = rseq_in.to(at::kFloat).contiguous();
+  at::Tensor gseq;
+  if (grad_seq_in.has_value()) {
+    TORCH_CHECK(grad_seq_in->sizes() == pseq_in.sizes(), "dpo_loss_from_tokens: grad of the sequence log-probs must be [2B]");
+    gseq = grad_seq_in->to(at::kFloat).contiguous();
+  }
+  at::Tensor gx = at::empty({rows, steps}, pol.options());
+  if (rows == 0 || steps == 0) return gx;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const PairParams p = make_params(beta, type, eps);
+  FASTALIGN_DISPATCH_FLOAT_TYPES(pol.scalar_type(), "dpo_loss_from_tokens", [&] {
+    tok_bwd_kernel<scalar_t><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
+        grad.const_data_ptr<float>(), gseq.defined() ? gseq.const_data_ptr<float>() : nullptr,
+        pseq.const_data_ptr<float>(), rseq.const_data_ptr<float>(), mask.const_data_ptr<bool>(), mptr<scalar_t>(gx),
+        pairs, steps, mean, p);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastalign, CUDA, m) {
+  m.impl("sequence_logps_fwd", &sequence_logps_fwd);
+  m.impl("sequence_logps_bwd", &sequence_logps_bwd);
+  m.impl("dpo_loss_fwd", &dpo_loss_fwd);
+  m.impl("dpo_loss_bwd", &dpo_loss_bwd);
+  m.impl("dpo_tokens_fwd", &dpo_tokens_fwd);
+  m.impl("dpo_tokens_bwd", &dpo_tokens_bwd);
+}
+
+}  // namespace fastalign::cuda

@@ -383,3 +383,16 @@ def test_raw_cpu_backward_op_rejects_bad_arguments():
             fwd(logits, labels, t, -100, False)
         with pytest.raises(RuntimeError, match="temperature"):
             bwd(g, None, logits, labels, stats, None, t, -100)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_numpy_scalars_are_accepted_like_python_numbers(backend, device):
+    # np.float32 temperatures / np.int64 ignore_index (e.g. from a config or an array) used to be
+    # rejected, while gae and the PPO losses accept any real number
+    np = pytest.importorskip("numpy")
+    logits = torch.randn(3, 5, device=device)
+    labels = torch.tensor([0, 7, 2], device=device)
+    got = fastalign.gather_logprobs(logits, labels, temperature=np.float32(0.5), ignore_index=np.int64(7),
+                                    backend=backend)
+    want = fastalign.gather_logprobs(logits, labels, temperature=0.5, ignore_index=7, backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -10,6 +10,7 @@ is saved besides the caller's own logits.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -130,14 +131,14 @@ def _check_inputs(logits, labels, temperature, ignore_index):
     # 1/T in fp32, so a T whose reciprocal overflows fp32 would turn every logprob into NaN.
     if (
         isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
+        or not isinstance(temperature, numbers.Real)  # numpy scalars too, as gae/ppo accept
         or not (temperature > 0 and math.isfinite(temperature) and 1.0 / temperature <= _FP32_MAX)
     ):
         raise ValueError(
             f"gather_logprobs: temperature must be a finite number > 0 (with 1/temperature finite in fp32), "
             f"got {temperature!r}"
         )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"gather_logprobs: ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(f"gather_logprobs: ignore_index must fit in int64, got {ignore_index}")
@@ -179,6 +180,7 @@ def gather_logprobs(
     both outputs. Inputs are never modified.
     """
     _check_inputs(logits, labels, temperature, ignore_index)
+    temperature, ignore_index = float(temperature), int(ignore_index)
     name = _backends.resolve(backend, logits.device, op="gather_logprobs")
     # Compare labels with ignore_index in int64 on every backend: an int32 comparison would wrap
     # an ignore_index outside int32 (2**40 == 0 in int32) and silently ignore real labels.

@@ -63,7 +63,7 @@ def _measure_bandwidth(device: str, quick: bool) -> dict:
     return out
 
 
-def _memory_pass(family: str, quick: bool) -> dict:
+def _memory_pass(family: str, quick: bool, match=None) -> dict:
     """CPU extra peak memory of every case of `family`, measured in a child process."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_TOP_PAD_="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +72,8 @@ def _memory_pass(family: str, quick: bool) -> dict:
         path = f.name
     try:
         cmd = [sys.executable, "-m", "benchmarks._memory", "--family", family, "--out", path] + (["--quick"] if quick else [])
+        for m in match or ():
+            cmd += ["-k", m]
         proc = subprocess.run(cmd, env=env, cwd=root)
         if proc.returncode != 0:
             return {"error": f"memory child exited with {proc.returncode}"}
@@ -89,7 +91,9 @@ def run_family(family: str, args, device: str, ctx: dict, notes: list):
         notes.append(f"{family}: skipped: {exc}")
         print(f"== {family}: skipped: {exc}", flush=True)
         return [], None
-    rounds = args.rounds or (3 if args.quick else 7)
+    if args.match:
+        cases = [c for c in cases if all(m in c.id for m in args.match)]
+    rounds = args.rounds or (3 if args.quick else 5)
     min_time = 0.002 if args.quick else 0.05
     records = []
     print(f"== {family}: {len(cases)} cases on {device}", flush=True)
@@ -97,10 +101,12 @@ def run_family(family: str, args, device: str, ctx: dict, notes: list):
         rec = case_record(case)
         t0 = time.time()
         inputs = case.make_inputs(device)
-        fns, cnotes = build_contenders(case, inputs)
+        fns, cnotes = build_contenders(case, inputs, only=[n for n in case.contenders if n not in args.skip])
+        for name in args.skip:
+            cnotes.setdefault(name, "skipped: --skip on the command line")
         first = warm_up(fns, cnotes, device)
         if device == "cpu":
-            times = time_interleaved(fns, device, case.rounds or rounds, min_time, first)
+            times = time_interleaved(fns, device, case.rounds or rounds, min_time, first, rewarm=not args.cold)
         else:
             times = time_cuda(fns, rep_ms=40 if args.quick else 100)
         for name in case.contenders:
@@ -128,7 +134,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_out", help="output directory (default bench_out/)")
     p.add_argument("--only", action="append", help=f"families to run, comma separated: {', '.join(FAMILIES)}")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when a GPU is visible)")
-    p.add_argument("--rounds", type=int, default=None, help="timing rounds per case (default 3 quick, 7 full)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds per case (default 3 quick, 5 full)")
+    p.add_argument("-k", dest="match", action="append", help="only cases whose id contains all of these substrings")
+    p.add_argument("--cold", action="store_true",
+                   help="CPU: no untimed call right before each timed one (memory re-faulted after the other contenders ran)")
+    p.add_argument("--skip", action="append", default=[], help="contender names not to run (repeatable), e.g. torch.compile")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (CPU)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
@@ -149,7 +159,9 @@ def main(argv=None) -> int:
     meta = {
         "quick": args.quick, "families": list(families), "argv": sys.argv[1:], "machine": _report.machine_info(device),
         **ctx,
-        "timing": ("CPU: contenders interleaved in shuffled rounds, median per call"
+        "timing": ("CPU: contenders interleaved in shuffled rounds, median per call, "
+                   + ("cold (no untimed call before each timed call)" if args.cold else
+                      "warm (each timed call right after an untimed call of the same contender)")
                    if device == "cpu" else "CUDA: triton.testing.do_bench median"),
         "memory": ("CPU: extra peak RSS (VmHWM - VmRSS, child process, glibc mmap threshold 64 KiB)"
                    if device == "cpu" else "CUDA: max_memory_allocated - memory_allocated before the call"),
@@ -163,7 +175,7 @@ def main(argv=None) -> int:
     if device == "cpu" and not args.no_memory and records:
         # one child process for all families: one torch import, compile caches warm
         print("== peak memory pass (child process)", flush=True)
-        mem = _memory_pass(",".join(mods), args.quick)
+        mem = _memory_pass(",".join(mods), args.quick, args.match)
         if "error" in mem:
             notes.append(f"CPU peak memory not measured: {mem['error']}")
         for rec in records:

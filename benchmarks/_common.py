@@ -172,8 +172,14 @@ def warm_up(fns: dict, notes: dict, device: str, calls: int = 2) -> dict:
     return last
 
 
-def time_interleaved(fns: dict, device: str, rounds: int, min_time: float, first: dict) -> dict:
-    """Median seconds per call of each contender, measured in interleaved rounds."""
+def time_interleaved(fns: dict, device: str, rounds: int, min_time: float, first: dict, rewarm: bool = True) -> dict:
+    """Seconds per call of each contender, one entry per round, measured in interleaved rounds.
+
+    rewarm: each timed call is preceded by one untimed call of the same contender. On a VM with a
+    memory balloon (this machine: virtio_balloon + DAMON) memory freed for more than ~1 s goes back
+    to the host and costs ~1 s/GB to touch again, so without it every contender would pay for
+    re-faulting its memory after the others ran ("cold"); with it, each timed call sees its own
+    steady state, as in a loop ("warm"). `python -m benchmarks --cold` measures the cold way."""
     inner = {n: max(1, math.ceil(min_time / max(first[n], 1e-7))) for n in fns}
     times = {n: [] for n in fns}
     rng = random.Random(0)
@@ -181,6 +187,8 @@ def time_interleaved(fns: dict, device: str, rounds: int, min_time: float, first
         order = list(fns)
         rng.shuffle(order)
         for n in order:
+            if rewarm:
+                _call_time(fns[n], device, 1)
             times[n].append(_call_time(fns[n], device, inner[n]))
     return times
 

@@ -19,6 +19,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", required=True)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("-k", dest="match", action="append")
     args = p.parse_args(argv)
     reason = cpu_rss_tracking_ok()
     if reason is not None:
@@ -32,6 +33,8 @@ def main(argv=None) -> int:
             cases += mod.cases(args.quick, "cpu")
         except Skip:
             pass
+    if args.match:
+        cases = [c for c in cases if all(m in c.id for m in args.match)]
     for case in cases:
         inputs = case.make_inputs("cpu")
         fns, notes = build_contenders(case, inputs)

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# GPU check for fastalign: build with CUDA, run the GPU tests, run the GPU benchmark sweep.
+#
+# For a GPU machine (H100/H200) with PyTorch, Triton, nvcc, pytest already installed and NO
+# internet. Finishes in under 8 minutes (each step has a time budget from one overall deadline)
+# and keeps going after a failing step (recorded in the summary). Leaves under $OUT (or
+# ./gpu_out when OUT is unset), at most 8 files:
+#   summary.md            step statuses, the targets (PASS/FAIL), the benchmark tables
+#   log.txt               every step's full output
+#   results_logprobs.json, results_other.json   the raw benchmark results
+#   logprobs.png, rl.png, preference.png, linear_logprobs.png   time and memory vs size
+#
+# Peers (TRL, Liger-Kernel) travel as wheels. Prepare them on the CPU machine, in the repo root:
+#   pip download --no-deps trl liger-kernel -d bench_wheels/     (bench_wheels/ is git-ignored)
+# They are installed there with `pip install --no-deps --no-index --target /tmp/site` (the
+# machine's own torch is never touched); missing wheels only skip those peers.
+#
+# How the lead runs it through the device tool (one call, ~8 minutes of device time):
+#   run(command="bash benchmarks/gpu_check.sh", carry=["bench_wheels"], timeout_s=540)
+# The GPU machine has its own torch: do not carry .venv or build outputs.
+#
+# GPU_CHECK_SKIP="build gpu-tests ..." skips steps by name (a dry run of the rest elsewhere);
+# GPU_CHECK_SECONDS (default 470) is the overall deadline; GPU_CHECK_BENCH_ARGS (default
+# "--device cuda") replaces the runner's device arguments. Dry run of the CPU-runnable parts:
+#   OUT=/tmp/gpu_dry PYTHON=.venv/bin/python GPU_CHECK_SKIP="build gpu-tests offset-2^31-tests" \
+#     GPU_CHECK_BENCH_ARGS="--device cpu --quick" bash benchmarks/gpu_check.sh
+#
+# Steps (budget in seconds): env (10), wheels (20), build (200), GPU tests (100), 2^31-offset
+# tests (45), benchmarks: gather_logprobs sweep (120), rl/preference/linear sweep (remaining).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+LOG=$OUT/log.txt
+SUMMARY=$OUT/summary.md
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-470}))
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+: >"$LOG"
+echo "# fastalign GPU check ($(date -u '+%Y-%m-%d %H:%M UTC'))" >"$SUMMARY"
+echo >>"$SUMMARY"
+echo "| step | status | seconds |" >>"$SUMMARY"
+echo "|---|---|---|" >>"$SUMMARY"
+
+# step NAME BUDGET CMD...: runs CMD with `timeout min(BUDGET, time left)`, logs it, records status
+step() {
+  local name=$1 budget=$2
+  shift 2
+  local left=$((DEADLINE - SECONDS))
+  case " ${GPU_CHECK_SKIP:-} " in *" $name "*)
+    echo "| $name | skipped: GPU_CHECK_SKIP | 0 |" >>"$SUMMARY"
+    return 0 ;;
+  esac
+  if [ "$left" -lt 15 ]; then
+    echo "| $name | skipped: out of time | 0 |" >>"$SUMMARY"
+    return 0
+  fi
+  [ "$budget" -gt "$left" ] && budget=$left
+  echo "===== $name (budget ${budget}s): $*" >>"$LOG"
+  local t0=$SECONDS rc
+  # bash -c: the steps are shell functions (exported below); timeout needs a program
+  timeout --kill-after=10 "$budget" bash -c '"$@"' step "$@" >>"$LOG" 2>&1
+  rc=$?
+  local status="ok"
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && status="TIMEOUT after ${budget}s"
+  [ $rc -ne 0 ] && [ "$status" = "ok" ] && status="FAILED (exit $rc)"
+  echo "===== $name: $status in $((SECONDS - t0))s" >>"$LOG"
+  echo "| $name | $status | $((SECONDS - t0)) |" >>"$SUMMARY"
+  echo "[$name] $status in $((SECONDS - t0))s"
+  return 0
+}
+
+env_report() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
+  $PY -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  $PY -c "import triton; print('triton', triton.__version__)" || true
+  nvcc --version | tail -2 || true
+}
+
+install_wheels() {
+  if ! ls bench_wheels/*.whl >/dev/null 2>&1; then
+    echo "no bench_wheels/*.whl: TRL and Liger are benchmarked only if already installed"
+    return 0
+  fi
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site bench_wheels/*.whl
+}
+
+build() {
+  # CUDA kernels for Hopper only (sm_90): the fastest build; FASTALIGN_WITH_CUDA=1 fails loudly
+  # if they cannot be built instead of silently building a CPU-only extension.
+  if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no GPU visible: not rebuilding (this would replace a CPU machine's build of _C)"
+    return 1
+  fi
+  rm -rf build fastalign/_C*.so
+  FASTALIGN_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace &&
+    $PY -m fastalign info
+}
+
+gpu_tests() {
+  # every test parametrized on a GPU backend (ids cuda-cuda, triton-cuda) and the GPU-only tests
+  $PY -m pytest -q --timeout=120 -m "not slow" -k "cuda or gpu" -p no:cacheprovider tests/ 2>&1 | tail -40
+  return "${PIPESTATUS[0]}"
+}
+
+offset_tests() {
+  $PY -m pytest -q --timeout=60 -m slow -k "offsets_beyond_2_pow_31" -p no:cacheprovider tests/ 2>&1 | tail -15
+  return "${PIPESTATUS[0]}"
+}
+
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PY
+export -f env_report install_wheels build gpu_tests offset_tests
+step env 10 env_report
+step wheels 20 install_wheels
+step build 200 build
+step gpu-tests 100 gpu_tests
+step offset-2^31-tests 45 offset_tests
+B1=$(mktemp -d)
+B2=$(mktemp -d)
+BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:---device cuda}
+step bench-logprobs 120 $PY -m benchmarks $BENCH_ARGS --only logprobs --out "$B1"
+step bench-rl-preference-linear 120 $PY -m benchmarks $BENCH_ARGS --only rl,preference,linear_logprobs \
+  --skip torch.compile --out "$B2"
+
+for d in "$B1" "$B2"; do
+  if [ -f "$d/results.md" ]; then
+    { echo; cat "$d/results.md"; } >>"$SUMMARY"
+  fi
+done
+[ -f "$B1/results.json" ] && cp "$B1/results.json" "$OUT/results_logprobs.json"
+[ -f "$B2/results.json" ] && cp "$B2/results.json" "$OUT/results_other.json"
+for f in "$B1"/*.png "$B2"/*.png; do
+  [ -f "$f" ] && cp "$f" "$OUT/"
+done
+echo
+echo "GPU check done in ${SECONDS}s; summary:"
+cat "$SUMMARY"

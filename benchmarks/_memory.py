@@ -37,7 +37,9 @@ def main(argv=None) -> int:
         cases = [c for c in cases if all(m in c.id for m in args.match)]
     for case in cases:
         inputs = case.make_inputs("cpu")
-        fns, notes = build_contenders(case, inputs)
+        # --quick (CI smoke): no second round of Inductor compilations in this child
+        fns, notes = build_contenders(case, inputs, only=[n for n in case.contenders
+                                                          if not (args.quick and n == "torch.compile")])
         row = {}
         for name, fn in fns.items():
             one = {name: fn}

@@ -124,7 +124,9 @@ def contenders(device: str) -> tuple[dict, tuple]:
 def shapes(quick: bool, device: str):
     """(tokens, V, dtype, modes) sweep."""
     if quick:
-        return [(64, 1000, "fp32", ("fwd", "fwd+bwd"), (False, True)), (64, 1000, "bf16", ("fwd+bwd",), (False,))]
+        # every contender's code paths: fwd without entropy, fwd+bwd through both outputs, bf16
+        return [(64, 1000, "fp32", ("fwd",), (False,)), (64, 1000, "fp32", ("fwd+bwd",), (True,)),
+                (64, 1000, "bf16", ("fwd+bwd",), (False,))]
     if device.startswith("cuda"):
         return [
             (4096, 32000, "bf16", ("fwd", "fwd+bwd"), (False, True)),
@@ -132,13 +134,13 @@ def shapes(quick: bool, device: str):
             (8192, 151936, "bf16", ("fwd", "fwd+bwd"), (False, True)),
             (4096, 32000, "fp32", ("fwd", "fwd+bwd"), (False,)),
         ]
+    # CPU: modest (a shared 2-core machine); 4096 x 32000 fp32 is the issue-2 target shape
     return [
         (1024, 32000, "fp32", ("fwd", "fwd+bwd"), (False, True)),
         (4096, 32000, "fp32", ("fwd", "fwd+bwd"), (False, True)),
-        (1024, 32000, "bf16", ("fwd", "fwd+bwd"), (False,)),
-        (4096, 32000, "bf16", ("fwd", "fwd+bwd"), (False, True)),
+        (4096, 32000, "bf16", ("fwd", "fwd+bwd"), (False,)),
         (1024, 128256, "fp32", ("fwd", "fwd+bwd"), (False,)),
-        (1024, 128256, "bf16", ("fwd", "fwd+bwd"), (False,)),
+        (1024, 128256, "bf16", ("fwd",), (False,)),
     ]
 
 

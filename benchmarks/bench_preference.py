@@ -72,7 +72,7 @@ def _fa_composed(backend):
         n = pol.shape[0] // 2
 
         def f():
-            p, r = seq(pol, mask), seq(ref, mask)
+            p, r = seq(pol, mask, backend=backend), seq(ref, mask, backend=backend)
             return dpo(p[:n], p[n:], r[:n], r[n:], beta=BETA, loss_type="sigmoid", backend=backend)
 
         return _runner(inp, f)

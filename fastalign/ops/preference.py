@@ -335,6 +335,11 @@ def dpo_loss(
     +g for chosen and ref_rejected, -g for rejected and ref_chosen); pass detached reference
     log-probs for the usual frozen reference. Fused backends: one kernel forward, one backward.
     A loss type without a kernel (a plugin) runs its torch formula on every backend.
+
+    Where peers differ: label_smoothing under "sigmoid" is conservative DPO here (as in OpenRLHF
+    and older TRL; current TRL ignores it, i.e. use 0.0 to match it). "ipo" takes the log-probs
+    as given: TRL averages them over tokens (pass sequence_logps(..., reduce="mean"), or use
+    dpo_loss_from_tokens(..., average_log_prob=True)), OpenRLHF passes sums.
     """
     op = "dpo_loss"
     names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")

@@ -8,6 +8,7 @@ from fastalign._backends import backends
 from fastalign.ops.gae import gae
 from fastalign.ops.kl import kl_penalty, masked_whiten
 from fastalign.ops.logprobs import gather_logprobs
+from fastalign.ops.linear_logprobs import linear_gather_logprobs
 from fastalign.ops.ppo import ppo_policy_loss, ppo_value_loss
 from fastalign.ops.preference import dpo_loss, dpo_loss_from_tokens, register_dpo_loss_type, reward_loss, sequence_logps
 
@@ -26,6 +27,6 @@ def __getattr__(name):
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastalign' has no attribute {name!r}")
 
-__all__ = ["__version__", "backends", "gae", "gather_logprobs", "kl_penalty", "masked_whiten",
+__all__ = ["__version__", "backends", "gae", "gather_logprobs", "linear_gather_logprobs", "kl_penalty", "masked_whiten",
            "ppo_policy_loss", "ppo_value_loss",
            "dpo_loss", "dpo_loss_from_tokens", "register_dpo_loss_type", "reward_loss", "sequence_logps"]

@@ -239,3 +239,32 @@ def reward_loss(chosen_scores, rejected_scores, margin=None):
     if margin is not None:
         d = d - (margin.float() if isinstance(margin, torch.Tensor) else float(margin))
     return -_logsigmoid(d).mean()
+
+
+# ---- linear_gather_logprobs (fastalign.ops.linear_logprobs) ----------------------------------
+
+
+def linear_gather_logprobs(hidden, weight, bias, labels, temperature=1.0, ignore_index=-100,
+                           return_entropy=False, chunk_size=1024):
+    """gather_logprobs(hidden @ weight.T + bias, labels) computed `chunk_size` tokens at a time.
+
+    hidden [N, H], weight [V, H], bias [V] or None, labels [N] int64 (valid). Each chunk's logits
+    are recomputed in the backward (activation checkpointing), so only one chunk's [chunk, V]
+    logits are alive at a time; the math is the plain eager reference's.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(h, w, b, lab):
+        logits = h @ w.T if b is None else torch.addmm(b, h, w.T)
+        res = gather_logprobs(logits, lab, temperature, ignore_index, return_entropy)
+        return res if return_entropy else (res,)
+
+    outs = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        outs.append(checkpoint(chunk, hidden[sl], weight, bias, labels[sl], use_reentrant=False))
+    if not outs:  # no tokens
+        empty = hidden.new_zeros((0,), dtype=torch.float32)
+        return (empty, empty.clone()) if return_entropy else empty
+    cols = [torch.cat(c) for c in zip(*outs)]
+    return tuple(cols) if return_entropy else cols[0]

@@ -1,0 +1,312 @@
+"""linear_gather_logprobs: token log-probabilities (and entropy) straight from the hidden states
+and the LM head, without ever holding the [tokens, V] logits.
+
+Design: the tokens are cut into tiles of `chunk_size` rows. Forward, per tile: logits_tile =
+hidden_tile @ weight.T (+ bias) with torch.mm/addmm (MKL / oneDNN / cuBLAS) into one reused
+buffer, then the backend's fused gather_logprobs forward op (fastalign/ops/logprobs.py) on the
+tile; only the per-token outputs and row_stats (max z, log sum exp(z - max)) are kept. Backward,
+per tile: the logits are recomputed (the only extra matmul), the backend's fused gather_logprobs
+backward op turns them into grad_logits_tile, and
+
+    grad_hidden_tile  = grad_logits_tile @ weight
+    grad_weight      += grad_logits_tile.T @ hidden_tile   (fp32 accumulator)
+    grad_bias        += grad_logits_tile.sum(0)            (fp32 accumulator)
+
+Tiles whose labels are all ignore_index (prompt tokens) are skipped in both passes. Memory
+beyond the inputs, outputs and gradients is two tiles (logits and grad_logits), whatever the
+number of tokens. The tiling lives in one custom op pair (fastalign_py::linear_gather_logprobs_
+{fwd,bwd}) with fake implementations, so torch.compile(fullgraph=True) and opcheck see it as
+one opaque op; the backend ("cpp", "cuda", "triton") is an argument of the pair. The "torch"
+backend is kernels/reference.linear_gather_logprobs (the eager math, checkpointed per tile).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastalign import _backends
+from fastalign.kernels import reference
+from fastalign.ops import logprobs as _lp
+from fastalign.ops._register import register_fused
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SUPPORTED = ("torch", "cpp", "cuda", "triton")
+
+# Bytes of one tile of logits that the automatic chunk size aims at. CPU: 32 MiB keeps the
+# matmuls at full speed (>= 256 rows at V = 32k) while the two live tiles stay small next to
+# the gradients; GPU: larger tiles feed the GEMMs better and are still far below the full logits.
+_CPU_TILE_BYTES = 32 * 2**20
+_GPU_TILE_BYTES = 512 * 2**20
+
+
+def auto_chunk_size(tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Token rows per tile: the largest multiple of 64 (or all tokens) whose [rows, V] logits
+    fit the tile budget of the device; at least 1."""
+    budget = _GPU_TILE_BYTES if device.type == "cuda" else _CPU_TILE_BYTES
+    elem = torch.empty((), dtype=dtype).element_size()
+    rows = max(1, budget // max(1, vocab * elem))
+    if rows >= 64:
+        rows -= rows % 64
+    return int(max(1, min(rows, tokens)))
+
+
+def _gather_ops(backend: str):
+    return _lp._triton_ops() if backend == "triton" else _lp._FUSED[backend]
+
+
+def _tiles(labels: torch.Tensor, chunk: int, ignore_index: int):
+    """(start, end) of every tile that holds at least one label that is not ignore_index.
+    One host sync for all tiles (not one per tile)."""
+    n = labels.shape[0]
+    if n == 0:
+        return []
+    starts = list(range(0, n, chunk))
+    valid = labels != ignore_index
+    pad = (-n) % chunk
+    if pad:
+        valid = torch.cat([valid, valid.new_zeros(pad)])
+    keep = valid.view(-1, chunk).any(1).tolist()
+    return [(s, min(s + chunk, n)) for s, k in zip(starts, keep) if k]
+
+
+def _tile_logits(hidden, weight, bias, s, e, buf):
+    """hidden[s:e] @ weight.T (+ bias) written into (a view of) the reused buffer."""
+    out = buf[: e - s]
+    if bias is None:
+        return torch.mm(hidden[s:e], weight.t(), out=out)
+    return torch.addmm(bias, hidden[s:e], weight.t(), out=out)
+
+
+# ---- the custom op pair -----------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastalign_py::linear_gather_logprobs_fwd", mutates_args=())
+def _fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    backend: str,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden [N, H], weight [V, H], bias [V] or None, labels [N] int64 (valid). Returns fp32
+    (logprobs [N], entropy [N] or [0], row_stats [N, 2]); 0 at skipped (all-ignored) tiles."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    fwd, _ = _gather_ops(backend)
+    logprobs = hidden.new_zeros((n,), dtype=torch.float32)
+    entropy = hidden.new_zeros((n if with_entropy else 0,), dtype=torch.float32)
+    row_stats = hidden.new_zeros((n, 2), dtype=torch.float32)
+    tiles = _tiles(labels, chunk_size, ignore_index)
+    if tiles:
+        buf = hidden.new_empty((min(chunk_size, n), vocab))
+    for s, e in tiles:
+        logits = _tile_logits(hidden, weight, bias, s, e, buf)
+        lp, ent, rs = fwd(logits, labels[s:e], temperature, ignore_index, with_entropy)
+        logprobs[s:e] = lp
+        row_stats[s:e] = rs
+        if with_entropy:
+            entropy[s:e] = ent
+    return logprobs, entropy, row_stats
+
+
+@torch.library.custom_op("fastalign_py::linear_gather_logprobs_bwd", mutates_args=())
+def _bwd(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    row_stats: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_hidden [N, H] or [0], grad_weight [V, H] or [0], grad_bias [V] or [0]) in the dtypes
+    of hidden/weight/bias; a gradient not asked for (need_* False) comes back empty."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    _, bwd = _gather_ops(backend)
+    fp32 = weight.dtype == torch.float32
+    grad_hidden = hidden.new_zeros(hidden.shape) if need_hidden else hidden.new_empty((0,))
+    # fp32 accumulators across tiles; for fp32 inputs the result tensor is the accumulator.
+    gw_acc = weight.new_zeros(weight.shape, dtype=torch.float32) if need_weight else None
+    gb_acc = weight.new_zeros((vocab,), dtype=torch.float32) if need_bias else None
+    tiles = _tiles(labels, chunk_size, ignore_index)
+    if tiles:
+        buf = hidden.new_empty((min(chunk_size, n), vocab))
+    for s, e in tiles:
+        logits = _tile_logits(hidden, weight, bias, s, e, buf)
+        g_ent = grad_entropy[s:e] if grad_entropy is not None else None
+        ent = entropy[s:e] if grad_entropy is not None else None
+        # grad of the tile's logits, in the logits' dtype (as eager autograd would give it)
+        grad_logits = bwd(grad_logprobs[s:e], g_ent, logits, labels[s:e], row_stats[s:e], ent, temperature, ignore_index)
+        if need_hidden:
+            torch.mm(grad_logits, weight, out=grad_hidden[s:e])
+        if need_weight:
+            if fp32:
+                gw_acc.addmm_(grad_logits.t(), hidden[s:e])
+            else:  # low-precision GEMM (fp32 accumulation inside), summed across tiles in fp32
+                gw_acc += torch.mm(grad_logits.t(), hidden[s:e])
+        if need_bias:
+            gb_acc += grad_logits.sum(0, dtype=torch.float32)
+        del grad_logits
+    grad_weight = gw_acc.to(weight.dtype) if need_weight else weight.new_empty((0,))
+    grad_bias = gb_acc.to(bias.dtype) if need_bias else weight.new_empty((0,))
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, chunk_size):
+    n = hidden.shape[0]
+    return (
+        hidden.new_empty((n,), dtype=torch.float32),
+        hidden.new_empty((n if with_entropy else 0,), dtype=torch.float32),
+        hidden.new_empty((n, 2), dtype=torch.float32),
+    )
+
+
+def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats, entropy, temperature,
+              ignore_index, backend, chunk_size, need_hidden, need_weight, need_bias):
+    return (
+        hidden.new_empty(hidden.shape if need_hidden else (0,)),
+        weight.new_empty(weight.shape if need_weight else (0,)),
+        weight.new_empty((weight.shape[0],) if need_bias else (0,), dtype=bias.dtype if bias is not None else weight.dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, chunk_size = inputs
+    _, entropy, row_stats = output
+    ctx.save_for_backward(hidden, weight, bias, labels, row_stats, entropy)
+    ctx.args = (temperature, ignore_index, with_entropy, backend, chunk_size)
+
+
+def _backward(ctx, bwd, grad_logprobs, grad_entropy, _grad_row_stats):
+    hidden, weight, bias, labels, row_stats, entropy = ctx.saved_tensors
+    temperature, ignore_index, with_entropy, backend, chunk_size = ctx.args
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and bias is not None
+    if not (need_h or need_w or need_b):
+        return (None,) * 9
+    if grad_logprobs is None:
+        grad_logprobs = row_stats.new_zeros(row_stats.shape[0])
+    if not with_entropy:
+        grad_entropy = None
+    gh, gw, gb = bwd(
+        grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats,
+        entropy if grad_entropy is not None else None, temperature, ignore_index, backend, chunk_size,
+        need_h, need_w, need_b,
+    )
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 6
+
+
+register_fused(_fwd, _bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_backward)
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+
+def _check_inputs(hidden, weight, bias, labels, chunk_size):
+    op = "linear_gather_logprobs"
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: bias must be a tensor or None, got {type(bias).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{op}: weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if bias is not None and bias.dtype != hidden.dtype:
+        raise TypeError(f"{op}: bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: labels must be int32 or int64, got {labels.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError(f"{op}: hidden must have shape [..., H], got a 0-dim tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{op}: weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{op}: labels must have the shape of hidden without its last dim: hidden {tuple(hidden.shape)} "
+            f"needs labels {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias), ("labels", labels)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but hidden on {hidden.device}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be None (automatic) or an int >= 1, got {chunk_size!r}")
+    if labels.numel() > 0 and weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight has an empty vocabulary (V = 0)")
+
+
+# ---- public op --------------------------------------------------------------------------------
+
+
+def linear_gather_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+):
+    """`gather_logprobs(hidden @ weight.T + bias, labels, ...)` without the [tokens, V] logits.
+
+    hidden `[..., H]` and weight `[V, H]` (and bias `[V]`) of one dtype, fp32/bf16/fp16; labels
+    `[...]` int32/int64. Returns fp32 log-probabilities of shape labels.shape (and the entropy
+    with `return_entropy=True`); positions whose label is `ignore_index` give 0 and no gradient.
+    Gradients flow to hidden, weight and bias (in their dtypes) from both outputs. Inputs are
+    never modified.
+
+    The tokens are processed `chunk_size` at a time: peak memory beyond the inputs, outputs and
+    gradients is about two [chunk_size, V] tiles. `chunk_size=None` picks it from V and the
+    device (tiles of ~32 MiB on the CPU, ~512 MiB on a GPU, see `auto_chunk_size`); pass an int
+    to override. Each tile's logits are recomputed in the backward (one extra matmul). bf16/fp16
+    logits tiles are rounded to the input dtype, as in the eager `hidden @ weight.T`.
+
+    FSDP / tensor-parallel weights: pass the full, unsharded [V, H] weight. With FSDP2
+    (`fully_shard`), call this inside the forward of the module that owns the LM head (e.g. a
+    wrapper module around `lm_head` whose forward takes the hidden states), where FSDP has
+    all-gathered the parameter, and pass `self.lm_head.weight`; gradients then reduce-scatter as
+    usual. Outside such a forward, a DTensor weight must be gathered explicitly with
+    `weight.full_tensor()` (differentiable), which holds the full weight for the call.
+    """
+    _check_inputs(hidden, weight, bias, labels, chunk_size)
+    _lp._check_inputs(hidden[..., :1], labels, temperature, ignore_index)  # temperature / ignore_index rules
+    name = _backends.resolve(backend, hidden.device, supported=_SUPPORTED, op="linear_gather_logprobs")
+    vocab, hsize = weight.shape
+    n = labels.numel()
+    labels64 = labels.to(torch.int64).reshape(n)
+    rows = hidden.reshape(n, hsize)
+    _lp.check_label_range(labels64, vocab, ignore_index)
+    chunk = chunk_size if chunk_size is not None else auto_chunk_size(n, vocab, hidden.dtype, hidden.device)
+    if name == "torch":
+        res = reference.linear_gather_logprobs(
+            rows, weight, bias, labels64, temperature, ignore_index, return_entropy, chunk_size=max(1, chunk)
+        )
+        lp, ent = res if return_entropy else (res, None)
+    else:
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        lp, ent, _ = _fwd(rows, weight, bias, labels64, float(temperature), int(ignore_index),
+                          bool(return_entropy), name, int(chunk))
+    lp = lp.view(labels.shape)
+    return (lp, ent.view(labels.shape)) if return_entropy else lp

@@ -135,8 +135,9 @@ __global__ void __launch_bounds__(kThreads) fwd_rows_kernel(const scalar_t* __re
   }
   block_sum<kParts>(acc);
   if (threadIdx.x == 0) {
+    const int64_t row = blockIdx.x;  // 64-bit: blockIdx.x * kParts in unsigned int wraps past 2^32 / 5 rows
 #pragma unroll
-    for (int k = 0; k < kParts; ++k) parts[blockIdx.x * kParts + k] = acc[k];
+    for (int k = 0; k < kParts; ++k) parts[row * kParts + k] = acc[k];
   }
 }
 

@@ -83,7 +83,7 @@ def _memory_pass(family: str, quick: bool, match=None) -> dict:
         os.unlink(path)
 
 
-def run_family(family: str, args, device: str, ctx: dict, notes: list):
+def run_family(family: str, args, device: str, ctx: dict, notes: list, checkpoint=None):
     mod = importlib.import_module(f"benchmarks.bench_{family}")
     try:
         cases = mod.cases(args.quick, device)
@@ -121,6 +121,8 @@ def run_family(family: str, args, device: str, ctx: dict, notes: list):
         if device != "cpu":
             torch.cuda.empty_cache()
         records.append(rec)
+        if checkpoint is not None:
+            checkpoint(records)
         print(f"  {case.id}  ({time.time() - t0:.1f}s)", flush=True)
         for name, c in rec["contenders"].items():
             print(f"    {name:20s} " + (fmt_time(c["median_s"]) if "median_s" in c else c["note"]), flush=True)
@@ -167,8 +169,16 @@ def main(argv=None) -> int:
                    if device == "cpu" else "CUDA: max_memory_allocated - memory_allocated before the call"),
     }
     records, targets, notes, mods = [], [], [], {}
+
+    def checkpoint(recs_so_far):
+        """results.json/.md after every case, so a run cut short (a timeout) still leaves them"""
+        done = records + recs_so_far
+        _report.write_json(os.path.join(args.out, "results.json"), meta, done, [], notes + ["partial run"])
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(_report.markdown(meta, done, [], notes + ["partial run (cut short?)"]))
+
     for fam in families:
-        recs, mod = run_family(fam, args, device, ctx, notes)
+        recs, mod = run_family(fam, args, device, ctx, notes, checkpoint)
         records += recs
         if mod is not None:
             mods[fam] = (mod, recs)

@@ -54,10 +54,13 @@ def _inputs(tokens, vocab, dtype, entropy, backward, seq=512):
     return make
 
 
-def _runner(inp, f):
+def _runner(inp, f, own_copy=False):
     """fn() for one call of f(logits, labels) (-> logprobs or (logprobs, entropy)), plus the
-    backward (autograd.grad, fresh gradients) in fwd+bwd mode."""
+    backward (autograd.grad, fresh gradients) in fwd+bwd mode. own_copy: the contender gets its
+    own copy of the logits (for one that writes into its input)."""
     x, labels = inp["logits"], inp["labels"]
+    if own_copy:
+        x = x.detach().clone().requires_grad_(x.requires_grad)
     if not inp["backward"]:
         def fwd():
             with torch.no_grad():
@@ -107,7 +110,9 @@ def _liger(inp):
     def f(x, labels):  # per-token loss = -logprob
         return -ce(x.reshape(-1, vocab), labels.reshape(-1), reduction="none").view(labels.shape)
 
-    return _runner(inp, f)
+    # Liger's forward writes the gradient into its input's buffer: give it its own logits so
+    # the other contenders keep theirs
+    return _runner(inp, f, own_copy=True)
 
 
 def contenders(device: str) -> tuple[dict, tuple]:
@@ -128,10 +133,11 @@ def shapes(quick: bool, device: str):
         return [(64, 1000, "fp32", ("fwd",), (False,)), (64, 1000, "fp32", ("fwd+bwd",), (True,)),
                 (64, 1000, "bf16", ("fwd+bwd",), (False,))]
     if device.startswith("cuda"):
+        # the issue-8 target shape first: measured even if the GPU script's time runs out
         return [
+            (8192, 151936, "bf16", ("fwd", "fwd+bwd"), (False, True)),
             (4096, 32000, "bf16", ("fwd", "fwd+bwd"), (False, True)),
             (8192, 128256, "bf16", ("fwd", "fwd+bwd"), (False,)),
-            (8192, 151936, "bf16", ("fwd", "fwd+bwd"), (False, True)),
             (4096, 32000, "fp32", ("fwd", "fwd+bwd"), (False,)),
         ]
     # CPU: modest (a shared 2-core machine); 4096 x 32000 fp32 is the issue-2 target shape
@@ -152,7 +158,7 @@ def cases(quick: bool, device: str) -> list[Case]:
             for ent in entropies:
                 params = {"tokens": tokens, "V": vocab, "dtype": dtype, "entropy": ent}
                 cc = conts
-                if device.startswith("cuda") and (tokens, vocab) != (8192, 151936):
+                if device.startswith("cuda") and ((tokens, vocab) != (8192, 151936) or ent):
                     # GPU script time budget: Inductor compiles only for the target shape
                     cc = {k: v for k, v in conts.items() if k != "torch.compile"}
                 out.append(Case(

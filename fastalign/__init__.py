@@ -6,6 +6,7 @@ One Python API over four backends (eager torch, C++ CPU, CUDA, Triton); see DESI
 
 from fastalign._backends import backends
 from fastalign.ops.gae import gae
+from fastalign.ops.grpo import group_advantages
 from fastalign.ops.kl import kl_penalty, masked_whiten
 from fastalign.ops.logprobs import gather_logprobs
 from fastalign.ops.linear_logprobs import linear_gather_logprobs
@@ -27,6 +28,6 @@ def __getattr__(name):
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastalign' has no attribute {name!r}")
 
-__all__ = ["__version__", "backends", "gae", "gather_logprobs", "linear_gather_logprobs", "kl_penalty", "masked_whiten",
+__all__ = ["__version__", "backends", "gae", "group_advantages", "gather_logprobs", "linear_gather_logprobs", "kl_penalty", "masked_whiten",
            "ppo_policy_loss", "ppo_value_loss",
            "dpo_loss", "dpo_loss_from_tokens", "register_dpo_loss_type", "reward_loss", "sequence_logps"]

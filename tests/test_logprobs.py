@@ -396,3 +396,13 @@ def test_numpy_scalars_are_accepted_like_python_numbers(backend, device):
                                     backend=backend)
     want = fastalign.gather_logprobs(logits, labels, temperature=0.5, ignore_index=7, backend=backend)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_label_error_names_the_same_index_on_every_backend(backend, device):
+    # cpp named the flattened row (labels[4]), triton/cuda too, torch the caller's index (labels[1, 1])
+    logits = torch.randn(2, 3, 7, device=device)
+    labels = torch.zeros(2, 3, dtype=torch.long, device=device)
+    labels[1, 1] = 9
+    with pytest.raises(IndexError, match=r"labels\[1, 1\] = 9 is outside \[0, 7\)"):
+        fastalign.gather_logprobs(logits, labels, backend=backend)

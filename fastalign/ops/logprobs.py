@@ -185,8 +185,10 @@ def gather_logprobs(
     # Compare labels with ignore_index in int64 on every backend: an int32 comparison would wrap
     # an ignore_index outside int32 (2**40 == 0 in int32) and silently ignore real labels.
     labels64 = labels.to(torch.int64)
+    # One check for every backend, on the caller's shape, so the error names the same index
+    # everywhere (the C++ kernels' own check would name the flattened row); O(tokens), not O(tokens x V).
+    check_label_range(labels64, logits.shape[-1], ignore_index)
     if name == "torch":
-        check_label_range(labels64, logits.shape[-1], ignore_index)
         return reference.gather_logprobs(logits, labels64, temperature, ignore_index, return_entropy)
 
     fwd, _ = _triton_ops() if name == "triton" else _FUSED[name]
@@ -195,8 +197,6 @@ def gather_logprobs(
     if rows.stride(-1) != 1 and vocab > 1:
         rows = rows.contiguous()
     flat_labels = labels64.reshape(-1)
-    if name != "cpp":  # the CPU kernel checks the range itself, for free
-        check_label_range(flat_labels, vocab, ignore_index)
     logprobs, entropy, _ = fwd(rows, flat_labels, float(temperature), int(ignore_index), bool(return_entropy))
     logprobs = logprobs.view(labels.shape)
     return (logprobs, entropy.view(labels.shape)) if return_entropy else logprobs

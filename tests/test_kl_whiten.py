@@ -209,7 +209,8 @@ def test_whiten_bad_inputs():
         w(x, None)
     with pytest.raises(ValueError, match="mask is on meta but x on cpu"):
         w(x, m.to("meta"))
-    for eps in (0.0, -1e-8, float("nan"), float("inf"), True):
+    # 1e-300 / 1e300 are finite in Python but 0 / inf in fp32 (NaN, or all-zero output, before)
+    for eps in (0.0, -1e-8, float("nan"), float("inf"), True, 1e-300, 1e300):
         with pytest.raises(ValueError, match="eps must be a finite number > 0"):
             w(x, m, eps=eps)
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -85,8 +85,14 @@ def masked_whiten(
         raise ValueError(f"masked_whiten: mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
     if mask.device != x.device:
         raise ValueError(f"masked_whiten: mask is on {mask.device} but x on {x.device}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps > 0 and math.isfinite(eps)):
-        # eps = 0 would turn a zero variance (all masked entries equal) into 0 * inf = NaN
-        raise ValueError(f"masked_whiten: eps must be a finite number > 0, got {eps!r}")
+    # eps = 0 would turn a zero variance (all masked entries equal) into 0 * inf = NaN. The math is
+    # fp32, so eps must also be > 0 and finite *as fp32*: 1e-300 rounds to 0 (NaN again) and
+    # 1e300 to inf (every output silently 0).
+    if (
+        isinstance(eps, bool)
+        or not isinstance(eps, numbers.Real)
+        or not (math.isfinite(eps) and 0 < float(torch.tensor(float(eps), dtype=torch.float32)) < math.inf)
+    ):
+        raise ValueError(f"masked_whiten: eps must be a finite number > 0 (also in fp32), got {eps!r}")
     _backends.resolve(backend, x.device, op="masked_whiten")
     return reference.masked_whiten(x, mask, bool(shift_mean), float(eps))

@@ -84,12 +84,16 @@ def _fake_seq_bwd(grad, x, mask, mean):
     return torch.empty_like(x)
 
 
+# Tensors go through save_for_backward (an output kept as a ctx attribute would form a reference
+# cycle output -> grad_fn -> ctx -> output).
 def _seq_setup(ctx, inputs, output):
-    ctx.x, ctx.mask, ctx.mean = inputs[0], inputs[1], inputs[2]
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.mean = inputs[2]
 
 
 def _seq_backward(ctx, bwd, grad):
-    return bwd(grad, ctx.x, ctx.mask, ctx.mean), None, None
+    x, mask = ctx.saved_tensors
+    return bwd(grad, x, mask, ctx.mean), None, None
 
 
 def _fake_dpo_fwd(c, r, rc, rr, beta, loss_type, eps):
@@ -101,13 +105,14 @@ def _fake_dpo_bwd(grad, c, r, rc, rr, beta, loss_type, eps):
 
 
 def _dpo_setup(ctx, inputs, output):
-    ctx.inputs = inputs
+    ctx.save_for_backward(*inputs[:4])
+    ctx.args = inputs[4:]
 
 
 def _dpo_backward(ctx, bwd, grad_losses, _grad_cw, _grad_rw):
     # rewards are detached in the public function: only the losses carry a gradient.
-    c, r, rc, rr, beta, loss_type, eps = ctx.inputs
-    g = bwd(grad_losses, c, r, rc, rr, beta, loss_type, eps)  # dL/d chosen = dL/d delta
+    c, r, rc, rr = ctx.saved_tensors
+    g = bwd(grad_losses, c, r, rc, rr, *ctx.args)  # dL/d chosen = dL/d delta
     pos, neg = g.to(c.dtype), (-g).to(c.dtype)
     return pos, neg, neg, pos, None, None, None
 
@@ -125,13 +130,14 @@ def _fake_tok_bwd(grad, grad_seq, pseq, rseq, pol, mask, beta, loss_type, eps, m
 
 def _tok_setup(ctx, inputs, output):
     pol, _ref, mask, beta, loss_type, eps, mean = inputs
-    ctx.pol, ctx.mask, ctx.args = pol, mask, (beta, loss_type, eps, mean)
-    ctx.pseq, ctx.rseq = output[3], output[4]
+    ctx.save_for_backward(pol, mask, output[3], output[4])
+    ctx.args = (beta, loss_type, eps, mean)
 
 
 def _tok_backward(ctx, bwd, grad_losses, _g_cw, _g_rw, grad_pseq, _g_rseq):
     # the reference token log-probs are frozen (detached in the public function): no gradient.
-    g = bwd(grad_losses, grad_pseq, ctx.pseq, ctx.rseq, ctx.pol, ctx.mask, *ctx.args)
+    pol, mask, pseq, rseq = ctx.saved_tensors
+    g = bwd(grad_losses, grad_pseq, pseq, rseq, pol, mask, *ctx.args)
     return g, None, None, None, None, None, None
 
 

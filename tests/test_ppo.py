@@ -528,6 +528,11 @@ def test_parameters_must_be_finite_in_fp32_and_agg_a_string(backend, device):
         pl(x, y, z, mask, agg=["token-mean"], backend=backend)
     with pytest.raises(ValueError, match="agg must be one of"):
         vl(x, y, z, mask, agg=None, backend=backend)
+    # positive but 0 in fp32: "no tokens" (loss 0) on cuda, a huge loss on cpp
+    with pytest.raises(ValueError, match="global_count must be None, 0 or a finite number"):
+        pl(x, y, z, mask, global_count=1e-300, backend=backend)
+    with pytest.raises(ValueError, match="horizon must be None or a finite number"):
+        vl(x, y, z, mask, agg="seq-mean-token-sum-norm", horizon=1e-300, backend=backend)
 
 
 @pytest.mark.skipif(not fastalign.backends()["triton"]["usable"], reason="Triton not usable here")

@@ -139,6 +139,7 @@ def _fused_ops(loss: str, backend: str):
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
+_FP32_TINY = torch.finfo(torch.float32).tiny
 
 
 def _is_number(x) -> bool:
@@ -171,10 +172,14 @@ def _check_tensors(op: str, names, tensors, mask) -> None:
 def _check_agg(op: str, agg, global_count, horizon) -> None:
     if not isinstance(agg, str) or agg not in _AGG_CODE:  # (an unhashable agg raised TypeError)
         raise ValueError(f"{op}: agg must be one of {AGG_MODES}, got {agg!r}")
-    if global_count is not None and not (_is_number(global_count) and global_count >= 0):
-        raise ValueError(f"{op}: global_count must be None or a finite number >= 0, got {global_count!r}")
-    if horizon is not None and not (_is_number(horizon) and horizon > 0):
-        raise ValueError(f"{op}: horizon must be None or a finite number > 0, got {horizon!r}")
+    # Positive values below fp32's smallest normal would be 0 in the CUDA finalize (fp32) but not in
+    # the C++ one (double): "no tokens" (loss 0) on one backend, a huge loss on the other.
+    if global_count is not None and not (
+        _is_number(global_count) and (global_count == 0 or global_count >= _FP32_TINY)
+    ):
+        raise ValueError(f"{op}: global_count must be None, 0 or a finite number >= {_FP32_TINY}, got {global_count!r}")
+    if horizon is not None and not (_is_number(horizon) and horizon >= _FP32_TINY):
+        raise ValueError(f"{op}: horizon must be None or a finite number >= {_FP32_TINY}, got {horizon!r}")
 
 
 def _prepare(tensors, mask):

@@ -51,8 +51,9 @@ def group_advantages(
         raise ValueError(f"group_advantages: the number of scores ({n}) must be a multiple of group_size ({group_size})")
     if scale not in _SCALES:
         raise ValueError(f"group_advantages: scale must be one of {_SCALES}, got {scale!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"group_advantages: eps must be a finite number >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps > 0 and math.isfinite(eps)):
+        # eps = 0 would turn a group of equal scores (std 0) into 0 / 0 = NaN
+        raise ValueError(f"group_advantages: eps must be a finite number > 0, got {eps!r}")
     if scale == "group" and group_size < 2:
         raise ValueError("group_advantages: scale='group' needs group_size >= 2 (one sample has no std); "
                          "use scale='none' or 'batch'")

@@ -224,9 +224,11 @@ def test_verl_whiten_logprobs_entropy(backend):
         torch.testing.assert_close(verl.masked_whiten(x, m, shift), _peer_whiten(x, m, shift, mean_eps=1e-8), **TOL)
     logits, labels = torch.randn(3, 7, 50), torch.randint(0, 50, (3, 7))
     lsm = logits.log_softmax(-1)
-    torch.testing.assert_close(verl.logprobs_from_logits(logits, labels), lsm.gather(-1, labels[..., None])[..., 0], **TOL)
+    want_lp = lsm.gather(-1, labels[..., None])[..., 0]
+    torch.testing.assert_close(verl.logprobs_from_logits(logits, labels), want_lp, **TOL)
     p = logits.softmax(-1)
-    torch.testing.assert_close(verl.entropy_from_logits(logits), torch.logsumexp(logits, -1) - (p * logits).sum(-1), **TOL)
+    want_ent = torch.logsumexp(logits, -1) - (p * logits).sum(-1)
+    torch.testing.assert_close(verl.entropy_from_logits(logits), want_ent, **TOL)
 
 
 def _peer_verl_grpo(token_rewards, m, index, eps, norm):

@@ -48,7 +48,9 @@ def group_advantages(
         raise ValueError(f"group_advantages: group_size must be an integer >= 1, got {group_size!r}")
     n = scores.shape[0]
     if n % group_size != 0:
-        raise ValueError(f"group_advantages: the number of scores ({n}) must be a multiple of group_size ({group_size})")
+        raise ValueError(
+            f"group_advantages: the number of scores ({n}) must be a multiple of group_size ({group_size})"
+        )
     if scale not in _SCALES:
         raise ValueError(f"group_advantages: scale must be one of {_SCALES}, got {scale!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps > 0 and math.isfinite(eps)):

@@ -386,3 +386,12 @@ def test_environment_overrides_auto(monkeypatch):
         monkeypatch.setenv("FASTALIGN_BACKEND", "cuda")
         with pytest.raises(RuntimeError, match="backend 'cuda' cannot run cpu tensors"):
             fastalign.gae(r, v, m)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_expanded_stride_zero_inputs(backend, device):
+    # one value baseline broadcast over the batch, a mask broadcast over rows
+    rewards = torch.randn(3, 9, device=device)
+    values = torch.randn(1, 9, device=device).expand(3, 9)
+    mask = (torch.rand(1, 9, device=device) > 0.3).expand(3, 9)
+    _check(backend, device, rewards, values, mask, 0.99, 0.95)

@@ -406,3 +406,20 @@ def test_label_error_names_the_same_index_on_every_backend(backend, device):
     labels[1, 1] = 9
     with pytest.raises(IndexError, match=r"labels\[1, 1\] = 9 is outside \[0, 7\)"):
         fastalign.gather_logprobs(logits, labels, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_expanded_stride_zero_inputs(backend, device):
+    # rows that alias one another (stride 0, e.g. one prompt's logits broadcast over samples):
+    # the fused kernels read them in place and autograd sums the row gradients into the base
+    base = torch.randn(1, 3, 37, device=device)
+    labels = torch.tensor([[1, 36, -100]], device=device).expand(4, 3)
+    x, xr = (base.clone().requires_grad_() for _ in range(2))
+    lp, ent = fastalign.gather_logprobs(x.expand(4, 3, 37), labels, return_entropy=True, backend=backend)
+    rlp, rent = reference.gather_logprobs(xr.expand(4, 3, 37), labels, 1.0, -100, True)
+    torch.testing.assert_close(lp, rlp, **TOL[torch.float32])
+    torch.testing.assert_close(ent, rent, **TOL[torch.float32])
+    w = torch.randn(4, 3, device=device)
+    ((lp + ent) * w).sum().backward()
+    ((rlp + rent) * w).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, **TOL[torch.float32])

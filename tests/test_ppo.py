@@ -583,3 +583,19 @@ def test_environment_overrides_auto(monkeypatch):
             fastalign.ppo_policy_loss(x, y, z, mask)
         with pytest.raises(RuntimeError, match="backend 'cuda' cannot run cpu tensors"):
             fastalign.ppo_value_loss(x, y, z, mask)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_expanded_stride_zero_inputs(backend, device):
+    # broadcast advantages (one per sequence, stride 0 over T) and an expanded logprobs leaf
+    x, y, z, mask = _inputs((3, 7), device, torch.float32)
+    adv = z[:, :1].expand(3, 7)
+    base = x[:1].clone()
+    for fn in (fastalign.ppo_policy_loss, fastalign.ppo_value_loss):
+        a, ar = (base.clone().requires_grad_() for _ in range(2))
+        loss, _ = fn(a.expand(3, 7), y, adv, mask, backend=backend)
+        ref, _ = fn(ar.expand(3, 7), y, adv.contiguous(), mask, backend="torch")
+        torch.testing.assert_close(loss, ref, **TOL[torch.float32])
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(a.grad, ar.grad, **TOL[torch.float32])

@@ -148,7 +148,8 @@ def _check_inputs(logits, labels, temperature, ignore_index):
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Raises IndexError naming the first label outside [0, vocab) that is not ignore_index.
-    Synchronises with the device; skipped while torch.compile traces (kernels then give NaN)."""
+    Synchronises with the device; skipped while torch.compile traces (then the C++ CPU kernel
+    raises its own IndexError, the CUDA and Triton kernels give NaN for such a row)."""
     if labels.numel() == 0 or torch.compiler.is_compiling():
         return
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)

@@ -307,5 +307,5 @@ def test_short_plugin_run(tok, tmp_path, example_plugin):
     simpo = get_algorithm("simpo")()
     pairs, _ = SyntheticTask().preference_pairs(200, seed=0)
     data = simpo.encode(pairs, tok, 64, Counter())
-    _, s = _run(simpo, {"policy": _model(tok)}, tok, data, tmp_path, 20, 3e-3, data[:64])
+    _, s = _run(simpo, {"policy": _model(tok)}, tok, data, tmp_path, 30, 3e-3, data[:64])
     assert s["eval"]["rewards/accuracies"] > 0.7

@@ -57,12 +57,17 @@ class SyntheticTask:
             out.append({"prompt": p, "answer": a})
         return out
 
-    def demonstrations(self, n: int, seed: int = 0) -> list[dict]:
-        """n SFT records in the canonical chat form {"messages": [user, assistant]}."""
-        return [
-            {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}]}
-            for r in self.sample(n, seed)
-        ]
+    def demonstrations(self, n: int, seed: int = 0, error_rate: float = 0.0) -> list[dict]:
+        """n SFT records in the canonical chat form {"messages": [user, assistant]}. With
+        `error_rate`, that fraction of the demonstrations carries one mistake (see `corrupt`):
+        demonstrators are imperfect, which is why comparisons (easier to give than perfect
+        demonstrations) improve on SFT."""
+        rng = random.Random(seed + 7919)
+        out = []
+        for r in self.sample(n, seed):
+            answer = corrupt(r["answer"], rng) if error_rate > 0 and rng.random() < error_rate else r["answer"]
+            out.append({"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": answer}]})
+        return out
 
 
     def preference_pairs(self, n: int, oracle: "Oracle | None" = None, seed: int = 0) -> tuple[list[dict], int]:
@@ -177,6 +182,21 @@ class Oracle:
         if self.noise > 0 and self.rng.random() < self.noise:
             hi, lo = lo, hi
         return responses[hi], responses[lo]
+
+    def all_pairs(self, prompt: str, responses: list[str]) -> tuple[list[dict], int]:
+        """Every pair of K responses the labeller can tell apart (InstructGPT turns a ranking of
+        K responses into its K(K-1)/2 comparisons), as preference records; each label is
+        subject to the noise independently. Returns (pairs, ties left out)."""
+        pairs, ties = [], 0
+        for i in range(len(responses)):
+            for j in range(i + 1, len(responses)):
+                c = self.prefer(prompt, responses[i], responses[j])
+                if c is None:
+                    ties += 1
+                    continue
+                a, b = (responses[i], responses[j]) if c == 0 else (responses[j], responses[i])
+                pairs.append({"prompt": prompt, "chosen": a, "rejected": b})
+        return pairs, ties
 
     def label_pairs(self, prompts, responses_a, responses_b) -> tuple[list[dict], int]:
         """Preference records {"prompt", "chosen", "rejected"} from two responses per prompt.

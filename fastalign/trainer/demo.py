@@ -1,9 +1,10 @@
 """`fastalign demo`: the whole SFT -> reward model -> DPO pipeline on the bundled synthetic task,
 on a CPU in minutes, judged by the task's oracle (not by a falling loss).
 
-1. SFT: the tiny model learns the task from oracle demonstrations (from scratch).
+1. SFT: the tiny model learns the task from scratch on demonstrations, a fraction of which carry
+   a mistake (imperfect demonstrators; `demo_error_rate`).
 2. Preference data: the SFT model samples K responses per fresh prompt; the oracle, playing the
-   labeller (noise and biases configurable), ranks them and gives (best, worst) pairs.
+   labeller (noise and biases configurable), compares every pair it can tell apart.
 3. Reward model: a scalar head on the SFT backbone, Bradley-Terry on those pairs; held-out
    pair accuracy is reported.
 4. DPO: the SFT model is the start and the frozen reference.
@@ -39,8 +40,9 @@ class DemoConfig:
     sft_steps: int = 250
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
+    demo_error_rate: float = 0.3   # fraction of demonstrations with one mistake (imperfect labellers)
     # preference data from the SFT model, labelled by the oracle
-    pref_prompts: int = 1024
+    pref_prompts: int = 1000
     samples_per_prompt: int = 4
     oracle_noise: float = 0.1
     oracle_length_bias: float = 0.0
@@ -50,13 +52,14 @@ class DemoConfig:
     rm_steps: int = 100
     rm_lr: float = 1e-3
     # DPO
-    dpo_steps: int = 120
+    dpo_steps: int = 150
     dpo_batch_size: int = 32
-    dpo_lr: float = 5e-4
+    dpo_lr: float = 2e-4
     dpo_beta: float = 0.1
     dpo_loss_type: str = "sigmoid"
+    dpo_sft_weight: float = 0.0
     # evaluation
-    eval_prompts: int = 384
+    eval_prompts: int = 500
 
 
 def _stage_cfg(cfg: DemoConfig, name, **kw):
@@ -87,7 +90,8 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     t = time.time()
     sft = get_algorithm("sft")()
     stats = Counter()
-    train = sft.encode(task.demonstrations(cfg.sft_examples, seed=cfg.seed + 1), tok, cfg.max_length, stats)
+    train = sft.encode(task.demonstrations(cfg.sft_examples, seed=cfg.seed + 1, error_rate=cfg.demo_error_rate),
+                       tok, cfg.max_length, stats)
     evald = sft.encode(task.demonstrations(256, seed=cfg.seed + 2), tok, cfg.max_length, stats)
     policy = tiny_model(tok, seed=cfg.seed, **cfg.tiny)
     n_params = sum(p.numel() for p in policy.parameters())
@@ -110,11 +114,9 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 4, device=device)
     pairs, ties = [], 0
     for i, p in enumerate(prompts):
-        bw = oracle.best_worst(p, samples[i * k: (i + 1) * k])
-        if bw is None:
-            ties += 1
-        else:
-            pairs.append({"prompt": p, "chosen": bw[0], "rejected": bw[1]})
+        got, t_ = oracle.all_pairs(p, samples[i * k: (i + 1) * k])
+        pairs += got
+        ties += t_
     random.Random(cfg.seed).shuffle(pairs)
     n_eval_pairs = max(len(pairs) // 10, 1)
     eval_pairs, train_pairs = pairs[:n_eval_pairs], pairs[n_eval_pairs:]
@@ -123,8 +125,8 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
             f.write(json.dumps(r) + "\n")
     timings["label"] = time.time() - t
     log(f"[2/4] preferences: {k} SFT samples for each of {len(prompts)} prompts, oracle (noise {cfg.oracle_noise}, "
-        f"length bias {cfg.oracle_length_bias}) ranked them: {len(pairs)} pairs, {ties} prompts left out "
-        f"(all samples equally good), {trunc} samples without EOS cut at {cfg.max_new_tokens} tokens "
+        f"length bias {cfg.oracle_length_bias}) compared them: {len(pairs)} pairs, {ties} ties left out "
+        f"(equally good), {trunc} samples without EOS cut at {cfg.max_new_tokens} tokens "
         f"({timings['label']:.0f}s)")
 
     # ---- 3. reward model ------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
 
     # ---- 4. DPO ------------------------------------------------------------------------------------
     t = time.time()
-    dpo = get_algorithm("dpo")({"beta": cfg.dpo_beta, "loss_type": cfg.dpo_loss_type})
+    dpo = get_algorithm("dpo")({"beta": cfg.dpo_beta, "loss_type": cfg.dpo_loss_type, "sft_weight": cfg.dpo_sft_weight})
     dpo_train = dpo.encode(train_pairs, tok, cfg.max_length, st)
     dpo_eval = dpo.encode(eval_pairs, tok, cfg.max_length, st)
     policy = load_model(sft_dir)

@@ -263,8 +263,8 @@ def linear_gather_logprobs(hidden, weight, bias, labels, temperature=1.0, ignore
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         outs.append(checkpoint(chunk, hidden[sl], weight, bias, labels[sl], use_reentrant=False))
-    if not outs:  # no tokens
-        empty = hidden.new_zeros((0,), dtype=torch.float32)
-        return (empty, empty.clone()) if return_entropy else empty
+    if not outs:  # no tokens: the plain path on empty tensors (keeps the autograd graph)
+        res = chunk(hidden, weight, bias, labels)
+        return res if return_entropy else res[0]
     cols = [torch.cat(c) for c in zip(*outs)]
     return tuple(cols) if return_entropy else cols[0]

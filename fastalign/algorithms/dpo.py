@@ -1,4 +1,5 @@
-"""Direct Preference Optimisation with every loss type of `fastalign.dpo_loss`.
+"""Direct Preference Optimisation with every loss type of `fastalign.dpo_loss` (including types
+registered with `fastalign.register_dpo_loss_type`).
 
 The reference is a frozen model, or its log-probs are precomputed once before training
 (`precompute_ref_logps`, after which the reference model is freed), or they come with the data
@@ -49,7 +50,13 @@ class DPO(Algorithm):
     def __init__(self, config=None):
         super().__init__(config)
         if type(self).pair_loss is DPO.pair_loss and self.config.loss_type not in LOSS_TYPES:
-            raise ValueError(f"dpo: unknown loss_type {self.config.loss_type!r}; known: {', '.join(LOSS_TYPES)}")
+            # loss types registered with fastalign.register_dpo_loss_type are fine too: ask the op
+            z = torch.zeros(1)
+            try:
+                op("dpo_loss")(z, z, z, z, beta=self.config.beta, loss_type=self.config.loss_type)
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"dpo: unknown loss_type {self.config.loss_type!r} ({e}); built in: "
+                                 f"{', '.join(LOSS_TYPES)}") from None
 
     def build_models(self, policy, tokenizer, *, reference=None, seed=0, tiny_kwargs=None):
         models = super().build_models(policy, tokenizer, reference=reference, seed=seed, tiny_kwargs=tiny_kwargs)

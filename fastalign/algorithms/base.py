@@ -104,6 +104,13 @@ class Algorithm:
     def train_step(self, trainer, micro_batches) -> dict:
         return trainer.optimize(micro_batches)
 
+    def state_dict(self) -> dict:
+        """JSON-serialisable per-run state saved in checkpoints (e.g. an adaptive KL coefficient)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     @torch.no_grad()
     def eval_step(self, models: dict, batch: dict):
         loss_sum, metrics = self.loss(models, batch)

@@ -224,7 +224,7 @@ class Trainer:
 
     def state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "pos": self.pos, "algorithm": self.algorithm.name,
-                "max_steps": self.max_steps}
+                "max_steps": self.max_steps, "algorithm_state": self.algorithm.state_dict()}
 
     def save_checkpoint(self) -> str:
         self.last_checkpoint = ckpt.save_checkpoint(
@@ -238,6 +238,7 @@ class Trainer:
         if st.get("algorithm") not in (None, self.algorithm.name):
             raise ValueError(f"checkpoint {path} is from algorithm {st['algorithm']!r}, not {self.algorithm.name!r}")
         self.step, self.epoch, self.pos = st["step"], st["epoch"], st["pos"]
+        self.algorithm.load_state_dict(st.get("algorithm_state", {}))
         self._perm = None
         self.last_checkpoint = path
         self.log.truncate_after(self.step)

@@ -243,7 +243,6 @@ def _plot(out_dir, results, plot_metrics):
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.image as mpimg
     import matplotlib.pyplot as plt
 
     from fastalign.trainer.metrics import read_jsonl
@@ -269,5 +268,4 @@ def _plot(out_dir, results, plot_metrics):
     path = os.path.join(out_dir, "demo.png")
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    del mpimg
     return path

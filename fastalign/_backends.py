@@ -102,15 +102,17 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 def resolve(backend: str, device: torch.device, supported=BACKENDS, op: str = "op") -> str:
     """The backend to run `op` with: `backend` itself if it can serve `device` (else a clear
     error), or for "auto" the fastest usable one. FASTALIGN_BACKEND replaces "auto"."""
+    source = "backend"
     if backend == "auto":
         backend = os.environ.get("FASTALIGN_BACKEND", "auto") or "auto"
+        source = "the environment variable FASTALIGN_BACKEND"
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             if candidate in supported and unavailable_reason(candidate, device.type) is None:
                 return candidate
         return "torch"
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        raise ValueError(f"{op}: {source} must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend not in supported:
         raise ValueError(f"{op}: backend {backend!r} is not implemented for this op (it has {supported})")
     reason = unavailable_reason(backend, device.type)

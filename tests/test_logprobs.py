@@ -204,6 +204,12 @@ def test_unusable_backend_says_why(monkeypatch):
         fastalign.gather_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="cuda")
 
 
+def test_bad_environment_backend_names_the_variable(monkeypatch):
+    monkeypatch.setenv("FASTALIGN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTALIGN_BACKEND must be one of"):
+        fastalign.gather_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
+
+
 def test_environment_overrides_auto(monkeypatch):
     monkeypatch.setenv("FASTALIGN_BACKEND", "torch")
     from fastalign import _backends

@@ -293,7 +293,8 @@ at::Tensor dpo_tokens_bwd(const at::Tensor& grad_in, const c10::optional<at::Ten
   const at::Tensor pseq = pseq_in.to(at::kFloat).contiguous(), rseq = rseq_in.to(at::kFloat).contiguous();
   at::Tensor gseq;
   if (grad_seq_in.has_value()) {
-    TORCH_CHECK(grad_seq_in->sizes() == pseq_in.sizes(), "dpo_loss_from_tokens: grad of the sequence log-probs must be [2B]");
+    TORCH_CHECK(grad_seq_in->sizes() == pseq_in.sizes(),
+                "dpo_loss_from_tokens: grad of the sequence log-probs must be [2B]");
     gseq = grad_seq_in->to(at::kFloat).contiguous();
   }
   at::Tensor gx = at::empty({rows, steps}, pol.options());

@@ -111,7 +111,8 @@ __device__ void write_row_grad(T* __restrict__ g, const bool* __restrict__ m, in
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) seq_fwd_kernel(const T* x, const bool* m, float* out, int64_t steps, bool mean) {
+__global__ void __launch_bounds__(kThreads)
+    seq_fwd_kernel(const T* x, const bool* m, float* out, int64_t steps, bool mean) {
   __shared__ float scratch[kThreads / 32];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * steps;
   const float s = row_sum(x + base, m + base, steps, mean, scratch);
@@ -119,7 +120,8 @@ __global__ void __launch_bounds__(kThreads) seq_fwd_kernel(const T* x, const boo
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) seq_bwd_kernel(const float* grad, const bool* m, T* gx, int64_t steps, bool mean) {
+__global__ void __launch_bounds__(kThreads)
+    seq_bwd_kernel(const float* grad, const bool* m, T* gx, int64_t steps, bool mean) {
   __shared__ float scratch[kThreads / 32];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * steps;
   write_row_grad(gx + base, m + base, steps, grad[blockIdx.x], mean, scratch);
@@ -337,7 +339,8 @@ at::Tensor dpo_tokens_bwd(const at::Tensor& grad_in, const c10::optional<at::Ten
   const at::Tensor pseq = pseq_in.to(at::kFloat).contiguous(), rseq = rseq_in.to(at::kFloat).contiguous();
   at::Tensor gseq;
   if (grad_seq_in.has_value()) {
-    TORCH_CHECK(grad_seq_in->sizes() == pseq_in.sizes(), "dpo_loss_from_tokens: grad of the sequence log-probs must be [2B]");
+    TORCH_CHECK(grad_seq_in->sizes() == pseq_in.sizes(),
+                "dpo_loss_from_tokens: grad of the sequence log-probs must be [2B]");
     gseq = grad_seq_in->to(at::kFloat).contiguous();
   }
   at::Tensor gx = at::empty({rows, steps}, pol.options());

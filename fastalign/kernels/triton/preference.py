@@ -119,12 +119,17 @@ def _seq_bwd_kernel(g_ptr, m_ptr, gx_ptr, T, MEAN: tl.constexpr, BLOCK: tl.const
 
 
 @triton.jit
+def _load_f32(ptr, i, inb):
+    return tl.load(ptr + i, mask=inb, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _dpo_fwd_kernel(c_ptr, r_ptr, rc_ptr, rr_ptr, loss_ptr, cw_ptr, rw_ptr, B, beta, eps, half_inv_beta,
                     robust_scale, LOSS: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = i < B
-    dc = tl.load(c_ptr + i, mask=inb, other=0.0).to(tl.float32) - tl.load(rc_ptr + i, mask=inb, other=0.0).to(tl.float32)
-    dr = tl.load(r_ptr + i, mask=inb, other=0.0).to(tl.float32) - tl.load(rr_ptr + i, mask=inb, other=0.0).to(tl.float32)
+    dc = _load_f32(c_ptr, i, inb) - _load_f32(rc_ptr, i, inb)
+    dr = _load_f32(r_ptr, i, inb) - _load_f32(rr_ptr, i, inb)
     tl.store(loss_ptr + i, _pair_loss(dc - dr, beta, eps, half_inv_beta, robust_scale, LOSS), mask=inb)
     tl.store(cw_ptr + i, beta * dc, mask=inb)
     tl.store(rw_ptr + i, beta * dr, mask=inb)
@@ -135,8 +140,8 @@ def _dpo_bwd_kernel(go_ptr, c_ptr, r_ptr, rc_ptr, rr_ptr, g_ptr, B, beta, eps, h
                     LOSS: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = i < B
-    dc = tl.load(c_ptr + i, mask=inb, other=0.0).to(tl.float32) - tl.load(rc_ptr + i, mask=inb, other=0.0).to(tl.float32)
-    dr = tl.load(r_ptr + i, mask=inb, other=0.0).to(tl.float32) - tl.load(rr_ptr + i, mask=inb, other=0.0).to(tl.float32)
+    dc = _load_f32(c_ptr, i, inb) - _load_f32(rc_ptr, i, inb)
+    dr = _load_f32(r_ptr, i, inb) - _load_f32(rr_ptr, i, inb)
     go = tl.load(go_ptr + i, mask=inb, other=0.0)
     tl.store(g_ptr + i, go * _pair_grad(dc - dr, beta, eps, half_inv_beta, robust_scale, LOSS), mask=inb)
 

@@ -151,7 +151,8 @@ def test_auto_chunk_size():
     from fastalign.ops.linear_logprobs import auto_chunk_size
 
     cpu = torch.device("cpu")
-    assert auto_chunk_size(4096, 32000, torch.float32, cpu) == 256
+    assert auto_chunk_size(4096, 32000, torch.float32, cpu) == 1024
+    assert auto_chunk_size(4096, 32000, torch.float32, cpu, backward=True) == 256
     assert auto_chunk_size(10, 32000, torch.float32, cpu) == 10
     assert auto_chunk_size(10**6, 2**40, torch.float32, cpu) == 1
 
@@ -199,9 +200,9 @@ def test_opcheck(backend, device):
     labels[2] = -100
     for b in (bias, None):
         for with_entropy in (False, True):
-            args = (hidden.requires_grad_(), weight.requires_grad_(), b, labels, 1.3, -100, with_entropy, backend, 4)
+            args = (hidden.requires_grad_(), weight.requires_grad_(), b, labels, 1.3, -100, with_entropy, backend, 4, 3)
             torch.library.opcheck(L._fwd, args)
-    lp, ent, rs = L._fwd(hidden.detach(), weight.detach(), bias, labels, 1.3, -100, True, backend, 4)
+    lp, ent, rs = L._fwd(hidden.detach(), weight.detach(), bias, labels, 1.3, -100, True, backend, 4, 3)
     g = torch.randn(9, device=device)
     torch.library.opcheck(
         L._bwd, (g, g, hidden.detach(), weight.detach(), bias, labels, rs, ent, 1.3, -100, backend, 4, True, True, True)

@@ -70,7 +70,8 @@ def _compare(backend, hidden, weight, bias, labels, *, temperature=1.0, ignore_i
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize(
     "shape,hsize,vocab,chunk",
-    [((1,), 8, 7, None), ((5,), 16, 300, None), ((2, 9), 16, 301, 4), ((3, 7), 24, 129, 1), ((13,), 8, 1000, 5)],
+    [((1,), 8, 7, None), ((5,), 16, 300, None), ((2, 9), 16, 301, 4), ((3, 7), 24, 129, 1), ((13,), 8, 1000, 5),
+     ((2, 9), 16, 301, (4, 64)), ((13,), 8, 1000, (5, 100)), ((3, 7), 24, 129, (21, 1))],
 )
 def test_matches_eager_fp32(backend, device, shape, hsize, vocab, chunk):
     hidden, weight, bias, labels = _make(device, torch.float32, shape, hsize, vocab)
@@ -98,7 +99,7 @@ def test_low_precision(backend, device, dtype):
 
     eager = lambda h, w, b: reference.gather_logprobs(h @ w.T + b, labels, 1.0, -100, True)  # noqa: E731
     fused = lambda h, w, b: fastalign.linear_gather_logprobs(  # noqa: E731
-        h, w, labels, bias=b, return_entropy=True, chunk_size=5, backend=backend)
+        h, w, labels, bias=b, return_entropy=True, chunk_size=(5, 64), backend=backend)
     exact, low, ours = run(eager, torch.float32), run(eager, dtype), run(fused, dtype)
     for name, e, lo, o in zip(("logprobs", "entropy", "grad hidden", "grad weight", "grad bias"), exact, low, ours):
         assert o.dtype == torch.float32 and o.shape == e.shape
@@ -111,7 +112,7 @@ def test_low_precision(backend, device, dtype):
 @pytest.mark.parametrize("entropy", [False, True])
 def test_temperature_no_bias_int32_labels(backend, device, temperature, entropy):
     hidden, weight, _, labels = _make(device, torch.float32, (3, 5), 16, 257, bias=False)
-    _compare(backend, hidden, weight, None, labels.int(), temperature=temperature, entropy=entropy, chunk_size=4)
+    _compare(backend, hidden, weight, None, labels.int(), temperature=temperature, entropy=entropy, chunk_size=(4, 100))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -119,7 +120,7 @@ def test_ignored_tiles_and_all_ignored(backend, device):
     hidden, weight, bias, labels = _make(device, torch.float32, (24,), 8, 100)
     labels[:10] = 3  # the first tiles (chunk 4) hold only ignored labels and are skipped
     labels[15] = 3
-    out = _compare(backend, hidden, weight, bias, labels, ignore_index=3, chunk_size=4)
+    out = _compare(backend, hidden, weight, bias, labels, ignore_index=3, chunk_size=(4, 30))
     assert (out[0][:10] == 0).all() and (out[1][:10] == 0).all()
     labels[:] = -100
     h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
@@ -179,8 +180,9 @@ def test_bad_inputs(backend, device):
         f(hidden, weight, labels.float(), backend=backend)
     with pytest.raises(ValueError, match="weight is on meta"):
         f(hidden, weight.to("meta"), labels, backend=backend)
-    with pytest.raises(ValueError, match="chunk_size"):
-        f(hidden, weight, labels, chunk_size=0, backend=backend)
+    for bad_chunk in (0, (4,), (4, 0), 2.0, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            f(hidden, weight, labels, chunk_size=bad_chunk, backend=backend)
     with pytest.raises(ValueError, match="temperature"):
         f(hidden, weight, labels, temperature=0.0, backend=backend)
     bad = labels.clone()
@@ -200,15 +202,15 @@ def test_opcheck(backend, device):
     labels[2] = -100
     for b in (bias, None):
         for with_entropy in (False, True):
-            args = (hidden.requires_grad_(), weight.requires_grad_(), b, labels, 1.3, -100, with_entropy, backend, 4, 3)
+            args = (hidden.requires_grad_(), weight.requires_grad_(), b, labels, 1.3, -100, with_entropy, backend, 4, 3, 16)
             torch.library.opcheck(L._fwd, args)
-    lp, ent, rs = L._fwd(hidden.detach(), weight.detach(), bias, labels, 1.3, -100, True, backend, 4, 3)
+    lp, ent, rs = L._fwd(hidden.detach(), weight.detach(), bias, labels, 1.3, -100, True, backend, 4, 3, 16)
     g = torch.randn(9, device=device)
     torch.library.opcheck(
-        L._bwd, (g, g, hidden.detach(), weight.detach(), bias, labels, rs, ent, 1.3, -100, backend, 4, True, True, True)
+        L._bwd, (g, g, hidden.detach(), weight.detach(), bias, labels, rs, ent, 1.3, -100, backend, 4, True, True, True, 16)
     )
     torch.library.opcheck(
-        L._bwd, (g, None, hidden.detach(), weight.detach(), None, labels, rs, None, 1.3, -100, backend, 4, False, True, False)
+        L._bwd, (g, None, hidden.detach(), weight.detach(), None, labels, rs, None, 1.3, -100, backend, 4, False, True, False, 7)
     )
 
 

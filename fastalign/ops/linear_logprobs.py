@@ -55,6 +55,13 @@ def auto_chunk_size(tokens: int, vocab: int, dtype: torch.dtype, device: torch.d
     return int(max(1, min(rows, tokens)))
 
 
+def _auto_cols(rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """Vocabulary columns of a CPU backward tile of `rows` tokens: a multiple of 64 with the fp32
+    tile within the backward budget (64 MiB: one tile, no separate grad_logits), at most V."""
+    cols = max(64, (2 * _CPU_TILE_BYTES[1] // 4) // max(1, rows))
+    return int(max(1, min(vocab, cols - cols % 64)))
+
+
 def _gather_ops(backend: str):
     return _lp._triton_ops() if backend == "triton" else _lp._FUSED[backend]
 
@@ -97,6 +104,7 @@ def _fwd(
     backend: str,
     chunk_size: int,
     bwd_chunk_size: int,
+    vocab_chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, H], weight [V, H], bias [V] or None, labels [N] int64 (valid). Returns fp32
     (logprobs [N], entropy [N] or [0], row_stats [N, 2]); 0 at skipped (all-ignored) tiles."""
@@ -135,9 +143,13 @@ def _bwd(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    vocab_chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_hidden [N, H] or [0], grad_weight [V, H] or [0], grad_bias [V] or [0]) in the dtypes
     of hidden/weight/bias; a gradient not asked for (need_* False) comes back empty."""
+    if backend == "cpp":
+        return _bwd_2d(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats, entropy, temperature,
+                       ignore_index, chunk_size, vocab_chunk_size, need_hidden, need_weight, need_bias)
     n, vocab = hidden.shape[0], weight.shape[0]
     _, bwd = _gather_ops(backend)
     fp32 = weight.dtype == torch.float32
@@ -169,8 +181,85 @@ def _bwd(
     return grad_hidden, grad_weight, grad_bias
 
 
+def _bwd_2d(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats, entropy, temperature,
+            ignore_index, rows_per_tile, cols_per_tile, need_hidden, need_weight, need_bias):
+    """The CPU backward, tiled over tokens (rows of the non-ignored tokens) and vocabulary.
+
+    With row_stats (max z, lse) saved by the forward, each [rows, cols] tile of the gradient of
+    the logits is elementwise in its recomputed logits x (z = x / T, log p = z - max - lse):
+        dL/dx_v = (g * [v == label] - p_v * (g + ge * (log p_v + H))) / T
+    (g, ge: incoming grads of the logprob and entropy, H the entropy). A tile spanning all tokens
+    (4096 rows) and a slice of the vocabulary keeps every GEMM large: the recompute and
+    grad_hidden GEMMs have K = H and K = cols, grad_weight[v0:v1] = G.T @ hidden has K = tokens and
+    is written once instead of being re-read and re-written per token tile. The elementwise step
+    runs in place on the one reused fp32 tile buffer (no separate grad_logits tile).
+    """
+    n, hsize = hidden.shape
+    vocab = weight.shape[0]
+    dtype = weight.dtype
+    fp32 = dtype == torch.float32
+    inv_t = 1.0 / temperature
+    grad_hidden = hidden.new_zeros(hidden.shape) if need_hidden else hidden.new_empty((0,))
+    gw_acc = weight.new_zeros(weight.shape, dtype=torch.float32) if need_weight else None
+    gb_acc = weight.new_zeros((vocab,), dtype=torch.float32) if need_bias else None
+    # only the tokens with a label take part (prompt tokens are skipped entirely)
+    valid = labels != ignore_index
+    idx = valid.nonzero().squeeze(1)
+    nv = idx.numel()
+    compact = nv != n
+    pick = (lambda t: t.index_select(0, idx)) if compact else (lambda t: t)  # noqa: E731
+    if nv > 0:
+        hv, lab = pick(hidden), pick(labels)
+        g = pick(grad_logprobs).float()
+        shift = pick(row_stats).sum(1)  # max + lse: log p = x / T - shift
+        with_ent = grad_entropy is not None
+        if with_ent:
+            ge, ent = pick(grad_entropy).float(), pick(entropy)
+        gh_acc = hv.new_zeros((nv, hsize), dtype=torch.float32) if need_hidden else None
+        rows, cols = min(rows_per_tile, nv), min(cols_per_tile, vocab)
+        buf = hv.new_empty((rows, cols))
+        fbuf = buf if fp32 else hv.new_empty((rows, cols), dtype=torch.float32)
+        for r0 in range(0, nv, rows):
+            r1 = min(r0 + rows, nv)
+            h_t, lab_t, g_t = hv[r0:r1], lab[r0:r1], g[r0:r1, None]
+            for v0 in range(0, vocab, cols):
+                v1 = min(v0 + cols, vocab)
+                w_t = weight[v0:v1]
+                x = buf[: r1 - r0, : v1 - v0]
+                if bias is None:
+                    torch.mm(h_t, w_t.t(), out=x)
+                else:
+                    torch.addmm(bias[v0:v1], h_t, w_t.t(), out=x)
+                z = x if fp32 else fbuf[: r1 - r0, : v1 - v0].copy_(x)
+                z.mul_(inv_t).sub_(shift[r0:r1, None])  # log p
+                if with_ent:
+                    p = z.exp()
+                    # p * (g + ge * (log p + H)); entries with p == 0 (logit -inf) contribute 0
+                    z.add_(ent[r0:r1, None]).mul_(ge[r0:r1, None]).add_(g_t).mul_(p)
+                    z.masked_fill_(p == 0, 0.0).mul_(-inv_t)
+                    del p
+                else:
+                    z.exp_().mul_(g_t * -inv_t)
+                hit = ((lab_t >= v0) & (lab_t < v1)).nonzero().squeeze(1)
+                if hit.numel():
+                    z.index_put_((hit, lab_t[hit] - v0), g_t[hit, 0] * inv_t, accumulate=True)
+                grad = z if fp32 else x.copy_(z)  # low precision: G rounded to the dtype, as eager's
+                if need_hidden:
+                    gh_acc[r0:r1].addmm_(grad, w_t) if fp32 else gh_acc[r0:r1].add_(grad @ w_t)
+                if need_weight:
+                    gw_acc[v0:v1].addmm_(grad.t(), h_t) if fp32 else gw_acc[v0:v1].add_(grad.t() @ h_t)
+                if need_bias:
+                    gb_acc[v0:v1] += z.sum(0)
+        if need_hidden:
+            gh = gh_acc.to(dtype)
+            grad_hidden = grad_hidden.index_copy_(0, idx, gh) if compact else gh
+    grad_weight = gw_acc.to(dtype) if need_weight else weight.new_empty((0,))
+    grad_bias = gb_acc.to(bias.dtype) if need_bias else weight.new_empty((0,))
+    return grad_hidden, grad_weight, grad_bias
+
+
 def _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, chunk_size,
-              bwd_chunk_size):
+              bwd_chunk_size, vocab_chunk_size):
     n = hidden.shape[0]
     return (
         hidden.new_empty((n,), dtype=torch.float32),
@@ -180,7 +269,7 @@ def _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, with_entr
 
 
 def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats, entropy, temperature,
-              ignore_index, backend, chunk_size, need_hidden, need_weight, need_bias):
+              ignore_index, backend, chunk_size, need_hidden, need_weight, need_bias, vocab_chunk_size):
     return (
         hidden.new_empty(hidden.shape if need_hidden else (0,)),
         weight.new_empty(weight.shape if need_weight else (0,)),
@@ -189,19 +278,19 @@ def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_sta
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, _, bwd_chunk_size = inputs
+    hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, _, bwd_rows, bwd_cols = inputs
     _, entropy, row_stats = output
     ctx.save_for_backward(hidden, weight, bias, labels, row_stats, entropy)
-    ctx.args = (temperature, ignore_index, with_entropy, backend, bwd_chunk_size)
+    ctx.args = (temperature, ignore_index, with_entropy, backend, bwd_rows, bwd_cols)
 
 
 def _backward(ctx, bwd, grad_logprobs, grad_entropy, _grad_row_stats):
     hidden, weight, bias, labels, row_stats, entropy = ctx.saved_tensors
-    temperature, ignore_index, with_entropy, backend, chunk_size = ctx.args
+    temperature, ignore_index, with_entropy, backend, chunk_size, vocab_chunk_size = ctx.args
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and bias is not None
     if not (need_h or need_w or need_b):
-        return (None,) * 10
+        return (None,) * 11
     if grad_logprobs is None:
         grad_logprobs = row_stats.new_zeros(row_stats.shape[0])
     if not with_entropy:
@@ -209,9 +298,9 @@ def _backward(ctx, bwd, grad_logprobs, grad_entropy, _grad_row_stats):
     gh, gw, gb = bwd(
         grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats,
         entropy if grad_entropy is not None else None, temperature, ignore_index, backend, chunk_size,
-        need_h, need_w, need_b,
+        need_h, need_w, need_b, vocab_chunk_size,
     )
-    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 7
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 8
 
 
 register_fused(_fwd, _bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_backward)
@@ -252,8 +341,16 @@ def _check_inputs(hidden, weight, bias, labels, chunk_size):
     for name, t in (("weight", weight), ("bias", bias), ("labels", labels)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{op}: {name} is on {t.device} but hidden on {hidden.device}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{op}: chunk_size must be None (automatic) or an int >= 1, got {chunk_size!r}")
+    def _pos_int(c):
+        return isinstance(c, int) and not isinstance(c, bool) and c >= 1
+
+    if chunk_size is not None and not (
+        _pos_int(chunk_size)
+        or (isinstance(chunk_size, tuple) and len(chunk_size) == 2 and all(_pos_int(c) for c in chunk_size))
+    ):
+        raise ValueError(
+            f"{op}: chunk_size must be None (automatic), an int >= 1 or a pair of ints >= 1, got {chunk_size!r}"
+        )
     if labels.numel() > 0 and weight.shape[0] == 0:
         raise ValueError(f"{op}: weight has an empty vocabulary (V = 0)")
 
@@ -270,7 +367,7 @@ def linear_gather_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
-    chunk_size: Optional[int] = None,
+    chunk_size=None,
     backend: str = "auto",
 ):
     """`gather_logprobs(hidden @ weight.T + bias, labels, ...)` without the [tokens, V] logits.
@@ -284,7 +381,9 @@ def linear_gather_logprobs(
     The tokens are processed `chunk_size` at a time: peak memory beyond the inputs, outputs and
     gradients is one [chunk_size, V] tile in the forward and two in the backward.
     `chunk_size=None` picks it from V and the device (CPU: tiles of ~128 MiB forward, ~32 MiB
-    backward; GPU: ~512 MiB; see `auto_chunk_size`); an int overrides both passes. Each tile's
+    backward; GPU: ~512 MiB; see `auto_chunk_size`); an int overrides the token rows of both
+    passes; a pair (rows, cols) also sets the vocabulary columns of the CPU backward's tiles
+    (the cpp backend's backward tiles tokens x vocabulary, see `_bwd_2d`). Each tile's
     logits are recomputed in the backward (one extra matmul). bf16/fp16 logits tiles are
     rounded to the input dtype, as in the eager `hidden @ weight.T`.
 
@@ -303,11 +402,19 @@ def linear_gather_logprobs(
     labels64 = labels.to(torch.int64).reshape(n)
     rows = hidden.reshape(n, hsize)
     _lp.check_label_range(labels64, vocab, ignore_index)
-    if chunk_size is not None:
+    if isinstance(chunk_size, tuple):
+        chunk = bwd_chunk = chunk_size[0]
+        bwd_cols = chunk_size[1]
+    elif chunk_size is not None:
         chunk = bwd_chunk = chunk_size
+        bwd_cols = _auto_cols(bwd_chunk, vocab, hidden.dtype)
     else:
         chunk = auto_chunk_size(n, vocab, hidden.dtype, hidden.device)
-        bwd_chunk = auto_chunk_size(n, vocab, hidden.dtype, hidden.device, backward=True)
+        if name == "cpp":  # tiles of (up to) 4096 tokens x a slice of the vocabulary, see _bwd_2d
+            bwd_chunk = min(max(n, 1), 4096)
+            bwd_cols = _auto_cols(bwd_chunk, vocab, hidden.dtype)
+        else:
+            bwd_chunk, bwd_cols = auto_chunk_size(n, vocab, hidden.dtype, hidden.device, backward=True), vocab
     if name == "torch":
         res = reference.linear_gather_logprobs(
             rows, weight, bias, labels64, temperature, ignore_index, return_entropy, chunk_size=bwd_chunk
@@ -317,6 +424,6 @@ def linear_gather_logprobs(
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         lp, ent, _ = _fwd(rows, weight, bias, labels64, float(temperature), int(ignore_index),
-                          bool(return_entropy), name, int(chunk), int(bwd_chunk))
+                          bool(return_entropy), name, int(chunk), int(bwd_chunk), int(bwd_cols))
     lp = lp.view(labels.shape)
     return (lp, ent.view(labels.shape)) if return_entropy else lp

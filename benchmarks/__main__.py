@@ -63,7 +63,7 @@ def _measure_bandwidth(device: str, quick: bool) -> dict:
     return out
 
 
-def _memory_pass(family: str, quick: bool, match=None) -> dict:
+def _memory_pass(family: str, quick: bool, match=None, skip=()) -> dict:
     """CPU extra peak memory of every case of `family`, measured in a child process."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_TOP_PAD_="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +74,8 @@ def _memory_pass(family: str, quick: bool, match=None) -> dict:
         cmd = [sys.executable, "-m", "benchmarks._memory", "--family", family, "--out", path] + (["--quick"] if quick else [])
         for m in match or ():
             cmd += ["-k", m]
+        for n in skip:
+            cmd += ["--skip", n]
         proc = subprocess.run(cmd, env=env, cwd=root)
         if proc.returncode != 0:
             return {"error": f"memory child exited with {proc.returncode}"}
@@ -99,6 +101,10 @@ def run_family(family: str, args, device: str, ctx: dict, notes: list, checkpoin
     print(f"== {family}: {len(cases)} cases on {device}", flush=True)
     for case in cases:
         rec = case_record(case)
+        if args.no_timing:  # peak memory only (filled in by the memory pass)
+            rec["contenders"] = {n: {} for n in case.contenders if n not in args.skip}
+            records.append(rec)
+            continue
         t0 = time.time()
         inputs = case.make_inputs(device)
         fns, cnotes = build_contenders(case, inputs, only=[n for n in case.contenders if n not in args.skip])
@@ -142,6 +148,7 @@ def main(argv=None) -> int:
                    help="CPU: no untimed call right before each timed one (memory re-faulted after the other contenders ran)")
     p.add_argument("--skip", action="append", default=[], help="contender names not to run (repeatable), e.g. torch.compile")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (CPU)")
+    p.add_argument("--no-timing", action="store_true", help="peak memory only (CPU: the child-process pass)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
     args = p.parse_args(argv)
@@ -185,12 +192,12 @@ def main(argv=None) -> int:
     if device == "cpu" and not args.no_memory and records:
         # one child process for all families: one torch import, compile caches warm
         print("== peak memory pass (child process)", flush=True)
-        mem = _memory_pass(",".join(mods), args.quick, args.match)
+        mem = _memory_pass(",".join(mods), args.quick, args.match, args.skip)
         if "error" in mem:
             notes.append(f"CPU peak memory not measured: {mem['error']}")
         for rec in records:
             for name, b in mem.get(rec["id"], {}).items():
-                if name in rec["contenders"] and "median_s" in rec["contenders"][name]:
+                if name in rec["contenders"] and ("median_s" in rec["contenders"][name] or args.no_timing):
                     rec["contenders"][name]["extra_peak_bytes"] = b
     for fam, (mod, recs) in mods.items():
         targets += mod.targets(recs, args.quick, device, ctx)

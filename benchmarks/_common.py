@@ -109,6 +109,13 @@ def compiled(fn):
     if not hasattr(torch, "compile"):
         raise Skip("torch.compile is not available")
     try:
+        import torch._dynamo
+
+        # one eager function is compiled for every shape/dtype/grad mode of a sweep; past the
+        # default limit (8) Dynamo silently falls back to eager, which would be measured as "compile"
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
         return torch.compile(fn)
     except Exception as exc:  # e.g. RuntimeError on an unsupported Python version
         raise Skip(f"torch.compile unavailable: {exc}") from None

@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("-k", dest="match", action="append")
+    p.add_argument("--skip", action="append", default=[])
     args = p.parse_args(argv)
     reason = cpu_rss_tracking_ok()
     if reason is not None:
@@ -38,8 +39,8 @@ def main(argv=None) -> int:
     for case in cases:
         inputs = case.make_inputs("cpu")
         # --quick (CI smoke): no second round of Inductor compilations in this child
-        fns, notes = build_contenders(case, inputs, only=[n for n in case.contenders
-                                                          if not (args.quick and n == "torch.compile")])
+        fns, notes = build_contenders(case, inputs, only=[n for n in case.contenders if n not in args.skip
+                                                          and not (args.quick and n == "torch.compile")])
         row = {}
         for name, fn in fns.items():
             one = {name: fn}

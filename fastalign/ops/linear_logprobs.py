@@ -199,7 +199,7 @@ def _bwd_2d(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats
     dtype = weight.dtype
     fp32 = dtype == torch.float32
     inv_t = 1.0 / temperature
-    grad_hidden = hidden.new_zeros(hidden.shape) if need_hidden else hidden.new_empty((0,))
+    grad_hidden = hidden.new_empty((0,))
     gw_acc = weight.new_zeros(weight.shape, dtype=torch.float32) if need_weight else None
     gb_acc = weight.new_zeros((vocab,), dtype=torch.float32) if need_bias else None
     # only the tokens with a label take part (prompt tokens are skipped entirely)
@@ -252,7 +252,9 @@ def _bwd_2d(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats
                     gb_acc[v0:v1] += z.sum(0)
         if need_hidden:
             gh = gh_acc.to(dtype)
-            grad_hidden = grad_hidden.index_copy_(0, idx, gh) if compact else gh
+            grad_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, idx, gh) if compact else gh
+    elif need_hidden:
+        grad_hidden = hidden.new_zeros(hidden.shape)
     grad_weight = gw_acc.to(dtype) if need_weight else weight.new_empty((0,))
     grad_bias = gb_acc.to(bias.dtype) if need_bias else weight.new_empty((0,))
     return grad_hidden, grad_weight, grad_bias

@@ -109,13 +109,13 @@ def compiled(fn):
     if not hasattr(torch, "compile"):
         raise Skip("torch.compile is not available")
     try:
-        import torch._dynamo
+        import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would make torch local here)
 
         # one eager function is compiled for every shape/dtype/grad mode of a sweep; past the
         # default limit (8) Dynamo silently falls back to eager, which would be measured as "compile"
         for knob in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
+            if hasattr(dynamo.config, knob):
+                setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 256))
         return torch.compile(fn)
     except Exception as exc:  # e.g. RuntimeError on an unsupported Python version
         raise Skip(f"torch.compile unavailable: {exc}") from None
@@ -161,6 +161,8 @@ def build_contenders(case: Case, inputs: dict, only=None):
             fns[name] = build(inputs)
         except Skip as exc:
             notes[name] = f"skipped: {exc}"
+        except Exception as exc:  # a broken contender must not stop the suite; recorded as failed
+            notes[name] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
     return fns, notes
 
 

@@ -76,7 +76,15 @@ def _extensions():
     else:
         ext = CppExtension("fastalign._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     _write_build_info(torch.__version__, torch.version.cuda if with_cuda else None, with_cuda, arch_list)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class _BuildExt(BuildExtension.with_options(use_ninja=True)):
+        # One object directory for in-place, editable (pip -e, which would use a fresh temp dir)
+        # and wheel builds, so each reuses the others' objects instead of recompiling everything.
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", "temp")
+
+    return [ext], {"build_ext": _BuildExt}
 
 
 ext_modules, cmdclass = _extensions()

@@ -1,33 +1,62 @@
 """fastalign: fused loss-head kernels for aligning language models.
 
 One Python API over four backends (eager torch, C++ CPU, CUDA, Triton); see DESIGN.md and
-`fastalign.backends()`.
+`fastalign.backends()`. The trainer layer (`Trainer`, the algorithm registry) loads on first use,
+so `import fastalign` for the kernels stays light.
 """
+
+import importlib
 
 from fastalign._backends import backends
 from fastalign.ops.gae import gae
 from fastalign.ops.grpo import group_advantages
 from fastalign.ops.kl import kl_penalty, masked_whiten
-from fastalign.ops.logprobs import gather_logprobs
 from fastalign.ops.linear_logprobs import linear_gather_logprobs
+from fastalign.ops.logprobs import gather_logprobs
 from fastalign.ops.ppo import ppo_policy_loss, ppo_value_loss
-from fastalign.ops.preference import dpo_loss, dpo_loss_from_tokens, register_dpo_loss_type, reward_loss, sequence_logps
+from fastalign.ops.preference import (
+    dpo_loss,
+    dpo_loss_from_tokens,
+    register_dpo_loss_type,
+    reward_loss,
+    sequence_logps,
+)
 
 __version__ = "0.1.0"
 
-# The trainer layer (fastalign.trainer, fastalign.algorithms) loads on first use, so that
-# `import fastalign` for the kernels stays light.
-_LAZY = {"Trainer": "fastalign.trainer", "TrainerConfig": "fastalign.trainer", "get_algorithm": "fastalign.algorithms",
-         "list_algorithms": "fastalign.algorithms", "register_algorithm": "fastalign.algorithms"}
+_LAZY = {
+    "Trainer": "fastalign.trainer",
+    "TrainerConfig": "fastalign.trainer",
+    "get_algorithm": "fastalign.algorithms",
+    "list_algorithms": "fastalign.algorithms",
+    "register_algorithm": "fastalign.algorithms",
+}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastalign' has no attribute {name!r}")
 
-__all__ = ["__version__", "backends", "gae", "group_advantages", "gather_logprobs", "linear_gather_logprobs", "kl_penalty", "masked_whiten",
-           "ppo_policy_loss", "ppo_value_loss",
-           "dpo_loss", "dpo_loss_from_tokens", "register_dpo_loss_type", "reward_loss", "sequence_logps"]
+
+__all__ = [
+    "__version__",
+    "backends",
+    # token log-probabilities
+    "gather_logprobs",
+    "linear_gather_logprobs",
+    # RL
+    "gae",
+    "masked_whiten",
+    "kl_penalty",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "group_advantages",
+    # preference
+    "sequence_logps",
+    "dpo_loss",
+    "dpo_loss_from_tokens",
+    "register_dpo_loss_type",
+    "reward_loss",
+    *_LAZY,
+]

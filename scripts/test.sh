@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# compiler caches (Triton, Inductor) stay inside the checkout
+export TRITON_CACHE_DIR="$PWD/.cache/triton" TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor"
 if [ -f .ci/compile_cuda.sh ]; then
   bash .ci/compile_cuda.sh
 fi

@@ -40,3 +40,32 @@ def backend_params(supported=("torch", "cpp", "triton", "cuda")):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def nvidia_compiler_available() -> bool:
+    """Whether Triton has its NVIDIA backend here (it compiles PTX/cubin without a GPU)."""
+    try:
+        from triton.backends import backends
+
+        return "nvidia" in backends
+    except Exception:  # no Triton, or an unusual build: nothing to compile with
+        return False
+
+
+requires_nvidia_compiler = pytest.mark.skipif(
+    not nvidia_compiler_available(), reason="Triton has no NVIDIA compiler backend here"
+)
+
+
+def run_triton_compile_script(script: str, *, expect: str = "compiled", timeout: int = 300) -> None:
+    """Runs `script` in a fresh Python without TRITON_INTERPRET, so @triton.jit compiles for real
+    (the interpreter never exercises Triton's compiler: loop-carried types, constexpr rules, scan
+    lowering), and asserts it printed `expect`."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0 and expect in out.stdout, out.stderr[-3000:]

@@ -8,7 +8,7 @@ import torch
 
 import fastalign
 from fastalign.kernels import reference
-from tests.conftest import backend_params
+from tests.conftest import backend_params, requires_nvidia_compiler, run_triton_compile_script
 
 BACKENDS = backend_params()
 GAMMA_LAM = [(0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (0.5, 0.5), (0.95, 0.95), (1.0, 1.0), (0.99, 0.95), (1.0, 0.5)]
@@ -329,14 +329,6 @@ def test_torch_compile_fullgraph(backend, device):
         torch.testing.assert_close(g, w)
 
 
-def _nvidia_compiler_available():
-    try:
-        from triton.backends import backends
-
-        return "nvidia" in backends
-    except Exception:  # no Triton, or an unusual build: nothing to compile with
-        return False
-
 
 _COMPILE_SCRIPT = """
 from triton.backends.compiler import GPUTarget
@@ -356,20 +348,11 @@ print("compiled")
 """
 
 
-@pytest.mark.skipif(not _nvidia_compiler_available(), reason="Triton has no NVIDIA compiler backend here")
+@requires_nvidia_compiler
 def test_triton_kernel_compiles_for_sm90_without_a_gpu():
     # The interpreter does not exercise Triton's compiler (loop-carried types, scan lowering):
     # compile the kernel to a cubin for sm_90, in a process without TRITON_INTERPRET.
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    run_triton_compile_script(_COMPILE_SCRIPT, timeout=300)
 
 
 def test_environment_overrides_auto(monkeypatch):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fastalign
 from fastalign.kernels import reference
 from fastalign.ops import preference as P
-from tests.conftest import TOL, backend_params
+from tests.conftest import TOL, backend_params, requires_nvidia_compiler, run_triton_compile_script
 
 BACKENDS = backend_params()
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -455,14 +455,6 @@ def test_torch_compile_fullgraph(backend, device):
     torch.testing.assert_close(g1, g2)
 
 
-def _nvidia_compiler_available():
-    try:
-        from triton.backends import backends
-
-        return "nvidia" in backends
-    except Exception:  # no Triton, or an unusual build: nothing to compile with
-        return False
-
 
 _COMPILE_SCRIPT = """
 from triton.backends.compiler import GPUTarget
@@ -499,20 +491,11 @@ print("compiled")
 """
 
 
-@pytest.mark.skipif(not _nvidia_compiler_available(), reason="Triton has no NVIDIA compiler backend here")
+@requires_nvidia_compiler
 def test_triton_kernels_compile_for_sm90_without_a_gpu():
     # The interpreter does not exercise Triton's compiler (constexpr branches, scalar where, dtype
     # casts on store): compile every kernel specialisation to a cubin for sm_90 in a subprocess.
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=900)  # fmt: skip
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    run_triton_compile_script(_COMPILE_SCRIPT, timeout=900)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

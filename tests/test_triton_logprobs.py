@@ -4,9 +4,6 @@ vocabularies, out-of-range labels, skipped rows, 16-bit inputs, strides and laun
 On the CPU these run under TRITON_INTERPRET=1 (tests/conftest.py), so shapes stay small."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ import torch
 import fastalign
 from fastalign import _backends
 from fastalign.kernels import reference
-from tests.conftest import TOL
+from tests.conftest import TOL, requires_nvidia_compiler, run_triton_compile_script
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _reason = _backends.unavailable_reason("triton", DEVICE)
@@ -208,14 +205,6 @@ def test_offsets_beyond_2_pow_31_on_gpu():
     assert abs(float(grad[5]) + math.exp(-lse_other)) < 1e-9 + 1e-2 * math.exp(-lse_other)
 
 
-def _nvidia_compiler_available():
-    try:
-        from triton.backends import backends
-
-        return "nvidia" in backends
-    except Exception:  # an unusual Triton build: nothing to compile with
-        return False
-
 
 _COMPILE_SCRIPT = """
 from triton.backends.compiler import GPUTarget
@@ -237,14 +226,9 @@ print("compiled")
 """
 
 
-@pytest.mark.skipif(not _nvidia_compiler_available(), reason="Triton has no NVIDIA compiler backend here")
+@requires_nvidia_compiler
 def test_kernels_compile_for_sm90_without_a_gpu():
     # The interpreter does not exercise Triton's compiler (type rules for loop-carried values,
     # globals that must be constexpr, ...): compile both kernels to a cubin for sm_90, in a
     # process without TRITON_INTERPRET (under it, @triton.jit gives interpreted functions).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    run_triton_compile_script(_COMPILE_SCRIPT, timeout=300)

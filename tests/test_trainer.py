@@ -274,8 +274,8 @@ def test_demo_dpo_beats_sft(tmp_path):
 
     s = run_demo(DemoConfig(output_dir=str(tmp_path), progress=False), log=lambda *a: None)
     sft, dpo = s["results"]["SFT"], s["results"]["DPO"]
-    # seed 0 on a 2-core CPU gave SFT 0.449 -> DPO 0.496, win rate 0.527, KL 2.25 nats
-    assert dpo["oracle score"] > sft["oracle score"] + 0.02
-    assert dpo["win rate vs SFT"] > 0.5
-    assert 0 < dpo["KL to ref"] < 5
+    # seed 0 on a 2-core CPU gave SFT 0.449 -> DPO 0.551, win rate 0.608, KL 0.30 nats (~40 s)
+    assert dpo["oracle score"] > sft["oracle score"] + 0.05
+    assert dpo["win rate vs SFT"] > 0.55
+    assert 0 < dpo["KL to ref"] < 2
     assert os.path.exists(s["plot"]) and os.path.exists(tmp_path / "dpo" / "checkpoints" / "latest")

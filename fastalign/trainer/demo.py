@@ -52,12 +52,16 @@ class DemoConfig:
     rm_steps: int = 100
     rm_lr: float = 1e-3
     # DPO
+    # DPO with an NLL term on the chosen responses (the RPO recipe): on this tiny model plain DPO
+    # at beta 0.1 drifts (seed 0: oracle +0.05, KL 2.3 nats; at lr 5e-4 x 300 steps responses grow
+    # 8 -> 14 tokens, KL 19.6 and the oracle score falls), the NLL anchor keeps KL ~0.3 and gives
+    # oracle 0.449 -> 0.551, win rate 0.61.
     dpo_steps: int = 150
     dpo_batch_size: int = 32
-    dpo_lr: float = 2e-4
-    dpo_beta: float = 0.1
+    dpo_lr: float = 5e-4
+    dpo_beta: float = 0.5
     dpo_loss_type: str = "sigmoid"
-    dpo_sft_weight: float = 0.0
+    dpo_sft_weight: float = 1.0
     # evaluation
     eval_prompts: int = 500
 
@@ -155,7 +159,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     dpo_eval = dpo.encode(eval_pairs, tok, cfg.max_length, st)
     policy = load_model(sft_dir)
     reference = load_model(sft_dir)
-    log(f"[4/4] DPO ({cfg.dpo_loss_type}, beta {cfg.dpo_beta}) from the SFT model on {len(dpo_train)} pairs, "
+    log(f"[4/4] DPO ({cfg.dpo_loss_type}, beta {cfg.dpo_beta}, NLL-on-chosen weight {cfg.dpo_sft_weight}) from the SFT model on {len(dpo_train)} pairs, "
         f"{cfg.dpo_steps} steps")
     tr = Trainer(dpo, {"policy": policy, "reference": reference}, tok, dpo_train, dpo_eval, _stage_cfg(
         cfg, "dpo", max_steps=cfg.dpo_steps, batch_size=cfg.dpo_batch_size, lr=cfg.dpo_lr, warmup_steps=10,

@@ -16,8 +16,8 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
+from fastalign.ops._checks import FLOAT_DTYPES, check_float_tensor, check_mask
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KL_KINDS = ("k1", "abs", "k2", "k3")
 
 
@@ -37,7 +37,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, kind: str 
     for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"kl_penalty: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"kl_penalty: {name} must be float32, bfloat16 or float16, got {t.dtype}")
     if ref_logprobs.shape != logprobs.shape:
         raise ValueError(
@@ -73,18 +73,8 @@ def masked_whiten(
     Gradients flow to x (through the mean and variance too). A composed torch implementation on
     every backend (see the module docstring).
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"masked_whiten: x must be a tensor, got {type(x).__name__}")
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"masked_whiten: mask must be a tensor, got {type(mask).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"masked_whiten: x must be float32, bfloat16 or float16, got {x.dtype}")
-    if mask.dtype.is_complex:
-        raise TypeError(f"masked_whiten: mask must be bool or a real numeric dtype (nonzero = valid), got {mask.dtype}")
-    if mask.shape != x.shape:
-        raise ValueError(f"masked_whiten: mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
-    if mask.device != x.device:
-        raise ValueError(f"masked_whiten: mask is on {mask.device} but x on {x.device}")
+    check_float_tensor("masked_whiten", "x", x)
+    check_mask("masked_whiten", mask, x, "x")
     # eps = 0 would turn a zero variance (all masked entries equal) into 0 * inf = NaN. The math is
     # fp32, so eps must also be > 0 and finite *as fp32*: 1e-300 rounds to 0 (NaN again) and
     # 1e300 to inf (every output silently 0).

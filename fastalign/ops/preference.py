@@ -25,9 +25,9 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
+from fastalign.ops._checks import check_float_tensor, check_mask
 from fastalign.ops._register import cpp_op, register_fused, triton_op
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---- the loss-type registry ----------------------------------------------------------------------
@@ -223,24 +223,6 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _check_float_tensor(op, name, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
-
-
-def _check_mask(op, mask, like, like_name) -> None:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{op}: mask must be a tensor, got {type(mask).__name__}")
-    if mask.dtype.is_complex:
-        raise TypeError(f"{op}: mask must be bool or a real numeric dtype (nonzero = valid), got {mask.dtype}")
-    if mask.shape != like.shape:
-        raise ValueError(f"{op}: mask must have the shape of {like_name} {tuple(like.shape)}, got {tuple(mask.shape)}")
-    if mask.device != like.device:
-        raise ValueError(f"{op}: mask is on {mask.device} but {like_name} on {like.device}")
-
-
 def _check_loss_args(op, beta, loss_type, label_smoothing) -> None:
     if not _is_real(beta) or not math.isfinite(float(beta)) or float(beta) <= 0:
         raise ValueError(f"{op}: beta must be a finite number > 0, got {beta!r}")
@@ -278,10 +260,10 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, *, reduce: str
     its dtype): 1 (sum) or 1/count (mean) at valid positions. Fused backends: one pass per row.
     """
     op = "sequence_logps"
-    _check_float_tensor(op, "token_logps", token_logps)
+    check_float_tensor(op, "token_logps", token_logps)
     if token_logps.dim() < 1:
         raise ValueError(f"{op}: token_logps must have at least 1 dimension [..., T], got a scalar")
-    _check_mask(op, mask, token_logps, "token_logps")
+    check_mask(op, mask, token_logps, "token_logps")
     mean = _check_reduce(op, reduce)
     name = _backends.resolve(backend, token_logps.device, op=op)
     if name == "torch":
@@ -295,7 +277,7 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, *, reduce: str
 
 def _check_pairs(op, names, tensors) -> None:
     for n, t in zip(names, tensors):
-        _check_float_tensor(op, n, t)
+        check_float_tensor(op, n, t)
     first = tensors[0]
     if first.dim() != 1:
         raise ValueError(f"{op}: {names[0]} must be 1-D [B], got shape {tuple(first.shape)}")
@@ -391,8 +373,8 @@ def dpo_loss_from_tokens(
     policy_token_logps, in its dtype.
     """
     op = "dpo_loss_from_tokens"
-    _check_float_tensor(op, "policy_token_logps", policy_token_logps)
-    _check_float_tensor(op, "ref_token_logps", ref_token_logps)
+    check_float_tensor(op, "policy_token_logps", policy_token_logps)
+    check_float_tensor(op, "ref_token_logps", ref_token_logps)
     pol, ref = policy_token_logps, ref_token_logps.detach()
     if pol.dim() != 2:
         raise ValueError(f"{op}: policy_token_logps must be 2-D [2B, T] ([chosen; rejected]), got {tuple(pol.shape)}")
@@ -404,7 +386,7 @@ def dpo_loss_from_tokens(
                          f"{tuple(ref.shape)}")
     if ref.device != pol.device:
         raise ValueError(f"{op}: ref_token_logps is on {ref.device} but policy_token_logps on {pol.device}")
-    _check_mask(op, mask, pol, "policy_token_logps")
+    check_mask(op, mask, pol, "policy_token_logps")
     _check_loss_args(op, beta, loss_type, label_smoothing)
     if not isinstance(average_log_prob, bool):
         raise TypeError(f"{op}: average_log_prob must be a bool, got {average_log_prob!r}")
@@ -439,8 +421,8 @@ def reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *, m
     `backend` is validated and resolved like every op's.
     """
     op = "reward_loss"
-    _check_float_tensor(op, "chosen_scores", chosen_scores)
-    _check_float_tensor(op, "rejected_scores", rejected_scores)
+    check_float_tensor(op, "chosen_scores", chosen_scores)
+    check_float_tensor(op, "rejected_scores", rejected_scores)
     if rejected_scores.shape != chosen_scores.shape:
         raise ValueError(f"{op}: rejected_scores must have the shape of chosen_scores {tuple(chosen_scores.shape)}, "
                          f"got {tuple(rejected_scores.shape)}")
@@ -450,7 +432,7 @@ def reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *, m
     if chosen_scores.numel() == 0:
         raise ValueError(f"{op}: chosen_scores is empty (the mean over no pairs is undefined)")
     if isinstance(margin, torch.Tensor):
-        _check_float_tensor(op, "margin", margin)
+        check_float_tensor(op, "margin", margin)
         if margin.shape != chosen_scores.shape:
             raise ValueError(f"{op}: margin must have the shape of chosen_scores {tuple(chosen_scores.shape)}, got "
                              f"{tuple(margin.shape)}")

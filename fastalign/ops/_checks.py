@@ -1,0 +1,27 @@
+"""Argument checks shared by the public ops: each error names the op, the argument and what
+was expected."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_float_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def check_mask(op: str, mask, like: torch.Tensor, like_name: str) -> None:
+    """mask: bool or any real dtype (nonzero = valid), of `like`'s shape and device."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: mask must be a tensor, got {type(mask).__name__}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{op}: mask must be bool or a real numeric dtype (nonzero = valid), got {mask.dtype}")
+    if mask.shape != like.shape:
+        raise ValueError(f"{op}: mask must have the shape of {like_name} {tuple(like.shape)}, got {tuple(mask.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"{op}: mask is on {mask.device} but {like_name} on {like.device}")

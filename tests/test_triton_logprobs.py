@@ -39,8 +39,8 @@ def _check(logits, labels, *, temperature=1.0, ignore_index=-100, block_v=None, 
     n = logits.shape[0]
     g = torch.randn(n, device=logits.device)
     gh = torch.randn(n, device=logits.device) * 3 if entropy_grad else None  # |g_H| > 1 often
-    lp, ent, stats = K._fwd(logits, labels, temperature, ignore_index, True, block_v=block_v)
-    grad = K._bwd(g, gh, logits, labels, stats, ent if entropy_grad else None, temperature, ignore_index,
+    lp, ent, stats = K.forward(logits, labels, temperature, ignore_index, True, block_v=block_v)
+    grad = K.backward(g, gh, logits, labels, stats, ent if entropy_grad else None, temperature, ignore_index,
                   block_v=block_v)  # fmt: skip
     e_lp, e_ent, e_stats, e_grad = _expected(logits, labels, temperature, ignore_index, g, gh)
     tol = TOL[torch.float32]
@@ -51,7 +51,7 @@ def _check(logits, labels, *, temperature=1.0, ignore_index=-100, block_v=None, 
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
     torch.testing.assert_close(grad.float(), e_grad, **TOL[logits.dtype], equal_nan=True)
     # without entropy: logprobs only, no entropy output
-    lp2, ent2, _ = K._fwd(logits, labels, temperature, ignore_index, False, block_v=block_v)
+    lp2, ent2, _ = K.forward(logits, labels, temperature, ignore_index, False, block_v=block_v)
     assert ent2.numel() == 0
     torch.testing.assert_close(lp2, lp, rtol=0, atol=0, equal_nan=True)
     return lp, ent, grad
@@ -125,10 +125,10 @@ def test_rows_without_gradient_are_zero_and_skip_reading():
     logits[0, 3] = float("nan")  # rows 0 and 1 get no gradient: their logits are never read,
     logits[1, 4] = float("nan")  # so even NaN logits give an exact zero gradient
     labels = torch.tensor([1, -100, 2, 3], device=DEVICE)
-    lp, ent, stats = K._fwd(logits, labels, 1.0, -100, True, block_v=8)
+    lp, ent, stats = K.forward(logits, labels, 1.0, -100, True, block_v=8)
     g = torch.tensor([0.0, 1.0, 1.0, 0.0], device=DEVICE)
     gh = torch.tensor([0.0, 1.0, 0.0, 2.0], device=DEVICE)
-    grad = K._bwd(g, gh, logits, labels, stats, ent, 1.0, -100, block_v=8)
+    grad = K.backward(g, gh, logits, labels, stats, ent, 1.0, -100, block_v=8)
     assert (grad[:2] == 0).all() and grad[2:].isfinite().all() and (grad[2:] != 0).any(-1).all()
 
 
@@ -155,8 +155,8 @@ def test_strided_rows_and_non_unit_inner_stride():
     lp, ent, grad = _check(rows, labels, block_v=16)
     assert grad.is_contiguous() and torch.equal(base, before)
     cols = torch.randn(50, 4, device=DEVICE).t()  # inner stride 4: the op copies it
-    out = K._fwd(cols, labels, 1.0, -100, True)
-    ref = K._fwd(cols.contiguous(), labels, 1.0, -100, True)
+    out = K.forward(cols, labels, 1.0, -100, True)
+    ref = K.forward(cols.contiguous(), labels, 1.0, -100, True)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

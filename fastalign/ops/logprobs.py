@@ -81,7 +81,7 @@ def _triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastalign.kernels.triton import logprobs as kernels
 
-    return kernels.gather_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy)
+    return kernels.forward(logits, labels, temperature, ignore_index, with_entropy)
 
 
 def _triton_bwd(
@@ -96,9 +96,7 @@ def _triton_bwd(
 ) -> torch.Tensor:
     from fastalign.kernels.triton import logprobs as kernels
 
-    return kernels.gather_logprobs_bwd(
-        grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index
-    )
+    return kernels.backward(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index)
 
 
 _register("triton", triton_op("gather_logprobs_fwd", _triton_fwd), triton_op("gather_logprobs_bwd", _triton_bwd))

@@ -25,7 +25,6 @@ op rejects such labels before calling). Offsets are 64-bit (row index cast to in
 # No `from __future__ import annotations`: torch.library.custom_op infers the op schema from
 # these functions' real type hints.
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -167,7 +166,7 @@ def _unit_inner(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(1) == 1 or logits.shape[1] <= 1 else logits.contiguous()
 
 
-def _fwd(logits, labels, temperature, ignore_index, with_entropy, block_v=None):
+def forward(logits, labels, temperature, ignore_index, with_entropy, block_v=None):
     """Launches the forward kernel; block_v overrides the tile length (tests use small tiles)."""
     _check_2d(logits, labels, temperature, "gather_logprobs_fwd")
     n, vocab = logits.shape
@@ -190,7 +189,7 @@ def _fwd(logits, labels, temperature, ignore_index, with_entropy, block_v=None):
     return logprobs, entropy, row_stats
 
 
-def _bwd(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index, block_v=None):
+def backward(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index, block_v=None):
     _check_2d(logits, labels, temperature, "gather_logprobs_bwd")
     n, vocab = logits.shape
     grad_logits = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
@@ -217,25 +216,3 @@ def _bwd(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temper
             WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps_for(block),
         )  # fmt: skip
     return grad_logits
-
-
-def gather_logprobs_fwd(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, with_entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd(logits, labels, temperature, ignore_index, with_entropy)
-
-
-def gather_logprobs_bwd(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: Optional[torch.Tensor],
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    row_stats: torch.Tensor,
-    entropy: Optional[torch.Tensor],
-    temperature: float,
-    ignore_index: int,
-) -> torch.Tensor:
-    return _bwd(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index)
-
-
-__all__ = ["gather_logprobs_fwd", "gather_logprobs_bwd"]

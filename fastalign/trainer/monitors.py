@@ -1,0 +1,214 @@
+"""Monitors for the ways RLHF goes wrong, computed from each step's rollouts.
+
+* Over-optimisation (reward hacking): the policy learns to please the learned reward model
+  (the proxy) rather than the true objective, so the proxy score rises while the true score
+  falls (Gao et al., 2022). `OveroptimisationMonitor` compares the two trends; the synthetic
+  task's oracle is the true score here.
+* Mode collapse: the policy's distribution narrows (entropy falls, samples repeat):
+  `distinct_n` (fraction of distinct n-grams over the batch) and the policy entropy.
+* Length / style bias: the reward model rewards length rather than quality:
+  `length_correlation` (Pearson correlation of reward and response length).
+* Drift from the reference: the per-sequence KL estimate.
+
+Everything here is plain Python on small per-step summaries (no kernels): a few hundred
+responses per step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+
+
+def _as_list(x):
+    if x is None:
+        return None
+    if hasattr(x, "detach"):  # torch tensor
+        return [float(v) for v in x.detach().double().reshape(-1).cpu().tolist()]
+    if isinstance(x, (int, float)):
+        return [float(x)]
+    return [float(v) for v in x]
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def distinct_n(responses, n: int) -> float:
+    """Distinct n-grams / all n-grams over a batch of responses (token-id lists, or strings split
+    into whitespace words). 1.0 means no n-gram repeats anywhere; a collapsed policy that
+    answers everything the same way tends to 0. 0.0 when there are no n-grams at all."""
+    if n < 1:
+        raise ValueError(f"distinct_n: n must be >= 1, got {n}")
+    seen, total = set(), 0
+    for r in responses:
+        toks = r.split() if isinstance(r, str) else list(r)
+        for i in range(len(toks) - n + 1):
+            seen.add(tuple(toks[i: i + n]))
+            total += 1
+    return len(seen) / total if total else 0.0
+
+
+def pearson(xs, ys) -> float:
+    """Pearson correlation; 0.0 when there are fewer than 2 points or either side is constant
+    (no linear relation can be measured, and NaN would poison the log)."""
+    xs, ys = _as_list(xs), _as_list(ys)
+    if len(xs) != len(ys):
+        raise ValueError(f"pearson: {len(xs)} x values but {len(ys)} y values")
+    if len(xs) < 2:
+        return 0.0
+    mx, my = _mean(xs), _mean(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx <= 0.0 or syy <= 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+
+
+def length_correlation(scores, lengths) -> float:
+    """Correlation of reward scores with response lengths: persistently large and positive means
+    the reward (and soon the policy) prefers long answers whatever their quality."""
+    return pearson(scores, lengths)
+
+
+def rollout_metrics(*, responses_ids, rewards, kl=None, entropy=None, oracle_scores=None, truncated: int = 0,
+                    prefix: str = "rollout/") -> dict:
+    """The monitor values of one batch of rollouts.
+
+    responses_ids: token-id lists of the responses; rewards: the proxy score per response
+    (before the KL penalty); kl: per-sequence KL estimates to the reference (summed over the
+    response); entropy: per-sequence mean token entropy, or one float; oracle_scores: the true
+    score per response where an oracle exists; truncated: responses cut without EOS.
+    """
+    rewards = _as_list(rewards)
+    lengths = [len(r) for r in responses_ids]
+    if len(rewards) != len(lengths):
+        raise ValueError(f"rollout_metrics: {len(rewards)} rewards for {len(lengths)} responses")
+    out = {
+        prefix + "reward": _mean(rewards),
+        prefix + "length": _mean(lengths),
+        prefix + "distinct_1": distinct_n(responses_ids, 1),
+        prefix + "distinct_2": distinct_n(responses_ids, 2),
+        prefix + "length_corr": length_correlation(rewards, lengths),
+        prefix + "truncated": int(truncated),
+    }
+    if kl is not None:
+        out[prefix + "kl"] = _mean(_as_list(kl))
+    if entropy is not None:
+        out[prefix + "entropy"] = _mean(_as_list(entropy))
+    if oracle_scores is not None:
+        oracle = _as_list(oracle_scores)
+        out[prefix + "oracle"] = _mean(oracle)
+        out[prefix + "proxy_oracle_corr"] = pearson(rewards, oracle)
+    return out
+
+
+class OveroptimisationMonitor:
+    """Flags steps where the proxy reward rises while the true (oracle) score falls.
+
+    Each update gets the step's mean proxy and oracle scores. The trends are the least-squares
+    slopes over the last `window` updates (a slope is robust to one noisy step, unlike a
+    difference of two points); the step is flagged when the proxy slope is > +tolerance and the
+    oracle slope < -tolerance. The first flag of an episode (a run of consecutive flagged steps)
+    issues a warning; `flagged_steps` lists every flagged step.
+    """
+
+    def __init__(self, window: int = 3, tolerance: float = 0.0):
+        if window < 2:
+            raise ValueError(f"OveroptimisationMonitor: window must be >= 2, got {window}")
+        if tolerance < 0:
+            raise ValueError(f"OveroptimisationMonitor: tolerance must be >= 0, got {tolerance}")
+        self.window, self.tolerance = int(window), float(tolerance)
+        self.history: deque = deque(maxlen=self.window)
+        self.flagged_steps: list[int] = []
+        self._in_episode = False
+
+    @staticmethod
+    def _slope(ys) -> float:
+        n = len(ys)
+        mx = (n - 1) / 2
+        my = _mean(ys)
+        return sum((i - mx) * (y - my) for i, y in enumerate(ys)) / sum((i - mx) ** 2 for i in range(n))
+
+    def update(self, step: int, proxy: float, oracle: float) -> bool:
+        proxy, oracle = float(proxy), float(oracle)
+        if not (math.isfinite(proxy) and math.isfinite(oracle)):
+            raise ValueError(f"OveroptimisationMonitor: step {step}: proxy {proxy} / oracle {oracle} must be finite")
+        self.history.append((proxy, oracle))
+        if len(self.history) < self.window:
+            return False
+        p_slope = self._slope([p for p, _ in self.history])
+        o_slope = self._slope([o for _, o in self.history])
+        flagged = p_slope > self.tolerance and o_slope < -self.tolerance
+        if flagged:
+            self.flagged_steps.append(int(step))
+            if not self._in_episode:
+                warnings.warn(
+                    f"step {step}: over-optimisation -- the reward model's score is rising "
+                    f"({p_slope:+.4f}/step) while the oracle score falls ({o_slope:+.4f}/step) over the "
+                    f"last {self.window} steps; raise the KL penalty or stop here", RuntimeWarning, stacklevel=2)
+        self._in_episode = flagged
+        return flagged
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "tolerance": self.tolerance, "history": [list(h) for h in self.history],
+                "flagged_steps": list(self.flagged_steps), "in_episode": self._in_episode}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window, self.tolerance = int(state["window"]), float(state["tolerance"])
+        self.history = deque((tuple(h) for h in state["history"]), maxlen=self.window)
+        self.flagged_steps = list(state["flagged_steps"])
+        self._in_episode = bool(state["in_episode"])
+
+
+def plot_monitors(jsonl_path: str, png_path: str, *, prefix: str = "rollout/", title: str | None = None) -> str:
+    """The monitor panels of a run's metrics.jsonl: proxy reward vs oracle score (flagged
+    over-optimisation steps shaded), KL to the reference, entropy and distinct-n, and the
+    reward-length correlation. Returns png_path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastalign.trainer.metrics import read_jsonl
+
+    rows = [r for r in read_jsonl(jsonl_path) if r.get("split", "train") == "train"]
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        return tuple(zip(*pts)) if pts else ((), ())
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
+    ax = axes[0]
+    ax.plot(*series(prefix + "reward"), color="#c44", label="reward model (proxy)")
+    ax.set_ylabel("proxy", fontsize=8)
+    ax2 = ax.twinx()
+    ax2.plot(*series(prefix + "oracle"), color="#37a", label="oracle (true)")
+    ax2.set_ylabel("oracle", fontsize=8)
+    for r in rows:
+        if r.get("overoptimisation"):
+            ax.axvspan(r["step"] - 0.5, r["step"] + 0.5, color="#fc6", alpha=0.4, lw=0)
+    ax.set_title("proxy vs oracle (shaded: flagged)", fontsize=9)
+    fig.legend(*[sum(x, []) for x in zip(ax.get_legend_handles_labels(), ax2.get_legend_handles_labels())],
+               loc="upper left", fontsize=7)
+    axes[1].plot(*series(prefix + "kl"))
+    axes[1].set_title("KL to reference (nats / response)", fontsize=9)
+    axes[2].plot(*series(prefix + "entropy"), label="entropy (nats/token)")
+    axes[2].plot(*series(prefix + "distinct_2"), label="distinct-2")
+    axes[2].set_title("mode collapse", fontsize=9)
+    axes[2].legend(fontsize=7)
+    axes[3].plot(*series(prefix + "length_corr"), label="corr(reward, length)")
+    axes[3].plot(*series(prefix + "length"), label="mean length")
+    axes[3].set_title("length bias", fontsize=9)
+    axes[3].legend(fontsize=7)
+    for a in axes:
+        a.set_xlabel("step", fontsize=8)
+        a.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return png_path

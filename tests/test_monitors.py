@@ -1,0 +1,108 @@
+"""The RLHF monitors on crafted samples whose answers are known by hand."""
+
+import math
+import pickle
+
+import pytest
+import torch
+
+from fastalign.trainer.monitors import (OveroptimisationMonitor, distinct_n, length_correlation, pearson,
+                                        plot_monitors, rollout_metrics)
+
+
+def test_distinct_n_by_hand():
+    # 1-grams: a b a c | a a -> 6 total, distinct {a, b, c} = 3
+    assert distinct_n([[1, 2, 1, 3], [1, 1]], 1) == pytest.approx(3 / 6)
+    # 2-grams: (1,2) (2,1) (1,3) | (1,1) -> 4 total, 4 distinct
+    assert distinct_n([[1, 2, 1, 3], [1, 1]], 2) == pytest.approx(1.0)
+    # a collapsed policy: the same answer everywhere
+    assert distinct_n(["4 1 3"] * 10, 1) == pytest.approx(3 / 30)
+    assert distinct_n(["4 1 3"] * 10, 2) == pytest.approx(2 / 20)
+    assert distinct_n([[], [5]], 2) == 0.0  # no bigram at all
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        distinct_n([[1]], 0)
+
+
+def test_pearson_and_length_correlation():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # cov 1.25 / (1.25)
+    assert pearson([1, 1, 1], [1, 2, 3]) == 0.0  # constant side: no measurable relation, not NaN
+    assert pearson([1], [2]) == 0.0
+    x = torch.randn(50, dtype=torch.float64)
+    y = 2 * x + 0.5 * torch.randn(50, dtype=torch.float64)
+    assert pearson(x, y) == pytest.approx(float(torch.corrcoef(torch.stack([x, y]))[0, 1]), abs=1e-12)
+    # rewards that grow with length
+    assert length_correlation([0.1, 0.2, 0.3], [3, 5, 9]) > 0.9
+    with pytest.raises(ValueError, match="3 x values but 2"):
+        pearson([1, 2, 3], [1, 2])
+
+
+def test_rollout_metrics_by_hand():
+    ids = [[1, 2, 3], [1, 2], [4]]
+    m = rollout_metrics(responses_ids=ids, rewards=torch.tensor([0.5, 0.0, 1.0]), kl=[0.1, 0.2, 0.3],
+                        entropy=torch.tensor([1.0, 2.0, 3.0]), oracle_scores=[1.0, 0.0, 0.5], truncated=1)
+    assert m["rollout/reward"] == pytest.approx(0.5)
+    assert m["rollout/length"] == pytest.approx(2.0)
+    assert m["rollout/distinct_1"] == pytest.approx(4 / 6)
+    assert m["rollout/distinct_2"] == pytest.approx(2 / 3)  # (1,2) (2,3) (1,2)
+    assert m["rollout/kl"] == pytest.approx(0.2)
+    assert m["rollout/entropy"] == pytest.approx(2.0)
+    assert m["rollout/oracle"] == pytest.approx(0.5)
+    assert m["rollout/truncated"] == 1
+    assert m["rollout/length_corr"] == pytest.approx(pearson([0.5, 0.0, 1.0], [3, 2, 1]))
+    assert m["rollout/proxy_oracle_corr"] == pytest.approx(pearson([0.5, 0.0, 1.0], [1.0, 0.0, 0.5]))
+    m2 = rollout_metrics(responses_ids=ids, rewards=[0, 0, 0], prefix="x/")
+    assert set(m2) == {"x/reward", "x/length", "x/distinct_1", "x/distinct_2", "x/length_corr", "x/truncated"}
+    with pytest.raises(ValueError, match="2 rewards for 3 responses"):
+        rollout_metrics(responses_ids=ids, rewards=[1, 2])
+
+
+def test_overoptimisation_monitor_flags_proxy_up_oracle_down():
+    mon = OveroptimisationMonitor(window=3)
+    healthy = [(0.1, 0.40), (0.2, 0.45), (0.3, 0.50), (0.4, 0.52)]  # both rise
+    for s, (p, o) in enumerate(healthy):
+        assert mon.update(s, p, o) is False
+    with pytest.warns(RuntimeWarning, match="over-optimisation"):
+        hacked = [mon.update(4 + s, p, o) for s, (p, o) in enumerate([(0.6, 0.48), (0.8, 0.40), (1.0, 0.30)])]
+    # 3-point least-squares slope = (last - first) / 2: oracle (0.50, 0.52, 0.48) already falls
+    assert hacked == [True, True, True]
+    assert mon.flagged_steps == [4, 5, 6]
+    # the oracle recovers: (0.40, 0.30, 0.45) has slope +0.025 -> the episode ends
+    assert mon.update(7, 1.1, 0.45) is False
+    # a noisy oracle dip with a flat proxy is not over-optimisation
+    mon2 = OveroptimisationMonitor(window=3, tolerance=0.01)
+    assert not any(mon2.update(s, 0.5, o) for s, o in enumerate([0.5, 0.3, 0.5, 0.2]))
+
+
+def test_overoptimisation_monitor_state_round_trip_and_errors():
+    import warnings
+
+    a = OveroptimisationMonitor(window=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for s, (p, o) in enumerate([(0.1, 0.5), (0.2, 0.4), (0.3, 0.3)]):
+            a.update(s, p, o)
+    b = OveroptimisationMonitor()
+    b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert a.update(3, 0.4, 0.2) == b.update(3, 0.4, 0.2) is True
+    assert a.state_dict() == b.state_dict()
+    with pytest.raises(ValueError, match="window must be >= 2"):
+        OveroptimisationMonitor(window=1)
+    with pytest.raises(ValueError, match="must be finite"):
+        a.update(9, math.nan, 0.1)
+
+
+def test_plot_monitors(tmp_path):
+    import json
+
+    log = tmp_path / "metrics.jsonl"
+    with open(log, "w") as f:
+        for s in range(1, 6):
+            f.write(json.dumps({"step": s, "split": "train", "rollout/reward": 0.1 * s, "rollout/oracle": 0.5 - 0.05 * s,
+                                "rollout/kl": 0.2 * s, "rollout/entropy": 1.0, "rollout/distinct_2": 0.5,
+                                "rollout/length_corr": 0.1, "rollout/length": 5, "overoptimisation": float(s > 3)}) + "\n")
+    out = plot_monitors(str(log), str(tmp_path / "m.png"), title="t")
+    assert (tmp_path / "m.png").stat().st_size > 1000 and out.endswith("m.png")

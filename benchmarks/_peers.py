@@ -1,10 +1,13 @@
 """Optional peers (TRL, Liger-Kernel), imported lazily; every getter raises Skip with the reason
 when the peer is missing. Peer code is only *called*, never copied: the reference loops that
-TRL and verl write inline (GAE) are written out locally in bench_rl.py from their formulas."""
+TRL and verl write inline (GAE) are written out below from their formulas (tests/test_gae.py
+checks fastalign.gae against them)."""
 
 from __future__ import annotations
 
 import importlib.util
+
+import torch
 
 from benchmarks._common import Skip
 
@@ -71,3 +74,37 @@ def liger_fused_linear_cross_entropy(device: str):
     except Exception as exc:
         raise Skip(f"Liger-Kernel not installed ({type(exc).__name__})") from None
     return flce
+
+
+# ---- the peers' GAE loops, written from their code (not imported) ---------------------------------
+
+
+def trl_gae_loop(rewards, values, gamma, lam):
+    """TRL PPOTrainer's GAE: the reverse loop without a mask (values zero-filled past the end by
+    the caller)."""
+    lastgaelam = 0
+    advantages_reversed = []
+    gen_length = rewards.shape[1]
+    for t in reversed(range(gen_length)):
+        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], axis=1)
+    return advantages, advantages + values
+
+
+def verl_gae_loop(rewards, values, response_mask, gamma, lam):
+    """verl core_algos.compute_gae_advantage_return (multi-turn variant), before its whitening:
+    value and advantage carried through masked steps by multiplying with the mask."""
+    nextvalues = 0
+    lastgaelam = 0
+    advantages_reversed = []
+    for t in reversed(range(rewards.shape[-1])):
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam_ = delta + gamma * lam * lastgaelam
+        nextvalues = values[:, t] * response_mask[:, t] + (1 - response_mask[:, t]) * nextvalues
+        lastgaelam = lastgaelam_ * response_mask[:, t] + (1 - response_mask[:, t]) * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values

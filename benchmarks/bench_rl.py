@@ -2,7 +2,8 @@
 ppo_value_loss (forward, forward+backward) against eager PyTorch (verl's formulas) and
 torch.compile of it.
 
-The peers' loops and losses are written out here from their published formulas (not imported):
+The peers' loops and losses are written out from their published formulas (not imported; the
+GAE loops live in benchmarks/_peers.py, shared with tests/test_gae.py):
 - TRL PPOTrainer GAE: the plain reverse loop without a mask;
 - verl compute_gae_advantage_return: the reverse loop carrying value and advantage through
   masked steps (multi-turn);
@@ -16,38 +17,12 @@ from __future__ import annotations
 import torch
 
 from benchmarks._common import DTYPES, Case, compiled, fastalign_backend, fastalign_op, grad_of
+from benchmarks._peers import trl_gae_loop, verl_gae_loop
 
 FAMILY = "rl"
 
 
 # ---- the peers' formulas --------------------------------------------------------------------------
-
-
-def trl_gae_loop(rewards, values, gamma, lam):
-    lastgaelam = 0
-    advantages_reversed = []
-    gen_length = rewards.shape[1]
-    for t in reversed(range(gen_length)):
-        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], axis=1)
-    return advantages, advantages + values
-
-
-def verl_gae_loop(rewards, values, response_mask, gamma, lam):
-    nextvalues = 0
-    lastgaelam = 0
-    advantages_reversed = []
-    for t in reversed(range(rewards.shape[-1])):
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam_ = delta + gamma * lam * lastgaelam
-        nextvalues = values[:, t] * response_mask[:, t] + (1 - response_mask[:, t]) * nextvalues
-        lastgaelam = lastgaelam_ * response_mask[:, t] + (1 - response_mask[:, t]) * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    return advantages, advantages + values
 
 
 def _masked_mean(x, mask):

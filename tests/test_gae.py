@@ -1,5 +1,6 @@
 """gae on every backend against kernels/reference.py (the per-time-step loop), plus the peers'
-formulas (TRL's unmasked loop, verl's multi-turn loop) written out locally from their code."""
+formulas (TRL's unmasked loop, verl's multi-turn loop; written out from their code in
+benchmarks/_peers.py, which the benchmarks time)."""
 
 import math
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import fastalign
+from benchmarks._peers import trl_gae_loop, verl_gae_loop
 from fastalign.kernels import reference
 from tests.conftest import backend_params, requires_nvidia_compiler, run_triton_compile_script
 
@@ -126,37 +128,7 @@ def test_mask_dtypes_nonzero_is_valid(backend, device):
             torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
-# ---- the peers' formulas, written from their code (not imported) ----------------------------
-
-
-def _trl_gae(rewards, values, gamma, lam):
-    """TRL PPOTrainer: the loop without a mask (values zero-filled past the end by the caller)."""
-    lastgaelam = 0
-    advantages_reversed = []
-    gen_length = rewards.shape[1]
-    for t in reversed(range(gen_length)):
-        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], axis=1)
-    return advantages, advantages + values
-
-
-def _verl_gae(rewards, values, response_mask, gamma, lam):
-    """verl core_algos.compute_gae_advantage_return (multi-turn variant), before its whitening:
-    value and advantage carried through masked steps by multiplying with the mask."""
-    nextvalues = 0
-    lastgaelam = 0
-    advantages_reversed = []
-    for t in reversed(range(rewards.shape[-1])):
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam_ = delta + gamma * lam * lastgaelam
-        nextvalues = values[:, t] * response_mask[:, t] + (1 - response_mask[:, t]) * nextvalues
-        lastgaelam = lastgaelam_ * response_mask[:, t] + (1 - response_mask[:, t]) * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    return advantages, advantages + values
+# ---- the peers' formulas ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -165,7 +137,7 @@ def test_all_ones_mask_is_trls_loop(backend, device, gamma, lam):
     rewards, values = torch.randn(4, 50, device=device), torch.randn(4, 50, device=device)
     ones = torch.ones(4, 50, dtype=torch.bool, device=device)
     adv, ret = fastalign.gae(rewards, values, ones, gamma=gamma, lam=lam, backend=backend)
-    trl_adv, trl_ret = _trl_gae(rewards, values, gamma, lam)
+    trl_adv, trl_ret = trl_gae_loop(rewards, values, gamma, lam)
     torch.testing.assert_close(adv, trl_adv, **_tol(50))
     torch.testing.assert_close(ret, trl_ret, **_tol(50))
 
@@ -186,7 +158,7 @@ def test_masked_semantics_match_verl_multi_turn(backend, device):
     mask[1, 0] = 0  # a leading masked token too
     gamma, lam = 0.99, 0.95
     adv, ret = fastalign.gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
-    v_adv, v_ret = _verl_gae(rewards, values, mask, gamma, lam)
+    v_adv, v_ret = verl_gae_loop(rewards, values, mask, gamma, lam)
     valid = mask != 0
     torch.testing.assert_close(adv[valid], v_adv[valid], **_tol(12))
     torch.testing.assert_close(ret[valid], v_ret[valid], **_tol(12))
@@ -194,7 +166,7 @@ def test_masked_semantics_match_verl_multi_turn(backend, device):
     assert (adv[~valid] == 0).all() and (ret[~valid] == 0).all()
     assert (v_adv[0, 4:7] == v_adv[0, 7]).all()
     # and the skipping really matters: the plain unmasked loop (TRL) disagrees on turn 1
-    assert not torch.allclose(adv[0, :4], _trl_gae(rewards, values, gamma, lam)[0][0, :4])
+    assert not torch.allclose(adv[0, :4], trl_gae_loop(rewards, values, gamma, lam)[0][0, :4])
 
 
 # ---- edge cases -------------------------------------------------------------------------------

@@ -51,17 +51,16 @@ def _check_stats(stats, ref_stats, names):
         torch.testing.assert_close(s, ref_stats[k].to(s.device), rtol=1e-5, atol=1e-6)
 
 
-def _compare_policy(backend, x, y, z, mask, **kw):
+def _compare(backend, op, ref_op, ref_args, stat_names, x, *others, **kw):
+    """op(x, *others, backend=backend, **kw) against ref_op(x, *others, *ref_args): loss, stats
+    and the gradient of x for a random upstream gradient."""
     a = x.detach().clone().requires_grad_()
     ar = x.detach().clone().requires_grad_()
-    loss, stats = fastalign.ppo_policy_loss(a, y, z, mask, backend=backend, **kw)
-    ref, ref_stats = reference.ppo_policy_loss(
-        ar, y, z, mask, kw.get("clip_low", 0.2), kw.get("clip_high") or kw.get("clip_low", 0.2),
-        kw.get("dual_clip"), kw.get("agg", "token-mean"), kw.get("global_count"), kw.get("horizon"),
-    )
+    loss, stats = op(a, *others, backend=backend, **kw)
+    ref, ref_stats = ref_op(ar, *others, *ref_args)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     torch.testing.assert_close(loss, ref, **TOL[torch.float32])
-    _check_stats(stats, ref_stats, P.POLICY_STATS)
+    _check_stats(stats, ref_stats, stat_names)
     g = torch.randn((), device=x.device)
     (loss * g).backward()
     (ref * g).backward()
@@ -70,22 +69,18 @@ def _compare_policy(backend, x, y, z, mask, **kw):
     return loss, stats, a.grad
 
 
+def _compare_policy(backend, x, y, z, mask, **kw):
+    clip_low = kw.get("clip_low", 0.2)
+    ref_args = (clip_low, kw.get("clip_high") or clip_low, kw.get("dual_clip"), kw.get("agg", "token-mean"),
+                kw.get("global_count"), kw.get("horizon"))
+    return _compare(backend, fastalign.ppo_policy_loss, reference.ppo_policy_loss, ref_args, P.POLICY_STATS,
+                    x, y, z, mask, **kw)
+
+
 def _compare_value(backend, v, vo, r, mask, **kw):
-    a = v.detach().clone().requires_grad_()
-    ar = v.detach().clone().requires_grad_()
-    loss, stats = fastalign.ppo_value_loss(a, vo, r, mask, backend=backend, **kw)
-    ref, ref_stats = reference.ppo_value_loss(
-        ar, vo, r, mask, kw.get("clip"), kw.get("agg", "token-mean"), kw.get("global_count"), kw.get("horizon")
-    )
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
-    _check_stats(stats, ref_stats, P.VALUE_STATS)
-    g = torch.randn((), device=v.device)
-    (loss * g).backward()
-    (ref * g).backward()
-    assert a.grad.dtype == v.dtype and a.grad.shape == v.shape
-    torch.testing.assert_close(a.grad.float(), ar.grad.float(), **TOL[v.dtype])
-    return loss, stats, a.grad
+    ref_args = (kw.get("clip"), kw.get("agg", "token-mean"), kw.get("global_count"), kw.get("horizon"))
+    return _compare(backend, fastalign.ppo_value_loss, reference.ppo_value_loss, ref_args, P.VALUE_STATS,
+                    v, vo, r, mask, **kw)
 
 
 # ---- agreement with the reference -------------------------------------------------------------

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../checks.h"
 #include "capability.h"
 
 namespace fastalign::cpu {
@@ -80,15 +81,6 @@ FA_CLONES(policy_bwd)
 FA_CLONES(value_fwd)
 FA_CLONES(value_bwd)
 
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mask) {
-  TORCH_CHECK(x.dim() == 2, op, ": inputs must be 2-D [B, T], got ", x.sizes());
-  TORCH_CHECK(y.sizes() == x.sizes() && z.sizes() == x.sizes() && mask.sizes() == x.sizes(), op,
-              ": all inputs must have one shape ", x.sizes());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type() && z.scalar_type() == x.scalar_type(), op,
-              ": the three float inputs must have one dtype");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool here, got ", mask.scalar_type());
-}
-
 // Reduces the [B, kParts] row partials in row order into out = (loss, stat1/N, stat2/N, stat3/N)
 // and the per-row weights w_b (already times `scale`).
 void finalize(const std::vector<float>& parts, int64_t batch, int64_t steps, int64_t agg, double global_count,
@@ -114,10 +106,6 @@ void finalize(const std::vector<float>& parts, int64_t batch, int64_t steps, int
   }
 }
 
-void check_agg(const char* op, int64_t agg) {
-  TORCH_CHECK(agg >= kTokenMean && agg <= kSeqMeanTokenSumNorm, op, ": agg code must be in [0, 3], got ", agg);
-}
-
 int64_t grain_for(int64_t steps) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(steps, 1)); }
 
 // ---- policy loss ------------------------------------------------------------------------------
@@ -126,8 +114,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& logprob
                                                        const at::Tensor& adv_in, const at::Tensor& mask_in,
                                                        double clip_lo, double clip_hi, double dual_clip, int64_t agg,
                                                        double global_count, double horizon) {
-  check_inputs("ppo_policy_loss", logprobs_in, old_in, adv_in, mask_in);
-  check_agg("ppo_policy_loss", agg);
+  checks::ppo_inputs("ppo_policy_loss", logprobs_in, old_in, adv_in, mask_in, agg);
   const at::Tensor lp = logprobs_in.contiguous(), old = old_in.contiguous(), adv = adv_in.contiguous(),
                    mask = mask_in.contiguous();
   const int64_t batch = lp.size(0), steps = lp.size(1);
@@ -153,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& logprob
 at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& logprobs_in, const at::Tensor& old_in,
                                const at::Tensor& adv_in, const at::Tensor& mask_in, const at::Tensor& row_w_in,
                                double clip_lo, double clip_hi, double dual_clip) {
-  check_inputs("ppo_policy_loss_bwd", logprobs_in, old_in, adv_in, mask_in);
+  checks::ppo_inputs("ppo_policy_loss_bwd", logprobs_in, old_in, adv_in, mask_in);
   const at::Tensor lp = logprobs_in.contiguous(), old = old_in.contiguous(), adv = adv_in.contiguous(),
                    mask = mask_in.contiguous(), row_w = row_w_in.to(at::kFloat).contiguous();
   const int64_t batch = lp.size(0), steps = lp.size(1);
@@ -182,8 +169,7 @@ at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& log
 std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& values_in, const at::Tensor& old_in,
                                                       const at::Tensor& returns_in, const at::Tensor& mask_in,
                                                       double clip, int64_t agg, double global_count, double horizon) {
-  check_inputs("ppo_value_loss", values_in, old_in, returns_in, mask_in);
-  check_agg("ppo_value_loss", agg);
+  checks::ppo_inputs("ppo_value_loss", values_in, old_in, returns_in, mask_in, agg);
   const at::Tensor v = values_in.contiguous(), old = old_in.contiguous(), ret = returns_in.contiguous(),
                    mask = mask_in.contiguous();
   const int64_t batch = v.size(0), steps = v.size(1);
@@ -209,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& values_i
 at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_out, const at::Tensor& values_in, const at::Tensor& old_in,
                               const at::Tensor& returns_in, const at::Tensor& mask_in, const at::Tensor& row_w_in,
                               double clip) {
-  check_inputs("ppo_value_loss_bwd", values_in, old_in, returns_in, mask_in);
+  checks::ppo_inputs("ppo_value_loss_bwd", values_in, old_in, returns_in, mask_in);
   const at::Tensor v = values_in.contiguous(), old = old_in.contiguous(), ret = returns_in.contiguous(),
                    mask = mask_in.contiguous(), row_w = row_w_in.to(at::kFloat).contiguous();
   const int64_t batch = v.size(0), steps = v.size(1);

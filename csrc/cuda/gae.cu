@@ -22,6 +22,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 namespace fastalign::cuda {
 namespace {
 
@@ -153,18 +155,7 @@ void launch(const at::Tensor& rewards, const at::Tensor& values, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> gae_fwd(const at::Tensor& rewards_in, const at::Tensor& values_in,
                                            const at::Tensor& mask_in, double gamma, double lam) {
-  TORCH_CHECK(rewards_in.dim() == 2, "gae: rewards must be 2-D [B, T], got ", rewards_in.sizes());
-  TORCH_CHECK(values_in.sizes() == rewards_in.sizes(), "gae: values must have the shape of rewards ",
-              rewards_in.sizes(), ", got ", values_in.sizes());
-  TORCH_CHECK(mask_in.sizes() == rewards_in.sizes(), "gae: mask must have the shape of rewards ", rewards_in.sizes(),
-              ", got ", mask_in.sizes());
-  TORCH_CHECK(values_in.scalar_type() == rewards_in.scalar_type(), "gae: rewards and values must have one dtype, got ",
-              rewards_in.scalar_type(), " and ", values_in.scalar_type());
-  TORCH_CHECK(mask_in.scalar_type() == at::kBool, "gae: mask must be bool here, got ", mask_in.scalar_type());
-  TORCH_CHECK(values_in.device() == rewards_in.device() && mask_in.device() == rewards_in.device(),
-              "gae: rewards, values and mask must be on one device");
-  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, "gae: gamma must be in [0, 1], got ", gamma);
-  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "gae: lam must be in [0, 1], got ", lam);
+  checks::gae_args(rewards_in, values_in, mask_in, gamma, lam);
   const c10::cuda::CUDAGuard guard(rewards_in.device());
   const at::Tensor rewards = rewards_in.contiguous(), values = values_in.contiguous(), mask = mask_in.contiguous();
   const int64_t batch = rewards.size(0), steps = rewards.size(1);

@@ -17,6 +17,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 namespace fastalign::cuda {
 namespace {
 
@@ -200,15 +202,11 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const float* __restrict__
   gx[i] = static_cast<scalar_t>(g);
 }
 
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mask) {
-  TORCH_CHECK(x.dim() == 2, op, ": inputs must be 2-D [B, T], got ", x.sizes());
-  TORCH_CHECK(y.sizes() == x.sizes() && z.sizes() == x.sizes() && mask.sizes() == x.sizes(), op,
-              ": all inputs must have one shape ", x.sizes());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type() && z.scalar_type() == x.scalar_type(), op,
-              ": the three float inputs must have one dtype");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool here, got ", mask.scalar_type());
-  TORCH_CHECK(x.is_cuda() && y.device() == x.device() && z.device() == x.device() && mask.device() == x.device(), op,
-              ": all inputs must be on one CUDA device");
+// The shared checks plus what the CUDA kernels add: inputs on a CUDA device, grid-sized row counts.
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mask,
+                  int64_t agg = 0) {
+  checks::ppo_inputs(op, x, y, z, mask, agg);
+  TORCH_CHECK(x.is_cuda(), op, ": inputs must be on a CUDA device");
   TORCH_CHECK(x.size(0) <= 2147483647, op, ": too many rows");
 }
 
@@ -217,8 +215,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const char* op, const at::Tensor& x_
                                             const at::Tensor& z_in, const at::Tensor& mask_in, PolicyParams pp,
                                             ValueParams vp, int64_t agg, double global_count, double horizon,
                                             float scale) {
-  check_inputs(op, x_in, y_in, z_in, mask_in);
-  TORCH_CHECK(agg >= kTokenMean && agg <= kSeqMeanTokenSumNorm, op, ": agg code must be in [0, 3], got ", agg);
+  check_inputs(op, x_in, y_in, z_in, mask_in, agg);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), z = z_in.contiguous(), mask = mask_in.contiguous();
   const int64_t batch = x.size(0), steps = x.size(1);

@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <cmath>
 
 #include "common.cuh"
@@ -186,19 +188,10 @@ __global__ void __launch_bounds__(kThreads) tok_bwd_kernel(const float* go, cons
 
 // ---- host side ----------------------------------------------------------------------------------
 
+// The shared checks plus the CUDA grid limit on rows.
 void check_rows(const char* op, const at::Tensor& x, const at::Tensor& mask) {
-  TORCH_CHECK(x.dim() == 2, op, ": token log-probs must be 2-D [N, T], got ", x.sizes());
-  TORCH_CHECK(mask.sizes() == x.sizes(), op, ": mask must have the shape of the token log-probs ", x.sizes(),
-              ", got ", mask.sizes());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool here, got ", mask.scalar_type());
-  TORCH_CHECK(mask.device() == x.device(), op, ": mask and token log-probs must be on one device");
+  checks::token_rows(op, x, mask);
   TORCH_CHECK(x.size(0) <= 2147483647LL, op, ": at most 2^31 - 1 rows on CUDA, got ", x.size(0));
-}
-
-void check_loss_args(const char* op, double beta, int64_t type, double eps) {
-  TORCH_CHECK(beta > 0.0 && std::isfinite(beta), op, ": beta must be a finite number > 0, got ", beta);
-  TORCH_CHECK(type >= 0 && type <= 3, op, ": loss_type id must be 0..3 (sigmoid, ipo, hinge, robust), got ", type);
-  TORCH_CHECK(eps >= 0.0 && eps < 0.5, op, ": label_smoothing must be in [0, 0.5), got ", eps);
 }
 
 template <typename T>
@@ -245,20 +238,11 @@ at::Tensor sequence_logps_bwd(const at::Tensor& grad_in, const at::Tensor& x, co
   return gx;
 }
 
-void check_pairs(const at::Tensor& c, const at::Tensor& r, const at::Tensor& rc, const at::Tensor& rr) {
-  TORCH_CHECK(c.dim() == 1, "dpo_loss: chosen_logps must be 1-D [B], got ", c.sizes());
-  for (const at::Tensor* t : {&r, &rc, &rr}) {
-    TORCH_CHECK(t->sizes() == c.sizes(), "dpo_loss: every log-prob input must have the shape of chosen_logps");
-    TORCH_CHECK(t->scalar_type() == c.scalar_type(), "dpo_loss: the log-prob inputs must share one dtype here");
-    TORCH_CHECK(t->device() == c.device(), "dpo_loss: the log-prob inputs must be on one device");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_fwd(const at::Tensor& c_in, const at::Tensor& r_in,
                                                             const at::Tensor& rc_in, const at::Tensor& rr_in,
                                                             double beta, int64_t type, double eps) {
-  check_pairs(c_in, r_in, rc_in, rr_in);
-  check_loss_args("dpo_loss", beta, type, eps);
+  checks::dpo_pairs(c_in, r_in, rc_in, rr_in);
+  checks::dpo_loss_args("dpo_loss", beta, type, eps);
   const c10::cuda::CUDAGuard guard(c_in.device());
   const at::Tensor c = c_in.contiguous(), r = r_in.contiguous(), rc = rc_in.contiguous(), rr = rr_in.contiguous();
   const int64_t n = c.size(0);
@@ -278,8 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_fwd(const at::Tensor& c_
 
 at::Tensor dpo_loss_bwd(const at::Tensor& grad_in, const at::Tensor& c_in, const at::Tensor& r_in,
                         const at::Tensor& rc_in, const at::Tensor& rr_in, double beta, int64_t type, double eps) {
-  check_pairs(c_in, r_in, rc_in, rr_in);
-  check_loss_args("dpo_loss", beta, type, eps);
+  checks::dpo_pairs(c_in, r_in, rc_in, rr_in);
+  checks::dpo_loss_args("dpo_loss", beta, type, eps);
   TORCH_CHECK(grad_in.sizes() == c_in.sizes(), "dpo_loss: grad must be [B], got ", grad_in.sizes());
   const c10::cuda::CUDAGuard guard(c_in.device());
   const at::Tensor c = c_in.contiguous(), r = r_in.contiguous(), rc = rc_in.contiguous(), rr = rr_in.contiguous();
@@ -301,11 +285,8 @@ at::Tensor dpo_loss_bwd(const at::Tensor& grad_in, const at::Tensor& c_in, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_tokens_fwd(
     const at::Tensor& pol_in, const at::Tensor& ref_in, const at::Tensor& mask_in, double beta, int64_t type,
     double eps, bool mean) {
-  check_rows("dpo_loss_from_tokens", pol_in, mask_in);
-  check_rows("dpo_loss_from_tokens", ref_in, mask_in);
-  check_loss_args("dpo_loss_from_tokens", beta, type, eps);
-  TORCH_CHECK(pol_in.size(0) % 2 == 0, "dpo_loss_from_tokens: the batch must have 2B rows [chosen; rejected]");
-  TORCH_CHECK(ref_in.scalar_type() == pol_in.scalar_type(), "dpo_loss_from_tokens: one dtype for both inputs here");
+  checks::dpo_tokens_fwd_args(pol_in, ref_in, mask_in, beta, type, eps);
+  check_rows("dpo_loss_from_tokens", pol_in, mask_in);  // the CUDA row limit
   const c10::cuda::CUDAGuard guard(pol_in.device());
   const at::Tensor pol = pol_in.contiguous(), ref = ref_in.contiguous(), mask = mask_in.contiguous();
   const int64_t rows = pol.size(0), pairs = rows / 2, steps = pol.size(1);
@@ -328,19 +309,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_token
 at::Tensor dpo_tokens_bwd(const at::Tensor& grad_in, const c10::optional<at::Tensor>& grad_seq_in,
                           const at::Tensor& pseq_in, const at::Tensor& rseq_in, const at::Tensor& pol,
                           const at::Tensor& mask_in, double beta, int64_t type, double eps, bool mean) {
-  check_rows("dpo_loss_from_tokens", pol, mask_in);
-  check_loss_args("dpo_loss_from_tokens", beta, type, eps);
+  checks::dpo_tokens_bwd_args(grad_in, grad_seq_in, pseq_in, rseq_in, pol, mask_in, beta, type, eps);
+  check_rows("dpo_loss_from_tokens", pol, mask_in);  // the CUDA row limit
   const int64_t rows = pol.size(0), pairs = rows / 2, steps = pol.size(1);
-  TORCH_CHECK(rows % 2 == 0 && grad_in.dim() == 1 && grad_in.size(0) == pairs && pseq_in.dim() == 1 &&
-                  pseq_in.size(0) == rows && rseq_in.sizes() == pseq_in.sizes(),
-              "dpo_loss_from_tokens: backward shapes do not match the batch");
   const c10::cuda::CUDAGuard guard(pol.device());
   const at::Tensor grad = grad_in.to(at::kFloat).contiguous(), mask = mask_in.contiguous();
   const at::Tensor pseq = pseq_in.to(at::kFloat).contiguous(), rseq = rseq_in.to(at::kFloat).contiguous();
   at::Tensor gseq;
   if (grad_seq_in.has_value()) {
-    TORCH_CHECK(grad_seq_in->sizes() == pseq_in.sizes(),
-                "dpo_loss_from_tokens: grad of the sequence log-probs must be [2B]");
     gseq = grad_seq_in->to(at::kFloat).contiguous();
   }
   at::Tensor gx = at::empty({rows, steps}, pol.options());

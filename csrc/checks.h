@@ -1,0 +1,107 @@
+// Host-side argument checks shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) implementations of
+// one op, so that both refuse bad input with the same message. The Python wrappers validate
+// first with friendlier errors; these guard direct calls of torch.ops.fastalign.*. Limits that
+// only one backend has (32-bit grid sizes on CUDA) stay with that backend.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace fastalign::checks {
+
+inline bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+// ---- gae ----------------------------------------------------------------------------------------
+
+inline void gae_args(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask, double gamma,
+                     double lam) {
+  TORCH_CHECK(rewards.dim() == 2, "gae: rewards must be 2-D [B, T], got ", rewards.sizes());
+  TORCH_CHECK(values.sizes() == rewards.sizes(), "gae: values must have the shape of rewards ", rewards.sizes(),
+              ", got ", values.sizes());
+  TORCH_CHECK(mask.sizes() == rewards.sizes(), "gae: mask must have the shape of rewards ", rewards.sizes(), ", got ",
+              mask.sizes());
+  TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "gae: rewards and values must have one dtype, got ",
+              rewards.scalar_type(), " and ", values.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "gae: mask must be bool here, got ", mask.scalar_type());
+  TORCH_CHECK(values.device() == rewards.device() && mask.device() == rewards.device(),
+              "gae: rewards, values and mask must be on one device");
+  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, "gae: gamma must be in [0, 1], got ", gamma);
+  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "gae: lam must be in [0, 1], got ", lam);
+}
+
+// ---- ppo_policy_loss / ppo_value_loss -------------------------------------------------------------
+
+// x: the differentiated input (log-probs or values), y, z: the two other float inputs; agg: the
+// aggregation code (the backward passes none: it gets per-row weights instead).
+inline void ppo_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& z,
+                       const at::Tensor& mask, int64_t agg = 0) {
+  TORCH_CHECK(x.dim() == 2, op, ": inputs must be 2-D [B, T], got ", x.sizes());
+  TORCH_CHECK(y.sizes() == x.sizes() && z.sizes() == x.sizes() && mask.sizes() == x.sizes(), op,
+              ": all inputs must have one shape ", x.sizes());
+  TORCH_CHECK(y.scalar_type() == x.scalar_type() && z.scalar_type() == x.scalar_type(), op,
+              ": the three float inputs must have one dtype");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool here, got ", mask.scalar_type());
+  TORCH_CHECK(y.device() == x.device() && z.device() == x.device() && mask.device() == x.device(), op,
+              ": all inputs must be on one device");
+  TORCH_CHECK(agg >= 0 && agg <= 3, op, ": agg code must be in [0, 3], got ", agg);
+}
+
+// ---- preference ---------------------------------------------------------------------------------
+
+// Token log-probs [N, T] and their bool mask.
+inline void token_rows(const char* op, const at::Tensor& x, const at::Tensor& mask) {
+  TORCH_CHECK(x.dim() == 2, op, ": token log-probs must be 2-D [N, T], got ", x.sizes());
+  TORCH_CHECK(mask.sizes() == x.sizes(), op, ": mask must have the shape of the token log-probs ", x.sizes(),
+              ", got ", mask.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool here, got ", mask.scalar_type());
+  TORCH_CHECK(mask.device() == x.device(), op, ": mask and token log-probs must be on one device");
+  TORCH_CHECK(is_float(x.scalar_type()), op, ": token log-probs must be float32, bfloat16 or float16, got ",
+              x.scalar_type());
+}
+
+inline void dpo_loss_args(const char* op, double beta, int64_t type, double eps) {
+  TORCH_CHECK(beta > 0.0 && std::isfinite(beta), op, ": beta must be a finite number > 0, got ", beta);
+  TORCH_CHECK(type >= 0 && type <= 3, op, ": loss_type id must be 0..3 (sigmoid, ipo, hinge, robust), got ", type);
+  TORCH_CHECK(eps >= 0.0 && eps < 0.5, op, ": label_smoothing must be in [0, 0.5), got ", eps);
+}
+
+// The four sequence log-prob vectors of dpo_loss.
+inline void dpo_pairs(const at::Tensor& c, const at::Tensor& r, const at::Tensor& rc, const at::Tensor& rr) {
+  TORCH_CHECK(c.dim() == 1, "dpo_loss: chosen_logps must be 1-D [B], got ", c.sizes());
+  for (const at::Tensor* t : {&r, &rc, &rr}) {
+    TORCH_CHECK(t->sizes() == c.sizes(), "dpo_loss: every log-prob input must have the shape of chosen_logps ",
+                c.sizes(), ", got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == c.scalar_type(), "dpo_loss: the log-prob inputs must share one dtype here");
+    TORCH_CHECK(t->device() == c.device(), "dpo_loss: the log-prob inputs must be on one device");
+  }
+  TORCH_CHECK(is_float(c.scalar_type()), "dpo_loss: log-probs must be float32, bfloat16 or float16, got ",
+              c.scalar_type());
+}
+
+// dpo_loss_from_tokens forward: policy and reference token log-probs [2B, T] ([chosen; rejected]).
+inline void dpo_tokens_fwd_args(const at::Tensor& pol, const at::Tensor& ref, const at::Tensor& mask, double beta,
+                                int64_t type, double eps) {
+  token_rows("dpo_loss_from_tokens", pol, mask);
+  token_rows("dpo_loss_from_tokens", ref, mask);
+  dpo_loss_args("dpo_loss_from_tokens", beta, type, eps);
+  TORCH_CHECK(pol.size(0) % 2 == 0, "dpo_loss_from_tokens: the batch must have 2B rows [chosen; rejected], got ",
+              pol.size(0));
+  TORCH_CHECK(ref.scalar_type() == pol.scalar_type(), "dpo_loss_from_tokens: one dtype for both inputs here");
+}
+
+// dpo_loss_from_tokens backward: grad [B], the saved sequence log-probs [2B] and optional grad of them.
+inline void dpo_tokens_bwd_args(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_seq,
+                                const at::Tensor& pseq, const at::Tensor& rseq, const at::Tensor& pol,
+                                const at::Tensor& mask, double beta, int64_t type, double eps) {
+  token_rows("dpo_loss_from_tokens", pol, mask);
+  dpo_loss_args("dpo_loss_from_tokens", beta, type, eps);
+  const int64_t rows = pol.size(0);
+  TORCH_CHECK(rows % 2 == 0 && grad.dim() == 1 && grad.size(0) == rows / 2 && pseq.dim() == 1 &&
+                  pseq.size(0) == rows && rseq.sizes() == pseq.sizes(),
+              "dpo_loss_from_tokens: backward shapes do not match the batch");
+  TORCH_CHECK(!grad_seq.has_value() || grad_seq->sizes() == pseq.sizes(),
+              "dpo_loss_from_tokens: grad of the sequence log-probs must be [2B]");
+}
+
+}  // namespace fastalign::checks

@@ -123,7 +123,8 @@ def token_logps(model, batch, *, temperature: float = 1.0, return_entropy: bool 
     from logits[t]; masked positions are 0. With return_entropy, (logps, entropy, mask)."""
     import fastalign
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}  # packed rows
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
     labels = batch["labels"][:, 1:]
     out = fastalign.gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy)
     mask = labels != C.IGNORE

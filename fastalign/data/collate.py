@@ -134,23 +134,45 @@ def encode_prompts(records, tokenizer, max_length, stats: Counter | None = None)
 
 def pack(examples, max_length):
     """Concatenates examples into rows of exactly max_length tokens (the last row may be
-    shorter); labels keep their prompt masking, and the first token of each example is never a
-    target of the previous one. Attention is not blocked across example boundaries (the
-    classic packing trade-off: fewer pad tokens, some cross-example context)."""
-    rows, ids, labels = [], [], []
-    for ex in examples:
+    shorter), without letting them see each other: each row carries `segment_ids` (which example
+    a token belongs to) and `position_ids` (restarting at 0 with every example), from which
+    collate_lm builds a block-diagonal causal attention mask. A packed row therefore computes
+    exactly what its examples computed one by one (tests/test_data.py checks the logits). An
+    example cut by a row boundary continues in the next row as its own segment, with its
+    positions continuing; the first token of every row and of every example is never a target
+    (nothing before it in its segment to predict it from)."""
+    rows = []
+    ids, labels, segs, pos = [], [], [], []
+
+    def flush(n):
+        nonlocal ids, labels, segs, pos
+        rows.append({"input_ids": ids[:n], "labels": labels[:n], "segment_ids": segs[:n], "position_ids": pos[:n]})
+        ids, labels, segs, pos = ids[n:], labels[n:], segs[n:], pos[n:]
+        if labels:
+            labels[0] = IGNORE
+
+    for k, ex in enumerate(examples):
         e_ids, e_lab = list(ex["input_ids"]), list(ex["labels"])
         e_lab[0] = IGNORE  # not predicted from the previous example's tokens
         ids += e_ids
         labels += e_lab
+        segs += [k] * len(e_ids)
+        pos += list(range(len(e_ids)))
         while len(ids) >= max_length:
-            rows.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
-            ids, labels = ids[max_length:], labels[max_length:]
-            if labels:
-                labels[0] = IGNORE
+            flush(max_length)
     if len(ids) >= 2:
-        rows.append({"input_ids": ids, "labels": labels})
+        flush(len(ids))
     return rows
+
+
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool, True where query t may attend to key s: s <= t within one segment.
+    Padding carries segment -1, so a pad query attends to earlier pads only (never a row of all
+    False, which would make softmax NaN) and no real token attends to a pad."""
+    T = segment_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal & same)[:, None]
 
 
 def pad(seqs, value, side="right"):
@@ -161,10 +183,18 @@ def pad(seqs, value, side="right"):
 
 
 def collate_lm(examples, pad_id):
-    """{"input_ids", "attention_mask", "labels"} [B, T], right-padded."""
+    """{"input_ids", "attention_mask", "labels"} [B, T], right-padded. Packed rows (from `pack`)
+    get a [B, 1, T, T] block-diagonal attention mask and "position_ids" instead of the [B, T]
+    padding mask."""
     ids = pad([e["input_ids"] for e in examples], pad_id)
-    mask = pad([[1] * len(e["input_ids"]) for e in examples], 0)
     labels = pad([e["labels"] for e in examples], IGNORE)
+    if any("segment_ids" in e for e in examples):
+        if not all("segment_ids" in e for e in examples):
+            raise ValueError("collate_lm: a batch mixes packed and unpacked rows")
+        segs = pad([e["segment_ids"] for e in examples], -1)
+        return {"input_ids": ids, "attention_mask": packed_attention_mask(segs), "labels": labels,
+                "position_ids": pad([e["position_ids"] for e in examples], 0)}
+    mask = pad([[1] * len(e["input_ids"]) for e in examples], 0)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

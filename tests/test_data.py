@@ -52,6 +52,37 @@ def test_oasst_tree_gives_one_demo_per_assistant_message():
     assert deep and [m["content"] for m in deep[0]["messages"]] == ["What is 2 + 2?", "4", "And 3 + 3?", "6"]
 
 
+def test_oasst_flat_message_table(tmp_path):
+    """oasst1/oasst2's flat export: one message per line, linked by parent_id, in any order;
+    deleted messages go with their replies, counted."""
+    rows = [
+        {"message_id": "a2", "parent_id": "p1", "role": "assistant", "text": "4"},
+        {"message_id": "p1", "parent_id": None, "role": "prompter", "text": "What is 2 + 2?"},
+        {"message_id": "p2", "parent_id": "a2", "role": "prompter", "text": "And 3 + 3?"},
+        {"message_id": "a3", "parent_id": "p2", "role": "assistant", "text": "6"},
+        {"message_id": "a4", "parent_id": "p1", "role": "assistant", "text": "five", "deleted": True},
+        {"message_id": "p5", "parent_id": "a4", "role": "prompter", "text": "why?"},
+        {"message_id": "a5", "parent_id": "p5", "role": "assistant", "text": "joke"},
+        {"message_id": "q1", "parent_id": None, "role": "prompter", "text": "sort 3 1"},
+        {"message_id": "b1", "parent_id": "q1", "role": "assistant", "text": "1 3"},
+    ]
+    path = tmp_path / "oasst_flat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs, st = load_records("oasst", str(path))
+    assert [[m["content"] for m in r["messages"]] for r in recs] == [
+        ["What is 2 + 2?", "4"], ["What is 2 + 2?", "4", "And 3 + 3?", "6"], ["sort 3 1", "1 3"]]
+    assert st["skipped: deleted message (with its replies)"] == 1 and st["records read"] == 9
+    assert recs[0]["messages"][0]["role"] == "user"
+    # a reply to a message that is not in the file is an error naming the line
+    path.write_text(json.dumps({"message_id": "x", "parent_id": "nope", "role": "assistant", "text": "hi"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"oasst_flat.jsonl:1: .*parent_id 'nope'"):
+        load_records("oasst", str(path))
+    path.write_text(json.dumps({"message_id": "x", "parent_id": None, "role": "prompter", "text": "hi"}) + "\n"
+                    + json.dumps({"message_id": "x", "parent_id": None, "role": "prompter", "text": "hi"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"oasst_flat.jsonl:2: duplicate message_id"):
+        load_records("oasst", str(path))
+
+
 def test_flan_templates():
     recs, _ = load_records("flan", _path("flan_sample.jsonl"), templates=_path("flan_templates.json"))
     users = [r["messages"][0]["content"] for r in recs]

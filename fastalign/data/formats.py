@@ -11,8 +11,10 @@ File formats (JSONL, or a JSON array; `.txt` for plain text):
     chat        {"messages": [{"role", "content"}, ...]} (ShareGPT {"conversations": [{"from",
                 "value"}]} too); every conversation must end with an assistant turn
     oasst       OpenAssistant message trees {"prompt": {"text", "role": "prompter", "replies":
-                [...]}} (or the root node itself); one demonstration per assistant message, with
-                the path from the root as its history
+                [...]}} (or the root node itself), or the flat message table of oasst1/oasst2
+                (one message per line: {"message_id", "parent_id", "text", "role", "deleted"?});
+                one demonstration per assistant message, with the path from the root as its
+                history; deleted messages are dropped with their replies (counted)
     flan        {"inputs", "targets"}, or {"task", <fields>} rendered with FLAN-style templates
                 ({"task": [[input_template, target_template], ...]}, Python format strings)
     preference  {"prompt", "chosen", "rejected"}: plain strings or chat (prompt a message list,
@@ -256,6 +258,55 @@ def _text(obj, where, stats, **_):
     return [{"text": t}]
 
 
+def _is_flat_oasst(path) -> bool:
+    for _, obj in _read_records(path):
+        return isinstance(obj, dict) and "message_id" in obj
+    return False
+
+
+def _oasst_trees(path, stats):
+    """The flat OASST message table -> (where, nested root node) per conversation tree, roots in
+    file order. Every message must have a message_id; a parent_id that names no message is an
+    error (a table cut mid-tree would otherwise lose replies silently)."""
+    nodes, order = {}, []
+    for line, obj in _read_records(path):
+        where = _where(path, line)
+        stats["records read"] += 1
+        if not isinstance(obj, dict) or not isinstance(obj.get("message_id"), str):
+            raise DataFormatError(f"{where}: a flat OASST row needs a string 'message_id'")
+        mid = obj["message_id"]
+        if mid in nodes:
+            raise DataFormatError(f"{where}: duplicate message_id {mid!r}")
+        nodes[mid] = {"text": obj.get("text"), "role": obj.get("role"), "replies": [], "_parent": obj.get("parent_id"),
+                      "_where": where, "_deleted": bool(obj.get("deleted", False))}
+        order.append(mid)
+    roots = []
+    for mid in order:
+        node = nodes[mid]
+        parent = node.pop("_parent")
+        if parent is None:
+            roots.append(node)
+        elif parent not in nodes:
+            raise DataFormatError(f"{node['_where']}: message {mid!r} replies to parent_id {parent!r}, which is not in the file")
+        else:
+            nodes[parent]["replies"].append(node)
+
+    def prune(node):  # drop deleted messages with their subtrees
+        kept = []
+        for r in node["replies"]:
+            if r["_deleted"]:
+                stats["skipped: deleted message (with its replies)"] += 1
+            else:
+                kept.append(prune(r))
+        return {"text": node["text"], "role": node["role"], "replies": kept}
+
+    for root in roots:
+        if root["_deleted"]:
+            stats["skipped: deleted message (with its replies)"] += 1
+            continue
+        yield root["_where"], prune(root)
+
+
 _PARSERS = {"alpaca": _alpaca, "chat": _chat, "oasst": _oasst, "flan": _flan, "preference": _preference,
             "prompts": _prompts, "text": _text}
 
@@ -276,6 +327,12 @@ def load_records(fmt: str, path: str, *, templates=None, limit: int | None = Non
         with open(path, encoding="utf-8") as f:
             docs = [d.strip() for d in f.read().split("\n\n")]
         records = [{"text": d} for d in docs if d]
+    elif fmt == "oasst" and _is_flat_oasst(path):
+        for where, root in _oasst_trees(path, stats):
+            records.extend(_oasst(root, where, stats))
+            if limit is not None and len(records) >= limit:
+                records = records[:limit]
+                break
     else:
         parse = _PARSERS[fmt]
         for line, obj in _read_records(path):

@@ -37,20 +37,36 @@ def _weights_files(path):
     return [single]
 
 
-def load_weights(model, path: str) -> None:
-    """Loads weights saved by save_pretrained into an existing model, in place (exact)."""
+def _read_weights(path):
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in _weights_files(path):
+        state.update(load_file(f))
+    return state
+
+
+def load_weights(model, path: str, *, sharded: bool = False) -> None:
+    """Loads weights saved by save_pretrained into an existing model, in place (exact). With
+    sharded=True the model is FSDP2-sharded: every rank reads the full weights and keeps its shard."""
     from safetensors.torch import load_file
 
     from fastalign.models.heads import HEAD_FILE, ScalarHeadModel
 
-    if isinstance(model, ScalarHeadModel):
+    if isinstance(model, ScalarHeadModel) and not sharded:
         load_weights(model.lm, path)
         model.head.load_state_dict(load_file(os.path.join(path, HEAD_FILE)))
         return
-    state = {}
-    for f in _weights_files(path):
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = _read_weights(path)
+    if sharded:
+        from fastalign.trainer import distributed as D
+
+        if isinstance(model, ScalarHeadModel):
+            state = {**{f"lm.{k}": v for k, v in state.items()},
+                     **{f"head.{k}": v for k, v in load_file(os.path.join(path, HEAD_FILE)).items()}}
+        missing, unexpected = D.load_full_model_state(model, state)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     # save_pretrained leaves out tied copies (e.g. lm_head tied to the embedding)
     tied = {k for k in missing if _is_tied(model, k, state)}
     if set(missing) - tied or unexpected:
@@ -84,41 +100,94 @@ def set_rng_state(s: dict) -> None:
 
 
 def save_checkpoint(root: str, step: int, *, models: dict, optimizer, scheduler, state: dict, tokenizer=None,
-                    keep: int | None = None) -> str:
-    """Writes checkpoint `root/step-{step:06d}` atomically and returns its path."""
-    os.makedirs(root, exist_ok=True)
+                    keep: int | None = None, model_states: dict | None = None, optimizer_state: dict | None = None,
+                    distributed: bool = False) -> str:
+    """Writes checkpoint `root/step-{step:06d}` atomically and returns its path.
+
+    distributed=True (every rank calls it): rank 0 writes the models, optimizer, scheduler and
+    state, every other rank only its RNG state (rng-rank<r>.pt); all return once the checkpoint
+    is in place, and a failure on any rank raises on all of them. `model_states` (role -> full
+    state dict) and `optimizer_state` replace the modules' and optimizer's own state dicts when
+    they are sharded (FSDP2: gathered on rank 0 by the caller)."""
+    from fastalign.trainer import distributed as D
+
+    multi = distributed and D.is_initialized()
+    main = not multi or D.is_main()
     name = f"step-{step:06d}"
     final = os.path.join(root, name)
-    tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    _quiet_hf()
+    tmp = os.path.join(root, f".tmp-{name}-" + ("dist" if multi else str(os.getpid())))
+
+    def agree(err):  # raise on every rank if any rank failed
+        ok = D.all_agree(err is None) if multi else err is None
+        if not ok:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the latest
+            if err is not None:
+                raise err
+            raise RuntimeError(f"writing checkpoint {final} failed on another rank")
+
+    err = None
+    if main:
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except BaseException as e:
+            err = e
+    agree(err)
     try:
-        for role, model in models.items():
-            d = os.path.join(tmp, role)
-            model.save_pretrained(d)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(d)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump({**state, "step": step}, f, indent=1, default=str)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the latest
-        raise
-    if os.path.exists(final):  # same step saved again (e.g. Ctrl-C right after a save)
-        old = final + f".old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _write_atomic(os.path.join(root, "latest"), name + "\n")
-    if keep:
-        for old in list_checkpoints(root)[:-keep]:
+        if main:
+            _quiet_hf()
+            for role, model in models.items():
+                d = os.path.join(tmp, role)
+                _save_model(model, d, None if model_states is None else model_states[role])
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(d)
+            torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                       os.path.join(tmp, "optimizer.pt"))
+            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump({**state, "step": step}, f, indent=1, default=str)
+        else:
+            torch.save(rng_state(), os.path.join(tmp, f"rng-rank{D.rank()}.pt"))
+    except BaseException as e:
+        err = e
+    agree(err)
+    if main:
+        if os.path.exists(final):  # same step saved again (e.g. Ctrl-C right after a save)
+            old = final + f".old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _write_atomic(os.path.join(root, "latest"), name + "\n")
+        if keep:
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    if multi:
+        D.barrier()  # nobody reads the checkpoint before it is in place
     return final
+
+
+def _save_model(model, path, state_dict=None):
+    """save_pretrained, from the module itself or from a given full state dict (FSDP2)."""
+    if state_dict is None:
+        model.save_pretrained(path)
+        return
+    from safetensors.torch import save_file
+
+    from fastalign.models.heads import HEAD_FILE, HEAD_META, ScalarHeadModel
+
+    if isinstance(model, ScalarHeadModel):
+        model.lm.save_pretrained(path, state_dict={k[3:]: v for k, v in state_dict.items() if k.startswith("lm.")})
+        save_file({k[5:]: v.contiguous() for k, v in state_dict.items() if k.startswith("head.")},
+                  os.path.join(path, HEAD_FILE))
+        with open(os.path.join(path, HEAD_META), "w") as f:
+            json.dump({"class": "ScalarHeadModel"}, f)
+    else:
+        model.save_pretrained(path, state_dict=state_dict)
 
 
 def _quiet_hf():
@@ -170,12 +239,23 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
     return spec
 
 
-def load_checkpoint(path: str, *, models: dict, optimizer, scheduler) -> dict:
-    """Restores models, optimizer, scheduler and RNG in place; returns the trainer state."""
+def load_checkpoint(path: str, *, models: dict, optimizer, scheduler, sharded: bool = False) -> dict:
+    """Restores models, optimizer, scheduler and RNG in place; returns the trainer state. Under
+    distribution every rank calls it (and reads the files); sharded=True for FSDP2 models. Each
+    rank restores its own RNG state where the checkpoint has one (rng-rank<r>.pt), else rank 0's."""
+    from fastalign.trainer import distributed as D
+
     for role, model in models.items():
-        load_weights(model, os.path.join(path, role))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False, map_location="cpu"))
+        load_weights(model, os.path.join(path, role), sharded=sharded)
+    opt_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False, map_location="cpu")
+    if sharded:
+        D.load_full_optimizer_state(models, optimizer, opt_state)
+    else:
+        optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False, map_location="cpu"))
-    set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False, map_location="cpu"))
+    rng = os.path.join(path, f"rng-rank{D.rank()}.pt") if D.is_initialized() and D.rank() > 0 else ""
+    if not os.path.exists(rng):
+        rng = os.path.join(path, "rng.pt")
+    set_rng_state(torch.load(rng, weights_only=False, map_location="cpu"))
     with open(os.path.join(path, STATE_FILE)) as f:
         return json.load(f)

@@ -10,8 +10,8 @@ class TrainerConfig:
     output_dir: str = "runs/train"
     max_steps: int = 100           # optimizer steps; <= 0 -> derived from num_epochs
     num_epochs: float = 1.0        # used only when max_steps <= 0
-    batch_size: int = 8            # examples per micro-batch (pairs for preference data)
-    grad_accum: int = 1            # micro-batches per optimizer step
+    batch_size: int = 8            # examples per micro-batch and process (pairs for preference data)
+    grad_accum: int = 1            # micro-batches per optimizer step (global batch: x world size)
     lr: float = 1e-4
     weight_decay: float = 0.0      # applied to matrices only (not biases, norms)
     betas: tuple = (0.9, 0.999)
@@ -21,7 +21,8 @@ class TrainerConfig:
     min_lr_ratio: float = 0.0      # floor of linear/cosine decay, as a fraction of lr
     max_grad_norm: float | None = 1.0
     precision: str = "auto"        # auto (bf16 autocast on CUDA with bf16, else fp32) | fp32 | bf16
-    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    device: str = "auto"           # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    distributed: str = "auto"      # auto (ddp when WORLD_SIZE > 1) | ddp | fsdp | none; see trainer/distributed.py
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0            # 0: evaluate only at the end (if there is eval data)

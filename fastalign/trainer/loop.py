@@ -10,6 +10,11 @@ resumable epoch permutation; hand them to `algorithm.train_step`, which (by defa
 summed loss divided by that global count (token-level normalisation under accumulation), clip,
 AdamW step, schedule step. Metrics go to metrics.jsonl (+ metrics.png), checkpoints are atomic
 and resume exactly; Ctrl-C checkpoints at the next step boundary and returns cleanly.
+
+Under torchrun (`distributed`: auto/ddp/fsdp, see trainer/distributed.py) every rank draws the
+same global batch of `batch_size * grad_accum * world_size` examples from the same permutation
+and takes its own contiguous slice; loss units are summed over ranks before any forward, so the
+update is the single-process update of that global batch. Rank 0 logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 from fastalign.algorithms.base import build_config
 from fastalign.trainer import checkpoint as ckpt
+from fastalign.trainer import distributed as D
 from fastalign.trainer.config import TrainerConfig
 from fastalign.trainer.metrics import MetricsLog, plot_metrics
 
@@ -72,7 +78,15 @@ class Trainer:
         self.algorithm, self.tokenizer = algorithm, tokenizer
         self.train_data, self.eval_data = train_data, eval_data
         self.callbacks = list(callbacks)
-        self.device = resolve_device(cfg.device)
+        self.dist_mode = D.resolve_mode(cfg.distributed)
+        if self.dist_mode == "none":
+            self.device = resolve_device(cfg.device)
+            self.rank, self.world = 0, 1
+        else:
+            self.device = D.resolve_device(cfg.device)
+            D.init(self.device)
+            self.rank, self.world = D.rank(), D.world_size()
+        self.is_main = self.rank == 0
         self.dtype = self._autocast_dtype()
         self.models = {k: m.to(self.device) for k, m in models.items()}
         for role, m in self.models.items():
@@ -81,6 +95,9 @@ class Trainer:
             else:
                 m.eval()
                 m.requires_grad_(False)
+        # what the loss functions get: DDP views of the trainable models, or FSDP2-sharded models
+        # (sharded in place, so self.models holds them too); self.models itself otherwise
+        self.train_models = D.wrap_models(self.models, algorithm.trainable, self.dist_mode, self.device)
         self.trainable = {r: self.models[r] for r in algorithm.trainable if r in self.models}
         self.params = [p for m in self.trainable.values() for p in m.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.dim() >= 2]
@@ -89,7 +106,13 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
         )
-        self.global_batch = cfg.batch_size * cfg.grad_accum
+        if self.world > 1:  # every rank must hold the same data (it draws the same permutation)
+            hi, neg_lo = D.all_reduce([len(train_data), -len(train_data)], "max")
+            if hi != -neg_lo:
+                raise ValueError(f"the ranks hold different amounts of training data ({-neg_lo:.0f} to {hi:.0f} "
+                                 "examples); every rank must load the same data in the same order")
+        self.local_batch = cfg.batch_size * cfg.grad_accum  # examples per step on this rank
+        self.global_batch = self.local_batch * self.world
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.num_epochs * len(train_data) / self.global_batch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, self.max_steps))
@@ -143,7 +166,8 @@ class Trainer:
         return out
 
     def next_micro_batches(self) -> list[dict]:
-        idx = self.next_indices(self.global_batch)
+        idx = self.next_indices(self.global_batch)  # the same on every rank
+        idx = idx[self.rank * self.local_batch: (self.rank + 1) * self.local_batch]
         bs = self.config.batch_size
         return [self.to_device(self.algorithm.collate([self.train_data[i] for i in idx[j: j + bs]], self.tokenizer))
                 for j in range(0, len(idx), bs)]
@@ -154,29 +178,58 @@ class Trainer:
         """Backward over micro_batches with global normalisation: each micro-batch's summed loss
         is divided by the loss units of *all* of them (counted before any forward), so the
         accumulated gradient is exactly that of the full batch's mean. Gradients add to .grad;
-        returns the metrics (unit-weighted means) and `loss` = total loss / total units."""
+        returns the metrics (unit-weighted means) and `loss` = total loss / total units.
+
+        Under distribution "all of them" is every rank's micro-batches: the unit count is summed
+        over ranks first, and each backward is scaled by the world size because DDP/FSDP2
+        average gradients over ranks; the result is the single-process gradient of the global
+        batch. Every rank must pass the same number of micro-batches."""
         loss_fn = loss_fn or self.algorithm.loss
         units_fn = units_fn or self.algorithm.loss_units
         units = [int(units_fn(mb)) for mb in micro_batches]
-        total = sum(units)
+        multi = self.world > 1
+        local = sum(units)
+        total = local
+        if multi:
+            total = int(D.all_reduce([local])[0])
+            hi, neg_lo = D.all_reduce([len(micro_batches), -len(micro_batches)], "max")
+            if hi != -neg_lo:
+                raise ValueError(f"step {self.step + 1}: ranks have {-neg_lo:.0f} to {hi:.0f} micro-batches; "
+                                 "every rank must run the same number (DDP/FSDP synchronise per backward)")
         if total == 0:
             raise ValueError("the batch has no loss units (every label masked?); check max_length and the data")
-        loss_total, sums = 0.0, {}
-        for mb, u in zip(micro_batches, units):
-            with self.autocast():
-                loss_sum, metrics = loss_fn(self.models, mb)
-            value = float(loss_sum.detach())
-            if not math.isfinite(value):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise TrainingDivergedError(
-                    f"step {self.step + 1}: loss is {value}; the step was not applied "
-                    f"(last checkpoint: {self.last_checkpoint})")
-            (loss_sum / total).backward()
+        loss_total, sums, weights = 0.0, {}, {}
+        last = len(micro_batches) - 1
+        for i, (mb, u) in enumerate(zip(micro_batches, units)):
+            # DDP: all-reduce the gradients once, with the last micro-batch's backward
+            sync = contextlib.nullcontext() if i == last else D.no_sync(self.train_models.values())
+            with sync:
+                with self.autocast():
+                    loss_sum, metrics = loss_fn(self.train_models, mb)
+                value = float(loss_sum.detach())
+                if not math.isfinite(value) and not multi:  # (multi: decided on the reduced loss below)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise TrainingDivergedError(
+                        f"step {self.step + 1}: loss is {value}; the step was not applied "
+                        f"(last checkpoint: {self.last_checkpoint})")
+                loss = loss_sum / total
+                # x world: DDP/FSDP2 divide the summed gradients by the world size
+                (loss * self.world if multi else loss).backward()
             loss_total += value
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * u
-        out = {k: v / total for k, v in sums.items()}
-        out.update(loss=loss_total / total, units=total)
+                weights[k] = weights.get(k, 0.0) + u
+        if not multi:
+            out = {k: v / total for k, v in sums.items()}
+            out.update(loss=loss_total / total, units=total)
+            return out
+        sums["loss"], weights["loss"] = loss_total, local
+        out = D.reduce_weighted(sums, weights)  # a NaN/inf loss on any rank makes the sum non-finite
+        if not math.isfinite(out["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDivergedError(f"step {self.step + 1}: loss is {out['loss']} (summed over ranks); the step "
+                                        f"was not applied (last checkpoint: {self.last_checkpoint})")
+        out["units"] = total
         return out
 
     def optimize(self, micro_batches: list[dict], *, loss_fn=None, units_fn=None) -> dict:
@@ -185,6 +238,8 @@ class Trainer:
         algorithms pass their own). Returns the step's metrics."""
         out = self.accumulate(micro_batches, loss_fn=loss_fn, units_fn=units_fn)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDivergedError(f"step {self.step + 1}: gradient norm is {float(grad_norm)}; the step was not applied")
@@ -204,18 +259,29 @@ class Trainer:
             return {}
         for m in self.trainable.values():
             m.eval()
-        loss_total, units_total, sums = 0.0, 0, {}
+        loss_total, units_total, sums, weights = 0.0, 0, {}, {}
         bs = self.config.batch_size
-        for i in range(0, len(data), bs):
+        starts = list(range(0, len(data), bs))
+        mine = starts[self.rank::self.world]  # distributed: batches round-robin over ranks
+        # FSDP2 all-gathers in every forward: every rank must run as many forwards as the others
+        rounds = math.ceil(len(starts) / self.world) if self.dist_mode == "fsdp" else len(mine)
+        for j in range(rounds):
+            i = mine[j] if j < len(mine) else starts[0]
             batch = self.to_device(self.algorithm.collate(data[i: i + bs], self.tokenizer))
             with self.autocast():
                 loss_sum, units, metrics = self.algorithm.eval_step(self.models, batch)
+            if j >= len(mine):
+                continue  # a padding forward: its result is not counted
             loss_total += loss_sum
             units_total += units
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * units
+                weights[k] = weights.get(k, 0.0) + units
         for m in self.trainable.values():
             m.train()
+        if self.world > 1:
+            sums["loss"], weights["loss"] = loss_total, units_total
+            return D.reduce_weighted(sums, weights)
         out = {k: v / max(units_total, 1) for k, v in sums.items()}
         out["loss"] = loss_total / max(units_total, 1)
         return out
@@ -227,21 +293,30 @@ class Trainer:
                 "max_steps": self.max_steps, "algorithm_state": self.algorithm.state_dict()}
 
     def save_checkpoint(self) -> str:
+        """Every rank calls it under distribution (FSDP2 gathers the full weights and optimizer
+        state onto rank 0, which writes)."""
+        model_states = optimizer_state = None
+        if self.dist_mode == "fsdp":
+            model_states = {r: D.full_model_state(m) for r, m in self.trainable.items()}
+            optimizer_state = D.full_optimizer_state(self.trainable, self.optimizer)
         self.last_checkpoint = ckpt.save_checkpoint(
             self.ckpt_root, self.step, models=self.trainable, optimizer=self.optimizer, scheduler=self.scheduler,
-            state=self.state(), tokenizer=self.tokenizer, keep=self.config.save_total_limit)
+            state=self.state(), tokenizer=self.tokenizer, keep=self.config.save_total_limit,
+            model_states=model_states, optimizer_state=optimizer_state, distributed=self.dist_mode != "none")
         return self.last_checkpoint
 
     def load_checkpoint(self, path: str) -> None:
         path = ckpt.resolve_checkpoint(path, self.config.output_dir)
-        st = ckpt.load_checkpoint(path, models=self.trainable, optimizer=self.optimizer, scheduler=self.scheduler)
+        st = ckpt.load_checkpoint(path, models=self.trainable, optimizer=self.optimizer, scheduler=self.scheduler,
+                                  sharded=self.dist_mode == "fsdp")
         if st.get("algorithm") not in (None, self.algorithm.name):
             raise ValueError(f"checkpoint {path} is from algorithm {st['algorithm']!r}, not {self.algorithm.name!r}")
         self.step, self.epoch, self.pos = st["step"], st["epoch"], st["pos"]
         self.algorithm.load_state_dict(st.get("algorithm_state", {}))
         self._perm = None
         self.last_checkpoint = path
-        self.log.truncate_after(self.step)
+        if self.is_main:
+            self.log.truncate_after(self.step)
 
     def model_dir(self, role: str = "policy") -> str:
         """The directory of `role` in the last checkpoint (loadable with from_pretrained)."""
@@ -268,13 +343,13 @@ class Trainer:
         self.algorithm.setup(self)
         if cfg.resume_from:
             self.load_checkpoint(cfg.resume_from)
-        elif os.path.exists(self.log.path):
+        elif self.is_main and os.path.exists(self.log.path):
             self.log.truncate_after(0)
         old_handler = None
         if cfg.handle_sigint and threading.current_thread() is threading.main_thread():
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.max_steps, initial=self.step, desc=self.algorithm.name, dynamic_ncols=True)
@@ -285,7 +360,7 @@ class Trainer:
                 metrics = self.algorithm.train_step(self, self.next_micro_batches())
                 self.step += 1
                 self.last_metrics = metrics
-                if self.step % max(cfg.log_every, 1) == 0 or self.step == self.max_steps:
+                if self.is_main and (self.step % max(cfg.log_every, 1) == 0 or self.step == self.max_steps):
                     self.log.write({"step": self.step, "split": "train", **metrics,
                                     "epoch": self.epoch + self.pos / len(self.train_data),
                                     "time": round(time.time() - t0, 3)})
@@ -296,7 +371,10 @@ class Trainer:
                     cb(self, metrics)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.max_steps:
                     self._log_eval()
-                if self._stop_requested:
+                stop = self._stop_requested
+                if self.world > 1:  # all ranks stop (and checkpoint) together
+                    stop = D.any_rank(stop)
+                if stop:
                     interrupted = True
                     self.save_checkpoint()
                     break
@@ -315,14 +393,14 @@ class Trainer:
                 signal.signal(signal.SIGINT, old_handler)
             self._stop_requested = False
         plot = None
-        if cfg.plot and os.path.exists(self.log.path):
+        if cfg.plot and self.is_main and os.path.exists(self.log.path):
             plot = plot_metrics(self.log.path, title=f"{self.algorithm.name} ({cfg.output_dir})")
         return {"step": self.step, "interrupted": interrupted, "checkpoint": self.last_checkpoint,
                 "train": self.last_metrics, "eval": eval_metrics, "plot": plot, "seconds": time.time() - t0}
 
     def _log_eval(self) -> dict:
         m = self.evaluate()
-        if m:
+        if m and self.is_main:
             self.log.write({"step": self.step, "split": "eval", **m})
         return m
 

@@ -50,12 +50,20 @@ def _list(_args) -> int:
 
 
 def _train(args) -> int:
+    """Also the entry point of each process under `torchrun --nproc_per_node N -m fastalign train
+    ...` (DDP by default, trainer.distributed=fsdp for FSDP2); rank 0 prints."""
+    from fastalign.trainer import distributed
     from fastalign.trainer.run import load_config, run_training
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.get("algorithm") not in (None, args.algorithm):
+    if cfg.get("algorithm") not in (None, args.algorithm) and distributed.is_main():
         print(f"note: the config says algorithm {cfg['algorithm']!r}; training {args.algorithm!r} as asked")
-    summary = run_training(args.algorithm, cfg)
+    try:
+        summary = run_training(args.algorithm, cfg)
+    finally:
+        distributed.shutdown()
+    if not distributed.is_main():
+        return 130 if summary["interrupted"] else 0
     state = "interrupted (Ctrl-C), checkpoint saved" if summary["interrupted"] else "done"
     print(f"{args.algorithm}: {state} at step {summary['step']}; checkpoint {summary['checkpoint']}")
     if summary["eval"]:

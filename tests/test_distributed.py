@@ -46,9 +46,12 @@ CASES = {
     "sft_fsdp_accum": ("sft", "fsdp", 2, 2, {}),
     "dpo_ddp_accum": ("dpo", "ddp", 2, 2, {"beta": 0.5, "precompute_ref_logps": True}),
     "dpo_fsdp": ("dpo", "fsdp", 2, 2, {"beta": 0.5}),
+    # a scalar-head model whose loss calls .score(): routed through DDP / registered with FSDP2
+    "reward_ddp": ("reward", "ddp", 2, 2, {}),
+    "reward_fsdp": ("reward", "fsdp", 2, 1, {}),
 }
 REFERENCE = {"sft_ddp_big": (8, 1)}  # else (batch_size, 2 * grad_accum)
-RESUMED = ("sft_fsdp_accum", "dpo_ddp_accum")  # also run as steps 1-2, checkpoint, resume for 3-4
+RESUMED = ("sft_fsdp_accum", "dpo_ddp_accum", "reward_fsdp")  # also run as steps 1-2, checkpoint, resume for 3-4
 
 
 def _tok():
@@ -78,18 +81,29 @@ def _data(algo, tok):
     return ex[:36], ex[36:]  # 12 eval examples: 3 eval batches of 4, uneven over 2 ranks
 
 
+def _models(algo, tok):
+    from fastalign.models import tiny_model
+    from fastalign.models.heads import ScalarHeadModel
+
+    if algo == "reward":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the head's initialisation draws from the global RNG
+            return {"reward": ScalarHeadModel(tiny_model(tok, seed=0, **TINY))}
+    models = {"policy": tiny_model(tok, seed=0, **TINY)}
+    if algo == "dpo":
+        models["reference"] = tiny_model(tok, seed=0, **TINY)
+    return models
+
+
 def _trainer(name, out, *, mode, batch_size, grad_accum, max_steps=STEPS, save_every=0, resume_from=None):
     from fastalign.algorithms import get_algorithm
-    from fastalign.models import tiny_model
     from fastalign.trainer import Trainer
 
     algo, _, _, _, opts = CASES[name]
     tok = _tok()
     train, evald = _data(algo, tok)
     alg = get_algorithm(algo)(opts)
-    models = {"policy": tiny_model(tok, seed=0, **TINY)}
-    if algo == "dpo":
-        models["reference"] = tiny_model(tok, seed=0, **TINY)
+    models = _models(algo, tok)
     cfg = dict(output_dir=str(out), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=LR,
                warmup_steps=1, schedule="linear", max_grad_norm=1.0, weight_decay=0.01, precision="fp32",
                device="cpu", distributed=mode, progress=False, plot=False, save_every=save_every,
@@ -210,22 +224,31 @@ def single_results(tmp_path_factory):
 
 
 def _weights(ckpt_dir):
+    """The trained model's weights in a checkpoint (a reward model's head as head.*)."""
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(ckpt_dir, "policy", "model.safetensors"))
+    role = "reward" if os.path.exists(os.path.join(ckpt_dir, "reward")) else "policy"
+    out = load_file(os.path.join(ckpt_dir, role, "model.safetensors"))
+    head = os.path.join(ckpt_dir, role, "score_head.safetensors")
+    if os.path.exists(head):
+        out.update({f"head.{k}": v for k, v in load_file(head).items()})
+    return out
 
 
-def _assert_weights_close(a_dir, b_dir):
+def _initial_weights(name):
+    m = next(iter(_models(CASES[name][0], _tok()).values()))
+    return {k.removeprefix("lm."): v for k, v in m.state_dict().items()}
+
+
+def _assert_weights_close(name, a_dir, b_dir):
     """Weights after 4 AdamW steps. AdamW's update lr * m / (sqrt(v) + eps) has slope lr / eps
     (3e5) in the gradient where |g| ~ eps = 1e-8, so an element whose gradient is ~1e-8 -- the
     size of the reduction-order difference of the gradients -- may move differently by a
     sizeable fraction of lr (measured: up to 1.4e-6, in ~20 of 24k elements). Hence: elementwise
     within 1% of one step (lr / 100), and the whole difference tiny against the whole update
     (the normalisation bug changes the update direction by ~1e-2 relative)."""
-    from fastalign.models import tiny_model
-
     a, b = _weights(a_dir), _weights(b_dir)
-    w0 = tiny_model(_tok(), seed=0, **TINY).state_dict()
+    w0 = _initial_weights(name)
     common = sorted(set(a) & set(b) & set(w0))
     assert "model.embed_tokens.weight" in common and len(common) >= 20
     for k in common:
@@ -241,8 +264,8 @@ def test_two_processes_match_single_process(name, dist_results, single_results):
     assert d["world"] == 2 and d["mode"] == CASES[name][1]
     # the ranks see different token counts (so the normalisation matters), adding up to the global count
     per_rank = d["local_units"]
-    assert [sum(x) for x in zip(*per_rank)] == s["local_units"] or CASES[name][0] == "dpo"
-    if CASES[name][0] == "sft":
+    assert [sum(x) for x in zip(*per_rank)] == s["local_units"]
+    if CASES[name][0] == "sft":  # (preference data: the units are pairs, equal per rank)
         assert any(a != b for a, b in zip(*per_rank)), per_rank
     assert d["units"] == s["units"]
     # the first step's gradient, element by element: the direct check of the normalisation
@@ -255,7 +278,7 @@ def test_two_processes_match_single_process(name, dist_results, single_results):
                                torch.tensor(s["losses"], dtype=torch.float64), **TOL)
     # the weights changed, identically (the final checkpoint, written by rank 0)
     assert s["losses"][-1] != s["losses"][0]
-    _assert_weights_close(d["checkpoint"], s["checkpoint"])
+    _assert_weights_close(name, d["checkpoint"], s["checkpoint"])
     # evaluation, batches spread over the ranks (3 batches on 2 ranks), unit-weighted; metrics
     # that are means per batch (seq_nll) depend on the batching, so only the loss when it differs
     assert set(d["eval"]) == set(s["eval"])
@@ -268,7 +291,7 @@ def test_distributed_resume_is_exact(name, dist_results):
     full, resumed = dist_results[name], dist_results[name + "_resumed"]
     # same processes, same reduction order: resuming from the checkpoint reproduces the run
     assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-6, abs=1e-7)
-    _assert_weights_close(resumed["checkpoint"], full["checkpoint"])
+    _assert_weights_close(name, resumed["checkpoint"], full["checkpoint"])
     for k in full["eval"]:
         assert resumed["eval"][k] == pytest.approx(full["eval"][k], rel=1e-6, abs=1e-7), k
 
@@ -302,8 +325,9 @@ def test_torchrun_cli_matches_single_process(tmp_path):
               "model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}",
               "trainer.max_steps=3", "trainer.device=cpu", "trainer.progress=false", "trainer.plot=false",
               "trainer.lr=0.003", "trainer.batch_size=2", "trainer.precision=fp32"]
-    _launch(["-m", "fastalign", "train", "sft", *common, f"trainer.output_dir={tmp_path / 'dist'}",
-             "trainer.grad_accum=2"], cwd=ROOT)
+    p = _launch(["-m", "fastalign", "train", "sft", *common, f"trainer.output_dir={tmp_path / 'dist'}",
+                 "trainer.grad_accum=2"], cwd=ROOT)
+    assert p.stdout.count("sft: done at step 3") == 1, p.stdout  # rank 0 alone prints
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -20,6 +20,8 @@ import json
 import os
 from collections import Counter
 
+from fastalign.trainer.distributed import is_main
+
 SECTIONS = ("model", "data", "algo", "trainer")
 
 
@@ -76,10 +78,11 @@ def _load_split(alg, data_cfg, split, tok, stats):
         if kind_of(fmt) != alg.data_kind:
             raise ValueError(f"algorithm {alg.name!r} needs {alg.data_kind}, but format {fmt!r} holds {kind_of(fmt)}")
         records, st = load_records(fmt, path, templates=data_cfg.get("templates"), limit=data_cfg.get("limit"))
-        print(f"{path}: {describe(st)}")
+        if is_main():
+            print(f"{path}: {describe(st)}")
     st = Counter()
     examples = alg.encode(records, tok, max_length, st)
-    if st:
+    if st and is_main():
         print(f"{split} data: {len(examples)} examples; " + ", ".join(f"{k}: {v}" for k, v in st.items()))
     return examples
 
@@ -102,7 +105,8 @@ def run_training(algorithm: str, cfg: dict) -> dict:
     models = alg.build_models(policy, tok, reference=mcfg.get("reference"), seed=int(tcfg.get("seed", 0)),
                               tiny_kwargs=mcfg.get("tiny"))
     trainer = Trainer(alg, models, tok, train, evald, tcfg)
-    os.makedirs(trainer.config.output_dir, exist_ok=True)
-    with open(os.path.join(trainer.config.output_dir, "config.json"), "w") as f:
-        json.dump({"algorithm": algorithm, **cfg}, f, indent=1)
+    if trainer.is_main:  # under torchrun every rank runs this; rank 0 writes
+        os.makedirs(trainer.config.output_dir, exist_ok=True)
+        with open(os.path.join(trainer.config.output_dir, "config.json"), "w") as f:
+            json.dump({"algorithm": algorithm, **cfg}, f, indent=1)
     return trainer.fit()

@@ -142,7 +142,7 @@ def _run(tr, grads_path=None):
     tr.callbacks.append(lambda t, m: losses.append(m["loss"]))
     summary = tr.fit()
     return {"losses": losses, "eval": summary["eval"], "checkpoint": summary["checkpoint"],
-            "local_units": local_units, "units": tr.last_metrics["units"]}
+            "local_units": local_units, "units": tr.last_metrics["units"], "roles": sorted(tr.train_models)}
 
 
 # ---- the torchrun worker -------------------------------------------------------------------------
@@ -172,7 +172,16 @@ def _worker(out_root):
             assert len(first["losses"]) == 2  # rank 1 asked to stop: every rank stopped
             second = _run(_trainer(name, out, mode=mode, batch_size=bs, grad_accum=ga, resume_from=first["checkpoint"]))
             results[name + "_resumed"] = {"losses": first["losses"] + second["losses"], "eval": second["eval"],
-                                          "checkpoint": second["checkpoint"]}
+                                          "checkpoint": second["checkpoint"], "first_checkpoint": first["checkpoint"]}
+        if name == "sft_fsdp_accum":  # checkpoints are the same in every mode: single-process -> FSDP2
+            out = os.path.join(out_root, "single_to_fsdp")
+            if dist.get_rank() == 0:
+                tr = _trainer(name, out, mode="none", batch_size=bs, grad_accum=2 * ga)
+                tr.callbacks.append(lambda t, m: t.request_stop() if t.step == 2 else None)
+                _run(tr)
+            D.barrier()
+            second = _run(_trainer(name, out, mode=mode, batch_size=bs, grad_accum=ga, resume_from="latest"))
+            results["single_to_fsdp"] = {"losses": second["losses"], "checkpoint": second["checkpoint"]}
     if dist.get_rank() == 0:
         with open(os.path.join(out_root, "results.json"), "w") as f:
             json.dump(results, f)
@@ -294,6 +303,31 @@ def test_distributed_resume_is_exact(name, dist_results):
     _assert_weights_close(name, resumed["checkpoint"], full["checkpoint"])
     for k in full["eval"]:
         assert resumed["eval"][k] == pytest.approx(full["eval"][k], rel=1e-6, abs=1e-7), k
+
+
+def test_checkpoints_move_between_modes(dist_results, single_results, tmp_path):
+    """A single-process checkpoint resumes under FSDP2 and an FSDP2 checkpoint in a single
+    process: both continue the single-process run (steps 3-4)."""
+    ref = single_results["sft_fsdp_accum"]
+    d = dist_results["single_to_fsdp"]
+    torch.testing.assert_close(torch.tensor(d["losses"]), torch.tensor(ref["losses"][2:]), **TOL)
+    _assert_weights_close("sft_fsdp_accum", d["checkpoint"], ref["checkpoint"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tr = _trainer("sft_fsdp_accum", tmp_path, mode="none", batch_size=2, grad_accum=4,
+                      resume_from=dist_results["sft_fsdp_accum_resumed"]["first_checkpoint"])
+        s = _run(tr)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(torch.tensor(s["losses"]), torch.tensor(ref["losses"][2:]), **TOL)
+    _assert_weights_close("sft_fsdp_accum", s["checkpoint"], ref["checkpoint"])
+
+
+def test_precomputed_reference_is_released(dist_results):
+    # DPO with precompute_ref_logps deletes the reference model: the DDP views follow
+    assert dist_results["dpo_ddp_accum"]["roles"] == ["policy"]
+    assert dist_results["dpo_fsdp"]["roles"] == ["policy", "reference"]
 
 
 def test_naive_per_rank_means_would_differ(tmp_path):

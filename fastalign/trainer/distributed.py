@@ -90,11 +90,17 @@ def resolve_device(spec: str) -> torch.device:
         return dev
     if not torch.cuda.is_available():
         raise RuntimeError(f"device {spec!r} requested but CUDA is not available")
-    lr = local_rank()
-    if dev.index is not None and dev.index != lr:
-        raise ValueError(f"device {spec!r}: under distributed training each process uses cuda:LOCAL_RANK "
-                         f"(cuda:{lr} here); set device to 'cuda' or 'auto' (and CUDA_VISIBLE_DEVICES to choose GPUs)")
-    return torch.device("cuda", lr)
+    lr, count = local_rank(), torch.cuda.device_count()
+    # one GPU per process: cuda:LOCAL_RANK, or cuda:0 when the launcher shows each process one GPU
+    index = lr if lr < count else 0 if count == 1 else None
+    if index is None:
+        raise RuntimeError(f"LOCAL_RANK is {lr} but only {count} GPUs are visible; run at most {count} processes "
+                           "per node (--nproc_per_node)")
+    if dev.index is not None and dev.index != index:
+        raise ValueError(f"device {spec!r}: under distributed training each process uses its own GPU "
+                         f"(cuda:{index} here, from LOCAL_RANK); set device to 'cuda' or 'auto' "
+                         "(and CUDA_VISIBLE_DEVICES to choose GPUs)")
+    return torch.device("cuda", index)
 
 
 _OWN_GROUP = False  # whether init() created the default group (then shutdown() destroys it)
@@ -104,6 +110,8 @@ def init(device: torch.device) -> None:
     """Joins the default process group from torchrun's environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT), unless one is already initialised: NCCL for CUDA, gloo for CPU."""
     global _OWN_GROUP
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives and all_gather_object use the current device
     if is_initialized():
         return
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -111,7 +119,6 @@ def init(device: torch.device) -> None:
         raise RuntimeError(f"distributed training needs a process group: launch with torchrun (the environment lacks "
                            f"{', '.join(missing)}) or call torch.distributed.init_process_group first")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
@@ -257,22 +264,22 @@ def shard_(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def wrap_models(models: dict, trainable, mode: str, device: torch.device) -> dict:
-    """The models the loss functions get. "ddp": trainable roles become DDPModel views (frozen
-    ones stay replicated plain modules; `models` itself is untouched). "fsdp": every model is
-    sharded in place (frozen ones too: they are as large as the policy), so `models` holds the
-    sharded modules and is returned as is."""
+    """Prepares the models for `mode` and returns {role: view} of what the loss functions must
+    get instead of the plain module. "ddp": a DDPModel view per trainable role (frozen models
+    stay replicated plain modules; `models` itself is untouched). "fsdp": every model is sharded
+    in place (frozen ones too: they are as large as the policy), so no views ({}). "none": {}."""
     if mode == "none":
-        return models
+        return {}
     if mode == "ddp":
         from fastalign.models.heads import ScalarHeadModel
 
         # a scalar-head model never uses its LM's vocabulary head: DDP must not wait for its grads
-        return {r: DDPModel(m, device, find_unused_parameters=isinstance(m, ScalarHeadModel)) if r in trainable else m
-                for r, m in models.items()}
+        return {r: DDPModel(m, device, find_unused_parameters=isinstance(m, ScalarHeadModel))
+                for r, m in models.items() if r in trainable}
     if mode == "fsdp":
         for m in models.values():
             shard_(m, device)
-        return models
+        return {}
     raise ValueError(f"distributed mode must be none, ddp or fsdp here, got {mode!r}")
 
 

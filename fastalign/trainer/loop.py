@@ -95,9 +95,8 @@ class Trainer:
             else:
                 m.eval()
                 m.requires_grad_(False)
-        # what the loss functions get: DDP views of the trainable models, or FSDP2-sharded models
-        # (sharded in place, so self.models holds them too); self.models itself otherwise
-        self.train_models = D.wrap_models(self.models, algorithm.trainable, self.dist_mode, self.device)
+        # DDP views of the trainable models (see train_models); FSDP2 shards self.models in place
+        self._views = D.wrap_models(self.models, algorithm.trainable, self.dist_mode, self.device)
         self.trainable = {r: self.models[r] for r in algorithm.trainable if r in self.models}
         self.params = [p for m in self.trainable.values() for p in m.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.dim() >= 2]
@@ -123,6 +122,15 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.last_metrics: dict = {}
         self._stop_requested = False
+
+    @property
+    def train_models(self) -> dict:
+        """The models the loss functions get: self.models, with DDP's views of the trainable ones
+        under DDP (their calls synchronise gradients). Follows self.models (e.g. a reference
+        model deleted after precomputing its log-probs)."""
+        if not self._views:
+            return self.models
+        return {r: self._views.get(r, m) for r, m in self.models.items()}
 
     # ---- devices and precision --------------------------------------------------------------
 

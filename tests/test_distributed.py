@@ -10,13 +10,16 @@ One torchrun launch runs every distributed case (this file is its worker script,
 
 Tolerance: fp32 throughout. The distributed run computes every micro-batch exactly as the
 single-process run does (same examples, same padding) except that gradients are summed in a
-different order (all-reduce / reduce-scatter over ranks instead of accumulation on one
-process), x2 then /2 (exact in binary). That is a few fp32 roundings per gradient element
-(relative ~1e-7), which AdamW (lr 3e-3, 4 steps) turns into weight differences of order
-lr * 1e-6 or less; losses are computed from those weights. We assert rtol=1e-5, atol=1e-6 on
-losses and weights -- loose enough for reduction order (measured differences are ~1e-7 or
-below), ~1000x tighter than the effect of the normalisation bug this guards against (relative
-gradient errors of several percent here, see the naive test).
+different order (all-reduce / reduce-scatter over ranks instead of accumulation in one process),
+and x2 then /2 (exact in binary): a few fp32 roundings per gradient element. Hence:
+  * first-step gradients, element by element: rtol 1e-5, atol 1e-7 (measured: <= 6e-8 absolute
+    on gradients up to 0.4, i.e. a few ulps);
+  * losses per step and eval metrics: rtol 1e-5, atol 1e-6 (measured ~1e-7 relative);
+  * weights after 4 AdamW steps: see _assert_weights_close (AdamW amplifies rounding where a
+    gradient is ~ its eps = 1e-8: elementwise within lr/100, in norm < 1e-4 of the update).
+The normalisation bug this guards against changes the first gradient by 16% in norm here (ranks
+with 34 and 47 completion tokens; elementwise up to 0.06 absolute, test_naive_per_rank_means_would_differ),
+~1e6 times the measured gradient differences.
 """
 
 from __future__ import annotations
@@ -346,7 +349,7 @@ def test_naive_per_rank_means_would_differ(tmp_path):
         (loss_sum / rank_units[i // 2] / 2).backward()
     naive = torch.cat([p.grad.flatten() for p in tr.params])
     rel = float((naive - right).norm() / right.norm())
-    assert rel > 1e-2, rel
+    assert rel > 0.05, rel  # measured 0.157
 
 
 def test_torchrun_cli_matches_single_process(tmp_path):

@@ -185,11 +185,40 @@ def _worker(out_root):
             D.barrier()
             second = _run(_trainer(name, out, mode=mode, batch_size=bs, grad_accum=ga, resume_from="latest"))
             results["single_to_fsdp"] = {"losses": second["losses"], "checkpoint": second["checkpoint"]}
+    results["errors"] = _error_cases(os.path.join(out_root, "errors"))
     if dist.get_rank() == 0:
         with open(os.path.join(out_root, "results.json"), "w") as f:
             json.dump(results, f)
     D.barrier()
     dist.destroy_process_group()
+
+
+def _error_cases(out):
+    """A NaN loss on one rank only, and unequal micro-batch counts: every rank raises the same
+    error (none hangs in a collective, none steps)."""
+    from fastalign.trainer import TrainingDivergedError
+
+    tr = _trainer("sft_ddp_accum", out, mode="ddp", batch_size=2, grad_accum=2)
+    before = [p.detach().clone() for p in tr.params]
+    mbs = tr.next_micro_batches()
+
+    def nan_on_rank1(models, batch):
+        loss_sum, metrics = tr.algorithm.loss(models, batch)
+        return (loss_sum * float("nan") if tr.rank == 1 else loss_sum), metrics
+
+    got = {}
+    try:
+        tr.optimize(mbs, loss_fn=nan_on_rank1)
+    except TrainingDivergedError as e:
+        got["nan"] = str(e)
+    got["unchanged"] = all(torch.equal(a, p) for a, p in zip(before, tr.params))
+    try:
+        tr.optimize(mbs[: 1 + tr.rank])
+    except ValueError as e:
+        got["count"] = str(e)
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, got)
+    return gathered
 
 
 def _trainer_mode(name):
@@ -325,6 +354,12 @@ def test_checkpoints_move_between_modes(dist_results, single_results, tmp_path):
         torch.set_num_threads(threads)
     torch.testing.assert_close(torch.tensor(s["losses"]), torch.tensor(ref["losses"][2:]), **TOL)
     _assert_weights_close("sft_fsdp_accum", s["checkpoint"], ref["checkpoint"])
+
+
+def test_errors_are_raised_on_every_rank(dist_results):
+    for got in dist_results["errors"]:  # one dict per rank
+        assert "summed over ranks" in got["nan"] and got["unchanged"]
+        assert "ranks have 1 to 2 micro-batches" in got["count"]
 
 
 def test_precomputed_reference_is_released(dist_results):

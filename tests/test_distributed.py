@@ -190,7 +190,7 @@ def _worker(out_root):
         with open(os.path.join(out_root, "results.json"), "w") as f:
             json.dump(results, f)
     D.barrier()
-    dist.destroy_process_group()
+    D.shutdown()  # as the CLI does: free the trainers' DDP/FSDP state, then destroy the group
 
 
 def _error_cases(out):
@@ -232,7 +232,7 @@ import pytest  # noqa: E402
 
 def _launch(args, cwd, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1")  # a crash shows its Python stack
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
                        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"

@@ -18,8 +18,10 @@ per-micro-batch means instead weights a token by 1 / its own shard's count: a wr
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import gc
 import inspect
 import os
 
@@ -123,13 +125,20 @@ def init(device: torch.device) -> None:
     else:
         dist.init_process_group("gloo")
     _OWN_GROUP = True
+    atexit.register(shutdown)  # also when the caller never calls shutdown() (the CLI does)
 
 
 def shutdown() -> None:
-    """Destroys the process group if init() created it (what the CLI does at exit)."""
+    """Destroys the process group if init() created it (the CLI calls it after training; it
+    also runs at interpreter exit)."""
     global _OWN_GROUP
     if _OWN_GROUP and is_initialized():
-        dist.destroy_process_group()
+        # Free DDP/FSDP2 state (kept alive by reference cycles through module hooks) while the
+        # group and the interpreter are alive: collected later, during interpreter shutdown, the
+        # gloo work objects it holds abort the process (seen: "terminate called without an
+        # active exception").
+        gc.collect()
+        dist.destroy_process_group()  # (local: no barrier, so a failing rank exits at once)
     _OWN_GROUP = False
 
 

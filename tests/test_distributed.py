@@ -84,17 +84,17 @@ def _data(algo, tok):
     return ex[:36], ex[36:]  # 12 eval examples: 3 eval batches of 4, uneven over 2 ranks
 
 
-def _models(algo, tok):
+def _models(algo, tok, seed=0):
     from fastalign.models import tiny_model
     from fastalign.models.heads import ScalarHeadModel
 
     if algo == "reward":
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the head's initialisation draws from the global RNG
-            return {"reward": ScalarHeadModel(tiny_model(tok, seed=0, **TINY))}
-    models = {"policy": tiny_model(tok, seed=0, **TINY)}
+            torch.manual_seed(seed)  # the head's initialisation draws from the global RNG
+            return {"reward": ScalarHeadModel(tiny_model(tok, seed=seed, **TINY))}
+    models = {"policy": tiny_model(tok, seed=seed, **TINY)}
     if algo == "dpo":
-        models["reference"] = tiny_model(tok, seed=0, **TINY)
+        models["reference"] = tiny_model(tok, seed=seed, **TINY)
     return models
 
 
@@ -106,7 +106,8 @@ def _trainer(name, out, *, mode, batch_size, grad_accum, max_steps=STEPS, save_e
     tok = _tok()
     train, evald = _data(algo, tok)
     alg = get_algorithm(algo)(opts)
-    models = _models(algo, tok)
+    # rank 1 initialises differently: the trainer must start every rank from rank 0's weights
+    models = _models(algo, tok, seed=7 if mode != "none" and os.environ.get("RANK") == "1" else 0)
     cfg = dict(output_dir=str(out), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=LR,
                warmup_steps=1, schedule="linear", max_grad_norm=1.0, weight_decay=0.01, precision="fp32",
                device="cpu", distributed=mode, progress=False, plot=False, save_every=save_every,

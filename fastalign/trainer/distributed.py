@@ -282,6 +282,9 @@ def wrap_models(models: dict, trainable, mode: str, device: torch.device) -> dic
     if mode == "ddp":
         from fastalign.models.heads import ScalarHeadModel
 
+        for r, m in models.items():
+            if r not in trainable:
+                broadcast_module_(m)  # frozen replicas start equal too (DDP broadcasts the trained ones)
         # a scalar-head model never uses its LM's vocabulary head: DDP must not wait for its grads
         return {r: DDPModel(m, device, find_unused_parameters=isinstance(m, ScalarHeadModel))
                 for r, m in models.items() if r in trainable}

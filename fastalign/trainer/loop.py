@@ -241,9 +241,11 @@ class Trainer:
         return out
 
     def optimize(self, micro_batches: list[dict], *, loss_fn=None, units_fn=None) -> dict:
-        """`accumulate`, then clip, one optimizer step and one scheduler step. `loss_fn(models,
-        batch) -> (loss_sum, metrics)` and `units_fn(batch)` default to the algorithm's (online
-        algorithms pass their own). Returns the step's metrics."""
+        """`accumulate`, then clip and one optimizer step. `loss_fn(models, batch) -> (loss_sum,
+        metrics)` and `units_fn(batch)` default to the algorithm's (online algorithms pass their
+        own, and may call this several times per trainer step: PPO's epochs x mini-batches). The
+        learning-rate schedule advances once per trainer step, in fit(), however many optimizer
+        steps a train_step takes. Returns the step's metrics."""
         out = self.accumulate(micro_batches, loss_fn=loss_fn, units_fn=units_fn)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, the norm over every rank's shards
@@ -253,7 +255,6 @@ class Trainer:
             raise TrainingDivergedError(f"step {self.step + 1}: gradient norm is {float(grad_norm)}; the step was not applied")
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         out.update(grad_norm=float(grad_norm), lr=lr)
         return out
@@ -366,6 +367,7 @@ class Trainer:
         try:
             while self.step < self.max_steps:
                 metrics = self.algorithm.train_step(self, self.next_micro_batches())
+                self.scheduler.step()  # the schedule is over trainer steps (see optimize)
                 self.step += 1
                 self.last_metrics = metrics
                 if self.is_main and (self.step % max(cfg.log_every, 1) == 0 or self.step == self.max_steps):

@@ -1,0 +1,127 @@
+"""What the online algorithms (ppo, grpo) share: sampling responses from the policy, scoring
+them, and the per-token tensors of a rollout batch.
+
+A rollout batch holds prompt + response rows, right-padded ([N, L]); position t of the
+per-token tensors ([N, L-1]) is the action that produced token t+1, so `mask` is True exactly
+on the response tokens (token_logps' convention). Every per-token log-prob goes through
+fastalign.gather_logprobs at the sampling temperature (never a full log_softmax).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastalign.algorithms.base import token_logps
+from fastalign.data import collate as C
+
+
+@dataclass
+class Rollout:
+    prompts: list            # one entry per sample (prompts repeated for groups)
+    texts: list              # decoded responses
+    response_ids: list       # token ids of the responses (EOS kept when emitted)
+    truncated: int           # responses cut at max_new_tokens without EOS
+    batch: dict              # input_ids, attention_mask, labels [N, L] on the trainer's device
+    mask: torch.Tensor       # [N, L-1] bool: response positions
+
+    def __len__(self):
+        return len(self.texts)
+
+
+def sample(trainer, prompts, *, temperature: float, max_new_tokens: int, seed: int) -> Rollout:
+    """Samples one response per entry of `prompts` from trainer.models["policy"] (seeded: a
+    resumed run samples what the uninterrupted one did)."""
+    from fastalign.trainer.generation import generate
+
+    tok = trainer.tokenizer
+    texts, ids, truncated = generate(trainer.models["policy"], tok, prompts, temperature=temperature,
+                                     max_new_tokens=max_new_tokens, seed=seed, device=trainer.device)
+    exs = []
+    for i, (p, r) in enumerate(zip(prompts, ids)):
+        if not r:  # nothing but padding came out: score the EOS alone rather than an empty response
+            ids[i] = r = [tok.eos_token_id]
+        pid = tok(C.prompt_text(tok, p), add_special_tokens=False)["input_ids"]
+        exs.append({"input_ids": pid + list(r), "labels": [C.IGNORE] * len(pid) + list(r)})
+    batch = trainer.to_device(C.collate_lm(exs, tok.pad_token_id))
+    return Rollout(list(prompts), texts, ids, truncated, batch, batch["labels"][:, 1:] != C.IGNORE)
+
+
+@torch.no_grad()
+def scores(trainer, rollout: Rollout, reward_fn=None) -> torch.Tensor:
+    """[N] fp32 scores: reward_fn(prompt, response) when given, else the reward model's score of
+    prompt + response (trainer.models["reward"]). Non-finite scores raise TrainingDivergedError
+    before anything is updated."""
+    from fastalign.trainer.loop import TrainingDivergedError
+
+    if reward_fn is not None:
+        s = torch.tensor([float(reward_fn(p, r)) for p, r in zip(rollout.prompts, rollout.texts)],
+                         dtype=torch.float32, device=trainer.device)
+    elif "reward" in trainer.models:
+        b = rollout.batch
+        with trainer.autocast():
+            s = trainer.models["reward"].score(b["input_ids"], b["attention_mask"]).float()
+    else:
+        raise RuntimeError("no reward: give the algorithm a reward_fn or the trainer a 'reward' model")
+    bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise TrainingDivergedError(
+            f"step {trainer.step + 1}: {len(bad)} non-finite reward(s), e.g. {float(s[i])} for the response "
+            f"{rollout.texts[i]!r} to {rollout.prompts[i]!r}; the step was not applied "
+            f"(last checkpoint: {trainer.last_checkpoint})")
+    return s
+
+
+@torch.no_grad()
+def logps_of(trainer, model, batch, temperature: float, *, entropy: bool = False):
+    """Per-token log-probs [N, L-1] (fp32, 0 off the response) of the rollout under `model`, in
+    the trainer's precision, without gradients; with entropy=True also the per-token entropy."""
+    with trainer.autocast():
+        out = token_logps(model, batch, temperature=temperature, return_entropy=entropy)
+    return out[:-1] if entropy else out[0]
+
+
+def last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True position of each row of mask [N, T] (0 for an empty row)."""
+    t = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, t, torch.zeros_like(t)).amax(1)
+
+
+def minibatches(n: int, count: int, generator: torch.Generator) -> list[list[int]]:
+    """A seeded permutation of range(n) cut into `count` near-equal mini-batches."""
+    perm = torch.randperm(n, generator=generator).tolist()
+    size = math.ceil(n / count)
+    return [perm[i: i + size] for i in range(0, n, size)]
+
+
+def select(tensors: dict, idx: list[int], micro: int) -> list[dict]:
+    """Rows `idx` of every [N, ...] tensor in `tensors`, as micro-batches of `micro` rows, each
+    cut to its longest row (right padding only)."""
+    out = []
+    for j in range(0, len(idx), micro):
+        rows = torch.tensor(idx[j: j + micro], device=tensors["input_ids"].device)
+        mb = {k: v.index_select(0, rows) for k, v in tensors.items()}
+        width = int(mb["attention_mask"].sum(1).max())
+        mb = {k: (v[:, :width] if k in ("input_ids", "attention_mask", "labels") else v[:, : width - 1])
+              for k, v in mb.items()}
+        out.append(mb)
+    return out
+
+
+def rollout_monitors(trainer, rollout: Rollout, proxy: torch.Tensor, *, kl=None, entropy=None, oracle_fn=None,
+                     monitor=None) -> dict:
+    """The monitors of fastalign.trainer.monitors for this rollout (+ the over-optimisation flag
+    when an oracle is available)."""
+    from fastalign.trainer.monitors import rollout_metrics
+
+    oracle = None
+    if oracle_fn is not None:
+        oracle = [float(oracle_fn(p, r)) for p, r in zip(rollout.prompts, rollout.texts)]
+    out = rollout_metrics(responses_ids=rollout.response_ids, rewards=proxy, kl=kl, entropy=entropy,
+                          oracle_scores=oracle, truncated=rollout.truncated)
+    if monitor is not None and oracle is not None:
+        out["overoptimisation"] = float(monitor.update(trainer.step + 1, out["rollout/reward"], out["rollout/oracle"]))
+    return out

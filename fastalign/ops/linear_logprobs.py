@@ -105,17 +105,22 @@ def _fwd(
     chunk_size: int,
     bwd_chunk_size: int,
     vocab_chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keep_last: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, H], weight [V, H], bias [V] or None, labels [N] int64 (valid). Returns fp32
-    (logprobs [N], entropy [N] or [0], row_stats [N, 2]); 0 at skipped (all-ignored) tiles."""
+    (logprobs [N], entropy [N] or [0], row_stats [N, 2]); 0 at skipped (all-ignored) tiles; and
+    with `keep_last` the tile buffer [min(chunk_size, N), V] (hidden's dtype) whose first rows
+    hold the logits of the last non-skipped tile (else [0, V]): the CPU backward starts from
+    them instead of recomputing that tile (see _bwd_2d)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     fwd, _ = _gather_ops(backend)
     logprobs = hidden.new_zeros((n,), dtype=torch.float32)
     entropy = hidden.new_zeros((n if with_entropy else 0,), dtype=torch.float32)
     row_stats = hidden.new_zeros((n, 2), dtype=torch.float32)
     tiles = _tiles(labels, chunk_size, ignore_index)
-    if tiles:
-        buf = hidden.new_empty((min(chunk_size, n), vocab))
+    # allocated even with no tile to compute (then never touched: no memory is committed), so
+    # that the kept buffer's shape does not depend on the labels' values (fake implementation)
+    buf = hidden.new_empty((min(chunk_size, n) if (tiles or keep_last) else 0, vocab))
     for s, e in tiles:
         logits = _tile_logits(hidden, weight, bias, s, e, buf)
         lp, ent, rs = fwd(logits, labels[s:e], temperature, ignore_index, with_entropy)
@@ -123,10 +128,15 @@ def _fwd(
         row_stats[s:e] = rs
         if with_entropy:
             entropy[s:e] = ent
-    return logprobs, entropy, row_stats
+    if keep_last:  # rows past the last tile's are zeroed: an op's outputs are deterministic
+        buf[tiles[-1][1] - tiles[-1][0] if tiles else 0:].zero_()
+    kept = buf if keep_last else hidden.new_empty((0, vocab))
+    return logprobs, entropy, row_stats, kept
 
 
-@torch.library.custom_op("fastalign_py::linear_gather_logprobs_bwd", mutates_args=())
+# `cache` (the forward's kept tile buffer) is overwritten: the backward turns the kept logits into
+# their gradient in place and then reuses the buffer for its other tiles (no second allocation).
+@torch.library.custom_op("fastalign_py::linear_gather_logprobs_bwd", mutates_args=("cache",))
 def _bwd(
     grad_logprobs: torch.Tensor,
     grad_entropy: Optional[torch.Tensor],
@@ -144,12 +154,17 @@ def _bwd(
     need_weight: bool,
     need_bias: bool,
     vocab_chunk_size: int,
+    cache: Optional[torch.Tensor],
+    fwd_chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_hidden [N, H] or [0], grad_weight [V, H] or [0], grad_bias [V] or [0]) in the dtypes
-    of hidden/weight/bias; a gradient not asked for (need_* False) comes back empty."""
+    of hidden/weight/bias; a gradient not asked for (need_* False) comes back empty. cpp: `cache`
+    is the forward's kept tile buffer (or None: that tile is recomputed), `fwd_chunk_size` the
+    forward's tile rows; both unused by the other backends."""
     if backend == "cpp":
         return _bwd_2d(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats, entropy, temperature,
-                       ignore_index, chunk_size, vocab_chunk_size, need_hidden, need_weight, need_bias)
+                       ignore_index, chunk_size, vocab_chunk_size, need_hidden, need_weight, need_bias,
+                       cache, fwd_chunk_size)
     n, vocab = hidden.shape[0], weight.shape[0]
     _, bwd = _gather_ops(backend)
     fp32 = weight.dtype == torch.float32
@@ -181,47 +196,131 @@ def _bwd(
     return grad_hidden, grad_weight, grad_bias
 
 
-def _bwd_2d(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats, entropy, temperature,
-            ignore_index, rows_per_tile, cols_per_tile, need_hidden, need_weight, need_bias):
-    """The CPU backward, tiled over tokens (rows of the non-ignored tokens) and vocabulary.
+def _grad_logits_(z, lab, g, shift, ge, ent, inv_t, v0):
+    """In place: fp32 logits z [r, c] of vocabulary columns v0.. -> dL/dz for one tile.
 
-    With row_stats (max z, lse) saved by the forward, each [rows, cols] tile of the gradient of
-    the logits is elementwise in its recomputed logits x (z = x / T, log p = z - max - lse):
+    With row_stats (max z, lse) saved by the forward, log p = x / T - (max + lse) = x / T - shift
+    and (g, ge: incoming grads of the logprob and entropy, H the entropy)
         dL/dx_v = (g * [v == label] - p_v * (g + ge * (log p_v + H))) / T
-    (g, ge: incoming grads of the logprob and entropy, H the entropy). A tile spanning all tokens
-    (4096 rows) and a slice of the vocabulary keeps every GEMM large: the recompute and
-    grad_hidden GEMMs have K = H and K = cols, grad_weight[v0:v1] = G.T @ hidden has K = tokens and
-    is written once instead of being re-read and re-written per token tile. The elementwise step
-    runs in place on the one reused fp32 tile buffer (no separate grad_logits tile).
+    g, shift, ge, ent: [r] fp32 (ge, ent None without entropy)."""
+    if inv_t != 1.0:
+        z.mul_(inv_t)
+    z.sub_(shift[:, None])  # log p
+    if ge is not None:
+        p = z.exp()
+        # p * (g + ge * (log p + H)); entries with p == 0 (logit -inf) contribute 0
+        z.add_(ent[:, None]).mul_(ge[:, None]).add_(g[:, None]).mul_(p)
+        z.masked_fill_(p == 0, 0.0).mul_(-inv_t)
+        del p
+    else:
+        z.exp_().mul_(g[:, None] * -inv_t)
+    hit = ((lab >= v0) & (lab < v0 + z.shape[1])).nonzero().squeeze(1)
+    if hit.numel():
+        z.index_put_((hit, lab[hit] - v0), g[hit] * inv_t, accumulate=True)
+
+
+def _bwd_2d(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats, entropy, temperature,
+            ignore_index, rows_per_tile, cols_per_tile, need_hidden, need_weight, need_bias, cache, fwd_chunk):
+    """The CPU backward: first the forward's last tile from its kept logits, then the other
+    tokens tiled over tokens and vocabulary.
+
+    1. Kept tile (rows s:e, the last non-skipped forward tile): the forward's logits buffer
+       `cache` is turned in place into G = dL/dlogits (_grad_logits_; rows with an ignored label
+       zeroed), then grad_hidden[s:e] = G @ W, grad_weight = G.T @ hidden[s:e] (this GEMM writes
+       grad_weight: no zero fill), grad_bias = G.sum(0). No recompute: at N = 4096, 1024-row forward
+       tiles, a quarter of the recompute GEMM is saved. Without `cache` (not kept, or consumed by
+       an earlier backward through a retained graph) the tile is recomputed with the forward's
+       GEMM shape, so a second backward gives the same gradients bit for bit.
+    2. The other tokens with a label: tiles spanning all of them (up to `rows_per_tile`) and a
+       slice of the vocabulary keep every GEMM large: the recompute and grad_hidden GEMMs have
+       K = H and K = cols, grad_weight[v0:v1] += G.T @ hidden has K = tokens and is read and
+       written once per slice. The tiles live in the kept buffer (freed-and-retouched memory
+       costs page faults; the buffer is hot), the elementwise step runs in place.
+    Extra memory beyond the gradients: the kept buffer (one forward tile), whatever N.
     """
     n, hsize = hidden.shape
     vocab = weight.shape[0]
     dtype = weight.dtype
     fp32 = dtype == torch.float32
+    f32 = torch.float32
     inv_t = 1.0 / temperature
-    grad_hidden = hidden.new_empty((0,))
-    gw_acc = weight.new_zeros(weight.shape, dtype=torch.float32) if need_weight else None
-    gb_acc = weight.new_zeros((vocab,), dtype=torch.float32) if need_bias else None
-    # only the tokens with a label take part (prompt tokens are skipped entirely)
-    valid = labels != ignore_index
-    idx = valid.nonzero().squeeze(1)
+    with_ent = grad_entropy is not None
+    gh = hidden.new_zeros((n, hsize), dtype=f32) if need_hidden else None  # fp32: the result itself
+    gw = gb = None
+    g_all = grad_logprobs.float()
+    shift_all = row_stats.sum(1)  # max + lse
+    ge_all = grad_entropy.float() if with_ent else None
+    tiles = _tiles(labels, fwd_chunk, ignore_index)
+    rest = labels != ignore_index  # rows for step 2
+    if tiles:
+        s, e = tiles[-1]
+        rest[s:e] = False
+        if cache is None or cache.dim() != 2 or cache.shape[0] < e - s or cache.shape[1] != vocab:
+            cache = hidden.new_empty((min(fwd_chunk, n), vocab))
+            _tile_logits(hidden, weight, bias, s, e, cache)
+        x = cache[: e - s]
+        lab = labels[s:e]
+        valid = lab != ignore_index
+        g = torch.where(valid, g_all[s:e], 0.0)
+        ge = torch.where(valid, ge_all[s:e], 0.0) if with_ent else None
+        ent = entropy[s:e] if with_ent else None
+        ignored = (~valid).nonzero().squeeze(1)
+        # fp32: in place in the whole tile; low precision: fp32 row blocks of <= ~16 MiB, G rounded
+        # to the dtype in place (as eager's grad_logits)
+        step = e - s if fp32 else max(1, (16 * 2**20) // (4 * max(1, vocab)))
+        for r0 in range(0, e - s, step):
+            r1 = min(r0 + step, e - s)
+            z = x[r0:r1] if fp32 else x[r0:r1].to(f32)
+            _grad_logits_(z, lab[r0:r1], g[r0:r1], shift_all[s + r0:s + r1], None if ge is None else ge[r0:r1],
+                          None if ent is None else ent[r0:r1], inv_t, 0)
+            if not fp32:
+                x[r0:r1].copy_(z)
+        if ignored.numel():
+            x.index_fill_(0, ignored, 0.0)
+        if need_hidden:
+            if fp32:
+                torch.mm(x, weight, out=gh[s:e])
+            else:
+                gh[s:e] = x @ weight
+        if need_weight:
+            gw = torch.mm(x.t(), hidden[s:e]) if fp32 else (x.t() @ hidden[s:e]).float()
+        if need_bias:
+            gb = x.sum(0, dtype=f32)
+    if need_weight and gw is None:
+        gw = weight.new_zeros(weight.shape, dtype=f32)
+    if need_bias and gb is None:
+        gb = weight.new_zeros((vocab,), dtype=f32)
+    idx = rest.nonzero().squeeze(1)
     nv = idx.numel()
-    compact = nv != n
-    pick = (lambda t: t.index_select(0, idx)) if compact else (lambda t: t)  # noqa: E731
     if nv > 0:
-        hv, lab = pick(hidden), pick(labels)
-        g = pick(grad_logprobs).float()
-        shift = pick(row_stats).sum(1)  # max + lse: log p = x / T - shift
-        with_ent = grad_entropy is not None
-        if with_ent:
-            ge, ent = pick(grad_entropy).float(), pick(entropy)
-        gh_acc = hv.new_zeros((nv, hsize), dtype=torch.float32) if need_hidden else None
-        rows, cols = min(rows_per_tile, nv), min(cols_per_tile, vocab)
-        buf = hv.new_empty((rows, cols))
-        fbuf = buf if fp32 else hv.new_empty((rows, cols), dtype=torch.float32)
+        # contiguous rows (the usual case: no prompt tokens): slices, no gathers or scatters
+        contiguous = int(idx[-1]) - int(idx[0]) + 1 == nv
+        a = int(idx[0])
+        if contiguous:
+            pick = lambda t: t[a:a + nv]  # noqa: E731
+        else:
+            pick = lambda t: t.index_select(0, idx)  # noqa: E731
+        hv, lab, g, shift = pick(hidden), pick(labels), pick(g_all), pick(shift_all)
+        ge, ent = (pick(ge_all), pick(entropy)) if with_ent else (None, None)
+        gh_v = (gh[a:a + nv] if contiguous else hv.new_zeros((nv, hsize), dtype=f32)) if need_hidden else None
+        rows = min(rows_per_tile, nv)
+        cap = cache.numel()  # the kept buffer, free now: step 2's tiles live in it
+        if cols_per_tile > 0:
+            cols = cols_per_tile
+        elif fp32 and cap >= rows * 64:
+            # as many columns as the buffer holds, balanced over the slices (no thin last slice)
+            most = cap // rows
+            k = -(-vocab // most)
+            cols = -(-vocab // k)
+        else:
+            cols = _auto_cols(rows, vocab, dtype)
+        cols = min(cols, vocab)
+        flat = cache.view(-1)
+        buf = flat[: rows * cols].view(rows, cols) if cap >= rows * cols else hv.new_empty((rows, cols))
+        fbuf = buf if fp32 else hv.new_empty((rows, cols), dtype=f32)
         for r0 in range(0, nv, rows):
             r1 = min(r0 + rows, nv)
-            h_t, lab_t, g_t = hv[r0:r1], lab[r0:r1], g[r0:r1, None]
+            h_t = hv[r0:r1]
             for v0 in range(0, vocab, cols):
                 v1 = min(v0 + cols, vocab)
                 w_t = weight[v0:v1]
@@ -231,47 +330,37 @@ def _bwd_2d(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats
                 else:
                     torch.addmm(bias[v0:v1], h_t, w_t.t(), out=x)
                 z = x if fp32 else fbuf[: r1 - r0, : v1 - v0].copy_(x)
-                z.mul_(inv_t).sub_(shift[r0:r1, None])  # log p
-                if with_ent:
-                    p = z.exp()
-                    # p * (g + ge * (log p + H)); entries with p == 0 (logit -inf) contribute 0
-                    z.add_(ent[r0:r1, None]).mul_(ge[r0:r1, None]).add_(g_t).mul_(p)
-                    z.masked_fill_(p == 0, 0.0).mul_(-inv_t)
-                    del p
-                else:
-                    z.exp_().mul_(g_t * -inv_t)
-                hit = ((lab_t >= v0) & (lab_t < v1)).nonzero().squeeze(1)
-                if hit.numel():
-                    z.index_put_((hit, lab_t[hit] - v0), g_t[hit, 0] * inv_t, accumulate=True)
+                _grad_logits_(z, lab[r0:r1], g[r0:r1], shift[r0:r1], None if ge is None else ge[r0:r1],
+                              None if ent is None else ent[r0:r1], inv_t, v0)
                 grad = z if fp32 else x.copy_(z)  # low precision: G rounded to the dtype, as eager's
                 if need_hidden:
-                    gh_acc[r0:r1].addmm_(grad, w_t) if fp32 else gh_acc[r0:r1].add_(grad @ w_t)
+                    gh_v[r0:r1].addmm_(grad, w_t) if fp32 else gh_v[r0:r1].add_(grad @ w_t)
                 if need_weight:
-                    gw_acc[v0:v1].addmm_(grad.t(), h_t) if fp32 else gw_acc[v0:v1].add_(grad.t() @ h_t)
+                    gw[v0:v1].addmm_(grad.t(), h_t) if fp32 else gw[v0:v1].add_(grad.t() @ h_t)
                 if need_bias:
-                    gb_acc[v0:v1] += z.sum(0)
-        if need_hidden:
-            gh = gh_acc.to(dtype)
-            grad_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, idx, gh) if compact else gh
-    elif need_hidden:
-        grad_hidden = hidden.new_zeros(hidden.shape)
-    grad_weight = gw_acc.to(dtype) if need_weight else weight.new_empty((0,))
-    grad_bias = gb_acc.to(bias.dtype) if need_bias else weight.new_empty((0,))
+                    gb[v0:v1] += z.sum(0)
+        if need_hidden and not contiguous:
+            gh.index_copy_(0, idx, gh_v)
+    grad_hidden = (gh if fp32 else gh.to(dtype)) if need_hidden else hidden.new_empty((0,))
+    grad_weight = (gw if fp32 else gw.to(dtype)) if need_weight else weight.new_empty((0,))
+    grad_bias = gb.to(bias.dtype) if need_bias else weight.new_empty((0,))
     return grad_hidden, grad_weight, grad_bias
 
 
 def _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, chunk_size,
-              bwd_chunk_size, vocab_chunk_size):
+              bwd_chunk_size, vocab_chunk_size, keep_last):
     n = hidden.shape[0]
     return (
         hidden.new_empty((n,), dtype=torch.float32),
         hidden.new_empty((n if with_entropy else 0,), dtype=torch.float32),
         hidden.new_empty((n, 2), dtype=torch.float32),
+        hidden.new_empty((min(chunk_size, n) if keep_last else 0, weight.shape[0])),
     )
 
 
 def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats, entropy, temperature,
-              ignore_index, backend, chunk_size, need_hidden, need_weight, need_bias, vocab_chunk_size):
+              ignore_index, backend, chunk_size, need_hidden, need_weight, need_bias, vocab_chunk_size, cache,
+              fwd_chunk_size):
     return (
         hidden.new_empty(hidden.shape if need_hidden else (0,)),
         weight.new_empty(weight.shape if need_weight else (0,)),
@@ -280,19 +369,29 @@ def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_sta
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, _, bwd_rows, bwd_cols = inputs
-    _, entropy, row_stats = output
+    (hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, fwd_rows, bwd_rows, bwd_cols,
+     keep_last) = inputs
+    _, entropy, row_stats, kept = output
     ctx.save_for_backward(hidden, weight, bias, labels, row_stats, entropy)
-    ctx.args = (temperature, ignore_index, with_entropy, backend, bwd_rows, bwd_cols)
+    ctx.args = (temperature, ignore_index, with_entropy, backend, bwd_rows, bwd_cols, fwd_rows)
+    # The kept logits tile is held on ctx, not saved: the backward overwrites it (see _bwd_2d) and
+    # drops it here, so that a second backward through a retained graph recomputes the tile
+    # instead of reading gradients (saved tensors would refuse the second backward). detach():
+    # no reference from ctx to an output carrying this node (a reference cycle).
+    # Plain tensors only: while torch.compile / opcheck trace the graph (fake or functional tensor
+    # subclasses), an op overwriting a forward output in the backward cannot be partitioned, so
+    # traced graphs recompute the tile instead.
+    ctx.kept = kept.detach() if keep_last and type(kept) is torch.Tensor else None
 
 
-def _backward(ctx, bwd, grad_logprobs, grad_entropy, _grad_row_stats):
+def _backward(ctx, bwd, grad_logprobs, grad_entropy, _grad_row_stats, _grad_kept):
     hidden, weight, bias, labels, row_stats, entropy = ctx.saved_tensors
-    temperature, ignore_index, with_entropy, backend, chunk_size, vocab_chunk_size = ctx.args
+    temperature, ignore_index, with_entropy, backend, chunk_size, vocab_chunk_size, fwd_chunk = ctx.args
+    kept, ctx.kept = ctx.kept, None  # used once (overwritten by the backward), see _setup_context
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and bias is not None
     if not (need_h or need_w or need_b):
-        return (None,) * 11
+        return (None,) * 12
     if grad_logprobs is None:
         grad_logprobs = row_stats.new_zeros(row_stats.shape[0])
     if not with_entropy:
@@ -300,9 +399,9 @@ def _backward(ctx, bwd, grad_logprobs, grad_entropy, _grad_row_stats):
     gh, gw, gb = bwd(
         grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats,
         entropy if grad_entropy is not None else None, temperature, ignore_index, backend, chunk_size,
-        need_h, need_w, need_b, vocab_chunk_size,
+        need_h, need_w, need_b, vocab_chunk_size, kept, fwd_chunk,
     )
-    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 8
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 9
 
 
 register_fused(_fwd, _bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_backward)
@@ -414,7 +513,7 @@ def linear_gather_logprobs(
         chunk = auto_chunk_size(n, vocab, hidden.dtype, hidden.device)
         if name == "cpp":  # tiles of (up to) 4096 tokens x a slice of the vocabulary, see _bwd_2d
             bwd_chunk = min(max(n, 1), 4096)
-            bwd_cols = _auto_cols(bwd_chunk, vocab, hidden.dtype)
+            bwd_cols = 0  # automatic: as many as the kept forward tile buffer holds
         else:
             bwd_chunk, bwd_cols = auto_chunk_size(n, vocab, hidden.dtype, hidden.device, backward=True), vocab
     if name == "torch":
@@ -425,7 +524,10 @@ def linear_gather_logprobs(
     else:
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
-        lp, ent, _ = _fwd(rows, weight, bias, labels64, float(temperature), int(ignore_index),
-                          bool(return_entropy), name, int(chunk), int(bwd_chunk), int(bwd_cols))
+        # cpp: keep the forward's last logits tile for the backward when a gradient will be asked
+        keep = name == "cpp" and torch.is_grad_enabled() and (
+            hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+        lp, ent, _, _ = _fwd(rows, weight, bias, labels64, float(temperature), int(ignore_index),
+                             bool(return_entropy), name, int(chunk), int(bwd_chunk), int(bwd_cols), bool(keep))
     lp = lp.view(labels.shape)
     return (lp, ent.view(labels.shape)) if return_entropy else lp

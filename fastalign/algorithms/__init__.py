@@ -11,7 +11,7 @@ from fastalign.algorithms.registry import (
 )
 
 # built-ins register themselves on import
-from fastalign.algorithms import dpo, ppo, reward, sft  # noqa: E402,F401
+from fastalign.algorithms import dpo, grpo, ppo, reward, sft  # noqa: E402,F401
 
 __all__ = ["Algorithm", "AlgorithmConfig", "ENTRY_POINT_GROUP", "UnknownAlgorithmError", "get_algorithm",
            "list_algorithms", "load_plugins", "register_algorithm", "token_logps"]

@@ -196,6 +196,9 @@ def _bwd(
     return grad_hidden, grad_weight, grad_bias
 
 
+_last_bwd_tile: list = []  # [rows, cols, in the kept buffer] of the last CPU backward's step-2 tiles
+
+
 def _grad_logits_(z, lab, g, shift, ge, ent, inv_t, v0):
     """In place: fp32 logits z [r, c] of vocabulary columns v0.. -> dL/dz for one tile.
 
@@ -311,12 +314,15 @@ def _bwd_2d(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats
             # as many columns as the buffer holds, balanced over the slices (no thin last slice)
             most = cap // rows
             k = -(-vocab // most)
+            while -(-vocab // k) > most:  # ceil(V / k) may exceed `most` by rounding
+                k += 1
             cols = -(-vocab // k)
         else:
             cols = _auto_cols(rows, vocab, dtype)
         cols = min(cols, vocab)
         flat = cache.view(-1)
         buf = flat[: rows * cols].view(rows, cols) if cap >= rows * cols else hv.new_empty((rows, cols))
+        _last_bwd_tile[:] = [rows, cols, buf.data_ptr() == flat.data_ptr()]  # for the tests
         fbuf = buf if fp32 else hv.new_empty((rows, cols), dtype=f32)
         for r0 in range(0, nv, rows):
             r1 = min(r0 + rows, nv)
@@ -382,6 +388,10 @@ def _setup_context(ctx, inputs, output):
     # subclasses), an op overwriting a forward output in the backward cannot be partitioned, so
     # traced graphs recompute the tile instead.
     ctx.kept = kept.detach() if keep_last and type(kept) is torch.Tensor else None
+    # No zero-filled gradients for the outputs that received none (row_stats, the kept tile: a
+    # [rows, V] zero tensor would double the backward's extra memory); _backward takes None.
+    ctx.mark_non_differentiable(row_stats, kept)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, bwd, grad_logprobs, grad_entropy, _grad_row_stats, _grad_kept):

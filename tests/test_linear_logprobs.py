@@ -81,7 +81,8 @@ def test_matches_eager_fp32(backend, device, shape, hsize, vocab, chunk):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(backend, device, dtype):
+@pytest.mark.parametrize("chunk", [(5, 64), None])  # cpp: the last tile (5 or all rows) kept by the forward
+def test_low_precision(backend, device, dtype, chunk):
     """bf16/fp16: against the exact (fp32) result of the same low-precision inputs, the op must be
     at least as accurate as the eager low-precision path (within 2x its max error + a small atol):
     two low-precision computations differ from each other by their own rounding noise."""
@@ -99,7 +100,7 @@ def test_low_precision(backend, device, dtype):
 
     eager = lambda h, w, b: reference.gather_logprobs(h @ w.T + b, labels, 1.0, -100, True)  # noqa: E731
     fused = lambda h, w, b: fastalign.linear_gather_logprobs(  # noqa: E731
-        h, w, labels, bias=b, return_entropy=True, chunk_size=(5, 64), backend=backend)
+        h, w, labels, bias=b, return_entropy=True, chunk_size=chunk, backend=backend)
     exact, low, ours = run(eager, torch.float32), run(eager, dtype), run(fused, dtype)
     for name, e, lo, o in zip(("logprobs", "entropy", "grad hidden", "grad weight", "grad bias"), exact, low, ours):
         assert o.dtype == torch.float32 and o.shape == e.shape
@@ -243,3 +244,140 @@ def test_torch_compile_fullgraph(backend, device):
     torch.testing.assert_close(loss, ref)
     for x, xr in zip(leaves, ref_leaves):
         torch.testing.assert_close(x.grad, xr.grad)
+
+
+# ---- cpp: the forward's last logits tile kept for the backward ---------------------------------
+
+CPP = [p for p in BACKENDS if p.values[0] == "cpp"]
+
+
+def _count_recomputes(monkeypatch):
+    """Counts the backward's recomputes of the kept tile (L._tile_logits calls inside _bwd_2d)."""
+    from fastalign.ops import linear_logprobs as L
+
+    calls, in_bwd = [], []
+    orig_tile, orig_bwd = L._tile_logits, L._bwd_2d
+
+    def tile(*a):
+        if in_bwd:
+            calls.append(a[3:5])
+        return orig_tile(*a)
+
+    def bwd(*a):
+        in_bwd.append(1)
+        try:
+            return orig_bwd(*a)
+        finally:
+            in_bwd.pop()
+
+    monkeypatch.setattr(L, "_tile_logits", tile)
+    monkeypatch.setattr(L, "_bwd_2d", bwd)
+    return calls
+
+
+@pytest.mark.parametrize("backend,device", CPP)
+def test_kept_tile_single_tile(backend, device, monkeypatch):
+    # all tokens fit one forward tile: the backward recomputes nothing (bf16/fp16: test_low_precision)
+    hidden, weight, bias, labels = _make(device, torch.float32, (3, 5), 16, 301)
+    labels[1, 2] = -100
+    calls = _count_recomputes(monkeypatch)
+    _compare(backend, hidden, weight, bias, labels, temperature=0.7)
+    assert calls == []
+
+
+@pytest.mark.parametrize("backend,device", CPP)
+@pytest.mark.parametrize("n,chunk", [(13, (4, 64)), (16, (4, 100)), (16, 4), (9, (3, 1))])
+def test_kept_tile_several_tiles(backend, device, n, chunk, monkeypatch):
+    # tiles of 4 (3) rows: the last one comes from the forward, the others are recomputed in
+    # [rows, cols] tiles of step 2 (V = 301 not a multiple of cols)
+    hidden, weight, bias, labels = _make(device, torch.float32, (n,), 16, 301)
+    labels[n - 2] = -100  # an ignored row inside the kept tile
+    labels[1] = -100
+    calls = _count_recomputes(monkeypatch)
+    _compare(backend, hidden, weight, bias, labels, temperature=1.3, chunk_size=chunk)
+    assert calls == []
+
+
+@pytest.mark.parametrize("backend,device", CPP)
+def test_kept_tile_last_tile_all_ignored(backend, device, monkeypatch):
+    # the last forward tile holds only ignored labels (skipped): the kept tile is the one before
+    hidden, weight, bias, labels = _make(device, torch.float32, (14,), 8, 100)
+    labels[12:] = -100
+    labels[9] = -100
+    calls = _count_recomputes(monkeypatch)
+    out = _compare(backend, hidden, weight, bias, labels, chunk_size=(4, 30))
+    assert (out[0][12:] == 0).all() and calls == []
+    # no gradient without the entropy / logprob output's gradient either
+    h = _leaf(hidden)
+    lp, ent = fastalign.linear_gather_logprobs(h, weight, labels, return_entropy=True, chunk_size=4, backend=backend)
+    ent.sum().backward()
+    hr = _leaf(hidden)
+    reference.gather_logprobs(hr @ weight.T, labels, 1.0, -100, True)[1].sum().backward()
+    torch.testing.assert_close(h.grad, hr.grad, **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend,device", CPP)
+@pytest.mark.parametrize("chunk", [None, (4, 64)])
+def test_kept_tile_retain_graph_twice(backend, device, chunk, monkeypatch):
+    # the first backward overwrites the kept tile; the second (retained graph) recomputes it with
+    # the forward's GEMM shape and gives the same gradients bit for bit
+    hidden, weight, bias, labels = _make(device, torch.float32, (11,), 16, 200)
+    labels[10] = -100
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    calls = _count_recomputes(monkeypatch)
+    lp, ent = fastalign.linear_gather_logprobs(h, w, labels, bias=b, return_entropy=True, chunk_size=chunk,
+                                               backend=backend)
+    gl, ge = torch.randn(11), torch.randn(11)
+    loss = (lp * gl).sum() + (ent * ge).sum()
+    loss.backward(retain_graph=True)
+    first = [x.grad.clone() for x in (h, w, b)]
+    assert calls == []
+    for x in (h, w, b):
+        x.grad = None
+    loss.backward()
+    assert len(calls) == 1
+    for g1, x in zip(first, (h, w, b)):
+        assert torch.equal(g1, x.grad)
+    hr, wr, br = _leaf(hidden), _leaf(weight), _leaf(bias)
+    lpr, entr = reference.gather_logprobs(hr @ wr.T + br, labels, 1.0, -100, True)
+    (lpr * gl + entr * ge).sum().backward()
+    for g1, xr in zip(first, (hr, wr, br)):
+        torch.testing.assert_close(g1, xr.grad, **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend,device", CPP)
+def test_kept_tile_reused_by_step_2(backend, device):
+    # automatic step-2 columns (vocab_chunk_size 0): the step-2 tiles live in the kept buffer
+    from fastalign.ops import linear_logprobs as L
+
+    hidden, weight, bias, labels = _make(device, torch.float32, (10,), 8, 301)
+    lp, ent, rs, kept = L._fwd(hidden, weight, bias, labels, 1.0, -100, False, backend, 4, 16, 0, True)
+    assert kept.shape == (4, 301)
+    g = torch.randn(10)
+    gh, gw, gb = L._bwd(g, None, hidden, weight, bias, labels, rs, None, 1.0, -100, backend, 16, True, True, True,
+                        0, kept, 4)
+    rows, cols, inside = L._last_bwd_tile
+    assert rows == 8 and cols * rows <= 4 * 301 and inside
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    (reference.gather_logprobs(h @ w.T + b, labels) * g).sum().backward()
+    for x, ref in ((gh, h), (gw, w), (gb, b)):
+        torch.testing.assert_close(x, ref.grad, **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend,device", CPP)
+def test_kept_tile_not_used_when_traced(backend, device, monkeypatch):
+    # torch.compile traces with tensor subclasses: the kept tile is not used there (an op
+    # overwriting a forward output in the backward cannot be partitioned); the tile is recomputed
+    def head(hidden, weight, labels):
+        return fastalign.linear_gather_logprobs(hidden, weight, labels, chunk_size=3, backend=backend).sum()
+
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+    hidden, weight, _, labels = _make(device, torch.float32, (7,), 8, 65)
+    leaves = [_leaf(t) for t in (hidden, weight)]
+    calls = _count_recomputes(monkeypatch)
+    compiled(*leaves, labels).backward()
+    assert len(calls) >= 1
+    ref = [_leaf(t) for t in (hidden, weight)]
+    reference.gather_logprobs(ref[0] @ ref[1].T, labels).sum().backward()
+    for x, xr in zip(leaves, ref):
+        torch.testing.assert_close(x.grad, xr.grad, **GRAD_TOL[torch.float32])

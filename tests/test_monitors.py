@@ -59,26 +59,50 @@ def test_rollout_metrics_by_hand():
 
 
 def test_overoptimisation_monitor_flags_proxy_up_oracle_down():
-    mon = OveroptimisationMonitor(window=3)
-    healthy = [(0.1, 0.40), (0.2, 0.45), (0.3, 0.50), (0.4, 0.52)]  # both rise
-    for s, (p, o) in enumerate(healthy):
-        assert mon.update(s, p, o) is False
+    # smoothing 1: no smoothing, the numbers below are the smoothed values
+    mon = OveroptimisationMonitor(smoothing=1.0, tolerance=0.05)
+    healthy = [(0.1, 0.40), (0.2, 0.45), (0.3, 0.50), (0.4, 0.48)]  # best oracle 0.50 (proxy 0.3 then)
+    assert [mon.update(s, p, o) for s, (p, o) in enumerate(healthy)] == [False] * 4  # 0.48: within tolerance
     with pytest.warns(RuntimeWarning, match="over-optimisation"):
-        hacked = [mon.update(4 + s, p, o) for s, (p, o) in enumerate([(0.6, 0.48), (0.8, 0.40), (1.0, 0.30)])]
-    # 3-point least-squares slope = (last - first) / 2: oracle (0.50, 0.52, 0.48) already falls
-    assert hacked == [True, True, True]
-    assert mon.flagged_steps == [4, 5, 6]
-    # the oracle recovers: (0.40, 0.30, 0.45) has slope +0.025 -> the episode ends
-    assert mon.update(7, 1.1, 0.45) is False
-    # a noisy oracle dip with a flat proxy is not over-optimisation
-    mon2 = OveroptimisationMonitor(window=3, tolerance=0.01)
-    assert not any(mon2.update(s, 0.5, o) for s, o in enumerate([0.5, 0.3, 0.5, 0.2]))
+        got = [mon.update(4 + s, p, o) for s, (p, o) in enumerate([(0.6, 0.44), (0.8, 0.40), (0.2, 0.30)])]
+    # 0.44 < 0.50 - 0.05 with proxy 0.6 > 0.3: flagged; 0.40 likewise; proxy back to 0.2 < 0.3: not
+    assert got == [True, True, False]
+    assert mon.flagged_steps == [4, 5]
+    # a new best oracle resets the reference point
+    assert mon.update(7, 2.0, 0.60) is False and mon.best_oracle == 0.60 and mon.proxy_at_best == 2.0
+
+
+def test_overoptimisation_monitor_smooths_noise():
+    """A flat oracle with batch noise (+-0.04) and a rising proxy is not flagged; a falling one is."""
+    import random
+
+    rng = random.Random(0)
+    flat, falling = OveroptimisationMonitor(), OveroptimisationMonitor()
+    for s in range(40):
+        noise = rng.gauss(0, 0.04)
+        assert flat.update(s, 0.05 * s, 0.45 + noise) is False
+    assert flat.flagged_steps == []
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for s in range(40):
+            falling.update(s, 0.05 * s, 0.45 - 0.005 * s + rng.gauss(0, 0.04))
+    assert falling.flagged_steps and falling.flagged_steps[0] > 10
+    # by hand: the plain mean of the first 1/smoothing = 5 values (no flags while warming up),
+    # then 0.2 of each new value
+    m = OveroptimisationMonitor(smoothing=0.2)
+    assert [m.update(s, float(s + 1), 0.5 - s) for s in range(4)] == [False] * 4
+    m.update(4, 5.0, 0.5)
+    assert m.proxy == pytest.approx(3.0) and m.best_oracle == pytest.approx((0.5 - 0.5 - 1.5 - 2.5 + 0.5) / 5)
+    m.update(5, 8.0, 0.5)
+    assert m.proxy == pytest.approx(4.0)
 
 
 def test_overoptimisation_monitor_state_round_trip_and_errors():
     import warnings
 
-    a = OveroptimisationMonitor(window=3)
+    a = OveroptimisationMonitor(smoothing=1.0, tolerance=0.05)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for s, (p, o) in enumerate([(0.1, 0.5), (0.2, 0.4), (0.3, 0.3)]):
@@ -89,8 +113,10 @@ def test_overoptimisation_monitor_state_round_trip_and_errors():
         warnings.simplefilter("ignore")
         assert a.update(3, 0.4, 0.2) == b.update(3, 0.4, 0.2) is True
     assert a.state_dict() == b.state_dict()
-    with pytest.raises(ValueError, match="window must be >= 2"):
-        OveroptimisationMonitor(window=1)
+    with pytest.raises(ValueError, match="smoothing must be in"):
+        OveroptimisationMonitor(smoothing=0)
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        OveroptimisationMonitor(tolerance=-1)
     with pytest.raises(ValueError, match="must be finite"):
         a.update(9, math.nan, 0.1)
 

@@ -1,5 +1,5 @@
-"""`fastalign demo`: the whole SFT -> reward model -> DPO pipeline on the bundled synthetic task,
-on a CPU in minutes, judged by the task's oracle (not by a falling loss).
+"""`fastalign demo`: the whole SFT -> reward model -> DPO / PPO pipeline on the bundled synthetic
+task, on a CPU in minutes, judged by the task's oracle (not by a falling loss).
 
 1. SFT: the tiny model learns the task from scratch on demonstrations, a fraction of which carry
    a mistake (imperfect demonstrators; `demo_error_rate`).
@@ -8,9 +8,17 @@ on a CPU in minutes, judged by the task's oracle (not by a falling loss).
 3. Reward model: a scalar head on the SFT backbone, Bradley-Terry on those pairs; held-out
    pair accuracy is reported.
 4. DPO: the SFT model is the start and the frozen reference.
-5. Evaluation on held-out prompts, sampling at temperature 1: oracle score, win rate against
+5. PPO: from the SFT model against the learned reward model (KL-penalised, value model
+   initialised from the reward model); the oracle is only watched (the RLHF monitors of
+   fastalign.trainer.monitors, drawn in ppo/monitors.png), never optimised.
+6. Evaluation on held-out prompts, sampling at temperature 1: oracle score, win rate against
    the SFT model, KL to the reference (mean over samples of log pi - log pi_ref, in nats per
-   response), mean response length (tokens), and the reward model's score of the same samples.
+   response), policy entropy (nats per token), mean response length (tokens), and the reward
+   model's score of the same samples.
+
+`ppo_kl_coef = 0` with a biased labeller (`oracle_length_bias > 0`) reproduces reward-model
+over-optimisation: the learned reward keeps rising while the oracle score falls, and the
+monitor flags it (README, "over-optimisation").
 """
 
 from __future__ import annotations
@@ -62,8 +70,16 @@ class DemoConfig:
     dpo_beta: float = 0.5
     dpo_loss_type: str = "sigmoid"
     dpo_sft_weight: float = 1.0
+    # PPO against the learned reward model
+    ppo_steps: int = 30
+    ppo_prompts_per_step: int = 64
+    ppo_lr: float = 3e-4
+    ppo_kl_coef: float = 0.05
+    ppo_epochs: int = 2
+    ppo_mini_batches: int = 2
     # evaluation
     eval_prompts: int = 500
+    stages: tuple = ("dpo", "ppo")  # which of the policy-optimisation stages to run
 
 
 def _stage_cfg(cfg: DemoConfig, name, **kw):
@@ -89,6 +105,10 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     oracle = Oracle(noise=cfg.oracle_noise, length_bias=cfg.oracle_length_bias, style_bias=cfg.oracle_style_bias,
                     seed=cfg.seed)
     timings = {}
+    unknown = set(cfg.stages) - {"dpo", "ppo"}
+    if unknown or not cfg.stages:
+        raise ValueError(f"demo: stages must be a non-empty subset of ('dpo', 'ppo'), got {cfg.stages}")
+    n_stages = 3 + len(cfg.stages)
 
     # ---- 1. SFT ------------------------------------------------------------------------------
     t = time.time()
@@ -99,7 +119,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     evald = sft.encode(task.demonstrations(256, seed=cfg.seed + 2), tok, cfg.max_length, stats)
     policy = tiny_model(tok, seed=cfg.seed, **cfg.tiny)
     n_params = sum(p.numel() for p in policy.parameters())
-    log(f"[1/4] SFT: tiny Llama ({n_params / 1e6:.2f}M parameters, {len(tok)}-token character vocabulary) "
+    log(f"[1/{n_stages}] SFT: tiny Llama ({n_params / 1e6:.2f}M parameters, {len(tok)}-token character vocabulary) "
         f"on {len(train)} demonstrations, {cfg.sft_steps} steps")
     tr = Trainer(sft, {"policy": policy}, tok, train, evald, _stage_cfg(
         cfg, "sft", max_steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, warmup_steps=20,
@@ -128,7 +148,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
         for r in pairs:
             f.write(json.dumps(r) + "\n")
     timings["label"] = time.time() - t
-    log(f"[2/4] preferences: {k} SFT samples for each of {len(prompts)} prompts, oracle (noise {cfg.oracle_noise}, "
+    log(f"[2/{n_stages}] preferences: {k} SFT samples for each of {len(prompts)} prompts, oracle (noise {cfg.oracle_noise}, "
         f"length bias {cfg.oracle_length_bias}) compared them: {len(pairs)} pairs, {ties} ties left out "
         f"(equally good), {trunc} samples without EOS cut at {cfg.max_new_tokens} tokens "
         f"({timings['label']:.0f}s)")
@@ -141,7 +161,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     rm_eval = rm_alg.encode(eval_pairs, tok, cfg.max_length, st)
     torch.manual_seed(cfg.seed)
     rm = ScalarHeadModel(load_model(sft_dir))
-    log(f"[3/4] reward model: scalar head on the SFT model, Bradley-Terry on {len(rm_train)} pairs, {cfg.rm_steps} steps")
+    log(f"[3/{n_stages}] reward model: scalar head on the SFT model, Bradley-Terry on {len(rm_train)} pairs, {cfg.rm_steps} steps")
     tr = Trainer(rm_alg, {"reward": rm}, tok, rm_train, rm_eval, _stage_cfg(
         cfg, "reward", max_steps=cfg.rm_steps, batch_size=32, lr=cfg.rm_lr, warmup_steps=10,
         eval_every=max(cfg.rm_steps // 4, 1)))
@@ -152,34 +172,27 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
         f"({timings['reward']:.0f}s)")
     rm.eval()
 
-    # ---- 4. DPO ------------------------------------------------------------------------------------
-    t = time.time()
-    dpo = get_algorithm("dpo")({"beta": cfg.dpo_beta, "loss_type": cfg.dpo_loss_type, "sft_weight": cfg.dpo_sft_weight})
-    dpo_train = dpo.encode(train_pairs, tok, cfg.max_length, st)
-    dpo_eval = dpo.encode(eval_pairs, tok, cfg.max_length, st)
-    policy = load_model(sft_dir)
-    reference = load_model(sft_dir)
-    log(f"[4/4] DPO ({cfg.dpo_loss_type}, beta {cfg.dpo_beta}, NLL-on-chosen weight {cfg.dpo_sft_weight}) from the SFT model on {len(dpo_train)} pairs, "
-        f"{cfg.dpo_steps} steps")
-    tr = Trainer(dpo, {"policy": policy, "reference": reference}, tok, dpo_train, dpo_eval, _stage_cfg(
-        cfg, "dpo", max_steps=cfg.dpo_steps, batch_size=cfg.dpo_batch_size, lr=cfg.dpo_lr, warmup_steps=10,
-        eval_every=max(cfg.dpo_steps // 4, 1)))
-    s = tr.fit()
-    timings["dpo"] = time.time() - t
-    log(f"      held-out implicit-reward accuracy {s['eval'].get('rewards/accuracies', float('nan')):.3f}  "
-        f"({timings['dpo']:.0f}s)")
-    dpo_model = policy.eval()
+    rm_dir = tr.model_dir("reward")
+    trained = {}
 
-    # ---- 5. evaluation by the oracle -------------------------------------------------------------------
+    # ---- 4. DPO ------------------------------------------------------------------------------------
+    if "dpo" in cfg.stages:
+        trained["DPO"] = _dpo_stage(cfg, tok, train_pairs, eval_pairs, sft_dir, timings, log, f"[4/{n_stages}]")
+
+    # ---- 5. PPO ------------------------------------------------------------------------------------
+    if "ppo" in cfg.stages:
+        trained["PPO"] = _ppo_stage(cfg, tok, task, sft_dir, rm_dir, rm, timings, log, f"[{n_stages}/{n_stages}]")
+
+    # ---- evaluation by the oracle -------------------------------------------------------------------
     t = time.time()
     eval_prompts = [r["prompt"] for r in task.sample(cfg.eval_prompts, seed=cfg.seed + 5)]
     results, outputs = {}, {}
-    for name, model in (("SFT", sft_model), ("DPO", dpo_model)):
+    for name, model in (("SFT", sft_model), *trained.items()):
         texts, ids, trunc = generate(model, tok, eval_prompts, temperature=1.0, max_new_tokens=cfg.max_new_tokens,
                                      seed=cfg.seed + 6, device=device)
         greedy, _, _ = generate(model, tok, eval_prompts, do_sample=False, max_new_tokens=cfg.max_new_tokens,
                                 device=device)
-        lp = response_logps(model, tok, eval_prompts, ids, device=device)
+        lp, ent = response_logps(model, tok, eval_prompts, ids, device=device, return_entropy=True)
         lp_ref = response_logps(sft_model, tok, eval_prompts, ids, device=device)
         with torch.no_grad():
             rm_scores = _rm_scores(rm, tok, eval_prompts, texts, device)
@@ -189,6 +202,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
             "oracle score": sum(scores) / len(scores),
             "oracle score (greedy)": sum(oracle.score(p, r) for p, r in zip(eval_prompts, greedy)) / len(greedy),
             "KL to ref": float((lp - lp_ref).mean()),
+            "entropy": float(ent.mean()),
             "mean length": sum(len(x) for x in ids) / len(ids),
             "reward model": float(rm_scores.mean()),
             "no EOS": trunc,
@@ -202,22 +216,83 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     total = time.time() - t_start
     summary = {"results": results, "reward_model_accuracy": rm_acc, "pairs": len(pairs), "ties": ties,
                "seconds": total, "timings": timings, "config": dataclasses.asdict(cfg),
-               "examples": [{"prompt": p, "SFT": a, "DPO": b}
-                            for p, a, b in zip(eval_prompts[:8], outputs["SFT"][0], outputs["DPO"][0])]}
+               "examples": [{"prompt": p, **{name: outputs[name][0][i] for name in outputs}}
+                            for i, p in enumerate(eval_prompts[:8])]}
     with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     summary["plot"] = _plot(cfg.output_dir, results, plot_metrics)
     log("")
     log(format_table(results))
     log(f"\n(oracle score: graded correctness in [0, 1] on {len(eval_prompts)} held-out prompts, sampling at "
-        f"temperature 1; win rate: DPO vs SFT response per prompt by oracle score, ties 1/2; KL: mean "
-        f"log pi - log pi_SFT of the sampled responses, nats; length: tokens; reward model: mean learned "
-        f"score of the same samples)")
+        f"temperature 1; win rate: the model's vs the SFT model's response per prompt by oracle score, ties 1/2; "
+        f"KL: mean log pi - log pi_SFT of the sampled responses, nats; entropy: nats per token; length: tokens; "
+        f"reward model: mean learned score of the same samples)")
     for ex in summary["examples"][:4]:
-        log(f"  {ex['prompt']!r:28s} SFT: {ex['SFT']!r:18s} DPO: {ex['DPO']!r}")
-    log(f"\nplot: {summary['plot']}\ncheckpoints: {cfg.output_dir}/{{sft,reward,dpo}}/checkpoints  "
+        log(f"  {ex['prompt']!r:28s} " + "  ".join(f"{name}: {ex[name]!r:14s}" for name in outputs))
+    log(f"\nplots: {summary['plot']}" + (f", {cfg.output_dir}/ppo/monitors.png" if "PPO" in trained else "")
+        + f"\ncheckpoints: {cfg.output_dir}/{{sft,reward,{','.join(cfg.stages)}}}/checkpoints  "
         f"total time {total / 60:.1f} min")
     return summary
+
+
+def _dpo_stage(cfg, tok, train_pairs, eval_pairs, sft_dir, timings, log, tag):
+    from fastalign.algorithms import get_algorithm
+    from fastalign.models import load_model
+    from fastalign.trainer.loop import Trainer
+
+    t = time.time()
+    st = Counter()
+    dpo = get_algorithm("dpo")({"beta": cfg.dpo_beta, "loss_type": cfg.dpo_loss_type, "sft_weight": cfg.dpo_sft_weight})
+    dpo_train = dpo.encode(train_pairs, tok, cfg.max_length, st)
+    dpo_eval = dpo.encode(eval_pairs, tok, cfg.max_length, st)
+    policy = load_model(sft_dir)
+    reference = load_model(sft_dir)
+    log(f"{tag} DPO ({cfg.dpo_loss_type}, beta {cfg.dpo_beta}, NLL-on-chosen weight {cfg.dpo_sft_weight}) from the SFT model on {len(dpo_train)} pairs, "
+        f"{cfg.dpo_steps} steps")
+    tr = Trainer(dpo, {"policy": policy, "reference": reference}, tok, dpo_train, dpo_eval, _stage_cfg(
+        cfg, "dpo", max_steps=cfg.dpo_steps, batch_size=cfg.dpo_batch_size, lr=cfg.dpo_lr, warmup_steps=10,
+        eval_every=max(cfg.dpo_steps // 4, 1)))
+    s = tr.fit()
+    timings["dpo"] = time.time() - t
+    log(f"      held-out implicit-reward accuracy {s['eval'].get('rewards/accuracies', float('nan')):.3f}  "
+        f"({timings['dpo']:.0f}s)")
+    return policy.eval()
+
+
+
+def _ppo_stage(cfg, tok, task, sft_dir, rm_dir, rm, timings, log, tag):
+    """PPO from the SFT model against the learned reward model `rm` (frozen); the value model
+    starts from the reward model. The oracle only feeds the monitors."""
+    from fastalign.algorithms import get_algorithm
+    from fastalign.data.synthetic import Oracle
+    from fastalign.models import load_model
+    from fastalign.trainer.loop import Trainer
+    from fastalign.trainer.monitors import plot_monitors
+
+    t = time.time()
+    ppo = get_algorithm("ppo")({"kl_coef": cfg.ppo_kl_coef, "max_new_tokens": cfg.max_new_tokens,
+                                "ppo_epochs": cfg.ppo_epochs, "mini_batches": cfg.ppo_mini_batches},
+                               oracle_fn=Oracle.score)
+    st = Counter()
+    train = ppo.encode(task.sample(cfg.ppo_steps * cfg.ppo_prompts_per_step, seed=cfg.seed + 7), tok, cfg.max_length, st)
+    evald = ppo.encode(task.sample(128, seed=cfg.seed + 8), tok, cfg.max_length, st)
+    models = {"policy": load_model(sft_dir), "reference": load_model(sft_dir), "value": load_model(rm_dir),
+              "reward": rm}
+    log(f"{tag} PPO (KL coefficient {cfg.ppo_kl_coef}, {cfg.ppo_epochs} epochs x {cfg.ppo_mini_batches} mini-batches) "
+        f"from the SFT model against the reward model, {cfg.ppo_steps} steps of {cfg.ppo_prompts_per_step} prompts")
+    bs = min(32, cfg.ppo_prompts_per_step)
+    tr = Trainer(ppo, models, tok, train, evald, _stage_cfg(
+        cfg, "ppo", max_steps=cfg.ppo_steps, batch_size=bs, grad_accum=max(cfg.ppo_prompts_per_step // bs, 1),
+        lr=cfg.ppo_lr, warmup_steps=0, eval_every=max(cfg.ppo_steps // 3, 1)))
+    s = tr.fit()
+    timings["ppo"] = time.time() - t
+    plot_monitors(os.path.join(cfg.output_dir, "ppo", "metrics.jsonl"), os.path.join(cfg.output_dir, "ppo", "monitors.png"),
+                  title=f"PPO monitors (KL coefficient {cfg.ppo_kl_coef})")
+    flagged = ppo.monitor.flagged_steps
+    log(f"      held-out reward-model score {s['eval'].get('score', float('nan')):.3f}, oracle "
+        f"{s['eval'].get('oracle', float('nan')):.3f}; over-optimisation flagged at steps {flagged or 'none'}  "
+        f"({timings['ppo']:.0f}s)")
+    return models["policy"].eval()
 
 
 def _rm_scores(rm, tok, prompts, responses, device):
@@ -235,7 +310,8 @@ def _rm_scores(rm, tok, prompts, responses, device):
 
 
 def format_table(results: dict) -> str:
-    cols = ["oracle score", "oracle score (greedy)", "win rate vs SFT", "KL to ref", "mean length", "reward model"]
+    cols = ["oracle score", "oracle score (greedy)", "win rate vs SFT", "KL to ref", "entropy", "mean length",
+            "reward model"]
     head = f"{'model':6s} " + " ".join(f"{c:>22s}" for c in cols)
     lines = [head, "-" * len(head)]
     for name, r in results.items():
@@ -251,8 +327,10 @@ def _plot(out_dir, results, plot_metrics):
 
     from fastalign.trainer.metrics import read_jsonl
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
-    for ax, (stage, key) in zip(axes[:3], (("sft", "loss"), ("reward", "accuracy"), ("dpo", "rewards/margins"))):
+    panels = [("sft", "loss"), ("reward", "accuracy"), ("dpo", "rewards/margins"), ("ppo", "rollout/reward")]
+    panels = [(st, k) for st, k in panels if os.path.exists(os.path.join(out_dir, st, "metrics.jsonl"))]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.4))
+    for ax, (stage, key) in zip(axes[:-1], panels):
         rows = read_jsonl(os.path.join(out_dir, stage, "metrics.jsonl"))
         for split in ("train", "eval"):
             pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and key in r]
@@ -262,8 +340,8 @@ def _plot(out_dir, results, plot_metrics):
         ax.set_xlabel("step", fontsize=8)
         ax.legend(fontsize=7)
     names = list(results)
-    ax = axes[3]
-    ax.bar(names, [results[n]["oracle score"] for n in names], color=["#888", "#3a7"][: len(names)])
+    ax = axes[-1]
+    ax.bar(names, [results[n]["oracle score"] for n in names], color=["#888", "#3a7", "#37a"][: len(names)])
     ax.set_ylim(0, 1)
     ax.set_title("oracle score (held-out, T=1)", fontsize=9)
     for i, n in enumerate(names):

@@ -53,12 +53,14 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=32, temperature=1.0, d
 
 
 @torch.no_grad()
-def response_logps(model, tokenizer, prompts, response_ids, *, temperature=1.0, batch_size=128, device=None):
-    """Summed log-prob of each response (token ids) given its prompt: [N] fp32 tensor (CPU)."""
+def response_logps(model, tokenizer, prompts, response_ids, *, temperature=1.0, batch_size=128, device=None,
+                   return_entropy=False):
+    """Summed log-prob of each response (token ids) given its prompt: [N] fp32 tensor (CPU); with
+    return_entropy, also the mean per-token entropy of the policy over each response [N]."""
     import fastalign
 
     device = device or next(model.parameters()).device
-    out = []
+    out, ents = [], []
     for i in range(0, len(prompts), batch_size):
         exs = []
         for p, r in zip(prompts[i: i + batch_size], response_ids[i: i + batch_size]):
@@ -66,6 +68,12 @@ def response_logps(model, tokenizer, prompts, response_ids, *, temperature=1.0, 
             exs.append({"input_ids": pid + list(r), "labels": [C.IGNORE] * len(pid) + list(r)})
         b = {k: v.to(device) for k, v in C.collate_lm(exs, tokenizer.pad_token_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        lp = fastalign.gather_logprobs(logits[:, :-1], b["labels"][:, 1:], temperature=temperature)
+        labels = b["labels"][:, 1:]
+        lp, ent = fastalign.gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=True)
+        mask = labels != C.IGNORE
         out.append(lp.sum(-1).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        ents.append(((ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)).float().cpu())
+    lps = torch.cat(out) if out else torch.zeros(0)
+    if return_entropy:
+        return lps, torch.cat(ents) if ents else torch.zeros(0)
+    return lps

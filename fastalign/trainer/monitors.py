@@ -2,8 +2,8 @@
 
 * Over-optimisation (reward hacking): the policy learns to please the learned reward model
   (the proxy) rather than the true objective, so the proxy score rises while the true score
-  falls (Gao et al., 2022). `OveroptimisationMonitor` compares the two trends; the synthetic
-  task's oracle is the true score here.
+  falls (Gao et al., 2022). `OveroptimisationMonitor` follows both; the synthetic task's oracle
+  is the true score here.
 * Mode collapse: the policy's distribution narrows (entropy falls, samples repeat):
   `distinct_n` (fraction of distinct n-grams over the batch) and the policy entropy.
 * Length / style bias: the reward model rewards length rather than quality:
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import deque
 
 
 def _as_list(x):
@@ -106,59 +105,68 @@ def rollout_metrics(*, responses_ids, rewards, kl=None, entropy=None, oracle_sco
 
 
 class OveroptimisationMonitor:
-    """Flags steps where the proxy reward rises while the true (oracle) score falls.
+    """Flags steps where the proxy reward has kept rising while the true (oracle) score has
+    fallen from its best: the picture of reward-model over-optimisation in Gao et al. (2022).
 
-    Each update gets the step's mean proxy and oracle scores. The trends are the least-squares
-    slopes over the last `window` updates (a slope is robust to one noisy step, unlike a
-    difference of two points); the step is flagged when the proxy slope is > +tolerance and the
-    oracle slope < -tolerance. The first flag of an episode (a run of consecutive flagged steps)
+    Each update gets the step's mean proxy and oracle scores of the rollouts. Both are smoothed
+    with an exponential moving average (`smoothing` = weight of the new value), because a batch
+    mean of sampled responses is noisy (64 responses: ~0.04 on a [0, 1] oracle); nothing is
+    flagged during the first 1/smoothing updates (their plain mean starts the average). The monitor
+    remembers the best smoothed oracle score so far and the smoothed proxy at that step; a step
+    is flagged when the smoothed oracle is more than `tolerance` below its best while the
+    smoothed proxy is above its value at the best: the policy still pleases the reward model
+    more, and the truth less. The first flag of an episode (a run of consecutive flagged steps)
     issues a warning; `flagged_steps` lists every flagged step.
     """
 
-    def __init__(self, window: int = 3, tolerance: float = 0.0):
-        if window < 2:
-            raise ValueError(f"OveroptimisationMonitor: window must be >= 2, got {window}")
+    def __init__(self, smoothing: float = 0.15, tolerance: float = 0.05):
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"OveroptimisationMonitor: smoothing must be in (0, 1], got {smoothing}")
         if tolerance < 0:
             raise ValueError(f"OveroptimisationMonitor: tolerance must be >= 0, got {tolerance}")
-        self.window, self.tolerance = int(window), float(tolerance)
-        self.history: deque = deque(maxlen=self.window)
+        self.smoothing, self.tolerance = float(smoothing), float(tolerance)
+        self.count = 0
+        self.proxy = self.oracle = None          # smoothed values
+        self.best_oracle = self.proxy_at_best = None
         self.flagged_steps: list[int] = []
         self._in_episode = False
-
-    @staticmethod
-    def _slope(ys) -> float:
-        n = len(ys)
-        mx = (n - 1) / 2
-        my = _mean(ys)
-        return sum((i - mx) * (y - my) for i, y in enumerate(ys)) / sum((i - mx) ** 2 for i in range(n))
 
     def update(self, step: int, proxy: float, oracle: float) -> bool:
         proxy, oracle = float(proxy), float(oracle)
         if not (math.isfinite(proxy) and math.isfinite(oracle)):
             raise ValueError(f"OveroptimisationMonitor: step {step}: proxy {proxy} / oracle {oracle} must be finite")
-        self.history.append((proxy, oracle))
-        if len(self.history) < self.window:
-            return False
-        p_slope = self._slope([p for p, _ in self.history])
-        o_slope = self._slope([o for _, o in self.history])
-        flagged = p_slope > self.tolerance and o_slope < -self.tolerance
+        self.count += 1
+        # weight max(smoothing, 1/n): the plain mean of the first 1/smoothing values, then the
+        # moving average (an EMA started at the first value would make it the reference)
+        a = max(self.smoothing, 1.0 / self.count)
+        self.proxy = proxy if self.proxy is None else self.proxy + a * (proxy - self.proxy)
+        self.oracle = oracle if self.oracle is None else self.oracle + a * (oracle - self.oracle)
+        if self.count < 1.0 / self.smoothing:
+            return False  # warming up: the averages are not yet smoother than the moving average
+        if self.best_oracle is None or self.oracle > self.best_oracle:
+            self.best_oracle, self.proxy_at_best = self.oracle, self.proxy
+        flagged = self.oracle < self.best_oracle - self.tolerance and self.proxy > self.proxy_at_best
         if flagged:
             self.flagged_steps.append(int(step))
             if not self._in_episode:
                 warnings.warn(
-                    f"step {step}: over-optimisation -- the reward model's score is rising "
-                    f"({p_slope:+.4f}/step) while the oracle score falls ({o_slope:+.4f}/step) over the "
-                    f"last {self.window} steps; raise the KL penalty or stop here", RuntimeWarning, stacklevel=2)
+                    f"step {step}: over-optimisation -- the oracle score (smoothed {self.oracle:.3f}) is "
+                    f"{self.best_oracle - self.oracle:.3f} below its best while the reward model's score "
+                    f"(smoothed {self.proxy:.3f}) is above its value then ({self.proxy_at_best:.3f}); raise the KL "
+                    f"penalty or stop here", RuntimeWarning, stacklevel=2)
         self._in_episode = flagged
         return flagged
 
     def state_dict(self) -> dict:
-        return {"window": self.window, "tolerance": self.tolerance, "history": [list(h) for h in self.history],
+        return {"smoothing": self.smoothing, "tolerance": self.tolerance, "count": self.count, "proxy": self.proxy,
+                "oracle": self.oracle,
+                "best_oracle": self.best_oracle, "proxy_at_best": self.proxy_at_best,
                 "flagged_steps": list(self.flagged_steps), "in_episode": self._in_episode}
 
     def load_state_dict(self, state: dict) -> None:
-        self.window, self.tolerance = int(state["window"]), float(state["tolerance"])
-        self.history = deque((tuple(h) for h in state["history"]), maxlen=self.window)
+        self.smoothing, self.tolerance = float(state["smoothing"]), float(state["tolerance"])
+        self.count, self.proxy, self.oracle = int(state["count"]), state["proxy"], state["oracle"]
+        self.best_oracle, self.proxy_at_best = state["best_oracle"], state["proxy_at_best"]
         self.flagged_steps = list(state["flagged_steps"])
         self._in_episode = bool(state["in_episode"])
 

@@ -21,7 +21,7 @@ if ! python -c "import torch" 2>/dev/null; then
   pip_q "${FASTALIGN_TORCH:-torch==2.13.0}"
 fi
 pip_q setuptools wheel ninja numpy triton pytest pytest-benchmark pytest-timeout \
-  "transformers>=4.45" safetensors pyyaml tqdm matplotlib
+  "transformers>=4.45" safetensors pyyaml tqdm matplotlib "trl==1.16.0"
 python -c "import torch, triton, transformers" # fail loudly if an install above did not take
 MAX_JOBS=${MAX_JOBS:-2} pip_q --no-build-isolation -e .
 python -c "import fastalign, sys; from fastalign import _backends; sys.exit(0 if _backends.extension() else 'fastalign._C did not load: ' + str(_backends._C_ERROR))"

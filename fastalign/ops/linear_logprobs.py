@@ -14,7 +14,10 @@ backward op turns them into grad_logits_tile, and
 
 Tiles whose labels are all ignore_index (prompt tokens) are skipped in both passes. Memory
 beyond the inputs, outputs and gradients is two tiles (logits and grad_logits), whatever the
-number of tokens. The tiling lives in one custom op pair (fastalign_py::linear_gather_logprobs_
+number of tokens. The cpp backend differs (see _bwd_2d): its forward keeps the last tile's logits
+buffer for the backward, which turns them into their gradient in place (no recompute of that
+tile) and then reuses the buffer for its [tokens, vocab-slice] tiles: one forward tile of extra
+memory in both passes. The tiling lives in one custom op pair (fastalign_py::linear_gather_logprobs_
 {fwd,bwd}) with fake implementations, so torch.compile(fullgraph=True) and opcheck see it as
 one opaque op; the backend ("cpp", "cuda", "triton") is an argument of the pair. The "torch"
 backend is kernels/reference.linear_gather_logprobs (the eager math, checkpointed per tile).
@@ -490,12 +493,14 @@ def linear_gather_logprobs(
     never modified.
 
     The tokens are processed `chunk_size` at a time: peak memory beyond the inputs, outputs and
-    gradients is one [chunk_size, V] tile in the forward and two in the backward.
+    gradients is one [chunk_size, V] tile in the forward and two in the backward (cpp: one; the
+    last forward tile's logits stay alive from the forward to the backward, which starts from
+    them instead of recomputing that tile).
     `chunk_size=None` picks it from V and the device (CPU: tiles of ~128 MiB forward, ~32 MiB
     backward; GPU: ~512 MiB; see `auto_chunk_size`); an int overrides the token rows of both
     passes; a pair (rows, cols) also sets the vocabulary columns of the CPU backward's tiles
     (the cpp backend's backward tiles tokens x vocabulary, see `_bwd_2d`). Each tile's
-    logits are recomputed in the backward (one extra matmul). bf16/fp16 logits tiles are
+    logits are recomputed in the backward (one extra matmul; cpp: all but the last tile's). bf16/fp16 logits tiles are
     rounded to the input dtype, as in the eager `hidden @ weight.T`.
 
     FSDP / tensor-parallel weights: pass the full, unsharded [V, H] weight. With FSDP2

@@ -270,3 +270,59 @@ def test_fused_head_matches_trl_kernel(lgl_calls):
     got = head.apply(h, w, None, t, 1.0, 32, 30.0, 1.0, outs)
     torch.testing.assert_close(got[0], want[0])
     assert fa_trl.call_counts() == {"lm_head_fallback": 1} and len(lgl_calls) == 3
+
+
+def _reward(completions, **kwargs):
+    # a deterministic reward with spread inside each group: vowels minus a length cost
+    return [float(sum(c.count(ch) for ch in "aeiou")) - 0.1 * len(c) for c in completions]
+
+
+def _run_online(tmp_path, kind, patched):
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    tok = tiny_tokenizer()
+    path = tmp_path / f"{kind}-{'patched' if patched else 'stock'}"
+    # TRL builds the KL reference (beta > 0) from the policy's path: save the tiny model locally
+    tiny_model(tok, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64).save_pretrained(path / "m")
+    tok.save_pretrained(path / "m")
+    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (RLOOConfig, RLOOTrainer)
+    args = config_cls(output_dir=str(path), per_device_train_batch_size=4, num_generations=2, max_completion_length=8,
+                      max_steps=2, learning_rate=0.1, optim="sgd", report_to="none", logging_steps=1, use_cpu=True,
+                      seed=0, bf16=False, save_strategy="no", disable_tqdm=True, beta=0.04)
+    recorder = _GradRecorder()
+    trainer = trainer_cls(model=str(path / "m"), reward_funcs=_reward, args=args, processing_class=tok,
+                          train_dataset=datasets.Dataset.from_dict({"prompt": ["ab", "hello ", "x=", "q:"]}),
+                          callbacks=[recorder])
+    if patched:
+        with fa_trl.use_fastalign():
+            trainer.train()
+    else:
+        trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return logs, recorder.grads, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+# RLOO goes through the same patched head as GRPO: marked slow to keep this file near 30 s on 2 cores
+@pytest.mark.parametrize("kind", ["grpo", pytest.param("rloo", marks=pytest.mark.slow)])
+def test_online_trainer_steps_match_stock(tmp_path, lgl_calls, kind):
+    """GRPOTrainer / RLOOTrainer, 2 steps, fp32, KL to a reference (beta 0.04). Sampling is seeded and
+    generation uses the model's own forward (not patched), so both runs score the same completions; the
+    log-probs of policy, old policy and reference then go through fastalign's head."""
+    logs_s, grads_s, params_s = _run_online(tmp_path, kind, patched=False)
+    assert lgl_calls == []
+    logs_p, grads_p, params_p = _run_online(tmp_path, kind, patched=True)
+    assert len(lgl_calls) >= 4, f"fastalign's head ran {len(lgl_calls)} times"
+    assert len(logs_s) == len(logs_p) >= 1 and len(grads_s) == len(grads_p) == 2
+    for step, (ls, lp) in enumerate(zip(logs_s, logs_p)):
+        assert ls.keys() == lp.keys()
+        for key in ls:
+            if "time" in key or "per_second" in key:
+                continue
+            _close(torch.tensor(lp[key], dtype=torch.float64), torch.tensor(ls[key], dtype=torch.float64), GRAD_TOL,
+                   msg=lambda m, k=key, s=step: f"step {s} metric {k}: {m}")
+    for step, (gs, gp) in enumerate(zip(grads_s, grads_p)):
+        assert gs.keys() == gp.keys() and any(g.abs().max() > 0 for g in gs.values())
+        for name in gs:
+            _close(gp[name], gs[name], GRAD_TOL, msg=lambda m, n=name, s=step: f"step {s} grad {n}: {m}")
+    for name in params_s:
+        _close(params_p[name], params_s[name], PARAM_TOL, msg=lambda m, n=name: f"{n}: {m}")

@@ -326,3 +326,44 @@ def test_online_trainer_steps_match_stock(tmp_path, lgl_calls, kind):
             _close(gp[name], gs[name], GRAD_TOL, msg=lambda m, n=name, s=step: f"step {s} grad {n}: {m}")
     for name in params_s:
         _close(params_p[name], params_s[name], PARAM_TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fused_head_mixed_dtypes_fall_back(lgl_calls):
+    """cast_lm_head_to_fp32 with a bf16 head (fp32 hidden, bf16 weight, no autocast): handed to TRL whole,
+    which casts one vocabulary chunk at a time (fastalign would copy the whole head to fp32)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    head = fa_trl.FusedLMHead(ChunkedLogProbFunction)
+    h = torch.randn(5, 16)
+    w = torch.randn(30, 16, dtype=torch.bfloat16)
+    t = torch.randint(0, 30, (5,))
+    fa_trl._COUNTS.clear()
+    got = head.apply(h, w, None, t, 1.0, 32, None, 1.0, ("log_probs",))
+    want = ChunkedLogProbFunction.apply(h, w, None, t, 1.0, 32, None, 1.0, ("log_probs",))
+    assert torch.equal(got[0], want[0]) and lgl_calls == [] and fa_trl.call_counts() == {"lm_head_fallback": 1}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (TRL's Triton head runs on CUDA only)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_matches_trl_triton_kernel_cuda(dtype):
+    """On a GPU, against TRL's Triton path of ChunkedLogProbFunction. fp32: rounding only (rtol 1e-5; the
+    fp32 GEMMs may use TF32 if the caller enabled it -- they are not here). bf16: both round each logits
+    tile to bf16; TRL also rounds the logits gradient to bf16 before its GEMMs (fastalign keeps it fp32):
+    log-probs / entropy within 2^-7 of their scale, gradients within 2^-7 of each tensor's scale."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    torch.manual_seed(0)
+    head = fa_trl.FusedLMHead(ChunkedLogProbFunction)
+    h = torch.randn(300, 64, device="cuda", dtype=dtype, requires_grad=True)
+    w = (0.1 * torch.randn(5000, 64, device="cuda")).to(dtype).requires_grad_()
+    t = torch.randint(0, 5000, (300,), device="cuda")
+    outs = ("log_probs", "entropy", "mean_logits", "is_top1")
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3, scale=2**-7)
+    want = ChunkedLogProbFunction.apply(h, w, None, t, 0.9, 1024, None, 1.0, outs)
+    got = head.apply(h, w, None, t, 0.9, 1024, None, 1.0, outs)
+    for name, x, y in zip(outs[:3], got, want):
+        _close(x.float(), y.float(), tol, msg=lambda m, n=name: f"{n}: {m}")
+    gw = torch.autograd.grad((want[0] + 0.5 * want[1]).sum(), (h, w))
+    gg = torch.autograd.grad((got[0] + 0.5 * got[1]).sum(), (h, w))
+    for x, y in zip(gg, gw):
+        _close(x.float(), y.float(), tol, msg=lambda m: m)

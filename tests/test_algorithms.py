@@ -309,3 +309,15 @@ def test_short_plugin_run(tok, tmp_path, example_plugin):
     data = simpo.encode(pairs, tok, 64, Counter())
     _, s = _run(simpo, {"policy": _model(tok)}, tok, data, tmp_path, 30, 3e-3, data[:64])
     assert s["eval"]["rewards/accuracies"] > 0.7
+
+
+def test_scalar_head_init_is_seeded(tok):
+    """A new reward/value head does not depend on what consumed the global RNG before."""
+    from fastalign.models import load_model
+
+    kw = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    a = load_model("tiny", tokenizer=tok, scalar_head=True, tiny_kwargs=kw, seed=3)
+    torch.randn(1000)
+    b = load_model("tiny", tokenizer=tok, scalar_head=True, tiny_kwargs=kw, seed=3)
+    c = load_model("tiny", tokenizer=tok, scalar_head=True, tiny_kwargs=kw, seed=4)
+    assert torch.equal(a.head.weight, b.head.weight) and not torch.equal(a.head.weight, c.head.weight)

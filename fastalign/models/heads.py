@@ -25,13 +25,17 @@ def _base(lm):
 
 
 class ScalarHeadModel(nn.Module):
-    def __init__(self, lm, *, init_std: float | None = None):
+    def __init__(self, lm, *, init_std: float | None = None, seed: int | None = None):
+        """`seed`: the head's initialisation comes from its own generator (reproducible whatever
+        ran before); None draws from the global RNG."""
         super().__init__()
         self.lm = lm
         hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
         self.head = nn.Linear(hidden, 1)
         std = init_std if init_std is not None else 1.0 / (hidden + 1) ** 0.5
-        nn.init.normal_(self.head.weight, std=std)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=gen) * std)
         nn.init.zeros_(self.head.bias)
 
     @property

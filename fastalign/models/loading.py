@@ -22,18 +22,19 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_model(name_or_path: str, *, tokenizer=None, scalar_head: bool = False, tiny_kwargs=None, seed: int = 0):
-    """A causal LM (or, with scalar_head=True or a reward-model directory, a ScalarHeadModel)."""
+    """A causal LM (or, with scalar_head=True or a reward-model directory, a ScalarHeadModel; a
+    new scalar head is initialised from `seed`, so the result does not depend on what ran before)."""
     if name_or_path == "tiny":
         from fastalign.models.tiny import tiny_model
 
         lm = tiny_model(tokenizer, seed=seed, **(tiny_kwargs or {}))
-        return ScalarHeadModel(lm) if scalar_head else lm
+        return ScalarHeadModel(lm, seed=seed) if scalar_head else lm
     if is_scalar_head_dir(name_or_path):
         return ScalarHeadModel.from_pretrained(name_or_path)
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(name_or_path)
-    return ScalarHeadModel(lm) if scalar_head else lm
+    return ScalarHeadModel(lm, seed=seed) if scalar_head else lm
 
 
 def save_model(model, path, tokenizer=None) -> None:

@@ -24,7 +24,8 @@ from fastalign.integrations.trl import call_counts, use_fastalign  # noqa: E402
 from fastalign.models.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 PAIRS = {
-    "prompt": ["2+2=", "capital of France:", "say hi:", "opposite of up:", "3*3=", "color of grass:", "1+1=", "yes or no?"],
+    "prompt": ["2+2=", "capital of France:", "say hi:", "opposite of up:", "3*3=", "color of grass:", "1+1=",
+               "yes or no?"],
     "chosen": ["4", "Paris", "hi", "down", "9", "green", "2", "yes"],
     "rejected": ["5", "Rome", "bye", "left", "6", "blue", "11", "maybe"],
 }

@@ -17,7 +17,6 @@ test_dpo_trainer_step_bf16_autocast_matches_stock for that case and its toleranc
 step's gradients 0.5% of each tensor's scale, second step's 1.2%, after weights that already differ).
 """
 
-import copy
 import os
 
 # Nothing may reach the network: set before TRL / transformers / datasets are imported.

@@ -177,6 +177,7 @@ class FusedLMHead:
         autocast = torch.is_autocast_enabled(device.type)
         compute_dtype = torch.get_autocast_dtype(device.type) if autocast else hidden.dtype
         if (final_logit_softcapping is not None or not logit_scale > 0 or hasattr(weight, "ds_id")
+                or not weight.is_floating_point()
                 or torch.finfo(compute_dtype).bits > torch.finfo(weight.dtype).bits):
             _count("lm_head_fallback")
             return self.original.apply(hidden, weight, bias, targets, temperature, chunk_size,
@@ -187,8 +188,9 @@ class FusedLMHead:
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         with torch.autocast(device.type, enabled=False):
-            logps, entropy = fastalign.linear_gather_logprobs(
-                h, w, targets, bias=b, temperature=float(temperature) / float(logit_scale), return_entropy=True)
+            res = fastalign.linear_gather_logprobs(h, w, targets, bias=b, return_entropy="entropy" in outputs,
+                                                   temperature=float(temperature) / float(logit_scale))
+        logps, entropy = res if "entropy" in outputs else (res, None)
         extras = tuple(name for name in _EXTRA_OUTPUTS if name in outputs)
         lss = mean = top1 = None
         if extras:
@@ -197,7 +199,7 @@ class FusedLMHead:
                 _, _, lss, mean, top1 = self.original.apply(hidden.detach(), weight.detach(),
                                                             None if bias is None else bias.detach(), targets,
                                                             temperature, chunk_size, None, logit_scale, extras)
-        return logps, (entropy if "entropy" in outputs else None), lss, mean, top1
+        return logps, entropy, lss, mean, top1
 
 
 def _counted(name, fn):

@@ -73,8 +73,8 @@ class DemoConfig:
     # PPO against the learned reward model
     ppo_steps: int = 30
     ppo_prompts_per_step: int = 64
-    ppo_lr: float = 3e-4
-    ppo_kl_coef: float = 0.05
+    ppo_lr: float = 2e-4
+    ppo_kl_coef: float = 0.2
     ppo_epochs: int = 2
     ppo_mini_batches: int = 2
     # evaluation

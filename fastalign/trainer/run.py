@@ -102,8 +102,9 @@ def run_training(algorithm: str, cfg: dict) -> dict:
     stats = Counter()
     train = _load_split(alg, cfg.get("data", {}) or {}, "train", tok, stats)
     evald = _load_split(alg, cfg.get("data", {}) or {}, "eval", tok, stats)
+    extra = {k: mcfg[k] for k in ("reward", "value") if mcfg.get(k)}  # the online algorithms' extra roles
     models = alg.build_models(policy, tok, reference=mcfg.get("reference"), seed=int(tcfg.get("seed", 0)),
-                              tiny_kwargs=mcfg.get("tiny"))
+                              tiny_kwargs=mcfg.get("tiny"), **extra)
     trainer = Trainer(alg, models, tok, train, evald, tcfg)
     if trainer.is_main:  # under torchrun every rank runs this; rank 0 writes
         os.makedirs(trainer.config.output_dir, exist_ok=True)

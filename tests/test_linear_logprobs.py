@@ -381,3 +381,27 @@ def test_kept_tile_not_used_when_traced(backend, device, monkeypatch):
     reference.gather_logprobs(ref[0] @ ref[1].T, labels).sum().backward()
     for x, xr in zip(leaves, ref):
         torch.testing.assert_close(x.grad, xr.grad, **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend,device", CPP)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_row_blocks(backend, device, dtype, monkeypatch):
+    # entropy's temporary p (and bf16's fp32 copy of the kept tile) in row blocks of 3 rows
+    from fastalign.ops import linear_logprobs as L
+
+    monkeypatch.setattr(L, "_BLOCK_BYTES", 3 * 4 * 301)
+    hidden, weight, bias, labels = _make(device, dtype, (14,), 16, 301)
+    labels[12] = -100
+    if dtype == torch.float32:
+        _compare(backend, hidden, weight, bias, labels, temperature=0.8, chunk_size=(8, 301))
+    else:  # bf16: the same gradients as without blocks (blocks only change where fp32 lives)
+        grads = []
+        for block in (3 * 4 * 301, 2**30):
+            monkeypatch.setattr(L, "_BLOCK_BYTES", block)
+            h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+            lp, ent = fastalign.linear_gather_logprobs(h, w, labels, bias=b, return_entropy=True, chunk_size=(8, 301),
+                                                       backend=backend)
+            (lp.sum() + ent.sum()).backward()
+            grads.append([x.grad for x in (h, w, b)])
+        for a, c in zip(*grads):
+            assert torch.equal(a, c)

@@ -199,6 +199,7 @@ def _bwd(
     return grad_hidden, grad_weight, grad_bias
 
 
+_BLOCK_BYTES = 16 * 2**20  # fp32 row blocks of the CPU backward's temporaries (entropy's p, bf16 -> fp32)
 _last_bwd_tile: list = []  # [rows, cols, in the kept buffer] of the last CPU backward's step-2 tiles
 
 
@@ -213,11 +214,15 @@ def _grad_logits_(z, lab, g, shift, ge, ent, inv_t, v0):
         z.mul_(inv_t)
     z.sub_(shift[:, None])  # log p
     if ge is not None:
-        p = z.exp()
-        # p * (g + ge * (log p + H)); entries with p == 0 (logit -inf) contribute 0
-        z.add_(ent[:, None]).mul_(ge[:, None]).add_(g[:, None]).mul_(p)
-        z.masked_fill_(p == 0, 0.0).mul_(-inv_t)
-        del p
+        # p * (g + ge * (log p + H)); entries with p == 0 (logit -inf) contribute 0. In row blocks
+        # of <= 16 MiB: the temporary p stays small next to the tile.
+        step = max(1, _BLOCK_BYTES // (4 * max(1, z.shape[1])))
+        for r0 in range(0, z.shape[0], step):
+            zb, r1 = z[r0:r0 + step], r0 + step
+            p = zb.exp()
+            zb.add_(ent[r0:r1, None]).mul_(ge[r0:r1, None]).add_(g[r0:r1, None]).mul_(p)
+            zb.masked_fill_(p == 0, 0.0).mul_(-inv_t)
+            del p
     else:
         z.exp_().mul_(g[:, None] * -inv_t)
     hit = ((lab >= v0) & (lab < v0 + z.shape[1])).nonzero().squeeze(1)
@@ -273,7 +278,7 @@ def _bwd_2d(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats
         ignored = (~valid).nonzero().squeeze(1)
         # fp32: in place in the whole tile; low precision: fp32 row blocks of <= ~16 MiB, G rounded
         # to the dtype in place (as eager's grad_logits)
-        step = e - s if fp32 else max(1, (16 * 2**20) // (4 * max(1, vocab)))
+        step = e - s if fp32 else max(1, _BLOCK_BYTES // (4 * max(1, vocab)))
         for r0 in range(0, e - s, step):
             r1 = min(r0 + step, e - s)
             z = x[r0:r1] if fp32 else x[r0:r1].to(f32)

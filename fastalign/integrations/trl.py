@@ -241,7 +241,10 @@ def patch_trl(*, lm_head: bool = True, functions: bool = True, compact: bool = T
     """
     import importlib
 
-    utils = importlib.import_module(_UTILS)
+    try:
+        utils = importlib.import_module(_UTILS)
+    except ImportError as e:
+        raise ImportError(f"patch_trl needs TRL installed (checked with trl==1.16.0): {e}") from e
     if is_patched():
         return [f"{m}.{a}" for m, a in _ORIGINALS]
     _COUNTS.clear()

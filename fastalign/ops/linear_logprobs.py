@@ -500,7 +500,8 @@ def linear_gather_logprobs(
     The tokens are processed `chunk_size` at a time: peak memory beyond the inputs, outputs and
     gradients is one [chunk_size, V] tile in the forward and two in the backward (cpp: one; the
     last forward tile's logits stay alive from the forward to the backward, which starts from
-    them instead of recomputing that tile).
+    them instead of recomputing that tile; they live as long as the autograd graph, so compute
+    log-probabilities that no backward follows under `torch.no_grad()`).
     `chunk_size=None` picks it from V and the device (CPU: tiles of ~128 MiB forward, ~32 MiB
     backward; GPU: ~512 MiB; see `auto_chunk_size`); an int overrides the token rows of both
     passes; a pair (rows, cols) also sets the vocabulary columns of the CPU backward's tiles

@@ -177,10 +177,11 @@ def _learns(alg, models, tok, out, **kw):
 def test_ppo_raises_the_oracle_score(tok, tmp_path, sft_dir):
     alg = get_algorithm("ppo")({"max_new_tokens": 24, "ppo_epochs": 2, "mini_batches": 2, "kl_coef": 0.05},
                                reward_fn=Oracle.score, oracle_fn=Oracle.score)
-    before, after = _learns(alg, _ppo_models(tok, policy=sft_dir), tok, tmp_path, max_steps=30, batch_size=32,
+    before, after = _learns(alg, _ppo_models(tok, policy=sft_dir), tok, tmp_path, max_steps=60, batch_size=32,
                             grad_accum=2, lr=3e-4)
-    # 256 held-out prompts, sampled at T = 1: the standard error of a mean score is ~0.02
-    assert after > before + 0.04, (before, after)
+    # 256 held-out prompts, sampled at T = 1: the standard error of a mean score is ~0.02; this
+    # run gave 0.368 -> 0.448 (30 steps: 0.425)
+    assert after > before + 0.05, (before, after)
 
 
 @pytest.mark.slow
@@ -188,5 +189,6 @@ def test_grpo_raises_the_oracle_score(tok, tmp_path, sft_dir):
     alg = get_algorithm("grpo")({"group_size": 8, "max_new_tokens": 24, "mini_batches": 2, "beta": 0.04},
                                 reward_fn=Oracle.score, oracle_fn=Oracle.score)
     models = {"policy": load_model(sft_dir), "reference": load_model(sft_dir)}
-    before, after = _learns(alg, models, tok, tmp_path, max_steps=20, batch_size=32, lr=3e-4)
-    assert after > before + 0.04, (before, after)
+    before, after = _learns(alg, models, tok, tmp_path, max_steps=40, batch_size=32, lr=3e-4)
+    # 0.368 -> 0.441 (20 steps: 0.426)
+    assert after > before + 0.05, (before, after)

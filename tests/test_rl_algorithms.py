@@ -55,6 +55,19 @@ def test_ppo_step_logs_losses_and_monitors(tok, tmp_path):
     assert alg.models == ("policy", "reference", "value")  # no reward model with a reward_fn
 
 
+def test_ppo_k3_entropy_bonus_and_early_stop(tok, tmp_path):
+    # a target KL no update can stay under: the first mini-batch sees approx-KL 0 (policy == the
+    # rollout policy), the second one's (measured by its own loss, before its step) exceeds
+    # 1.5 * target, and the remaining 4 of the 3 epochs x 2 mini-batches are skipped
+    alg = get_algorithm("ppo")({"max_new_tokens": 5, "ppo_epochs": 3, "mini_batches": 2, "kl_estimator": "k3",
+                                "ent_coef": 0.01, "target_kl": 1e-12}, reward_fn=lambda p, r: float(len(r)))
+    tr = _trainer(alg, _ppo_models(tok), tok, tmp_path, _prompts(alg, tok, 32, 0), max_steps=2)
+    m = tr.fit()["train"]
+    assert m["early_stopped"] == 1.0 and m["optimizer_steps"] == 2
+    assert m["approx_kl"] > 1.5e-12 and math.isfinite(m["entropy"]) and m["entropy"] > 0
+    assert m["rollout/kl"] != 0.0  # step 2: the policy has moved away from the reference
+
+
 def test_ppo_with_a_reward_model(tok, tmp_path):
     alg = get_algorithm("ppo")({"max_new_tokens": 4, "ppo_epochs": 1, "mini_batches": 1})
     models = {**_ppo_models(tok), "reward": ScalarHeadModel(tiny_model(tok, seed=5, **TINY))}

@@ -14,7 +14,8 @@ One trainer step:
      (trainer.optimize, micro-batches of trainer batch_size rows with global token
      normalisation): ppo_policy_loss + vf_coef * ppo_value_loss - ent_coef * entropy, all summed
      over the mini-batch's response tokens and divided by their count; stops early when the
-     approximate KL to the rollout policy exceeds 1.5 * target_kl;
+     approximate KL to the rollout policy exceeds 1.5 * target_kl (measured by a mini-batch's own
+     loss, before its optimizer step, which is still applied: the remaining ones are skipped);
   6. the KL coefficient adapts (`adaptive_kl`, Ziegler et al.'s proportional controller:
      coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * N / kl_horizon).
 

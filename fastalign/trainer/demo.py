@@ -259,7 +259,6 @@ def _dpo_stage(cfg, tok, train_pairs, eval_pairs, sft_dir, timings, log, tag):
     return policy.eval()
 
 
-
 def _ppo_stage(cfg, tok, task, sft_dir, rm_dir, rm, timings, log, tag):
     """PPO from the SFT model against the learned reward model `rm` (frozen); the value model
     starts from the reward model. The oracle only feeds the monitors."""

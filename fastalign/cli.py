@@ -74,9 +74,22 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
+    import dataclasses
+
+    import yaml
+
     from fastalign.trainer.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(output_dir=args.output_dir, seed=args.seed, device=args.device))
+    known = {f.name for f in dataclasses.fields(DemoConfig)}
+    values = dict(output_dir=args.output_dir, seed=args.seed, device=args.device)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"fastalign demo: --set takes KEY=VALUE with KEY one of {sorted(known)}; got {item!r}")
+        values[key] = yaml.safe_load(value)
+        if key == "stages":
+            values[key] = tuple(values[key]) if isinstance(values[key], list) else (values[key],)
+    run_demo(DemoConfig(**values))
     return 0
 
 
@@ -96,10 +109,13 @@ def main(argv=None) -> int:
     p.add_argument("--config", help="YAML/JSON file with sections model, data, algo, trainer")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. trainer.max_steps=20")
     p.set_defaults(func=_train)
-    p = sub.add_parser("demo", help="SFT -> reward model -> DPO on the bundled task, judged by its oracle")
+    p = sub.add_parser("demo", help="SFT -> reward model -> DPO and PPO on the bundled task, judged by its oracle")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any DemoConfig field (fastalign/trainer/demo.py), e.g. --set ppo_kl_coef=0 "
+                        "--set stages=[ppo]; repeatable")
     p.set_defaults(func=_demo)
     # overrides may come after options (train sft --config f.yaml trainer.lr=1e-4): collect them
     args, extra = parser.parse_known_args(argv)

@@ -235,7 +235,21 @@ def test_cli_list(capsys):
 
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "sft" in out and "reward" in out and "dpo" in out
+    assert "sft" in out and "reward" in out and "dpo" in out and "ppo" in out and "grpo" in out
+
+
+def test_cli_demo_set_options(monkeypatch):
+    """--set KEY=VALUE reaches DemoConfig (values parsed as YAML); unknown keys are refused."""
+    from fastalign import cli
+    from fastalign.trainer import demo
+
+    got = {}
+    monkeypatch.setattr(demo, "run_demo", lambda cfg: got.setdefault("cfg", cfg))
+    assert cli.main(["demo", "--set", "ppo_kl_coef=0", "--set", "stages=[ppo]", "--seed", "3"]) == 0
+    cfg = got["cfg"]
+    assert cfg.ppo_kl_coef == 0 and cfg.stages == ("ppo",) and cfg.seed == 3
+    with pytest.raises(SystemExit, match="--set takes KEY=VALUE"):
+        cli.main(["demo", "--set", "ppo_klcoef=0"])
 
 
 @pytest.mark.parametrize("config, algo", [("configs/sft_alpaca.yaml", "sft"), ("configs/dpo_bundled.yaml", "dpo"),

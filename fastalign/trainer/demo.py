@@ -18,7 +18,7 @@ task, on a CPU in minutes, judged by the task's oracle (not by a falling loss).
 
 `ppo_kl_coef = 0` with a biased labeller (`oracle_length_bias > 0`) reproduces reward-model
 over-optimisation: the learned reward keeps rising while the oracle score falls, and the
-monitor flags it (README, "over-optimisation").
+monitor flags it (README, "Monitors"; `fastalign demo --set ppo_kl_coef=0 ...`).
 """
 
 from __future__ import annotations

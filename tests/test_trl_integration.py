@@ -55,6 +55,17 @@ def _always_unpatched():
     fa_trl.unpatch_trl()
 
 
+def _train(trainer, recorder, patched, model):
+    """trainer.train(), patched with fastalign or stock: (loss logs, recorded gradients, weights)."""
+    if patched:
+        with fa_trl.use_fastalign():
+            trainer.train()
+    else:
+        trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return logs, recorder.grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 class _GradRecorder:
     """TrainerCallback: the gradients the optimizer is about to apply, per step."""
 
@@ -83,14 +94,7 @@ def _run_dpo(tmp_path, patched, **config):
     recorder = _GradRecorder()
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_dict(PAIRS),
                          processing_class=tok, callbacks=[recorder])
-    if patched:
-        with fa_trl.use_fastalign():
-            trainer.train()
-    else:
-        trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return logs, recorder.grads, params
+    return _train(trainer, recorder, patched, model)
 
 
 @pytest.fixture
@@ -292,13 +296,7 @@ def _run_online(tmp_path, kind, patched):
     trainer = trainer_cls(model=str(path / "m"), reward_funcs=_reward, args=args, processing_class=tok,
                           train_dataset=datasets.Dataset.from_dict({"prompt": ["ab", "hello ", "x=", "q:"]}),
                           callbacks=[recorder])
-    if patched:
-        with fa_trl.use_fastalign():
-            trainer.train()
-    else:
-        trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    return logs, recorder.grads, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return _train(trainer, recorder, patched, trainer.model)
 
 
 # RLOO goes through the same patched head as GRPO: marked slow to keep this file near 30 s on 2 cores

@@ -111,6 +111,27 @@ def select(tensors: dict, idx: list[int], micro: int) -> list[dict]:
     return out
 
 
+def optimize_epochs(trainer, alg, data: dict, n: int, seed: int):
+    """alg.config.ppo_epochs passes over `n` rollout rows in alg.config.mini_batches seeded
+    mini-batches, one trainer.optimize step each (micro-batches of trainer batch_size rows,
+    alg.loss / alg.loss_units). Stops early when a step's approx-KL exceeds 1.5 *
+    alg.config.target_kl: that step is applied, the remaining ones are skipped. Returns (the
+    metrics averaged over the steps taken, the number of steps, whether it stopped early)."""
+    cfg = alg.config
+    gen = torch.Generator().manual_seed(seed)
+    steps, sums = 0, {}
+    for _epoch in range(cfg.ppo_epochs):
+        for idx in minibatches(n, cfg.mini_batches, gen):
+            out = trainer.optimize(select(data, idx, trainer.config.batch_size), loss_fn=alg.loss,
+                                   units_fn=alg.loss_units)
+            steps += 1
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if cfg.target_kl is not None and out["approx_kl"] > 1.5 * cfg.target_kl:
+                return {k: v / steps for k, v in sums.items()}, steps, True
+    return {k: v / steps for k, v in sums.items()}, steps, False
+
+
 def rollout_monitors(trainer, rollout: Rollout, proxy: torch.Tensor, *, kl=None, entropy=None, oracle_fn=None,
                      monitor=None) -> dict:
     """The monitors of fastalign.trainer.monitors for this rollout (+ the over-optimisation flag

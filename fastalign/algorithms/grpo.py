@@ -121,21 +121,7 @@ class GRPO(Algorithm):
         if "reference" in trainer.models:
             data["ref_logps"] = R.logps_of(trainer, trainer.models["reference"], b, cfg.temperature)
             seq_kl = (old_logps - data["ref_logps"]).mul(mask).sum(1)
-        gen = torch.Generator().manual_seed(seed + 1)
-        steps, sums, stopped = 0, {}, False
-        for _epoch in range(cfg.ppo_epochs):
-            for idx in R.minibatches(len(rollout), cfg.mini_batches, gen):
-                out = trainer.optimize(R.select(data, idx, trainer.config.batch_size), loss_fn=self.loss,
-                                       units_fn=self.loss_units)
-                steps += 1
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if cfg.target_kl is not None and out["approx_kl"] > 1.5 * cfg.target_kl:
-                    stopped = True
-                    break
-            if stopped:
-                break
-        metrics = {k: v / steps for k, v in sums.items()}
+        metrics, steps, stopped = R.optimize_epochs(trainer, self, data, len(rollout), seed=seed + 1)
         groups = score.view(-1, g)
         metrics.update(score=float(score.mean()), optimizer_steps=steps, early_stopped=float(stopped),
                        # groups whose samples all scored the same carry no learning signal

@@ -192,21 +192,7 @@ class PPO(Algorithm):
                 "old_values": old_values, "advantages": adv, "returns": returns}
 
         # ---- optimisation: epochs x mini-batches, one optimizer step each ----
-        g = torch.Generator().manual_seed(self._seed(trainer) + 1)
-        steps, sums, stopped = 0, {}, False
-        for _epoch in range(cfg.ppo_epochs):
-            for idx in R.minibatches(len(rollout), cfg.mini_batches, g):
-                out = trainer.optimize(R.select(data, idx, trainer.config.batch_size), loss_fn=self.loss,
-                                       units_fn=self.loss_units)
-                steps += 1
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if cfg.target_kl is not None and out["approx_kl"] > 1.5 * cfg.target_kl:
-                    stopped = True
-                    break
-            if stopped:
-                break
-        metrics = {k: v / steps for k, v in sums.items()}
+        metrics, steps, stopped = R.optimize_epochs(trainer, self, data, len(rollout), seed=self._seed(trainer) + 1)
         seq_kl = (old_logps - ref_logps).mul(mask).sum(1)  # k1 per response: the KL the monitors report
         metrics.update(self._rollout_metrics(score, seq_kl, mask, adv, returns, old_values))
         metrics.update(R.rollout_monitors(trainer, rollout, score, kl=seq_kl,

@@ -99,6 +99,27 @@ def test_ppo_resume_is_exact(tok, tmp_path):
     assert alg_a.kl_coef == alg_b.kl_coef != 0.05  # the adaptive coefficient is checkpointed
 
 
+def test_grpo_resume_is_exact(tok, tmp_path):
+    def run(out, steps, resume=None):
+        torch.manual_seed(0)
+        alg = get_algorithm("grpo")({"group_size": 4, "max_new_tokens": 5, "ppo_epochs": 2, "mini_batches": 2,
+                                     "beta": 0.1}, reward_fn=lambda p, r: float(len(r) % 3), oracle_fn=Oracle.score)
+        models = {"policy": tiny_model(tok, seed=0, **TINY), "reference": tiny_model(tok, seed=0, **TINY)}
+        tr = _trainer(alg, models, tok, out, _prompts(alg, tok, 40, 1), max_steps=4, batch_size=4, resume_from=resume)
+        if steps < 4:
+            tr.max_steps = steps
+        tr.fit()
+        return models, alg
+
+    straight, alg_a = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed, alg_b = run(tmp_path / "b", 4, resume="latest")
+    for (n, p), q in zip(straight["policy"].named_parameters(), resumed["policy"].parameters()):
+        assert torch.equal(p, q), n
+    assert alg_a.monitor.state_dict() == alg_b.monitor.state_dict()  # the monitor is checkpointed
+    assert alg_a.monitor.count == 4
+
+
 def test_nan_reward_stops_the_step_without_update(tok, tmp_path):
     alg = get_algorithm("ppo")({"max_new_tokens": 4}, reward_fn=lambda p, r: float("nan"))
     models = _ppo_models(tok)

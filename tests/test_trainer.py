@@ -270,6 +270,29 @@ def test_cli_train_from_config(tmp_path, config, algo, capsys):
     assert os.path.exists(tmp_path / "metrics.jsonl")
 
 
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_cli_train_online_from_config(tmp_path, algo, capsys):
+    """configs/ppo.yaml and configs/grpo.yaml against a reward model trained by the CLI too."""
+    from fastalign import cli
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert cli.main(["train", "reward", "--config", "configs/reward_synthetic.yaml",
+                         f"trainer.output_dir={tmp_path / 'rm'}", "trainer.max_steps=1", "trainer.progress=false"]) == 0
+        rm = tmp_path / "rm" / "checkpoints" / "step-000001" / "reward"
+        rc = cli.main(["train", algo, "--config", f"configs/{algo}.yaml", f"model.reward={rm}",
+                       f"trainer.output_dir={tmp_path / algo}", "trainer.max_steps=1", "trainer.batch_size=4",
+                       "trainer.grad_accum=1", "trainer.eval_every=0", "data.eval_size=4", "algo.max_new_tokens=4",
+                       "trainer.progress=false"])
+    finally:
+        os.chdir(cwd)
+    assert rc == 0
+    assert "done at step 1" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / algo / "metrics.jsonl")
+
+
 def test_config_errors(tmp_path):
     from fastalign.trainer.run import load_config, run_training
 

@@ -217,9 +217,43 @@ def _error_cases(out):
         tr.optimize(mbs[: 1 + tr.rank])
     except ValueError as e:
         got["count"] = str(e)
+    got.update(_ppo_cases(out))
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, got)
     return gathered
+
+
+def _ppo_cases(out):
+    """PPO under DDP: a NaN reward on rank 1 only stops every rank before any update; a normal
+    run keeps the rollout monitors (and so the over-optimisation monitor's state) identical on
+    every rank."""
+    from collections import Counter
+
+    from fastalign.algorithms import get_algorithm
+    from fastalign.data.synthetic import Oracle, SyntheticTask
+    from fastalign.models import ScalarHeadModel, tiny_model
+    from fastalign.trainer import Trainer, TrainingDivergedError
+    from fastalign.trainer import distributed as D
+
+    tok = _tok()
+    tiny = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    got = {}
+    for name, reward in (("ppo_nan", lambda p, r: float("nan") if D.rank() == 1 else 1.0),
+                         ("ppo", lambda p, r: float(len(r)))):
+        alg = get_algorithm("ppo")({"max_new_tokens": 3, "ppo_epochs": 1, "mini_batches": 1}, reward_fn=reward,
+                                   oracle_fn=Oracle.score)
+        models = {"policy": tiny_model(tok, **tiny), "reference": tiny_model(tok, **tiny),
+                  "value": ScalarHeadModel(tiny_model(tok, **tiny), seed=0)}
+        data = alg.encode(SyntheticTask().sample(16, seed=0), tok, 64, Counter())
+        tr = Trainer(alg, models, tok, data, None, dict(output_dir=os.path.join(out, name), distributed="ddp",
+                                                        batch_size=2, max_steps=2, progress=False, plot=False))
+        before = [p.detach().clone() for p in tr.params]
+        try:
+            tr.fit()
+            got[name] = {"monitor": alg.monitor.state_dict(), "reward": tr.last_metrics["rollout/reward"]}
+        except TrainingDivergedError as e:
+            got[name] = {"error": str(e), "unchanged": all(torch.equal(a, p) for a, p in zip(before, tr.params))}
+    return got
 
 
 def _trainer_mode(name):
@@ -361,6 +395,14 @@ def test_errors_are_raised_on_every_rank(dist_results):
     for got in dist_results["errors"]:  # one dict per rank
         assert "summed over ranks" in got["nan"] and got["unchanged"]
         assert "ranks have 1 to 2 micro-batches" in got["count"]
+
+
+def test_ppo_under_ddp(dist_results):
+    rank0, rank1 = dist_results["errors"]
+    assert "non-finite reward" in rank0["ppo_nan"]["error"] and "another rank" in rank0["ppo_nan"]["error"]
+    assert "non-finite reward(s), e.g. nan" in rank1["ppo_nan"]["error"]
+    assert rank0["ppo_nan"]["unchanged"] and rank1["ppo_nan"]["unchanged"]
+    assert rank0["ppo"] == rank1["ppo"] and rank0["ppo"]["monitor"]["count"] == 2
 
 
 def test_precomputed_reference_is_released(dist_results):

@@ -65,13 +65,18 @@ def scores(trainer, rollout: Rollout, reward_fn=None) -> torch.Tensor:
             s = trainer.models["reward"].score(b["input_ids"], b["attention_mask"]).float()
     else:
         raise RuntimeError("no reward: give the algorithm a reward_fn or the trainer a 'reward' model")
+    from fastalign.trainer import distributed as D
+
     bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
-    if bad:
+    if D.any_rank(bool(bad)):  # all ranks stop together (the next step is a collective)
+        where = f"(last checkpoint: {trainer.last_checkpoint})"
+        if not bad:
+            raise TrainingDivergedError(f"step {trainer.step + 1}: non-finite reward(s) on another rank; the step "
+                                        f"was not applied {where}")
         i = bad[0]
         raise TrainingDivergedError(
             f"step {trainer.step + 1}: {len(bad)} non-finite reward(s), e.g. {float(s[i])} for the response "
-            f"{rollout.texts[i]!r} to {rollout.prompts[i]!r}; the step was not applied "
-            f"(last checkpoint: {trainer.last_checkpoint})")
+            f"{rollout.texts[i]!r} to {rollout.prompts[i]!r}; the step was not applied {where}")
     return s
 
 
@@ -135,7 +140,8 @@ def optimize_epochs(trainer, alg, data: dict, n: int, seed: int):
 def rollout_monitors(trainer, rollout: Rollout, proxy: torch.Tensor, *, kl=None, entropy=None, oracle_fn=None,
                      monitor=None) -> dict:
     """The monitors of fastalign.trainer.monitors for this rollout (+ the over-optimisation flag
-    when an oracle is available)."""
+    when an oracle is available). Under torchrun, over every rank's samples (per-rank values
+    averaged by sample count; distinct-n and correlations are per-rank values averaged)."""
     from fastalign.trainer.monitors import rollout_metrics
 
     oracle = None
@@ -143,6 +149,12 @@ def rollout_monitors(trainer, rollout: Rollout, proxy: torch.Tensor, *, kl=None,
         oracle = [float(oracle_fn(p, r)) for p, r in zip(rollout.prompts, rollout.texts)]
     out = rollout_metrics(responses_ids=rollout.response_ids, rewards=proxy, kl=kl, entropy=entropy,
                           oracle_scores=oracle, truncated=rollout.truncated)
-    if monitor is not None and oracle is not None:
+    if getattr(trainer, "world", 1) > 1:  # every rank's samples: means weighted by count, truncated summed
+        from fastalign.trainer import distributed as D
+
+        n = len(rollout)
+        out = D.reduce_weighted({k: v * n for k, v in out.items()}, {k: n for k in out})
+        out["rollout/truncated"] = int(D.all_reduce([rollout.truncated])[0])
+    if monitor is not None and oracle is not None:  # the same values on every rank: the same state
         out["overoptimisation"] = float(monitor.update(trainer.step + 1, out["rollout/reward"], out["rollout/oracle"]))
     return out

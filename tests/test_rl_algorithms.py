@@ -78,21 +78,30 @@ def test_ppo_with_a_reward_model(tok, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, models["reward"].parameters()))  # frozen
 
 
-def test_ppo_resume_is_exact(tok, tmp_path):
+def _straight_and_resumed(make, tok, tmp_path):
+    """make() -> (algorithm, models, trainer kwargs). Runs 4 steps straight, and 2 steps + a
+    fresh process-like restart from the checkpoint for steps 3-4; returns both (models, alg)."""
     def run(out, steps, resume=None):
         torch.manual_seed(0)
-        alg = get_algorithm("ppo")({"max_new_tokens": 5, "ppo_epochs": 2, "mini_batches": 2, "adaptive_kl": True,
-                                    "kl_target": 0.1, "kl_horizon": 100}, reward_fn=lambda p, r: float(len(r) % 3))
-        models = _ppo_models(tok)
-        tr = _trainer(alg, models, tok, out, _prompts(alg, tok, 40, 1), max_steps=4, resume_from=resume)
+        alg, models, kw = make()
+        tr = _trainer(alg, models, tok, out, _prompts(alg, tok, 40, 1), max_steps=4, resume_from=resume, **kw)
         if steps < 4:
             tr.max_steps = steps
         tr.fit()
         return models, alg
 
-    straight, alg_a = run(tmp_path / "a", 4)
+    straight = run(tmp_path / "a", 4)
     run(tmp_path / "b", 2)
-    resumed, alg_b = run(tmp_path / "b", 4, resume="latest")
+    return straight, run(tmp_path / "b", 4, resume="latest")
+
+
+def test_ppo_resume_is_exact(tok, tmp_path):
+    def make():
+        alg = get_algorithm("ppo")({"max_new_tokens": 5, "ppo_epochs": 2, "mini_batches": 2, "adaptive_kl": True,
+                                    "kl_target": 0.1, "kl_horizon": 100}, reward_fn=lambda p, r: float(len(r) % 3))
+        return alg, _ppo_models(tok), {}
+
+    (straight, alg_a), (resumed, alg_b) = _straight_and_resumed(make, tok, tmp_path)
     for role in ("policy", "value"):
         for (n, p), q in zip(straight[role].named_parameters(), resumed[role].parameters()):
             assert torch.equal(p, q), f"{role}.{n}"
@@ -100,20 +109,13 @@ def test_ppo_resume_is_exact(tok, tmp_path):
 
 
 def test_grpo_resume_is_exact(tok, tmp_path):
-    def run(out, steps, resume=None):
-        torch.manual_seed(0)
+    def make():
         alg = get_algorithm("grpo")({"group_size": 4, "max_new_tokens": 5, "ppo_epochs": 2, "mini_batches": 2,
                                      "beta": 0.1}, reward_fn=lambda p, r: float(len(r) % 3), oracle_fn=Oracle.score)
         models = {"policy": tiny_model(tok, seed=0, **TINY), "reference": tiny_model(tok, seed=0, **TINY)}
-        tr = _trainer(alg, models, tok, out, _prompts(alg, tok, 40, 1), max_steps=4, batch_size=4, resume_from=resume)
-        if steps < 4:
-            tr.max_steps = steps
-        tr.fit()
-        return models, alg
+        return alg, models, {"batch_size": 4}
 
-    straight, alg_a = run(tmp_path / "a", 4)
-    run(tmp_path / "b", 2)
-    resumed, alg_b = run(tmp_path / "b", 4, resume="latest")
+    (straight, alg_a), (resumed, alg_b) = _straight_and_resumed(make, tok, tmp_path)
     for (n, p), q in zip(straight["policy"].named_parameters(), resumed["policy"].parameters()):
         assert torch.equal(p, q), n
     assert alg_a.monitor.state_dict() == alg_b.monitor.state_dict()  # the monitor is checkpointed

@@ -1,5 +1,6 @@
 """What the online algorithms (ppo, grpo) share: sampling responses from the policy, scoring
-them, and the per-token tensors of a rollout batch.
+them, the per-token tensors of a rollout batch, the epochs x mini-batches optimisation, the
+monitors, evaluation and the option checks.
 
 A rollout batch holds prompt + response rows, right-padded ([N, L]); position t of the
 per-token tensors ([N, L-1]) is the action that produced token t+1, so `mask` is True exactly
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import token_logps
 from fastalign.data import collate as C
 
@@ -149,7 +151,7 @@ def rollout_monitors(trainer, rollout: Rollout, proxy: torch.Tensor, *, kl=None,
         oracle = [float(oracle_fn(p, r)) for p, r in zip(rollout.prompts, rollout.texts)]
     out = rollout_metrics(responses_ids=rollout.response_ids, rewards=proxy, kl=kl, entropy=entropy,
                           oracle_scores=oracle, truncated=rollout.truncated)
-    if getattr(trainer, "world", 1) > 1:  # every rank's samples: means weighted by count, truncated summed
+    if trainer.world > 1:  # every rank's samples: means weighted by count, truncated summed
         from fastalign.trainer import distributed as D
 
         n = len(rollout)
@@ -158,3 +160,47 @@ def rollout_monitors(trainer, rollout: Rollout, proxy: torch.Tensor, *, kl=None,
     if monitor is not None and oracle is not None:  # the same values on every rank: the same state
         out["overoptimisation"] = float(monitor.update(trainer.step + 1, out["rollout/reward"], out["rollout/oracle"]))
     return out
+
+
+def step_seed(trainer) -> int:
+    """The seed of this trainer step's sampling (a resumed run samples what the uninterrupted one
+    did); +1 seeds its mini-batch order."""
+    return trainer.config.seed * 1_000_003 + 7919 * (trainer.step + 1)
+
+
+def response_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N] mean of x [N, T] over each row's response positions (0 for an empty row)."""
+    return op("sequence_logps")(x, mask, reduce="mean")
+
+
+@torch.no_grad()
+def eval_rollout(alg, batch):
+    """Eval for the online algorithms: one response per eval prompt, sampled at the training
+    temperature with a fixed seed (the same prompts and noise at every evaluation), scored like
+    the rollouts: (loss = -sum of scores, count, {"score", "oracle" with an oracle_fn, "length"})."""
+    trainer, cfg = getattr(alg, "_trainer", None), alg.config
+    if trainer is None:
+        raise RuntimeError(f"{alg.name}: evaluation samples through the trainer: call algorithm.setup(trainer) "
+                           "(trainer.fit() does) first")
+    prompts = [r["prompt"] for r in batch["records"]]
+    rollout = sample(trainer, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                       seed=trainer.config.seed + 12345)
+    score = scores(trainer, rollout, alg.reward_fn)
+    metrics = {"score": float(score.mean()), "length": sum(map(len, rollout.response_ids)) / len(rollout)}
+    if alg.oracle_fn is not None:
+        metrics["oracle"] = sum(alg.oracle_fn(p, r) for p, r in zip(prompts, rollout.texts)) / len(rollout)
+    return -float(score.sum()), len(rollout), metrics
+
+
+def check_rl_config(name: str, cfg) -> None:
+    """The option checks ppo and grpo share; errors name the option and the valid range."""
+    if not cfg.temperature > 0:
+        raise ValueError(f"{name}: temperature must be > 0, got {cfg.temperature}")
+    if int(cfg.max_new_tokens) < 1:
+        raise ValueError(f"{name}: max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    if not 0 < cfg.clip < 1:
+        raise ValueError(f"{name}: clip must be in (0, 1), got {cfg.clip}")
+    if int(cfg.ppo_epochs) < 1 or int(cfg.mini_batches) < 1:
+        raise ValueError(f"{name}: ppo_epochs and mini_batches must be >= 1, got {cfg.ppo_epochs} and {cfg.mini_batches}")
+    if cfg.target_kl is not None and not cfg.target_kl > 0:
+        raise ValueError(f"{name}: target_kl must be None or > 0, got {cfg.target_kl}")

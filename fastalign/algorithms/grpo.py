@@ -20,8 +20,8 @@ import torch
 from fastalign.algorithms import _rollout as R
 from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
-from fastalign.algorithms.ppo import check_rl_config, eval_rollout
 from fastalign.algorithms.registry import register_algorithm
+from fastalign.data import collate as C
 
 AGGS = ("token-mean", "seq-mean-token-mean")
 
@@ -52,7 +52,7 @@ class GRPO(Algorithm):
     def __init__(self, config=None, *, reward_fn=None, oracle_fn=None):
         super().__init__(config)
         cfg = self.config
-        check_rl_config("grpo", cfg)
+        R.check_rl_config("grpo", cfg)
         if int(cfg.group_size) < 2:
             raise ValueError(f"grpo: group_size must be >= 2 (a group of one has no baseline), got {cfg.group_size}")
         if cfg.beta < 0:
@@ -86,7 +86,7 @@ class GRPO(Algorithm):
     # ---- the step -------------------------------------------------------------------------------
 
     def loss_units(self, batch) -> int:
-        mask = batch["labels"][:, 1:] != -100
+        mask = batch["labels"][:, 1:] != C.IGNORE
         return int(mask.sum()) if self.config.agg == "token-mean" else int(mask.any(1).sum())
 
     def loss(self, models, batch):
@@ -109,7 +109,7 @@ class GRPO(Algorithm):
         cfg = self.config
         g = int(cfg.group_size)
         prompts = [r["prompt"] for mb in micro_batches for r in mb["records"] for _ in range(g)]
-        seed = trainer.config.seed * 1_000_003 + 7919 * (trainer.step + 1)
+        seed = R.step_seed(trainer)
         rollout = R.sample(trainer, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
         b, mask = rollout.batch, rollout.mask
         score = R.scores(trainer, rollout, self.reward_fn)
@@ -127,13 +127,13 @@ class GRPO(Algorithm):
                        # groups whose samples all scored the same carry no learning signal
                        zero_std_groups=float((groups.std(1) == 0).float().mean()))
         metrics.update(R.rollout_monitors(trainer, rollout, score, kl=seq_kl,
-                                          entropy=(entropy * mask).sum(1) / mask.sum(1).clamp(min=1),
+                                          entropy=R.response_mean(entropy, mask),
                                           oracle_fn=self.oracle_fn, monitor=self.monitor))
         return metrics
 
     @torch.no_grad()
     def eval_step(self, models, batch):
-        return eval_rollout(self, batch)
+        return R.eval_rollout(self, batch)
 
     def state_dict(self) -> dict:
         return {"monitor": self.monitor.state_dict()}

@@ -38,6 +38,7 @@ from fastalign.algorithms import _rollout as R
 from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
 from fastalign.algorithms.registry import register_algorithm
+from fastalign.data import collate as C
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
@@ -65,39 +66,6 @@ class PPOConfig(AlgorithmConfig):
     target_kl: float | None = None  # early stop of the epochs when approx-KL > 1.5 * target_kl
 
 
-@torch.no_grad()
-def eval_rollout(alg, batch):
-    """Eval for the online algorithms: one response per eval prompt, sampled at the training
-    temperature with a fixed seed (the same prompts and noise at every evaluation), scored like
-    the rollouts: (loss = -sum of scores, count, {"score", "oracle" with an oracle_fn, "length"})."""
-    trainer, cfg = getattr(alg, "_trainer", None), alg.config
-    if trainer is None:
-        raise RuntimeError(f"{alg.name}: evaluation samples through the trainer: call algorithm.setup(trainer) "
-                           "(trainer.fit() does) first")
-    prompts = [r["prompt"] for r in batch["records"]]
-    rollout = R.sample(trainer, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                       seed=trainer.config.seed + 12345)
-    score = R.scores(trainer, rollout, alg.reward_fn)
-    metrics = {"score": float(score.mean()), "length": sum(map(len, rollout.response_ids)) / len(rollout)}
-    if alg.oracle_fn is not None:
-        metrics["oracle"] = sum(alg.oracle_fn(p, r) for p, r in zip(prompts, rollout.texts)) / len(rollout)
-    return -float(score.sum()), len(rollout), metrics
-
-
-def check_rl_config(name: str, cfg) -> None:
-    """The option checks ppo and grpo share; errors name the option and the valid range."""
-    if not cfg.temperature > 0:
-        raise ValueError(f"{name}: temperature must be > 0, got {cfg.temperature}")
-    if int(cfg.max_new_tokens) < 1:
-        raise ValueError(f"{name}: max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
-    if not 0 < cfg.clip < 1:
-        raise ValueError(f"{name}: clip must be in (0, 1), got {cfg.clip}")
-    if int(cfg.ppo_epochs) < 1 or int(cfg.mini_batches) < 1:
-        raise ValueError(f"{name}: ppo_epochs and mini_batches must be >= 1, got {cfg.ppo_epochs} and {cfg.mini_batches}")
-    if cfg.target_kl is not None and not cfg.target_kl > 0:
-        raise ValueError(f"{name}: target_kl must be None or > 0, got {cfg.target_kl}")
-
-
 @register_algorithm("ppo")
 class PPO(Algorithm):
     """PPO with GAE, a value model, KL-penalised rewards (fixed or adaptive), RLHF monitors."""
@@ -110,7 +78,7 @@ class PPO(Algorithm):
     def __init__(self, config=None, *, reward_fn=None, oracle_fn=None):
         super().__init__(config)
         cfg = self.config
-        check_rl_config("ppo", cfg)
+        R.check_rl_config("ppo", cfg)
         if cfg.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"ppo: kl_estimator must be one of {KL_ESTIMATORS}, got {cfg.kl_estimator!r}")
         if cfg.kl_coef < 0:
@@ -149,7 +117,7 @@ class PPO(Algorithm):
     # ---- the step -----------------------------------------------------------------------------
 
     def loss_units(self, batch) -> int:
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((batch["labels"][:, 1:] != C.IGNORE).sum())
 
     def loss(self, models, batch):
         """Summed PPO loss of one rollout micro-batch (see the module docstring)."""
@@ -172,7 +140,7 @@ class PPO(Algorithm):
         cfg = self.config
         prompts = [r["prompt"] for mb in micro_batches for r in mb["records"]]
         rollout = R.sample(trainer, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                           seed=self._seed(trainer))
+                           seed=R.step_seed(trainer))
         b, mask = rollout.batch, rollout.mask
         score = R.scores(trainer, rollout, self.reward_fn)
         old_logps, entropy = R.logps_of(trainer, trainer.models["policy"], b, cfg.temperature, entropy=True)
@@ -192,18 +160,15 @@ class PPO(Algorithm):
                 "old_values": old_values, "advantages": adv, "returns": returns}
 
         # ---- optimisation: epochs x mini-batches, one optimizer step each ----
-        metrics, steps, stopped = R.optimize_epochs(trainer, self, data, len(rollout), seed=self._seed(trainer) + 1)
+        metrics, steps, stopped = R.optimize_epochs(trainer, self, data, len(rollout), seed=R.step_seed(trainer) + 1)
         seq_kl = (old_logps - ref_logps).mul(mask).sum(1)  # k1 per response: the KL the monitors report
         metrics.update(self._rollout_metrics(score, seq_kl, mask, adv, returns, old_values))
         metrics.update(R.rollout_monitors(trainer, rollout, score, kl=seq_kl,
-                                          entropy=(entropy * mask).sum(1) / mask.sum(1).clamp(min=1),
+                                          entropy=R.response_mean(entropy, mask),
                                           oracle_fn=self.oracle_fn, monitor=self.monitor))
         metrics.update(kl_coef=self.kl_coef, optimizer_steps=steps, early_stopped=float(stopped))
         self._update_kl_coef(float(seq_kl.mean()), len(rollout))
         return metrics
-
-    def _seed(self, trainer) -> int:
-        return trainer.config.seed * 1_000_003 + 7919 * (trainer.step + 1)
 
     @staticmethod
     def _rollout_metrics(score, seq_kl, mask, adv, returns, values) -> dict:
@@ -228,7 +193,7 @@ class PPO(Algorithm):
 
     @torch.no_grad()
     def eval_step(self, models, batch):
-        return eval_rollout(self, batch)
+        return R.eval_rollout(self, batch)
 
     def state_dict(self) -> dict:
         return {"kl_coef": self.kl_coef, "monitor": self.monitor.state_dict()}

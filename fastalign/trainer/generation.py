@@ -69,10 +69,11 @@ def response_logps(model, tokenizer, prompts, response_ids, *, temperature=1.0, 
         b = {k: v.to(device) for k, v in C.collate_lm(exs, tokenizer.pad_token_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         labels = b["labels"][:, 1:]
-        lp, ent = fastalign.gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=True)
-        mask = labels != C.IGNORE
-        out.append(lp.sum(-1).float().cpu())
-        ents.append(((ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)).float().cpu())
+        got = fastalign.gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy)
+        lp = got[0] if return_entropy else got
+        out.append(lp.sum(-1).float().cpu())  # masked positions are 0
+        if return_entropy:
+            ents.append(fastalign.sequence_logps(got[1], labels != C.IGNORE, reduce="mean").cpu())
     lps = torch.cat(out) if out else torch.zeros(0)
     if return_entropy:
         return lps, torch.cat(ents) if ents else torch.zeros(0)

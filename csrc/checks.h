@@ -49,12 +49,21 @@ inline void ppo_inputs(const char* op, const at::Tensor& x, const at::Tensor& y,
 
 // ---- preference ---------------------------------------------------------------------------------
 
-// Token log-probs [N, T] and their bool mask.
+// The mask dtypes a device's preference kernels read: the CPU ones read bool/uint8, int32, int64 and
+// float32 masks as they are (nonzero = valid); the CUDA ones take bool.
+inline bool mask_dtype_ok(const at::Tensor& mask) {
+  const at::ScalarType t = mask.scalar_type();
+  if (t == at::kBool) return true;
+  return mask.device().is_cpu() && (t == at::kByte || t == at::kInt || t == at::kLong || t == at::kFloat);
+}
+
+// Token log-probs [N, T] and their mask.
 inline void token_rows(const char* op, const at::Tensor& x, const at::Tensor& mask) {
   TORCH_CHECK(x.dim() == 2, op, ": token log-probs must be 2-D [N, T], got ", x.sizes());
   TORCH_CHECK(mask.sizes() == x.sizes(), op, ": mask must have the shape of the token log-probs ", x.sizes(),
               ", got ", mask.sizes());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool here, got ", mask.scalar_type());
+  TORCH_CHECK(mask_dtype_ok(mask), op, ": mask must be bool (or, on the CPU, uint8, int32, int64 or float32), got ",
+              mask.scalar_type(), " on ", mask.device());
   TORCH_CHECK(mask.device() == x.device(), op, ": mask and token log-probs must be on one device");
   TORCH_CHECK(is_float(x.scalar_type()), op, ": token log-probs must be float32, bfloat16 or float16, got ",
               x.scalar_type());

@@ -512,3 +512,70 @@ def test_fused_tokens_ignore_nonfinite_masked_positions(backend, device):
         assert losses.isfinite().all() and cw.isfinite().all() and rw.isfinite().all()
         (g,) = _grad(losses.sum(), pol, None)
         assert g.isfinite().all() and g[:, -3:].eq(0).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("steps", [3, 16, 19, 1100])
+def test_fused_tokens_mask_dtypes_give_identical_results(backend, device, steps):
+    # the cpp kernels read bool/uint8/int32/int64/float masks as they are (other backends convert):
+    # every dtype must select the same positions, forward and backward, bit for bit
+    pol, ref, mask = _tokens(3, steps, device, torch.float32)
+
+    def run(mm, average):
+        out = fastalign.dpo_loss_from_tokens(pol, ref, mm, average_log_prob=average, return_sequence_logps=True,
+                                             backend=backend)
+        (g,) = _grad(out[0].sum() + out[3].sum(), pol, None)
+        return (*out, g)
+
+    want = {average: run(mask, average) for average in (False, True)}
+    for mm in (mask.to(torch.uint8), mask.int(), mask.long(), mask.float() * 0.25, mask.double()):
+        for average in (False, True):
+            for a, b in zip(run(mm, average), want[average]):
+                assert torch.equal(a, b), (mm.dtype, average)
+        (gs,) = _grad(fastalign.sequence_logps(pol, mm, backend=backend).sum(), pol, None)
+        assert torch.equal(gs, mask.float()), mm.dtype
+
+
+def test_cpp_preference_baseline_isa_is_bit_identical():
+    """The cpp DPO head runs 8-lane AVX2 clones or 4-lane baseline loops; both keep eight partial
+    sums in one order, so FASTALIGN_CPU_CAPABILITY=default (a fresh process: chosen once) gives the
+    same bits, forward and backward, for every dtype."""
+    if fastalign.backends()["cpp"]["reason"]:
+        pytest.skip(fastalign.backends()["cpp"]["reason"])
+    code = """
+import sys, torch, fastalign
+torch.manual_seed(0)
+outs = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for steps in (5, 8, 37, 1030):
+        pol = (-3 * torch.rand(6, steps)).to(dtype).requires_grad_()
+        ref = (-3 * torch.rand(6, steps)).to(dtype)
+        mask = torch.rand(6, steps) > 0.3
+        for average in (False, True):
+            out = fastalign.dpo_loss_from_tokens(pol, ref, mask.long(), average_log_prob=average,
+                                                 return_sequence_logps=True, backend="cpp")
+            (g,) = torch.autograd.grad(out[0].sum() + out[3].sum(), pol)
+            outs += [t.detach() for t in out] + [g]
+torch.save(outs, sys.argv[1])
+"""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for cap in ("default", None):
+            env = dict(os.environ)
+            env.pop("FASTALIGN_CPU_CAPABILITY", None)
+            if cap:
+                env["FASTALIGN_CPU_CAPABILITY"] = cap
+            path = os.path.join(tmp, f"{cap}.pt")
+            out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300,
+                                 env=env, cwd=root)
+            assert out.returncode == 0, out.stderr[-3000:]
+            results.append(torch.load(path))
+    assert len(results[0]) == len(results[1]) > 0
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "../checks.h"
-#include "capability.h"
+#include "lanes.h"
 
 namespace fastalign::cpu {
 namespace {
@@ -38,16 +38,10 @@ struct ValueParams {
   float clip;  // > 0: clipped loss; <= 0: plain squared error
 };
 
-// Forced inlining, see ppo_lanes.h.
-#define FA_INLINE inline __attribute__((always_inline))
-// Everything here has internal linkage, so the AVX-sized vector ABI note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 // The per-token math runs on float vectors with a polynomial exp, because scalar libm expf alone
-// would cost more than the whole eager PyTorch graph. 4 lanes (one 128-bit register: SSE2, NEON)
-// for the baseline, 8 lanes for the AVX2 clones: GCC scalarises the comparisons of vectors wider
-// than the target's registers. Row tails are padded with masked lanes. Both widths compute the same
-// IEEE operations per token (no FMA contraction), only the summation order of the partials differs.
+// would cost more than the whole eager PyTorch graph. Row tails are padded with masked lanes. Both
+// widths compute the same IEEE operations per token (no FMA contraction), only the summation order
+// of the partials differs.
 namespace lanes4 {
 constexpr int W = 4;
 #include "ppo_lanes.h"
@@ -57,25 +51,6 @@ constexpr int W = 8;
 #include "ppo_lanes.h"
 }  // namespace lanes8
 
-// name(args...) runs the AVX2 clone when the CPU has AVX2 (and FASTALIGN_CPU_CAPABILITY does not
-// force "default"), else the baseline one.
-#if defined(__x86_64__) || defined(__i386__)
-bool use_avx2() {
-  static const bool ok = std::strcmp(best_kernels().name, "DEFAULT") != 0 && __builtin_cpu_supports("avx2");
-  return ok;
-}
-#define FA_CLONES(name)                                                                     \
-  template <typename... A>                                                                  \
-  __attribute__((target("avx2"))) void name##_avx2(A... a) { lanes8::name##_rows(a...); }  \
-  template <typename... A>                                                                  \
-  void name##_base(A... a) { lanes4::name##_rows(a...); }                                   \
-  template <typename... A>                                                                  \
-  void name(A... a) { use_avx2() ? name##_avx2(a...) : name##_base(a...); }
-#else
-#define FA_CLONES(name)    \
-  template <typename... A> \
-  void name(A... a) { lanes4::name##_rows(a...); }
-#endif
 FA_CLONES(policy_fwd)
 FA_CLONES(policy_bwd)
 FA_CLONES(value_fwd)

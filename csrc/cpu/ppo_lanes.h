@@ -1,20 +1,12 @@
-// The PPO losses' per-token math and row loops on W-lane float vectors (GCC/Clang vector
-// extensions). NOT a normal header: csrc/cpu/ppo.cpp includes it twice, inside namespaces that
-// define `constexpr int W` (4 lanes: one SSE2/NEON register, the baseline; 8 lanes: the AVX2
-// clones), after defining FA_INLINE, PolicyParams, ValueParams and kParts. Everything is forced
-// inline, so it compiles for the instruction set of the (target-attributed) function using it, and
-// no vector crosses a call boundary.
+// The PPO losses' per-token math and row loops on W-lane float vectors (see lanes.h). NOT a normal
+// header: csrc/cpu/ppo.cpp includes it twice, inside namespaces that define `constexpr int W`
+// (lanes4, lanes8), after defining PolicyParams, ValueParams and kParts.
 //
 // The math mirrors kernels/reference.py op by op, with torch's NaN-propagating max/min/clamp
 // forward and autograd's half shares at ties and inclusive clamp bounds backward.
 
-using vf = float __attribute__((vector_size(W * sizeof(float))));
-using vi = int32_t __attribute__((vector_size(W * sizeof(int32_t))));
+#include "lanes_w.h"
 
-FA_INLINE vf splat(float x) { return vf{} + x; }
-// c ? a : b per lane (c all-ones or all-zeros), as bit operations: lowered well on every ISA
-// (GCC may scalarise a vector ?:).
-FA_INLINE vf blend(vi c, vf a, vf b) { return (vf)(((vi)a & c) | ((vi)b & ~c)); }
 // torch.maximum / torch.minimum / torch.clamp forward, NaN-propagating like torch.
 FA_INLINE vf tmax(vf a, vf b) { return blend((a >= b) | (a != a), a, b); }
 FA_INLINE vf tmin(vf a, vf b) { return blend((a <= b) | (a != a), a, b); }
@@ -28,7 +20,6 @@ FA_INLINE vf max_share(vf self, vf other) {
 FA_INLINE vf min_share(vf self, vf other) {
   return blend(self > other, splat(0.f), blend(self == other, splat(0.5f), splat(1.f)));
 }
-FA_INLINE vf sel(vi c, vf a) { return (vf)((vi)a & c); }
 
 // exp(x) for x in [-20, 20] (the clamped log-ratio) or NaN: x = n ln2 + r, |r| <= ln2 / 2, with
 // ln2 split in two (Cody-Waite) so that r is exact, exp(r) by Cephes' degree-7 polynomial (about
@@ -50,23 +41,6 @@ FA_INLINE vf vexp(vf x) {
   return blend(x != x, x, res);
 }
 
-template <typename T>
-FA_INLINE vf vload(const T* p) {
-  vf v;
-  for (int j = 0; j < W; ++j) v[j] = static_cast<float>(p[j]);
-  return v;
-}
-FA_INLINE vi load_mask(const bool* m) {
-  vi v;
-  for (int j = 0; j < W; ++j) v[j] = m[j] ? -1 : 0;
-  return v;
-}
-FA_INLINE float hsum(vf v) {  // fixed lane order: deterministic
-  float s = 0.f;
-  for (int j = 0; j < W; ++j) s += v[j];
-  return s;
-}
-
 // A row's last (steps mod W) tokens, copied into W-lane buffers padded with masked lanes.
 template <typename T>
 struct Pad {
@@ -82,11 +56,6 @@ struct Pad {
     }
   }
 };
-
-template <typename T>
-FA_INLINE void vstore(T* out, vf v, int64_t k) {
-  for (int j = 0; j < k; ++j) out[j] = static_cast<T>(v[j]);
-}
 
 // Per-token policy loss, accumulated into acc = (loss, count, clipped, lower-clipped, old - logp).
 FA_INLINE void policy_acc(vf x, vf o, vf a, vi valid, const PolicyParams& p, vf* acc) {

@@ -11,15 +11,19 @@
 // logsig(x) = min(x, 0) - log1p(exp(-|x|)) never overflows (exp of a non-positive number), so
 // |x| up to 1e4 and beyond gives finite, exact-asymptote results. All math fp32; outputs fp32;
 // gradients w.r.t. token log-probs in their dtype. Masked positions are never read into a sum.
+// The masks may be bool/uint8, int32, int64 or float32 (nonzero = valid): read as they are, so a
+// caller's attention mask costs no conversion pass. The row loops are in preference_lanes.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "lanes.h"
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace fastalign::cpu {
 namespace {
@@ -75,25 +79,38 @@ inline float pair_grad(float delta, const PairParams& p) {
   }
 }
 
-// Masked sum of one row and its valid count. 8 independent fp32 partial sums (a fixed order, so
-// the fused DPO path and sequence_logps give bit-identical sums; vectorisable as one 8-lane add).
-template <typename scalar_t>
-inline void row_sum(const scalar_t* x, const bool* m, int64_t steps, float& sum, int64_t& count) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t n = 0, t = 0;
-  for (; t + 8 <= steps; t += 8) {
-    for (int k = 0; k < 8; ++k) {
-      acc[k] += m[t + k] ? static_cast<float>(x[t + k]) : 0.f;
-      n += m[t + k];
-    }
+namespace lanes4 {
+constexpr int W = 4;
+#include "preference_lanes.h"
+}  // namespace lanes4
+namespace lanes8 {
+constexpr int W = 8;
+#include "preference_lanes.h"
+}  // namespace lanes8
+
+FA_CLONES(masked_sums)
+FA_CLONES(masked_fill)
+
+// f(const M* mask) for the mask's element type M.
+template <typename F>
+void with_mask(const at::Tensor& mask, F&& f) {
+  switch (mask.scalar_type()) {
+    case at::kBool:
+    case at::kByte:
+      return f(static_cast<const uint8_t*>(mask.const_data_ptr()));
+    case at::kInt:
+      return f(mask.const_data_ptr<int32_t>());
+    case at::kLong:
+      return f(mask.const_data_ptr<int64_t>());
+    case at::kFloat:
+      return f(mask.const_data_ptr<float>());
+    default:
+      TORCH_CHECK(false, "mask dtype ", mask.scalar_type(), " is not read by the CPU kernels");
   }
-  for (; t < steps; ++t) {
-    acc[t & 7] += m[t] ? static_cast<float>(x[t]) : 0.f;
-    n += m[t];
-  }
-  sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  count = n;
 }
+
+// Rows per parallel task: about 32 K tokens, so that small batches stay on one thread.
+int64_t row_grain(int64_t steps) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(steps, 1)); }
 
 inline float reduce_row(float sum, int64_t count, bool mean) {
   return mean ? sum / static_cast<float>(std::max<int64_t>(count, 1)) : sum;
@@ -106,32 +123,18 @@ at::Tensor sequence_logps_fwd(const at::Tensor& x_in, const at::Tensor& mask_in,
   const at::Tensor x = x_in.contiguous(), mask = mask_in.contiguous();
   const int64_t rows = x.size(0), steps = x.size(1);
   at::Tensor out = at::empty({rows}, x.options().dtype(at::kFloat));
+  std::vector<int64_t> counts(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sequence_logps_fwd", [&] {
-    const scalar_t* px = x.data_ptr<scalar_t>();
-    const bool* pm = mask.data_ptr<bool>();
-    float* po = out.data_ptr<float>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(steps, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        float s;
-        int64_t n;
-        row_sum(px + r * steps, pm + r * steps, steps, s, n);
-        po[r] = reduce_row(s, n, mean);
-      }
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    float* po = out.mutable_data_ptr<float>();
+    with_mask(mask, [&](auto pm) {
+      at::parallel_for(0, rows, row_grain(steps), [&](int64_t r0, int64_t r1) {
+        masked_sums(px, pm, steps, r0, r1, po, counts.data());
+        for (int64_t r = r0; r < r1; ++r) po[r] = reduce_row(po[r], counts[r], mean);
+      });
     });
   });
   return out;
-}
-
-// grad_x[r, t] = valid ? grad[r] (/ count_r for the mean) : 0, in x's dtype.
-template <typename scalar_t>
-void write_row_grad(scalar_t* g, const bool* m, int64_t steps, float gr, bool mean) {
-  if (mean) {
-    int64_t n = 0;
-    for (int64_t t = 0; t < steps; ++t) n += m[t];
-    gr = gr / static_cast<float>(std::max<int64_t>(n, 1));
-  }
-  const scalar_t v = static_cast<scalar_t>(gr), zero = static_cast<scalar_t>(0.f);
-  for (int64_t t = 0; t < steps; ++t) g[t] = m[t] ? v : zero;
 }
 
 at::Tensor sequence_logps_bwd(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& mask_in, bool mean) {
@@ -142,11 +145,11 @@ at::Tensor sequence_logps_bwd(const at::Tensor& grad_in, const at::Tensor& x, co
   const int64_t rows = x.size(0), steps = x.size(1);
   at::Tensor gx = at::empty({rows, steps}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sequence_logps_bwd", [&] {
-    scalar_t* pg = gx.data_ptr<scalar_t>();
-    const bool* pm = mask.data_ptr<bool>();
-    const float* gr = grad.data_ptr<float>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(steps, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) write_row_grad(pg + r * steps, pm + r * steps, steps, gr[r], mean);
+    scalar_t* pg = gx.mutable_data_ptr<scalar_t>();
+    const float* gr = grad.const_data_ptr<float>();
+    with_mask(mask, [&](auto pm) {
+      at::parallel_for(0, rows, row_grain(steps),
+                       [&](int64_t r0, int64_t r1) { masked_fill(pg, pm, steps, r0, r1, gr, mean); });
     });
   });
   return gx;
@@ -221,28 +224,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_token
   at::Tensor loss = at::empty({pairs}, opts), cw = at::empty({pairs}, opts), rw = at::empty({pairs}, opts);
   at::Tensor pseq = at::empty({rows}, opts), rseq = at::empty({rows}, opts);
   const PairParams p = make_params(beta, type, eps);
+  std::vector<int64_t> counts(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pol.scalar_type(), "dpo_tokens_fwd", [&] {
-    const scalar_t *pp = pol.data_ptr<scalar_t>(), *pr = ref.data_ptr<scalar_t>();
-    const bool* pm = mask.data_ptr<bool>();
-    float *pl = loss.data_ptr<float>(), *pcw = cw.data_ptr<float>(), *prw = rw.data_ptr<float>();
-    float *pps = pseq.data_ptr<float>(), *prs = rseq.data_ptr<float>();
-    at::parallel_for(0, pairs, std::max<int64_t>(1, 8192 / std::max<int64_t>(steps, 1)), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        float v[4];  // policy chosen, ref chosen, policy rejected, ref rejected
-        for (int k = 0; k < 2; ++k) {
-          const int64_t row = i + k * pairs, off = row * steps;
-          float s;
-          int64_t n;
-          row_sum(pp + off, pm + off, steps, s, n);
-          v[2 * k] = pps[row] = reduce_row(s, n, mean);
-          row_sum(pr + off, pm + off, steps, s, n);
-          v[2 * k + 1] = prs[row] = reduce_row(s, n, mean);
+    const scalar_t *pp = pol.const_data_ptr<scalar_t>(), *pr = ref.const_data_ptr<scalar_t>();
+    float *pl = loss.mutable_data_ptr<float>(), *pcw = cw.mutable_data_ptr<float>(), *prw = rw.mutable_data_ptr<float>();
+    float *pps = pseq.mutable_data_ptr<float>(), *prs = rseq.mutable_data_ptr<float>();
+    int64_t* pn = counts.data();
+    with_mask(mask, [&](auto pm) {
+      // a task takes pairs [i0, i1): their chosen rows i and rejected rows i + pairs, both models
+      at::parallel_for(0, pairs, std::max<int64_t>(1, row_grain(steps) / 4), [&](int64_t i0, int64_t i1) {
+        for (const int64_t r0 : {i0, i0 + pairs}) {
+          const int64_t r1 = r0 + (i1 - i0);
+          masked_sums(pp, pm, steps, r0, r1, pps, pn);
+          for (int64_t r = r0; r < r1; ++r) pps[r] = reduce_row(pps[r], pn[r], mean);
+          masked_sums(pr, pm, steps, r0, r1, prs, pn);
+          for (int64_t r = r0; r < r1; ++r) prs[r] = reduce_row(prs[r], pn[r], mean);
         }
-        const float dc = v[0] - v[1], dr = v[2] - v[3];
-        pl[i] = pair_loss(dc - dr, p);
-        pcw[i] = p.beta * dc;
-        prw[i] = p.beta * dr;
-      }
+        for (int64_t i = i0; i < i1; ++i) {
+          const float dc = pps[i] - prs[i], dr = pps[i + pairs] - prs[i + pairs];
+          pl[i] = pair_loss(dc - dr, p);
+          pcw[i] = p.beta * dc;
+          prw[i] = p.beta * dr;
+        }
+      });
     });
   });
   return {loss, cw, rw, pseq, rseq};
@@ -264,20 +268,25 @@ at::Tensor dpo_tokens_bwd(const at::Tensor& grad_in, const c10::optional<at::Ten
   }
   at::Tensor gx = at::empty({rows, steps}, pol.options());
   const PairParams p = make_params(beta, type, eps);
+  // the per-row scalars first (2B floats), then one masked fill of the [2B, T] gradient
+  std::vector<float> row_value(rows);
+  {
+    const float *go = grad.const_data_ptr<float>(), *ps = pseq.const_data_ptr<float>();
+    const float* rs = rseq.const_data_ptr<float>();
+    const float* gs = gseq.defined() ? gseq.const_data_ptr<float>() : nullptr;
+    for (int64_t j = 0; j < rows; ++j) {
+      const int64_t i = j < pairs ? j : j - pairs;
+      const float delta = (ps[i] - rs[i]) - (ps[i + pairs] - rs[i + pairs]);
+      const float g = go[i] * pair_grad(delta, p);
+      row_value[j] = (j < pairs ? g : -g) + (gs != nullptr ? gs[j] : 0.f);
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pol.scalar_type(), "dpo_tokens_bwd", [&] {
-    scalar_t* pg = gx.data_ptr<scalar_t>();
-    const bool* pm = mask.data_ptr<bool>();
-    const float *go = grad.data_ptr<float>(), *ps = pseq.data_ptr<float>(), *rs = rseq.data_ptr<float>();
-    const float* gs = gseq.defined() ? gseq.data_ptr<float>() : nullptr;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(steps, 1)), [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t i = j < pairs ? j : j - pairs;
-        const float delta = (ps[i] - rs[i]) - (ps[i + pairs] - rs[i + pairs]);
-        const float g = go[i] * pair_grad(delta, p);
-        float s = j < pairs ? g : -g;
-        if (gs != nullptr) s += gs[j];
-        write_row_grad(pg + j * steps, pm + j * steps, steps, s, mean);
-      }
+    scalar_t* pg = gx.mutable_data_ptr<scalar_t>();
+    const float* pv = row_value.data();
+    with_mask(mask, [&](auto pm) {
+      at::parallel_for(0, rows, row_grain(steps),
+                       [&](int64_t r0, int64_t r1) { masked_fill(pg, pm, steps, r0, r1, pv, mean); });
     });
   });
   return gx;

@@ -238,8 +238,14 @@ def _check_reduce(op, reduce) -> bool:
     return reduce == "mean"
 
 
-def _valid(mask):
-    return (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+# Mask dtypes the cpp kernels read as they are (nonzero = valid): no conversion pass on the CPU.
+_CPP_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32)
+
+
+def _valid(mask, backend):
+    if mask.dtype == torch.bool or (backend == "cpp" and mask.dtype in _CPP_MASK_DTYPES):
+        return mask.contiguous()
+    return (mask != 0).contiguous()
 
 
 def _fused(table, name):
@@ -271,7 +277,7 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, *, reduce: str
     lead, steps = token_logps.shape[:-1], token_logps.shape[-1]
     rows = math.prod(lead)
     x = token_logps.reshape(rows, steps).contiguous()
-    out = _fused(_SEQ, name)[0](x, _valid(mask).reshape(rows, steps), mean)
+    out = _fused(_SEQ, name)[0](x, _valid(mask, name).reshape(rows, steps), mean)
     return out.reshape(lead)
 
 
@@ -403,7 +409,7 @@ def dpo_loss_from_tokens(
         if ref.dtype != pol.dtype:  # the kernels take one dtype; fp32 loses nothing
             pol, ref = pol.float(), ref.float()
         losses, cw, rw, pseq, rseq = _fused(_TOK, name)[0](
-            pol.contiguous(), ref.contiguous(), _valid(mask), beta, kernel_id, eps, average_log_prob)
+            pol.contiguous(), ref.contiguous(), _valid(mask, name), beta, kernel_id, eps, average_log_prob)
         out = (losses, cw.detach(), rw.detach())
     if return_sequence_logps:
         return (*out, pseq, rseq.detach())

@@ -579,3 +579,24 @@ torch.save(outs, sys.argv[1])
     assert len(results[0]) == len(results[1]) > 0
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not fastalign.backends()["cuda"]["usable"], reason="no usable cuda backend")
+def test_raw_cuda_backwards_reject_inputs_on_another_device():
+    # The dispatcher routes on the token log-probs; the grads and saved sequence log-probs went to
+    # the kernels by pointer, so a CPU one was an illegal address on the GPU instead of an error.
+    ops = torch.ops.fastalign
+    x, m = torch.randn(4, 3, device="cuda"), torch.ones(4, 3, dtype=torch.bool, device="cuda")
+    c, seq, g2 = torch.randn(2, device="cuda"), torch.zeros(4, device="cuda"), torch.ones(2, device="cuda")
+    with pytest.raises(RuntimeError, match="grad is on cpu"):
+        ops.sequence_logps_bwd(torch.ones(4), x, m, False)
+    with pytest.raises(RuntimeError, match="grad is on cpu"):
+        ops.dpo_loss_bwd(torch.ones(2), c, c, c, c, 0.1, 0, 0.0)
+    with pytest.raises(RuntimeError, match="grad is on cpu"):
+        ops.dpo_tokens_bwd(torch.ones(2), None, seq, seq, x, m, 0.1, 0, 0.0, False)
+    with pytest.raises(RuntimeError, match="policy sequence log-probs is on cpu"):
+        ops.dpo_tokens_bwd(g2, None, seq.cpu(), seq, x, m, 0.1, 0, 0.0, False)
+    with pytest.raises(RuntimeError, match="reference sequence log-probs is on cpu"):
+        ops.dpo_tokens_bwd(g2, None, seq, seq.cpu(), x, m, 0.1, 0, 0.0, False)
+    with pytest.raises(RuntimeError, match="grad of the sequence log-probs is on cpu"):
+        ops.dpo_tokens_bwd(g2, torch.ones(4), seq, seq, x, m, 0.1, 0, 0.0, False)

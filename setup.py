@@ -55,7 +55,9 @@ def _extensions():
     sources = ["csrc/fastalign.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is a header template that is only parallel when the extension
     # itself is compiled with OpenMP (torch's CPU builds use the OpenMP backend).
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    # -ffp-contract=off: no implicit a*b+c -> FMA, so that the lane kernels (csrc/cpu/lanes.h)
+    # round every operation alike at 4, 8 and 16 lanes (FMAs are only where the code asks).
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp", "-ffp-contract=off"]
     link_flags = ["-fopenmp"]
     define_macros = []
     arch_list = None

@@ -12,6 +12,15 @@ namespace fastalign::checks {
 
 inline bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
+// The mask dtypes a device's kernels read (PPO losses, DPO head): the CPU ones read bool/uint8,
+// int32, int64 and float32 masks as they are (nonzero = valid), so a caller's float or attention
+// mask costs no conversion pass; the CUDA ones take bool (the Python wrappers convert).
+inline bool mask_dtype_ok(const at::Tensor& mask) {
+  const at::ScalarType t = mask.scalar_type();
+  if (t == at::kBool) return true;
+  return mask.device().is_cpu() && (t == at::kByte || t == at::kInt || t == at::kLong || t == at::kFloat);
+}
+
 // ---- gae ----------------------------------------------------------------------------------------
 
 inline void gae_args(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask, double gamma,
@@ -41,21 +50,14 @@ inline void ppo_inputs(const char* op, const at::Tensor& x, const at::Tensor& y,
               ": all inputs must have one shape ", x.sizes());
   TORCH_CHECK(y.scalar_type() == x.scalar_type() && z.scalar_type() == x.scalar_type(), op,
               ": the three float inputs must have one dtype");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool here, got ", mask.scalar_type());
+  TORCH_CHECK(mask_dtype_ok(mask), op, ": mask must be bool (or, on the CPU, uint8, int32, int64 or float32), got ",
+              mask.scalar_type(), " on ", mask.device());
   TORCH_CHECK(y.device() == x.device() && z.device() == x.device() && mask.device() == x.device(), op,
               ": all inputs must be on one device");
   TORCH_CHECK(agg >= 0 && agg <= 3, op, ": agg code must be in [0, 3], got ", agg);
 }
 
 // ---- preference ---------------------------------------------------------------------------------
-
-// The mask dtypes a device's preference kernels read: the CPU ones read bool/uint8, int32, int64 and
-// float32 masks as they are (nonzero = valid); the CUDA ones take bool.
-inline bool mask_dtype_ok(const at::Tensor& mask) {
-  const at::ScalarType t = mask.scalar_type();
-  if (t == at::kBool) return true;
-  return mask.device().is_cpu() && (t == at::kByte || t == at::kInt || t == at::kLong || t == at::kFloat);
-}
 
 // Token log-probs [N, T] and their mask.
 inline void token_rows(const char* op, const at::Tensor& x, const at::Tensor& mask) {

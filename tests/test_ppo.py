@@ -15,6 +15,7 @@ from fastalign.ops import ppo as P
 from tests.conftest import TOL, backend_params
 
 BACKENDS = backend_params()
+
 AGGS = list(P.AGG_MODES)
 DTYPES = [torch.float32, torch.bfloat16]
 POLICY_CLIPS = [  # (clip_low, clip_high, dual_clip)
@@ -119,6 +120,26 @@ def test_fp16_and_mixed_dtypes_and_numeric_masks(backend, device):
     for m in (mask.float(), mask.to(torch.int32) * 3):
         _compare_policy(backend, x, y.double().float(), z.to(torch.bfloat16), m, agg="seq-mean-token-mean")
         _compare_value(backend, x, y.float(), z.float(), m, clip=0.5, agg="seq-mean-token-sum")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("steps", [3, 8, 29])
+def test_mask_dtypes_give_identical_results(backend, device, steps):
+    # the cpp kernels read uint8/int32/int64/float masks as they are (other backends convert to
+    # bool): each must select the same tokens as the bool mask, loss, stats and gradient bit for bit
+    x, y, z, mask = _inputs((5, steps), device, torch.float32, scale=0.3)
+
+    def run(m):
+        a, v = x.clone().requires_grad_(), x.clone().requires_grad_()
+        loss, stats = fastalign.ppo_policy_loss(a, y, z, m, dual_clip=2.0, agg="seq-mean-token-mean", backend=backend)
+        vloss, vstats = fastalign.ppo_value_loss(v, y, z, m, clip=0.2, backend=backend)
+        (loss + vloss).backward()
+        return [loss, vloss, *stats.values(), *vstats.values(), a.grad, v.grad]
+
+    want = run(mask)
+    for m in (mask.to(torch.uint8), mask.int() * 7, mask.long(), mask.float() * 0.5, mask.double()):
+        for a, b in zip(run(m), want):
+            assert torch.equal(a, b), m.dtype
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -428,9 +449,11 @@ def test_torch_compile_fullgraph(backend, device):
     torch.testing.assert_close(b.grad, b2.grad)
 
 
-def test_cpp_baseline_isa_path_matches_reference():
-    """The C++ kernels have AVX2 clones of their row loops; FASTALIGN_CPU_CAPABILITY=default runs
-    the baseline ones (a fresh process: the choice is made once)."""
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpp_narrower_isa_paths_match_reference(capability):
+    """The C++ row loops run as 16-lane AVX-512, 8-lane AVX2 or 4-lane baseline clones; the tests
+    in this process use the widest the CPU has, FASTALIGN_CPU_CAPABILITY forces the narrower ones
+    (a fresh process: the choice is made once)."""
     if fastalign.backends()["cpp"]["reason"]:
         pytest.skip(fastalign.backends()["cpp"]["reason"])
     code = """
@@ -444,9 +467,11 @@ for dtype in (torch.float32, torch.bfloat16):
         _compare_value("cpp", x, y, z, m, clip=0.2, agg=agg)
 print("ok")
 """
-    env = dict(os.environ, FASTALIGN_CPU_CAPABILITY="default")
+    env = dict(os.environ, FASTALIGN_CPU_CAPABILITY=capability)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    if out.returncode != 0 and "this CPU lacks" in out.stderr:
+        pytest.skip(f"this CPU cannot run the {capability} kernels")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 

@@ -44,17 +44,27 @@ struct ValueParams {
 // of the partials differs.
 namespace lanes4 {
 constexpr int W = 4;
+#define FA_INLINE FA_INLINE_BASE
 #include "ppo_lanes.h"
+#undef FA_INLINE
 }  // namespace lanes4
 namespace lanes8 {
 constexpr int W = 8;
+#define FA_INLINE FA_INLINE_AVX2
 #include "ppo_lanes.h"
+#undef FA_INLINE
 }  // namespace lanes8
+namespace lanes16 {
+constexpr int W = 16;
+#define FA_INLINE FA_INLINE_AVX512
+#include "ppo_lanes.h"
+#undef FA_INLINE
+}  // namespace lanes16
 
-FA_CLONES(policy_fwd)
-FA_CLONES(policy_bwd)
-FA_CLONES(value_fwd)
-FA_CLONES(value_bwd)
+FA_CLONES_512(policy_fwd)
+FA_CLONES_512(policy_bwd)
+FA_CLONES_512(value_fwd)
+FA_CLONES_512(value_bwd)
 
 // Reduces the [B, kParts] row partials in row order into out = (loss, stat1/N, stat2/N, stat3/N)
 // and the per-row weights w_b (already times `scale`).
@@ -103,10 +113,10 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& logprob
     const scalar_t* x = lp.data_ptr<scalar_t>();
     const scalar_t* xo = old.data_ptr<scalar_t>();
     const scalar_t* a = adv.data_ptr<scalar_t>();
-    const bool* m = mask.data_ptr<bool>();
     float* q = parts.data();
-    at::parallel_for(0, batch, grain_for(steps),
-                     [&](int64_t b0, int64_t b1) { policy_fwd(x, xo, a, m, steps, p, q, b0, b1); });
+    with_mask(mask, [&](auto m) {
+      at::parallel_for(0, batch, grain_for(steps), [&](int64_t b0, int64_t b1) { policy_fwd(x, xo, a, m, steps, p, q, b0, b1); });
+    });
   });
   finalize(parts, batch, steps, agg, global_count, horizon, 1.0, out.data_ptr<float>(), row_w.data_ptr<float>());
   return {out, row_w};
@@ -130,11 +140,11 @@ at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& log
     const scalar_t* x = lp.data_ptr<scalar_t>();
     const scalar_t* xo = old.data_ptr<scalar_t>();
     const scalar_t* a = adv.data_ptr<scalar_t>();
-    const bool* m = mask.data_ptr<bool>();
     const float* w = row_w.data_ptr<float>();
     scalar_t* gx = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, batch, grain_for(steps),
-                     [&](int64_t b0, int64_t b1) { policy_bwd(x, xo, a, m, steps, p, w, g, gx, b0, b1); });
+    with_mask(mask, [&](auto m) {
+      at::parallel_for(0, batch, grain_for(steps), [&](int64_t b0, int64_t b1) { policy_bwd(x, xo, a, m, steps, p, w, g, gx, b0, b1); });
+    });
   });
   return grad;
 }
@@ -157,10 +167,10 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& values_i
     const scalar_t* x = v.data_ptr<scalar_t>();
     const scalar_t* xo = old.data_ptr<scalar_t>();
     const scalar_t* r = ret.data_ptr<scalar_t>();
-    const bool* m = mask.data_ptr<bool>();
     float* q = parts.data();
-    at::parallel_for(0, batch, grain_for(steps),
-                     [&](int64_t b0, int64_t b1) { value_fwd(x, xo, r, m, steps, p, q, b0, b1); });
+    with_mask(mask, [&](auto m) {
+      at::parallel_for(0, batch, grain_for(steps), [&](int64_t b0, int64_t b1) { value_fwd(x, xo, r, m, steps, p, q, b0, b1); });
+    });
   });
   // loss = 0.5 * agg(...): the 0.5 rides on the row weights
   finalize(parts, batch, steps, agg, global_count, horizon, 0.5, out.data_ptr<float>(), row_w.data_ptr<float>());
@@ -184,11 +194,11 @@ at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_out, const at::Tensor& valu
     const scalar_t* x = v.data_ptr<scalar_t>();
     const scalar_t* xo = old.data_ptr<scalar_t>();
     const scalar_t* r = ret.data_ptr<scalar_t>();
-    const bool* m = mask.data_ptr<bool>();
     const float* w = row_w.data_ptr<float>();
     scalar_t* gx = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, batch, grain_for(steps),
-                     [&](int64_t b0, int64_t b1) { value_bwd(x, xo, r, m, steps, p, w, g, gx, b0, b1); });
+    with_mask(mask, [&](auto m) {
+      at::parallel_for(0, batch, grain_for(steps), [&](int64_t b0, int64_t b1) { value_bwd(x, xo, r, m, steps, p, w, g, gx, b0, b1); });
+    });
   });
   return grad;
 }

@@ -42,17 +42,17 @@ FA_INLINE vf vexp(vf x) {
 }
 
 // A row's last (steps mod W) tokens, copied into W-lane buffers padded with masked lanes.
-template <typename T>
+template <typename T, typename M>
 struct Pad {
   T x[W], y[W], z[W];
-  bool m[W];
-  FA_INLINE Pad(const T* xp, const T* yp, const T* zp, const bool* mp, int64_t i, int64_t k) {
+  M m[W];
+  FA_INLINE Pad(const T* xp, const T* yp, const T* zp, const M* mp, int64_t i, int64_t k) {
     for (int j = 0; j < W; ++j) {
       const bool in = j < k;
       x[j] = in ? xp[i + j] : T(0.f);
       y[j] = in ? yp[i + j] : T(0.f);
       z[j] = in ? zp[i + j] : T(0.f);
-      m[j] = in && mp[i + j];
+      m[j] = in ? mp[i + j] : M(0);
     }
   }
 };
@@ -119,8 +119,8 @@ FA_INLINE vf value_grad(vf v, vf vo, vf r, vi valid, const ValueParams& p, float
 
 // ---- row loops ------------------------------------------------------------------------------------
 
-template <typename T>
-FA_INLINE void policy_fwd_rows(const T* x, const T* y, const T* z, const bool* m, int64_t steps, PolicyParams p,
+template <typename T, typename M>
+FA_INLINE void policy_fwd_rows(const T* x, const T* y, const T* z, const M* m, int64_t steps, PolicyParams p,
                                float* parts, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     vf acc[kParts] = {};
@@ -131,15 +131,15 @@ FA_INLINE void policy_fwd_rows(const T* x, const T* y, const T* z, const bool* m
       policy_acc(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, acc);
     }
     if (t < steps) {
-      const Pad<T> q(x, y, z, m, base + t, steps - t);
+      const Pad<T, M> q(x, y, z, m, base + t, steps - t);
       policy_acc(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, acc);
     }
     for (int k = 0; k < kParts; ++k) parts[b * kParts + k] = hsum(acc[k]);
   }
 }
 
-template <typename T>
-FA_INLINE void policy_bwd_rows(const T* x, const T* y, const T* z, const bool* m, int64_t steps, PolicyParams p,
+template <typename T, typename M>
+FA_INLINE void policy_bwd_rows(const T* x, const T* y, const T* z, const M* m, int64_t steps, PolicyParams p,
                                const float* w, float g, T* gx, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     const float gb = g * w[b];
@@ -150,14 +150,14 @@ FA_INLINE void policy_bwd_rows(const T* x, const T* y, const T* z, const bool* m
       vstore(gx + i, policy_grad(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, gb), W);
     }
     if (t < steps) {
-      const Pad<T> q(x, y, z, m, base + t, steps - t);
+      const Pad<T, M> q(x, y, z, m, base + t, steps - t);
       vstore(gx + base + t, policy_grad(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, gb), steps - t);
     }
   }
 }
 
-template <typename T>
-FA_INLINE void value_fwd_rows(const T* x, const T* y, const T* z, const bool* m, int64_t steps, ValueParams p,
+template <typename T, typename M>
+FA_INLINE void value_fwd_rows(const T* x, const T* y, const T* z, const M* m, int64_t steps, ValueParams p,
                               float* parts, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     vf acc[kParts] = {};
@@ -168,15 +168,15 @@ FA_INLINE void value_fwd_rows(const T* x, const T* y, const T* z, const bool* m,
       value_acc(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, acc);
     }
     if (t < steps) {
-      const Pad<T> q(x, y, z, m, base + t, steps - t);
+      const Pad<T, M> q(x, y, z, m, base + t, steps - t);
       value_acc(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, acc);
     }
     for (int k = 0; k < kParts; ++k) parts[b * kParts + k] = hsum(acc[k]);
   }
 }
 
-template <typename T>
-FA_INLINE void value_bwd_rows(const T* x, const T* y, const T* z, const bool* m, int64_t steps, ValueParams p,
+template <typename T, typename M>
+FA_INLINE void value_bwd_rows(const T* x, const T* y, const T* z, const M* m, int64_t steps, ValueParams p,
                               const float* w, float g, T* gx, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     const float gb = g * w[b];
@@ -187,7 +187,7 @@ FA_INLINE void value_bwd_rows(const T* x, const T* y, const T* z, const bool* m,
       vstore(gx + i, value_grad(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, gb), W);
     }
     if (t < steps) {
-      const Pad<T> q(x, y, z, m, base + t, steps - t);
+      const Pad<T, M> q(x, y, z, m, base + t, steps - t);
       vstore(gx + base + t, value_grad(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, gb), steps - t);
     }
   }

@@ -81,33 +81,19 @@ inline float pair_grad(float delta, const PairParams& p) {
 
 namespace lanes4 {
 constexpr int W = 4;
+#define FA_INLINE FA_INLINE_BASE
 #include "preference_lanes.h"
+#undef FA_INLINE
 }  // namespace lanes4
 namespace lanes8 {
 constexpr int W = 8;
+#define FA_INLINE FA_INLINE_AVX2
 #include "preference_lanes.h"
+#undef FA_INLINE
 }  // namespace lanes8
 
 FA_CLONES(masked_sums)
 FA_CLONES(masked_fill)
-
-// f(const M* mask) for the mask's element type M.
-template <typename F>
-void with_mask(const at::Tensor& mask, F&& f) {
-  switch (mask.scalar_type()) {
-    case at::kBool:
-    case at::kByte:
-      return f(static_cast<const uint8_t*>(mask.const_data_ptr()));
-    case at::kInt:
-      return f(mask.const_data_ptr<int32_t>());
-    case at::kLong:
-      return f(mask.const_data_ptr<int64_t>());
-    case at::kFloat:
-      return f(mask.const_data_ptr<float>());
-    default:
-      TORCH_CHECK(false, "mask dtype ", mask.scalar_type(), " is not read by the CPU kernels");
-  }
-}
 
 // Rows per parallel task: about 32 K tokens, so that small batches stay on one thread.
 int64_t row_grain(int64_t steps) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(steps, 1)); }

@@ -25,3 +25,15 @@ def check_mask(op: str, mask, like: torch.Tensor, like_name: str) -> None:
         raise ValueError(f"{op}: mask must have the shape of {like_name} {tuple(like.shape)}, got {tuple(mask.shape)}")
     if mask.device != like.device:
         raise ValueError(f"{op}: mask is on {mask.device} but {like_name} on {like.device}")
+
+
+# Mask dtypes the cpp kernels of the PPO losses and the DPO head read as they are (csrc/checks.h
+# mask_dtype_ok): a float or attention mask costs no conversion pass on the CPU.
+_CPP_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32)
+
+
+def kernel_mask(mask: torch.Tensor, backend: str) -> torch.Tensor:
+    """The mask as the fused kernels take it (nonzero = valid): as it is for cpp when its dtype is
+    one they read, else bool. Contiguous, detached."""
+    keep = mask.dtype == torch.bool or (backend == "cpp" and mask.dtype in _CPP_MASK_DTYPES)
+    return (mask if keep else mask != 0).detach().contiguous()

@@ -26,6 +26,7 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
+from fastalign.ops._checks import kernel_mask
 from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 AGG_MODES = reference.PPO_AGG_MODES  # index in this tuple = the kernels' agg code
@@ -182,12 +183,11 @@ def _check_agg(op: str, agg, global_count, horizon) -> None:
         raise ValueError(f"{op}: horizon must be None or a finite number >= {_FP32_TINY}, got {horizon!r}")
 
 
-def _prepare(tensors, mask):
-    """One float dtype for the kernels (fp32 when the inputs disagree) and a bool mask."""
+def _prepare(tensors, mask, backend):
+    """One float dtype for the kernels (fp32 when the inputs disagree) and the mask they read."""
     if any(t.dtype != tensors[0].dtype for t in tensors):
         tensors = tuple(t.float() for t in tensors)
-    valid = mask if mask.dtype == torch.bool else mask != 0
-    return tensors, valid.detach()
+    return tensors, kernel_mask(mask, backend)
 
 
 def _agg_args(agg, global_count, horizon):
@@ -266,7 +266,7 @@ def ppo_policy_loss(
             logprobs, old_logprobs.detach(), advantages.detach(), mask, clip_low, clip_high, dual_clip, agg,
             global_count, horizon,
         )
-    (x, old, adv), valid = _prepare((logprobs, old_logprobs.detach(), advantages.detach()), mask)
+    (x, old, adv), valid = _prepare((logprobs, old_logprobs.detach(), advantages.detach()), mask, name)
     fwd, _ = _fused_ops("policy", name)
     out, _ = fwd(
         x, old, adv, valid, 1.0 - float(clip_low), 1.0 + float(clip_high),
@@ -307,7 +307,7 @@ def ppo_value_loss(
         return reference.ppo_value_loss(
             values, old_values.detach(), returns.detach(), mask, clip, agg, global_count, horizon
         )
-    (v, old, ret), valid = _prepare((values, old_values.detach(), returns.detach()), mask)
+    (v, old, ret), valid = _prepare((values, old_values.detach(), returns.detach()), mask, name)
     fwd, _ = _fused_ops("value", name)
     out, _ = fwd(v, old, ret, valid, -1.0 if clip is None else float(clip), *_agg_args(agg, global_count, horizon))
     s = out.detach()

@@ -25,7 +25,7 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from fastalign.ops._checks import check_float_tensor, check_mask
+from fastalign.ops._checks import check_float_tensor, check_mask, kernel_mask
 from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 
@@ -238,16 +238,6 @@ def _check_reduce(op, reduce) -> bool:
     return reduce == "mean"
 
 
-# Mask dtypes the cpp kernels read as they are (nonzero = valid): no conversion pass on the CPU.
-_CPP_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32)
-
-
-def _valid(mask, backend):
-    if mask.dtype == torch.bool or (backend == "cpp" and mask.dtype in _CPP_MASK_DTYPES):
-        return mask.contiguous()
-    return (mask != 0).contiguous()
-
-
 def _fused(table, name):
     return table[name]
 
@@ -277,7 +267,7 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, *, reduce: str
     lead, steps = token_logps.shape[:-1], token_logps.shape[-1]
     rows = math.prod(lead)
     x = token_logps.reshape(rows, steps).contiguous()
-    out = _fused(_SEQ, name)[0](x, _valid(mask, name).reshape(rows, steps), mean)
+    out = _fused(_SEQ, name)[0](x, kernel_mask(mask, name).reshape(rows, steps), mean)
     return out.reshape(lead)
 
 
@@ -409,7 +399,7 @@ def dpo_loss_from_tokens(
         if ref.dtype != pol.dtype:  # the kernels take one dtype; fp32 loses nothing
             pol, ref = pol.float(), ref.float()
         losses, cw, rw, pseq, rseq = _fused(_TOK, name)[0](
-            pol.contiguous(), ref.contiguous(), _valid(mask, name), beta, kernel_id, eps, average_log_prob)
+            pol.contiguous(), ref.contiguous(), kernel_mask(mask, name), beta, kernel_id, eps, average_log_prob)
         out = (losses, cw.detach(), rw.detach())
     if return_sequence_logps:
         return (*out, pseq, rseq.detach())

@@ -118,6 +118,14 @@ def test_out_of_range_labels_give_nan_without_reading_out_of_bounds():
     lp, ent, stats = fastalign.ops.logprobs._triton_ops()[0](logits, labels, 1.0, -100, True)
     assert lp[:3].isnan().all() and lp[3] == 0 and lp[4].isfinite()
     assert ent.isfinite().all()  # the entropy does not depend on the label
+    # the backward: NaN rows for the bad labels (as the CUDA kernel), zeros for the ignored row;
+    # it used to return a finite gradient without the one-hot term for them
+    g = torch.ones(5, device=DEVICE)
+    grad = fastalign.ops.logprobs._triton_ops()[1](g, None, logits, labels, stats, None, 1.0, -100)
+    assert grad[:3].isnan().all() and (grad[3] == 0).all() and grad[4].isfinite().all()
+    g[1] = 0.0  # no incoming gradient: zeros without reading, whatever the label
+    grad = fastalign.ops.logprobs._triton_ops()[1](g, None, logits, labels, stats, None, 1.0, -100)
+    assert (grad[1] == 0).all() and grad[0].isnan().all()
 
 
 def test_rows_without_gradient_are_zero_and_skip_reading():

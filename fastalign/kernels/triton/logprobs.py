@@ -19,7 +19,8 @@ Zero probabilities (z = -inf) contribute 0 to t and to the gradient, never 0 * i
 row makes that row's outputs NaN. Rows whose label is ignore_index output 0 and get zero
 gradient without reading their logits; so do rows whose incoming gradients are both 0 (as the
 C++ kernel). A label outside [0, V) never reads out of bounds: its logprob is NaN (the public
-op rejects such labels before calling). Offsets are 64-bit (row index cast to int64).
+op rejects such labels before calling) and its gradient row NaN. Offsets are 64-bit (row index
+cast to int64).
 """
 
 # No `from __future__ import annotations`: torch.library.custom_op infers the op schema from
@@ -120,6 +121,10 @@ def _bwd_kernel(
         active = (label != ignore_index) & ((g != 0.0) | (gh != 0.0))
     else:
         active = (label != ignore_index) & (g != 0.0)
+    # An out-of-range label (only a direct op call can pass one) makes the row's gradient NaN, as
+    # its logprob is and as the CUDA kernel does, rather than a finite gradient without the
+    # one-hot term. (After `active`: rows with no incoming gradient still get zeros.)
+    g = tl.where((label >= 0) & (label < V), g, float("nan"))
     m = tl.load(stats_ptr + 2 * row)
     log_s = tl.load(stats_ptr + 2 * row + 1)
     x_row = logits_ptr + row * row_stride

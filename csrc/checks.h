@@ -12,13 +12,14 @@ namespace fastalign::checks {
 
 inline bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
-// The mask dtypes a device's kernels read (PPO losses, DPO head): the CPU ones read bool/uint8,
+// The mask dtypes a device's kernels read (GAE, PPO losses, DPO head): the CPU ones read bool/uint8,
 // int32, int64 and float32 masks as they are (nonzero = valid), so a caller's float or attention
 // mask costs no conversion pass; the CUDA ones take bool (the Python wrappers convert).
-inline bool mask_dtype_ok(const at::Tensor& mask) {
+inline void mask_dtype(const char* op, const at::Tensor& mask) {
   const at::ScalarType t = mask.scalar_type();
-  if (t == at::kBool) return true;
-  return mask.device().is_cpu() && (t == at::kByte || t == at::kInt || t == at::kLong || t == at::kFloat);
+  const bool cpu_ok = t == at::kByte || t == at::kInt || t == at::kLong || t == at::kFloat;
+  TORCH_CHECK(t == at::kBool || (mask.device().is_cpu() && cpu_ok), op,
+              ": mask must be bool (or, on the CPU, uint8, int32, int64 or float32), got ", t, " on ", mask.device());
 }
 
 // ---- gae ----------------------------------------------------------------------------------------
@@ -32,7 +33,7 @@ inline void gae_args(const at::Tensor& rewards, const at::Tensor& values, const 
               mask.sizes());
   TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "gae: rewards and values must have one dtype, got ",
               rewards.scalar_type(), " and ", values.scalar_type());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "gae: mask must be bool here, got ", mask.scalar_type());
+  mask_dtype("gae", mask);
   TORCH_CHECK(values.device() == rewards.device() && mask.device() == rewards.device(),
               "gae: rewards, values and mask must be on one device");
   TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, "gae: gamma must be in [0, 1], got ", gamma);
@@ -50,8 +51,7 @@ inline void ppo_inputs(const char* op, const at::Tensor& x, const at::Tensor& y,
               ": all inputs must have one shape ", x.sizes());
   TORCH_CHECK(y.scalar_type() == x.scalar_type() && z.scalar_type() == x.scalar_type(), op,
               ": the three float inputs must have one dtype");
-  TORCH_CHECK(mask_dtype_ok(mask), op, ": mask must be bool (or, on the CPU, uint8, int32, int64 or float32), got ",
-              mask.scalar_type(), " on ", mask.device());
+  mask_dtype(op, mask);
   TORCH_CHECK(y.device() == x.device() && z.device() == x.device() && mask.device() == x.device(), op,
               ": all inputs must be on one device");
   TORCH_CHECK(agg >= 0 && agg <= 3, op, ": agg code must be in [0, 3], got ", agg);
@@ -64,8 +64,7 @@ inline void token_rows(const char* op, const at::Tensor& x, const at::Tensor& ma
   TORCH_CHECK(x.dim() == 2, op, ": token log-probs must be 2-D [N, T], got ", x.sizes());
   TORCH_CHECK(mask.sizes() == x.sizes(), op, ": mask must have the shape of the token log-probs ", x.sizes(),
               ", got ", mask.sizes());
-  TORCH_CHECK(mask_dtype_ok(mask), op, ": mask must be bool (or, on the CPU, uint8, int32, int64 or float32), got ",
-              mask.scalar_type(), " on ", mask.device());
+  mask_dtype(op, mask);
   TORCH_CHECK(mask.device() == x.device(), op, ": mask and token log-probs must be on one device");
   TORCH_CHECK(is_float(x.scalar_type()), op, ": token log-probs must be float32, bfloat16 or float16, got ",
               x.scalar_type());

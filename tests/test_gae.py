@@ -118,10 +118,11 @@ def test_hand_computed(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_mask_dtypes_nonzero_is_valid(backend, device):
-    rewards, values = torch.randn(3, 9, device=device), torch.randn(3, 9, device=device)
-    valid = _random_mask(3, 9, device)
+    # 6 rows: the cpp scan takes rows four at a time, then one at a time
+    rewards, values = torch.randn(6, 9, device=device), torch.randn(6, 9, device=device)
+    valid = _random_mask(6, 9, device)
     expected = fastalign.gae(rewards, values, valid, gamma=0.9, lam=0.8, backend=backend)
-    as_float = valid.float() * torch.rand(3, 9, device=device).clamp(min=0.1)  # any nonzero is valid
+    as_float = valid.float() * torch.rand(6, 9, device=device).clamp(min=0.1)  # any nonzero is valid
     for mask in (valid.to(torch.uint8), valid.to(torch.int32), valid.long(), as_float, -as_float.double()):
         got = fastalign.gae(rewards, values, mask, gamma=0.9, lam=0.8, backend=backend)
         for g, e in zip(got, expected):
@@ -174,16 +175,19 @@ def test_masked_semantics_match_verl_multi_turn(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_nan_at_masked_steps_is_ignored_and_at_valid_steps_stays_in_its_row(backend, device):
-    rewards, values = torch.randn(3, 10, device=device), torch.randn(3, 10, device=device)
-    mask = torch.ones(3, 10, dtype=torch.bool, device=device)
+    # 5 rows: rows 0-3 go through the cpp scan's four-row path, row 4 through the single-row one
+    rewards, values = torch.randn(5, 10, device=device), torch.randn(5, 10, device=device)
+    mask = torch.ones(5, 10, dtype=torch.bool, device=device)
     mask[0, 5] = False
+    mask[4, 2] = False
+    rewards[4, 2] = float("nan")
     rewards[0, 5] = float("nan")
     values[0, 5] = float("inf")
     rewards[1, 6] = float("nan")  # valid: poisons steps 0..6 of row 1 (the scan runs backward)
     adv, ret = _check(backend, device, rewards, values, mask, 0.9, 0.9)
     assert adv[0].isfinite().all() and ret[0].isfinite().all()
     assert adv[1, :7].isnan().all() and adv[1, 7:].isfinite().all()
-    assert adv[2].isfinite().all()
+    assert adv[2].isfinite().all() and adv[3].isfinite().all() and adv[4].isfinite().all()
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

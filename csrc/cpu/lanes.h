@@ -57,7 +57,7 @@ inline bool use_avx512() {
 }
 
 // f(const M* mask) with M the element type of a bool/uint8, int32, int64 or float32 mask
-// (checks::mask_dtype_ok); the lane loops read every one of them directly.
+// (checks::mask_dtype); the kernels read every one of them directly.
 template <typename F>
 void with_mask(const at::Tensor& mask, F&& f) {
   switch (mask.scalar_type()) {

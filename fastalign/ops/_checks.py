@@ -27,8 +27,8 @@ def check_mask(op: str, mask, like: torch.Tensor, like_name: str) -> None:
         raise ValueError(f"{op}: mask is on {mask.device} but {like_name} on {like.device}")
 
 
-# Mask dtypes the cpp kernels of the PPO losses and the DPO head read as they are (csrc/checks.h
-# mask_dtype_ok): a float or attention mask costs no conversion pass on the CPU.
+# Mask dtypes the cpp kernels of GAE, the PPO losses and the DPO head read as they are (csrc/checks.h
+# mask_dtype): a float or attention mask costs no conversion pass on the CPU.
 _CPP_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32)
 
 

@@ -15,6 +15,7 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
+from fastalign.ops._checks import kernel_mask
 from fastalign.ops._register import cpp_op, triton_op
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -130,6 +131,5 @@ def gae(
         return reference.gae(rewards, values, mask, float(gamma), float(lam))
     if rewards.dtype != values.dtype:  # the kernels take one input dtype; fp32 loses nothing
         rewards, values = rewards.float(), values.float()
-    valid = mask if mask.dtype == torch.bool else mask != 0
     op = _triton_op() if name == "triton" else _OPS[name]
-    return op(rewards.contiguous(), values.contiguous(), valid.contiguous(), float(gamma), float(lam))
+    return op(rewards.contiguous(), values.contiguous(), kernel_mask(mask, name), float(gamma), float(lam))

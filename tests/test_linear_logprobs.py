@@ -346,18 +346,24 @@ def test_kept_tile_retain_graph_twice(backend, device, chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("backend,device", CPP)
-def test_kept_tile_reused_by_step_2(backend, device):
+def test_kept_tile_reused_by_step_2(backend, device, monkeypatch):
     # automatic step-2 columns (vocab_chunk_size 0): the step-2 tiles live in the kept buffer
     from fastalign.ops import linear_logprobs as L
 
+    seen = []
+    tile = L._step2_tile
+    monkeypatch.setattr(L, "_step2_tile", lambda *a: seen.append((a, tile(*a))) or seen[-1][1])
     hidden, weight, bias, labels = _make(device, torch.float32, (10,), 8, 301)
     lp, ent, rs, kept = L._fwd(hidden, weight, bias, labels, 1.0, -100, False, backend, 4, 16, 0, True)
     assert kept.shape == (4, 301)
     g = torch.randn(10)
     gh, gw, gb = L._bwd(g, None, hidden, weight, bias, labels, rs, None, 1.0, -100, backend, 16, True, True, True,
                         0, kept, 4)
-    rows, cols, inside = L._last_bwd_tile
-    assert rows == 8 and cols * rows <= 4 * 301 and inside
+    (args, (rows, cols)), = seen
+    assert args[1] == 8 and args[4] == kept.numel()  # the 8 rows (of 10) outside the kept tile
+    assert rows == 8 and rows * cols <= kept.numel()  # step 2's tiles fit in the kept buffer
+    # balanced slices: 4 x 301 elements hold 150 columns of 8 rows -> 3 slices of 101 columns
+    assert cols == 101
     h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
     (reference.gather_logprobs(h @ w.T + b, labels) * g).sum().backward()
     for x, ref in ((gh, h), (gw, w), (gb, b)):

@@ -200,7 +200,24 @@ def _bwd(
 
 
 _BLOCK_BYTES = 16 * 2**20  # fp32 row blocks of the CPU backward's temporaries (entropy's p, bf16 -> fp32)
-_last_bwd_tile: list = []  # [rows, cols, in the kept buffer] of the last CPU backward's step-2 tiles
+
+
+def _step2_tile(rows_per_tile, n_rows, vocab, cols_per_tile, cap, fp32, dtype):
+    """(rows, cols) of the CPU backward's step-2 tiles over n_rows recomputed rows. With automatic
+    columns (cols_per_tile 0) and fp32, as many columns as the kept buffer of `cap` elements holds,
+    balanced over the vocabulary slices (no thin last slice), so the tiles live in that buffer."""
+    rows = min(rows_per_tile, n_rows)
+    if cols_per_tile > 0:
+        cols = cols_per_tile
+    elif fp32 and cap >= rows * 64:
+        most = cap // rows
+        k = -(-vocab // most)
+        while -(-vocab // k) > most:  # ceil(V / k) may exceed `most` by rounding
+            k += 1
+        cols = -(-vocab // k)
+    else:
+        cols = _auto_cols(rows, vocab, dtype)
+    return rows, min(cols, vocab)
 
 
 def _grad_logits_(z, lab, g, shift, ge, ent, inv_t, v0):
@@ -314,23 +331,10 @@ def _bwd_2d(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats
         hv, lab, g, shift = pick(hidden), pick(labels), pick(g_all), pick(shift_all)
         ge, ent = (pick(ge_all), pick(entropy)) if with_ent else (None, None)
         gh_v = (gh[a:a + nv] if contiguous else hv.new_zeros((nv, hsize), dtype=f32)) if need_hidden else None
-        rows = min(rows_per_tile, nv)
         cap = cache.numel()  # the kept buffer, free now: step 2's tiles live in it
-        if cols_per_tile > 0:
-            cols = cols_per_tile
-        elif fp32 and cap >= rows * 64:
-            # as many columns as the buffer holds, balanced over the slices (no thin last slice)
-            most = cap // rows
-            k = -(-vocab // most)
-            while -(-vocab // k) > most:  # ceil(V / k) may exceed `most` by rounding
-                k += 1
-            cols = -(-vocab // k)
-        else:
-            cols = _auto_cols(rows, vocab, dtype)
-        cols = min(cols, vocab)
+        rows, cols = _step2_tile(rows_per_tile, nv, vocab, cols_per_tile, cap, fp32, dtype)
         flat = cache.view(-1)
         buf = flat[: rows * cols].view(rows, cols) if cap >= rows * cols else hv.new_empty((rows, cols))
-        _last_bwd_tile[:] = [rows, cols, buf.data_ptr() == flat.data_ptr()]  # for the tests
         fbuf = buf if fp32 else hv.new_empty((rows, cols), dtype=f32)
         for r0 in range(0, nv, rows):
             r1 = min(r0 + rows, nv)

@@ -142,6 +142,29 @@ def test_mask_dtypes_give_identical_results(backend, device, steps):
             assert torch.equal(a, b), m.dtype
 
 
+@pytest.mark.parametrize("steps", [5, 37])
+def test_cpp_bf16_gradients_are_the_fp32_ones_rounded(steps):
+    # the bf16 kernels compute in fp32 on exactly upcast inputs and round once at the store (a
+    # vectorised round-to-nearest-even): the bf16 gradient is the fp32 kernel's, rounded, bit for bit
+    if fastalign.backends()["cpp"]["reason"]:
+        pytest.skip(fastalign.backends()["cpp"]["reason"])
+    x, y, z, mask = _inputs((6, steps), "cpu", torch.bfloat16, scale=0.3)
+    x[2, 1] = float("nan")  # a NaN gradient lane
+    mask[2, 1] = True
+    grads = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a, v = x.to(dtype).clone().requires_grad_(), x.to(dtype).clone().requires_grad_()
+        loss, _ = fastalign.ppo_policy_loss(a, y.to(dtype), z.to(dtype), mask, dual_clip=2.0, backend="cpp")
+        vloss, _ = fastalign.ppo_value_loss(v, y.to(dtype), z.to(dtype), mask, clip=0.2, backend="cpp")
+        (loss + vloss).backward()
+        grads[dtype] = (a.grad, v.grad)
+    for got, g32 in zip(grads[torch.bfloat16], grads[torch.float32]):
+        want = g32.to(torch.bfloat16)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    assert grads[torch.bfloat16][1][2, 1].isnan()  # the value loss passes the NaN on
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_non_contiguous_inputs_and_inputs_untouched(backend, device):
     base = torch.randn(4, 9, 40, device=device)

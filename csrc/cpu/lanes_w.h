@@ -66,7 +66,23 @@ FA_INLINE float hsum(vf v) {  // fixed lane order: deterministic
 // The first k lanes of v into out, converted to T (round to nearest even for bf16/fp16).
 template <typename T>
 FA_INLINE void vstore(T* out, vf v, int64_t k) {
-  for (int j = 0; j < k; ++j) out[j] = static_cast<T>(v[j]);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // c10's float -> bf16 on all lanes at once: round to nearest even on the top 16 bits, NaN ->
+    // the quiet NaN 0x7fc0 (bit-identical to static_cast<c10::BFloat16>)
+    using vu = uint32_t __attribute__((vector_size(W * sizeof(uint32_t))));
+    using vu16 = uint16_t __attribute__((vector_size(W * sizeof(uint16_t))));
+    const vu bits = (vu)v;
+    const vu rounded = (bits + (((bits >> 16) & 1u) + 0x7fffu)) >> 16;
+    const vu h = (vu)blend(v != v, (vf)(vu{} + 0x7fc0u), (vf)rounded);
+    const vu16 out16 = __builtin_convertvector(h, vu16);
+    if (k == W) {
+      std::memcpy(out, &out16, sizeof(out16));
+    } else {
+      std::memcpy(out, &out16, k * sizeof(uint16_t));
+    }
+  } else {
+    for (int j = 0; j < k; ++j) out[j] = static_cast<T>(v[j]);
+  }
 }
 
 // out[j] = valid_j ? value : 0 for W lanes: the bit pattern of `value` under the lane mask for

@@ -289,6 +289,9 @@ def test_opcheck(backend, device):
     mask = _random_mask(3, 11, device)
     torch.library.opcheck(op, (rewards, values, mask, 0.99, 0.95))
     torch.library.opcheck(op, (rewards[:, :1], values[:, :1], mask[:, :1], 1.0, 1.0))
+    if backend == "cpp":  # the cpp kernel also takes float and int64 masks as they are
+        torch.library.opcheck(op, (rewards, values, mask.float(), 0.99, 0.95))
+        torch.library.opcheck(op, (rewards, values, mask.long(), 0.99, 0.95))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

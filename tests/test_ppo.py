@@ -448,6 +448,10 @@ def test_opcheck(backend, device):
         torch.library.opcheck(vf, (xg, y, z, mask, clip, agg, -1.0, 30.0))
         out, w = vf(x, y, z, mask, clip, agg, -1.0, 30.0)
         torch.library.opcheck(vb, (torch.randn(4, device=device), x, y, z, mask, w, clip))
+    if backend == "cpp":  # the cpp kernels also take float and int64 masks as they are
+        for m in (mask.float(), mask.long()):
+            torch.library.opcheck(pf, (xg, y, z, m, 0.8, 1.3, 2.0, 0, -1.0, 0.0))
+            torch.library.opcheck(vf, (xg, y, z, m, 0.2, 1, -1.0, 0.0))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -431,6 +431,9 @@ def test_opcheck(backend, device):
     torch.library.opcheck(dpo_b, (torch.randn(3, device=device), *(t.detach() for t in ins), 0.5, 0, 0.1))
     torch.library.opcheck(tok_f, (x, q, m, 0.5, 0, 0.1, False))
     torch.library.opcheck(tok_f, (x, q, m, 0.5, 3, 0.2, True))
+    if backend == "cpp":  # the cpp kernels also take float and int64 masks as they are
+        torch.library.opcheck(seq_f, (x, m.float(), True))
+        torch.library.opcheck(tok_f, (x, q, m.long(), 0.5, 0, 0.1, False))
     pseq, rseq = torch.randn(4, device=device), torch.randn(4, device=device)
     torch.library.opcheck(tok_b, (torch.randn(2, device=device), None, pseq, rseq, x.detach(), m, 0.5, 1, 0.0, True))
     torch.library.opcheck(tok_b, (torch.randn(2, device=device), torch.randn(4, device=device), pseq, rseq,

@@ -226,7 +226,8 @@ def _error_cases(out):
 def _ppo_cases(out):
     """PPO under DDP: a NaN reward on rank 1 only stops every rank before any update; a normal
     run keeps the rollout monitors (and so the over-optimisation monitor's state) identical on
-    every rank."""
+    every rank. PPO under FSDP2: sharded generation (synced steps), sharded reference and value
+    models, the same monitors on every rank."""
     from collections import Counter
 
     from fastalign.algorithms import get_algorithm
@@ -238,14 +239,15 @@ def _ppo_cases(out):
     tok = _tok()
     tiny = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     got = {}
-    for name, reward in (("ppo_nan", lambda p, r: float("nan") if D.rank() == 1 else 1.0),
-                         ("ppo", lambda p, r: float(len(r)))):
+    for name, reward, mode in (("ppo_nan", lambda p, r: float("nan") if D.rank() == 1 else 1.0, "ddp"),
+                               ("ppo", lambda p, r: float(len(r)), "ddp"),
+                               ("ppo_fsdp", lambda p, r: float(len(r)), "fsdp")):
         alg = get_algorithm("ppo")({"max_new_tokens": 3, "ppo_epochs": 1, "mini_batches": 1}, reward_fn=reward,
                                    oracle_fn=Oracle.score)
         models = {"policy": tiny_model(tok, **tiny), "reference": tiny_model(tok, **tiny),
                   "value": ScalarHeadModel(tiny_model(tok, **tiny), seed=0)}
         data = alg.encode(SyntheticTask().sample(16, seed=0), tok, 64, Counter())
-        tr = Trainer(alg, models, tok, data, None, dict(output_dir=os.path.join(out, name), distributed="ddp",
+        tr = Trainer(alg, models, tok, data, None, dict(output_dir=os.path.join(out, name), distributed=mode,
                                                         batch_size=2, max_steps=2, progress=False, plot=False))
         before = [p.detach().clone() for p in tr.params]
         try:
@@ -403,6 +405,7 @@ def test_ppo_under_ddp(dist_results):
     assert "non-finite reward(s), e.g. nan" in rank1["ppo_nan"]["error"]
     assert rank0["ppo_nan"]["unchanged"] and rank1["ppo_nan"]["unchanged"]
     assert rank0["ppo"] == rank1["ppo"] and rank0["ppo"]["monitor"]["count"] == 2
+    assert rank0["ppo_fsdp"] == rank1["ppo_fsdp"] and rank0["ppo_fsdp"]["monitor"]["count"] == 2
 
 
 def test_precomputed_reference_is_released(dist_results):

@@ -272,6 +272,16 @@ def shard_(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """True when `model` is FSDP2-sharded over more than one rank: then every forward is a
+    collective, and generation must run the same number of steps on every rank."""
+    if world_size() <= 1:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def wrap_models(models: dict, trainable, mode: str, device: torch.device) -> dict:
     """Prepares the models for `mode` and returns {role: view} of what the loss functions must
     get instead of the plain module. "ddp": a DDPModel view per trainable role (frozen models

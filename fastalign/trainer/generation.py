@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastalign.data import collate as C
+from fastalign.trainer import distributed as D
 
 
 @torch.no_grad()
@@ -28,12 +29,15 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=32, temperature=1.0, d
         model.eval()
         texts, all_ids, truncated = [], [], 0
         eos = tokenizer.eos_token_id
+        sharded = D.is_sharded(model)
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i: i + batch_size]
             ids = [tokenizer(C.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in chunk]
             batch = C.collate_prompts([{"prompt_ids": x} for x in ids], tokenizer.pad_token_id)
             input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
+            if sharded:  # every step is a collective: ranks whose responses all ended keep stepping
+                kw["synced_gpus"] = True
             out = model.generate(input_ids=input_ids, attention_mask=attn, max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **kw)
             for row in out[:, input_ids.shape[1]:].tolist():

@@ -218,6 +218,7 @@ def _error_cases(out):
     except ValueError as e:
         got["count"] = str(e)
     got.update(_ppo_cases(out))
+    got["generation_lengths"] = _sharded_generation_ending_early_on_one_rank()
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, got)
     return gathered
@@ -256,6 +257,27 @@ def _ppo_cases(out):
         except TrainingDivergedError as e:
             got[name] = {"error": str(e), "unchanged": all(torch.equal(a, p) for a, p in zip(before, tr.params))}
     return got
+
+
+def _sharded_generation_ending_early_on_one_rank():
+    """FSDP2 generation where rank 0's responses end at the first token (its EOS is set to the
+    greedy first token) and rank 1's run to max_new_tokens: without synced steps rank 1 would
+    wait forever in an all-gather. Returns this rank's response lengths."""
+    from fastalign.models import tiny_model
+    from fastalign.trainer import distributed as D
+    from fastalign.trainer.generation import generate
+
+    tok = _tok()
+    model = tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    D.shard_(model, torch.device("cpu"))
+    prompts = ["a b c", "d e"]
+    if D.rank() == 0:
+        _, first, _ = generate(model, tok, prompts[:1], max_new_tokens=1, do_sample=False)
+        tok.eos_token_id = first[0][0]
+    else:
+        generate(model, tok, prompts[:1], max_new_tokens=1, do_sample=False)  # the same collectives
+    _, ids, _ = generate(model, tok, prompts[:1], max_new_tokens=6, do_sample=False)
+    return [len(r) for r in ids]
 
 
 def _trainer_mode(name):
@@ -406,6 +428,8 @@ def test_ppo_under_ddp(dist_results):
     assert rank0["ppo_nan"]["unchanged"] and rank1["ppo_nan"]["unchanged"]
     assert rank0["ppo"] == rank1["ppo"] and rank0["ppo"]["monitor"]["count"] == 2
     assert rank0["ppo_fsdp"] == rank1["ppo_fsdp"] and rank0["ppo_fsdp"]["monitor"]["count"] == 2
+    # sharded generation: rank 0 stopped after one token, rank 1 ran on (and nobody hung)
+    assert rank0["generation_lengths"] == [1] and rank1["generation_lengths"] == [6]
 
 
 def test_precomputed_reference_is_released(dist_results):

@@ -78,6 +78,7 @@ def _demo(args) -> int:
 
     import yaml
 
+    from fastalign.algorithms.base import build_config
     from fastalign.trainer.demo import DemoConfig, run_demo
 
     known = {f.name for f in dataclasses.fields(DemoConfig)}
@@ -87,9 +88,13 @@ def _demo(args) -> int:
         if not sep or key not in known:
             raise SystemExit(f"fastalign demo: --set takes KEY=VALUE with KEY one of {sorted(known)}; got {item!r}")
         values[key] = yaml.safe_load(value)
-        if key == "stages":
-            values[key] = tuple(values[key]) if isinstance(values[key], list) else (values[key],)
-    run_demo(DemoConfig(**values))
+        if key == "stages" and not isinstance(values[key], list):
+            values[key] = [values[key]]
+    try:
+        config = build_config(DemoConfig, values)
+    except ValueError as e:
+        raise SystemExit(f"fastalign demo: --set: {e}") from None
+    run_demo(config)
     return 0
 
 

@@ -244,12 +244,38 @@ def test_cli_demo_set_options(monkeypatch):
     from fastalign.trainer import demo
 
     got = {}
-    monkeypatch.setattr(demo, "run_demo", lambda cfg: got.setdefault("cfg", cfg))
+    monkeypatch.setattr(demo, "run_demo", lambda cfg: got.__setitem__("cfg", cfg))
     assert cli.main(["demo", "--set", "ppo_kl_coef=0", "--set", "stages=[ppo]", "--seed", "3"]) == 0
     cfg = got["cfg"]
     assert cfg.ppo_kl_coef == 0 and cfg.stages == ("ppo",) and cfg.seed == 3
     with pytest.raises(SystemExit, match="--set takes KEY=VALUE"):
         cli.main(["demo", "--set", "ppo_klcoef=0"])
+    # YAML reads 3e-4 (no dot) as a string: it must still be the number, not a crash in AdamW
+    assert cli.main(["demo", "--set", "rm_lr=3e-4", "--set", "stages=dpo"]) == 0
+    assert got["cfg"].rm_lr == 3e-4 and isinstance(got["cfg"].rm_lr, float) and got["cfg"].stages == ("dpo",)
+    with pytest.raises(SystemExit, match="DemoConfig.rm_steps must be a whole number"):
+        cli.main(["demo", "--set", "rm_steps=2.5"])
+
+
+def test_config_values_are_checked_against_their_types():
+    from fastalign.algorithms import get_algorithm
+    from fastalign.algorithms.base import build_config
+    from fastalign.trainer.config import TrainerConfig
+
+    cfg = build_config(TrainerConfig, {"lr": "3e-4", "max_steps": "1e3", "warmup_steps": 2.0, "betas": [0.9, 0.95],
+                                       "max_grad_norm": None, "num_epochs": 2})
+    assert cfg.lr == 3e-4 and cfg.max_steps == 1000 and isinstance(cfg.max_steps, int) and cfg.warmup_steps == 2
+    assert cfg.betas == (0.9, 0.95) and cfg.max_grad_norm is None and cfg.num_epochs == 2.0
+    for values, match in (({"lr": "fast"}, r"TrainerConfig.lr must be a number \(float\), got 'fast'"),
+                          ({"max_steps": 2.5}, "TrainerConfig.max_steps must be a whole number"),
+                          ({"lr": True}, "TrainerConfig.lr must be a number"),
+                          ({"progress": "yes"}, "TrainerConfig.progress must be true or false"),
+                          ({"device": 0}, "TrainerConfig.device must be a string"),
+                          ({"max_steps": None}, "TrainerConfig.max_steps must be a number")):
+        with pytest.raises(ValueError, match=match):
+            build_config(TrainerConfig, values)
+    dpo = get_algorithm("dpo")({"beta": "5e-1"})  # an algorithm's options go through the same check
+    assert dpo.config.beta == 0.5
 
 
 @pytest.mark.parametrize("config, algo", [("configs/sft_alpaca.yaml", "sft"), ("configs/dpo_bundled.yaml", "dpo"),

@@ -27,6 +27,18 @@ def check_mask(op: str, mask, like: torch.Tensor, like_name: str) -> None:
         raise ValueError(f"{op}: mask is on {mask.device} but {like_name} on {like.device}")
 
 
+def same_device(op: str, **tensors) -> None:
+    """RuntimeError unless every given tensor (None skipped) is on the first one's device. For the
+    fake (meta) implementations of the fused ops: a raw torch.ops call with one meta tensor among
+    CPU tensors dispatches to them, not to the kernel's own device check, and would return
+    uninitialised tensors on the first argument's device."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {first_name} on {first.device}")
+
+
 # Mask dtypes the cpp kernels of GAE, the PPO losses and the DPO head read as they are (csrc/checks.h
 # mask_dtype): a float or attention mask costs no conversion pass on the CPU.
 _CPP_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32)

@@ -15,13 +15,14 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from fastalign.ops._checks import kernel_mask
+from fastalign.ops._checks import kernel_mask, same_device
 from fastalign.ops._register import cpp_op, triton_op
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _fake_gae_fwd(rewards, values, mask, gamma, lam):
+    same_device("gae_fwd", rewards=rewards, values=values, mask=mask)
     out = rewards.new_empty(rewards.shape, dtype=torch.float32)
     return out, torch.empty_like(out)
 

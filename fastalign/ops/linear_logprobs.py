@@ -32,6 +32,7 @@ import torch
 from fastalign import _backends
 from fastalign.kernels import reference
 from fastalign.ops import logprobs as _lp
+from fastalign.ops._checks import same_device
 from fastalign.ops._register import register_fused
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -367,6 +368,7 @@ def _bwd_2d(grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_stats
 
 def _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, chunk_size,
               bwd_chunk_size, vocab_chunk_size, keep_last):
+    same_device("linear_gather_logprobs_fwd", hidden=hidden, weight=weight, bias=bias, labels=labels)
     n = hidden.shape[0]
     return (
         hidden.new_empty((n,), dtype=torch.float32),
@@ -520,14 +522,18 @@ def linear_gather_logprobs(
     usual. Outside such a forward, a DTensor weight must be gathered explicitly with
     `weight.full_tensor()` (differentiable), which holds the full weight for the call.
     """
+    op = "linear_gather_logprobs"
     _check_inputs(hidden, weight, bias, labels, chunk_size)
-    _lp._check_inputs(hidden[..., :1], labels, temperature, ignore_index)  # temperature / ignore_index rules
-    name = _backends.resolve(backend, hidden.device, supported=_SUPPORTED, op="linear_gather_logprobs")
+    # temperature / ignore_index rules, on a stand-in for the logits [..., V] (stride 0: no memory;
+    # not hidden[..., :1], which reads as an empty vocabulary when H = 0)
+    _lp._check_inputs(hidden.new_empty(1).expand(*labels.shape, 1), labels, temperature, ignore_index, op=op)
+    temperature, ignore_index = float(temperature), int(ignore_index)  # the torch path took 2**70 as an int
+    name = _backends.resolve(backend, hidden.device, supported=_SUPPORTED, op=op)
     vocab, hsize = weight.shape
     n = labels.numel()
     labels64 = labels.to(torch.int64).reshape(n)
     rows = hidden.reshape(n, hsize)
-    _lp.check_label_range(labels64, vocab, ignore_index)
+    _lp.check_label_range(labels64, vocab, ignore_index, op=op)
     if isinstance(chunk_size, tuple):
         chunk = bwd_chunk = chunk_size[0]
         bwd_cols = chunk_size[1]
@@ -541,6 +547,9 @@ def linear_gather_logprobs(
             bwd_cols = 0  # automatic: as many as the kept forward tile buffer holds
         else:
             bwd_chunk, bwd_cols = auto_chunk_size(n, vocab, hidden.dtype, hidden.device, backward=True), vocab
+    # a tile never needs more rows than there are tokens (nor columns than V); an int beyond int64
+    # would also fail the op schema with a confusing "expected int, found int"
+    chunk, bwd_chunk, bwd_cols = (min(c, max(lim, 1)) for c, lim in ((chunk, n), (bwd_chunk, n), (bwd_cols, vocab)))
     if name == "torch":
         res = reference.linear_gather_logprobs(
             rows, weight, bias, labels64, temperature, ignore_index, return_entropy, chunk_size=bwd_chunk

@@ -18,17 +18,20 @@ from fastalign import _backends
 from fastalign.kernels import reference
 from typing import Optional
 
+from fastalign.ops._checks import same_device
 from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LABEL_DTYPES = (torch.int32, torch.int64)
 _FP32_MAX = torch.finfo(torch.float32).max
+_FP32_TINY = torch.finfo(torch.float32).tiny
 
 
 # ---- autograd and fake implementations, shared by every fused backend -------------------------
 
 
 def _fake_fwd(logits, labels, temperature, ignore_index, with_entropy):
+    same_device("gather_logprobs_fwd", logits=logits, labels=labels)
     n = logits.shape[0]
     out = logits.new_empty((n,), dtype=torch.float32)
     ent = logits.new_empty((n if with_entropy else 0,), dtype=torch.float32)
@@ -36,6 +39,8 @@ def _fake_fwd(logits, labels, temperature, ignore_index, with_entropy):
 
 
 def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index):
+    same_device("gather_logprobs_bwd", logits=logits, grad_logprobs=grad_logprobs, grad_entropy=grad_entropy,
+                labels=labels, row_stats=row_stats, entropy=entropy)
     return logits.new_empty(logits.shape)
 
 
@@ -109,52 +114,54 @@ def _triton_ops():
 # ---- validation -------------------------------------------------------------------------------
 
 
-def _check_inputs(logits, labels, temperature, ignore_index):
+def _check_inputs(logits, labels, temperature, ignore_index, op="gather_logprobs"):
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"gather_logprobs: logits must be a tensor, got {type(logits).__name__}")
+        raise TypeError(f"{op}: logits must be a tensor, got {type(logits).__name__}")
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"gather_logprobs: labels must be a tensor, got {type(labels).__name__}")
+        raise TypeError(f"{op}: labels must be a tensor, got {type(labels).__name__}")
     if logits.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"gather_logprobs: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+        raise TypeError(f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if labels.dtype not in _LABEL_DTYPES:
-        raise TypeError(f"gather_logprobs: labels must be int32 or int64, got {labels.dtype}")
+        raise TypeError(f"{op}: labels must be int32 or int64, got {labels.dtype}")
     if logits.dim() < 1 or tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
-            f"gather_logprobs: labels must have the shape of logits without its last (vocabulary) dim: "
+            f"{op}: labels must have the shape of logits without its last (vocabulary) dim: "
             f"logits {tuple(logits.shape)} needs labels {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
         )
     if labels.device != logits.device:
-        raise ValueError(f"gather_logprobs: labels are on {labels.device} but logits on {logits.device}")
+        raise ValueError(f"{op}: labels are on {labels.device} but logits on {logits.device}")
     # bool is an int subclass: temperature=True would silently mean 1.0. The kernels run with
-    # 1/T in fp32, so a T whose reciprocal overflows fp32 would turn every logprob into NaN.
+    # 1/T in fp32, so a T whose reciprocal overflows fp32 would turn every logprob into NaN, and
+    # one whose reciprocal rounds to 0 (T > ~8.5e37) too on Triton (its padding lanes, -inf, times 0).
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, numbers.Real)  # numpy scalars too, as gae/ppo accept
-        or not (temperature > 0 and math.isfinite(temperature) and 1.0 / temperature <= _FP32_MAX)
+        or not (temperature > 0 and math.isfinite(temperature) and _FP32_TINY <= 1.0 / temperature <= _FP32_MAX)
     ):
         raise ValueError(
-            f"gather_logprobs: temperature must be a finite number > 0 (with 1/temperature finite in fp32), "
+            f"{op}: temperature must be a finite number > 0 (with 1/temperature a finite, nonzero fp32 number), "
             f"got {temperature!r}"
         )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"gather_logprobs: ignore_index must be an int, got {type(ignore_index).__name__}")
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -(2**63) <= ignore_index < 2**63:
-        raise ValueError(f"gather_logprobs: ignore_index must fit in int64, got {ignore_index}")
+        raise ValueError(f"{op}: ignore_index must fit in int64, got {ignore_index}")
     if labels.numel() > 0 and logits.shape[-1] == 0:
-        raise ValueError("gather_logprobs: logits have an empty vocabulary (last) dim")
+        raise ValueError(f"{op}: logits have an empty vocabulary (last) dim")
 
 
-def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int, op: str = "gather_logprobs") -> None:
     """Raises IndexError naming the first label outside [0, vocab) that is not ignore_index.
     Synchronises with the device; skipped while torch.compile traces (then the C++ CPU kernel
     raises its own IndexError, the CUDA and Triton kernels give NaN for such a row)."""
-    if labels.numel() == 0 or torch.compiler.is_compiling():
+    # meta tensors have no values to check (and .item() on them raises an internal error)
+    if labels.numel() == 0 or labels.device.type == "meta" or torch.compiler.is_compiling():
         return
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise IndexError(
-            f"gather_logprobs: labels{list(idx)} = {int(labels[idx])} is outside [0, {vocab}) "
+            f"{op}: labels{list(idx)} = {int(labels[idx])} is outside [0, {vocab}) "
             f"and is not ignore_index ({ignore_index})"
         )
 

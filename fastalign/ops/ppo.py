@@ -26,7 +26,7 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from fastalign.ops._checks import kernel_mask
+from fastalign.ops._checks import kernel_mask, same_device
 from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 AGG_MODES = reference.PPO_AGG_MODES  # index in this tuple = the kernels' agg code
@@ -39,11 +39,14 @@ VALUE_STATS = ("vf_clipfrac", "vpred_mean", "value_mse")
 # ---- autograd and fake implementations, shared by every fused backend -------------------------
 
 
-def _fake_fwd(x, *args):
+def _fake_fwd(x, y, z, mask, *args):
+    same_device("ppo_loss_fwd", **dict(zip(("first input", "second input", "third input", "mask"), (x, y, z, mask))))
     return x.new_empty((4,), dtype=torch.float32), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-def _fake_bwd(grad_out, x, *args):
+def _fake_bwd(grad_out, x, y, z, mask, row_weight, *args):
+    names = ("first input", "grad_out", "second input", "third input", "mask", "row_weight")
+    same_device("ppo_loss_bwd", **dict(zip(names, (x, grad_out, y, z, mask, row_weight))))
     return x.new_empty(x.shape)
 
 
@@ -260,7 +263,10 @@ def ppo_policy_loss(
         raise ValueError(f"{op}: dual_clip must be None or a finite number > 1, got {dual_clip!r}")
     _check_agg(op, agg, global_count, horizon)
     name = _backends.resolve(backend, logprobs.device, op=op)
-    clip_high = clip_low if clip_high is None else clip_high
+    # floats for every backend (the torch backend failed on dual_clip=2**70, an int)
+    clip_low = float(clip_low)
+    clip_high = clip_low if clip_high is None else float(clip_high)
+    dual_clip = None if dual_clip is None else float(dual_clip)
     if name == "torch":  # detached like the fused path: only logprobs gets a gradient on every backend
         return reference.ppo_policy_loss(
             logprobs, old_logprobs.detach(), advantages.detach(), mask, clip_low, clip_high, dual_clip, agg,
@@ -299,8 +305,12 @@ def ppo_value_loss(
     op = "ppo_value_loss"
     names = ("values", "old_values", "returns")
     _check_tensors(op, names, (values, old_values, returns), mask)
-    if clip is not None and not (_is_number(clip) and clip > 0):
-        raise ValueError(f"{op}: clip must be None or a finite number > 0, got {clip!r}")
+    # >= fp32's smallest normal, not just > 0: the kernels take clip in fp32, where 1e-300 is 0 and
+    # the cpp kernel then ran the unclipped loss while the torch backend clipped.
+    if clip is not None and not (_is_number(clip) and clip >= _FP32_TINY):
+        raise ValueError(f"{op}: clip must be None or a finite number > 0 (at least fp32's smallest normal, "
+                         f"{_FP32_TINY}), got {clip!r}")
+    clip = None if clip is None else float(clip)  # (the torch backend failed on clip=2**70, an int)
     _check_agg(op, agg, global_count, horizon)
     name = _backends.resolve(backend, values.device, op=op)
     if name == "torch":

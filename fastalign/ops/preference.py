@@ -25,7 +25,7 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from fastalign.ops._checks import check_float_tensor, check_mask, kernel_mask
+from fastalign.ops._checks import check_float_tensor, check_mask, kernel_mask, same_device
 from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 
@@ -77,10 +77,12 @@ _SEQ, _DPO, _TOK = {}, {}, {}  # backend -> (fwd, bwd)
 
 
 def _fake_seq_fwd(x, mask, mean):
+    same_device("sequence_logps_fwd", token_logps=x, mask=mask)
     return x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
 def _fake_seq_bwd(grad, x, mask, mean):
+    same_device("sequence_logps_bwd", token_logps=x, grad=grad, mask=mask)
     return torch.empty_like(x)
 
 
@@ -97,10 +99,12 @@ def _seq_backward(ctx, bwd, grad):
 
 
 def _fake_dpo_fwd(c, r, rc, rr, beta, loss_type, eps):
+    same_device("dpo_loss_fwd", chosen=c, rejected=r, ref_chosen=rc, ref_rejected=rr)
     return tuple(c.new_empty(c.shape, dtype=torch.float32) for _ in range(3))
 
 
 def _fake_dpo_bwd(grad, c, r, rc, rr, beta, loss_type, eps):
+    same_device("dpo_loss_bwd", chosen=c, grad_losses=grad, rejected=r, ref_chosen=rc, ref_rejected=rr)
     return c.new_empty(c.shape, dtype=torch.float32)
 
 
@@ -118,6 +122,7 @@ def _dpo_backward(ctx, bwd, grad_losses, _grad_cw, _grad_rw):
 
 
 def _fake_tok_fwd(pol, ref, mask, beta, loss_type, eps, mean):
+    same_device("dpo_tokens_fwd", policy=pol, ref=ref, mask=mask)
     rows = pol.shape[0]
     pairs = rows // 2
     return (*(pol.new_empty((pairs,), dtype=torch.float32) for _ in range(3)),
@@ -125,6 +130,8 @@ def _fake_tok_fwd(pol, ref, mask, beta, loss_type, eps, mean):
 
 
 def _fake_tok_bwd(grad, grad_seq, pseq, rseq, pol, mask, beta, loss_type, eps, mean):
+    same_device("dpo_tokens_bwd", policy=pol, grad_losses=grad, grad_policy_seq=grad_seq, policy_seq=pseq,
+                ref_seq=rseq, mask=mask)
     return torch.empty_like(pol)
 
 
@@ -219,13 +226,18 @@ _register(
 # ---- validation -------------------------------------------------------------------------------
 
 
+_FP32_TINY, _FP32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+
+
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _check_loss_args(op, beta, loss_type, label_smoothing) -> None:
-    if not _is_real(beta) or not math.isfinite(float(beta)) or float(beta) <= 0:
-        raise ValueError(f"{op}: beta must be a finite number > 0, got {beta!r}")
+    # a normal fp32 number, as the kernels take it: 1e-300 is 0 there (IPO's 1/(2 beta) inf), 1e300 inf
+    if not _is_real(beta) or not math.isfinite(float(beta)) or not _FP32_TINY <= float(beta) <= _FP32_MAX:
+        raise ValueError(f"{op}: beta must be a finite number > 0 (and a normal fp32 number: "
+                         f"{_FP32_TINY} <= beta <= {_FP32_MAX:.4g}), got {beta!r}")
     if not _is_real(label_smoothing) or not (0.0 <= float(label_smoothing) < 0.5):
         raise ValueError(f"{op}: label_smoothing must be a number in [0, 0.5), got {label_smoothing!r}")
     if not isinstance(loss_type, str) or loss_type not in DPO_LOSS_TYPES:

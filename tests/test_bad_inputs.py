@@ -241,3 +241,29 @@ def test_group_advantages_eps_outside_fp32():
     # before: OverflowError inside torch
     out = fastalign.group_advantages(scores, 2, eps=2**70)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_dpo_plugin_formula_of_the_wrong_shape_or_type(backend, device):
+    # before: a plugin returning a scalar, a list or a wrong-length tensor came back silently as the
+    # "per-pair losses", a float64 one as float64 losses
+    from fastalign.ops import preference
+
+    c, r, rc, rr = (torch.randn(3) for _ in range(4))
+    bad = {"scalar": lambda d, beta, eps: d.mean(), "list": lambda d, beta, eps: d.tolist(),
+           "short": lambda d, beta, eps: d[:1], "int": lambda d, beta, eps: (d > 0).long()}
+    try:
+        for name, formula in bad.items():
+            fastalign.register_dpo_loss_type(f"_probe_{name}", formula, overwrite=True)
+            with pytest.raises(TypeError, match=f"formula of loss_type '_probe_{name}' must return a float tensor"):
+                fastalign.dpo_loss(c, r, rc, rr, loss_type=f"_probe_{name}", backend=backend)
+            with pytest.raises(TypeError, match="must return a float tensor"):
+                fastalign.dpo_loss_from_tokens(torch.randn(4, 3), torch.randn(4, 3), torch.ones(4, 3),
+                                               loss_type=f"_probe_{name}", backend=backend)
+        fastalign.register_dpo_loss_type("_probe_f64", lambda d, beta, eps: -d.double(), overwrite=True)
+        losses, _, _ = fastalign.dpo_loss(c, r, rc, rr, loss_type="_probe_f64", backend=backend)
+        assert losses.dtype == torch.float32
+        _close(losses, -((c - rc) - (r - rr)))
+    finally:
+        for name in [*bad, "f64"]:
+            preference.DPO_LOSS_TYPES.pop(f"_probe_{name}", None)

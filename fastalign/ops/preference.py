@@ -301,7 +301,13 @@ def _torch_dpo(c, r, rc, rr, beta, loss_type, eps):
     c, r, rc, rr = (t.float() for t in (c, r, rc, rr))
     delta = (c - rc) - (r - rr)
     losses = DPO_LOSS_TYPES[loss_type].formula(delta, beta, eps)
-    return losses, (beta * (c - rc)).detach(), (beta * (r - rr)).detach()
+    # a plugin's formula must give one loss per pair: a scalar (e.g. a .mean() inside) or a list
+    # would otherwise come back as the "per-pair losses", a float64 one as a non-fp32 result
+    if not isinstance(losses, torch.Tensor) or not losses.dtype.is_floating_point or losses.shape != delta.shape:
+        got = f"{losses.dtype} {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise TypeError(f"dpo_loss: the formula of loss_type {loss_type!r} must return a float tensor of per-pair "
+                        f"losses of delta's shape {tuple(delta.shape)}, got {got}")
+    return losses.float(), (beta * (c - rc)).detach(), (beta * (r - rr)).detach()
 
 
 def dpo_loss(

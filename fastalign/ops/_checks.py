@@ -3,6 +3,8 @@ was expected."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -25,6 +27,14 @@ def check_mask(op: str, mask, like: torch.Tensor, like_name: str) -> None:
         raise ValueError(f"{op}: mask must have the shape of {like_name} {tuple(like.shape)}, got {tuple(mask.shape)}")
     if mask.device != like.device:
         raise ValueError(f"{op}: mask is on {mask.device} but {like_name} on {like.device}")
+
+
+def check_flag(op: str, name: str, x) -> bool:
+    """x as a bool: a bool, numpy bool or the int 0/1. Anything else is refused rather than taken
+    for its truth value (the string "False" is truthy; None would silently mean False)."""
+    if isinstance(x, bool) or type(x).__name__ == "bool_" or (isinstance(x, numbers.Integral) and x in (0, 1)):
+        return bool(x)
+    raise TypeError(f"{op}: {name} must be a bool, got {x!r}")
 
 
 def same_device(op: str, **tensors) -> None:

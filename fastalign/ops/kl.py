@@ -16,7 +16,7 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from fastalign.ops._checks import FLOAT_DTYPES, check_float_tensor, check_mask
+from fastalign.ops._checks import FLOAT_DTYPES, check_flag, check_float_tensor, check_mask
 
 KL_KINDS = ("k1", "abs", "k2", "k3")
 
@@ -75,6 +75,7 @@ def masked_whiten(
     """
     check_float_tensor("masked_whiten", "x", x)
     check_mask("masked_whiten", mask, x, "x")
+    shift_mean = check_flag("masked_whiten", "shift_mean", shift_mean)
     # eps = 0 would turn a zero variance (all masked entries equal) into 0 * inf = NaN. The math is
     # fp32, so eps must also be > 0 and finite *as fp32*: 1e-300 rounds to 0 (NaN again) and
     # 1e300 to inf (every output silently 0).

@@ -32,7 +32,7 @@ import torch
 from fastalign import _backends
 from fastalign.kernels import reference
 from fastalign.ops import logprobs as _lp
-from fastalign.ops._checks import same_device
+from fastalign.ops._checks import check_flag, same_device
 from fastalign.ops._register import register_fused
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -528,6 +528,7 @@ def linear_gather_logprobs(
     # not hidden[..., :1], which reads as an empty vocabulary when H = 0)
     _lp._check_inputs(hidden.new_empty(1).expand(*labels.shape, 1), labels, temperature, ignore_index, op=op)
     temperature, ignore_index = float(temperature), int(ignore_index)  # the torch path took 2**70 as an int
+    return_entropy = check_flag(op, "return_entropy", return_entropy)
     name = _backends.resolve(backend, hidden.device, supported=_SUPPORTED, op=op)
     vocab, hsize = weight.shape
     n = labels.numel()

@@ -18,7 +18,7 @@ from fastalign import _backends
 from fastalign.kernels import reference
 from typing import Optional
 
-from fastalign.ops._checks import same_device
+from fastalign.ops._checks import check_flag, same_device
 from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -186,6 +186,7 @@ def gather_logprobs(
     both outputs. Inputs are never modified.
     """
     _check_inputs(logits, labels, temperature, ignore_index)
+    return_entropy = check_flag("gather_logprobs", "return_entropy", return_entropy)
     temperature, ignore_index = float(temperature), int(ignore_index)
     name = _backends.resolve(backend, logits.device, op="gather_logprobs")
     # Compare labels with ignore_index in int64 on every backend: an int32 comparison would wrap

@@ -25,7 +25,7 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from fastalign.ops._checks import check_float_tensor, check_mask, kernel_mask, same_device
+from fastalign.ops._checks import check_flag, check_float_tensor, check_mask, kernel_mask, same_device
 from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 
@@ -404,6 +404,7 @@ def dpo_loss_from_tokens(
     _check_loss_args(op, beta, loss_type, label_smoothing)
     if not isinstance(average_log_prob, bool):
         raise TypeError(f"{op}: average_log_prob must be a bool, got {average_log_prob!r}")
+    return_sequence_logps = check_flag(op, "return_sequence_logps", return_sequence_logps)
     beta, eps = float(beta), float(label_smoothing)
     name = _backends.resolve(backend, pol.device, op=op)
     kernel_id = DPO_LOSS_TYPES[loss_type].kernel_id

@@ -33,6 +33,8 @@ inline void gae_args(const at::Tensor& rewards, const at::Tensor& values, const 
               mask.sizes());
   TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "gae: rewards and values must have one dtype, got ",
               rewards.scalar_type(), " and ", values.scalar_type());
+  TORCH_CHECK(is_float(rewards.scalar_type()), "gae: rewards and values must be float32, bfloat16 or float16, got ",
+              rewards.scalar_type());
   mask_dtype("gae", mask);
   TORCH_CHECK(values.device() == rewards.device() && mask.device() == rewards.device(),
               "gae: rewards, values and mask must be on one device");
@@ -55,6 +57,37 @@ inline void ppo_inputs(const char* op, const at::Tensor& x, const at::Tensor& y,
   TORCH_CHECK(y.device() == x.device() && z.device() == x.device() && mask.device() == x.device(), op,
               ": all inputs must be on one device");
   TORCH_CHECK(agg >= 0 && agg <= 3, op, ": agg code must be in [0, 3], got ", agg);
+  TORCH_CHECK(is_float(x.scalar_type()), op, ": inputs must be float32, bfloat16 or float16, got ", x.scalar_type());
+}
+
+// The policy loss's ratio bounds as the kernels take them: clip_lo = 1 - clip_low in [0, 1],
+// clip_hi = 1 + clip_high >= 1 (closed: 1 - 1e-20 rounds to 1), dual_clip 0 (off) or > 1, all finite.
+inline void policy_params(const char* op, double clip_lo, double clip_hi, double dual_clip) {
+  TORCH_CHECK(clip_lo >= 0.0 && clip_lo <= 1.0, op, ": clip_lo (1 - clip_low) must be in [0, 1], got ", clip_lo);
+  TORCH_CHECK(clip_hi >= 1.0 && std::isfinite(clip_hi), op, ": clip_hi (1 + clip_high) must be finite and >= 1, got ",
+              clip_hi);
+  TORCH_CHECK(dual_clip == 0.0 || (dual_clip > 1.0 && std::isfinite(dual_clip)), op,
+              ": dual_clip must be 0 (off) or a finite number > 1, got ", dual_clip);
+}
+
+// The value loss's clip: <= 0 (off) or a number > 0 that is still > 0 in fp32.
+inline void value_clip(const char* op, double clip) {
+  TORCH_CHECK(clip <= 0.0 || (std::isfinite(clip) && static_cast<float>(clip) > 0.f), op,
+              ": clip must be <= 0 (off) or a finite number > 0 in fp32, got ", clip);
+}
+
+// The aggregation's normalisers: global_count < 0 (this call's own count) or >= 0, horizon 0 (T) or > 0.
+inline void agg_args(const char* op, double global_count, double horizon) {
+  TORCH_CHECK(std::isfinite(global_count), op, ": global_count must be finite (< 0: this call's own count), got ",
+              global_count);
+  TORCH_CHECK(std::isfinite(horizon) && horizon >= 0.0, op, ": horizon must be finite and >= 0 (0: T), got ", horizon);
+}
+
+// gather_logprobs' temperature: finite, > 0, and with 1/T finite and > 0 in fp32 (the kernels scale by it).
+inline void temperature(const char* op, double t) {
+  const float inv = static_cast<float>(1.0 / t);
+  TORCH_CHECK(t > 0.0 && std::isfinite(t) && std::isfinite(inv) && inv > 0.f, op,
+              ": temperature must be finite and > 0, with 1/temperature finite and > 0 in fp32, got ", t);
 }
 
 // ---- preference ---------------------------------------------------------------------------------

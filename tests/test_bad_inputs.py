@@ -270,13 +270,10 @@ def test_dpo_plugin_formula_of_the_wrong_shape_or_type(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_label_on_a_minus_inf_logit_has_the_reference_gradient(backend, device, request):
+def test_label_on_a_minus_inf_logit_has_the_reference_gradient(backend, device):
     # A label whose logit is -inf (a masked vocabulary entry): logprob -inf, and d logp_y / dz_y =
-    # 1 - p_y = 1. The cpp backward computes the one-hot term g_H p_y (log p_y + H) without the
-    # clamp it uses elsewhere: 0 * -inf = NaN (csrc/cpu/logprobs_kernel.h, logprobs_bwd_typed).
-    if backend == "cpp":  # not strict: a fix of the kernel is under way; drop the marker once it is built
-        request.applymarker(pytest.mark.xfail(strict=False, reason="C++ finding (csrc, not fixed here): NaN "
-                                              "gradient at a label whose logit is -inf"))
+    # 1 - p_y = 1. The cpp backward used to compute the one-hot term g_H p_y (log p_y + H) without
+    # the clamp it uses elsewhere: 0 * -inf = NaN (csrc/cpu/logprobs_kernel.h, logprobs_bwd_typed).
     x = torch.tensor([[0.0, -float("inf"), 1.0]], requires_grad=True)
     fastalign.gather_logprobs(x, torch.tensor([1]), backend=backend).sum().backward()
     p = torch.softmax(torch.tensor([0.0, 1.0]), 0)
@@ -303,3 +300,31 @@ def test_bool_flags_refuse_non_bools(backend, device):
                 call(bad)
         for good in (True, False, 0, 1):
             call(good)
+
+
+def test_raw_cpp_ops_check_their_numbers_and_dtypes():
+    # the public functions validate first; the raw ops guard direct calls (csrc/checks.h)
+    if fastalign.backends()["cpp"]["reason"]:
+        pytest.skip(fastalign.backends()["cpp"]["reason"])
+    ops = torch.ops.fastalign
+    t, m, nan = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), float("nan")
+    i32 = torch.ones(2, 3, dtype=torch.int32)
+    cases = [
+        (lambda: ops.gae_fwd(i32, i32, m, 1.0, 1.0), "gae: rewards and values must be float32"),
+        (lambda: ops.ppo_policy_loss_fwd(i32, i32, i32, m, 0.8, 1.2, 0.0, 0, -1.0, 0.0), "must be float32"),
+        (lambda: ops.ppo_policy_loss_fwd(t, t, t, m, nan, nan, 0.0, 0, -1.0, 0.0), "clip_lo"),
+        (lambda: ops.ppo_policy_loss_fwd(t, t, t, m, 0.8, 0.9, 0.0, 0, -1.0, 0.0), "clip_hi"),
+        (lambda: ops.ppo_policy_loss_fwd(t, t, t, m, 0.8, 1.2, 0.5, 0, -1.0, 0.0), "dual_clip"),
+        (lambda: ops.ppo_policy_loss_bwd(torch.ones(()), t, t, t, m, torch.ones(2), 0.8, 1.2, nan), "dual_clip"),
+        (lambda: ops.ppo_value_loss_fwd(t, t, t, m, nan, 0, -1.0, 0.0), "clip must be"),
+        (lambda: ops.ppo_value_loss_fwd(t, t, t, m, 1e-300, 0, -1.0, 0.0), "clip must be"),
+        (lambda: ops.ppo_value_loss_fwd(t, t, t, m, 0.2, 0, nan, 0.0), "global_count"),
+        (lambda: ops.ppo_value_loss_fwd(t, t, t, m, 0.2, 3, -1.0, -2.0), "horizon"),
+        (lambda: ops.gather_logprobs_fwd(torch.randn(2, 5), torch.tensor([1, 2]), 1e-300, -100, False), "temperature"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+    # the edges the public API can produce still pass: clip_low -> 0 gives clip_lo = 1.0 exactly
+    out, _ = ops.ppo_policy_loss_fwd(t, t, t, m, 1.0 - 1e-20, 1.0 + 1e-20, 0.0, 0, -1.0, 0.0)
+    assert out.isfinite().all()

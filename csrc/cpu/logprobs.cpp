@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <cmath>
 
 #include "capability.h"
@@ -24,8 +26,7 @@ void check_logits_labels(const char* op, const at::Tensor& logits, const at::Ten
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), op, ": labels must be [N] = [", logits.size(0),
               "], got ", labels.sizes());
   TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64 here, got ", labels.scalar_type());
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": temperature must be finite and > 0, got ",
-              temperature);
+  checks::temperature(op, temperature);
   // Both passes index the row at the label (the backward writes there), so the range check guards
   // memory, not just the result. O(N), negligible next to the O(N V) kernels.
   const int64_t vocab = logits.size(1);

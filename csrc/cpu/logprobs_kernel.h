@@ -220,10 +220,12 @@ void logprobs_bwd_typed(const LogprobsBwdArgs& a, int64_t begin, int64_t end) {
       }
     }
     // The one-hot term, in fp32 from scratch (not added to a rounded value):
-    // (1/T) (g (1 - p_y) - g_H p_y (log p_y + H)).
+    // (1/T) (g (1 - p_y) - g_H p_y (log p_y + H)), log p_y clamped like grad_block's (a label
+    // whose logit is -inf has p_y = 0: 0, not 0 * -inf = NaN).
     const float logp_y = (static_cast<float>(x[label]) * a.inv_temperature - m) - log_s;
     const float p_y = std::exp(logp_y);
-    gx[label] = static_cast<scalar_t>(a.inv_temperature * (g * (1.f - p_y) - gh * p_y * (logp_y + h)));
+    gx[label] = static_cast<scalar_t>(a.inv_temperature *
+                                      (g * (1.f - p_y) - gh * p_y * (std::max(logp_y, kLogpFloor) + h)));
   }
 }
 

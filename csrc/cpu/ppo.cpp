@@ -100,6 +100,8 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& logprob
                                                        double clip_lo, double clip_hi, double dual_clip, int64_t agg,
                                                        double global_count, double horizon) {
   checks::ppo_inputs("ppo_policy_loss", logprobs_in, old_in, adv_in, mask_in, agg);
+  checks::policy_params("ppo_policy_loss", clip_lo, clip_hi, dual_clip);
+  checks::agg_args("ppo_policy_loss", global_count, horizon);
   const at::Tensor lp = logprobs_in.contiguous(), old = old_in.contiguous(), adv = adv_in.contiguous(),
                    mask = mask_in.contiguous();
   const int64_t batch = lp.size(0), steps = lp.size(1);
@@ -126,6 +128,7 @@ at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& log
                                const at::Tensor& adv_in, const at::Tensor& mask_in, const at::Tensor& row_w_in,
                                double clip_lo, double clip_hi, double dual_clip) {
   checks::ppo_inputs("ppo_policy_loss_bwd", logprobs_in, old_in, adv_in, mask_in);
+  checks::policy_params("ppo_policy_loss_bwd", clip_lo, clip_hi, dual_clip);
   const at::Tensor lp = logprobs_in.contiguous(), old = old_in.contiguous(), adv = adv_in.contiguous(),
                    mask = mask_in.contiguous(), row_w = row_w_in.to(at::kFloat).contiguous();
   const int64_t batch = lp.size(0), steps = lp.size(1);
@@ -155,6 +158,8 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& values_i
                                                       const at::Tensor& returns_in, const at::Tensor& mask_in,
                                                       double clip, int64_t agg, double global_count, double horizon) {
   checks::ppo_inputs("ppo_value_loss", values_in, old_in, returns_in, mask_in, agg);
+  checks::value_clip("ppo_value_loss", clip);
+  checks::agg_args("ppo_value_loss", global_count, horizon);
   const at::Tensor v = values_in.contiguous(), old = old_in.contiguous(), ret = returns_in.contiguous(),
                    mask = mask_in.contiguous();
   const int64_t batch = v.size(0), steps = v.size(1);
@@ -181,6 +186,7 @@ at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_out, const at::Tensor& valu
                               const at::Tensor& returns_in, const at::Tensor& mask_in, const at::Tensor& row_w_in,
                               double clip) {
   checks::ppo_inputs("ppo_value_loss_bwd", values_in, old_in, returns_in, mask_in);
+  checks::value_clip("ppo_value_loss_bwd", clip);
   const at::Tensor v = values_in.contiguous(), old = old_in.contiguous(), ret = returns_in.contiguous(),
                    mask = mask_in.contiguous(), row_w = row_w_in.to(at::kFloat).contiguous();
   const int64_t batch = v.size(0), steps = v.size(1);

@@ -53,6 +53,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -427,8 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_fwd(const at::Ten
   constexpr const char* op = "gather_logprobs (cuda)";
   check_logits(logits, op);
   check_labels(labels_in, logits, op);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": temperature must be finite and > 0, got ",
-              temperature);
+  checks::temperature(op, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor labels = labels_in.contiguous();
   const int64_t n = logits.size(0), vocab = logits.size(1);
@@ -471,8 +472,7 @@ at::Tensor gather_logprobs_bwd(const at::Tensor& grad_logprobs, const std::optio
   constexpr const char* op = "gather_logprobs_bwd (cuda)";
   check_logits(logits, op);
   check_labels(labels_in, logits, op);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": temperature must be finite and > 0, got ",
-              temperature);
+  checks::temperature(op, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.size(0), vocab = logits.size(1);
   at::Tensor grad_logits = at::empty({n, vocab}, logits.options());

@@ -277,6 +277,8 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& lp, con
                                                        const at::Tensor& mask, double clip_lo, double clip_hi,
                                                        double dual_clip, int64_t agg, double global_count,
                                                        double horizon) {
+  checks::policy_params("ppo_policy_loss", clip_lo, clip_hi, dual_clip);
+  checks::agg_args("ppo_policy_loss", global_count, horizon);
   return fwd_impl<true>("ppo_policy_loss", lp, old, adv, mask, policy_params(clip_lo, clip_hi, dual_clip),
                         ValueParams{-1.f}, agg, global_count, horizon, 1.f);
 }
@@ -284,6 +286,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& lp, con
 at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& lp, const at::Tensor& old,
                                const at::Tensor& adv, const at::Tensor& mask, const at::Tensor& row_w, double clip_lo,
                                double clip_hi, double dual_clip) {
+  checks::policy_params("ppo_policy_loss_bwd", clip_lo, clip_hi, dual_clip);
   return bwd_impl<true>("ppo_policy_loss_bwd", grad_out, lp, old, adv, mask, row_w,
                         policy_params(clip_lo, clip_hi, dual_clip), ValueParams{-1.f});
 }
@@ -291,6 +294,8 @@ at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& lp,
 std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& v, const at::Tensor& old, const at::Tensor& ret,
                                                       const at::Tensor& mask, double clip, int64_t agg,
                                                       double global_count, double horizon) {
+  checks::value_clip("ppo_value_loss", clip);
+  checks::agg_args("ppo_value_loss", global_count, horizon);
   // loss = 0.5 * agg(...): the 0.5 rides on the row weights
   return fwd_impl<false>("ppo_value_loss", v, old, ret, mask, PolicyParams{0.f, 0.f, 0.f, false},
                          ValueParams{static_cast<float>(clip)}, agg, global_count, horizon, 0.5f);
@@ -298,6 +303,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& v, const
 
 at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_out, const at::Tensor& v, const at::Tensor& old,
                               const at::Tensor& ret, const at::Tensor& mask, const at::Tensor& row_w, double clip) {
+  checks::value_clip("ppo_value_loss_bwd", clip);
   return bwd_impl<false>("ppo_value_loss_bwd", grad_out, v, old, ret, mask, row_w, PolicyParams{0.f, 0.f, 0.f, false},
                          ValueParams{static_cast<float>(clip)});
 }

@@ -1,10 +1,11 @@
-// The two-width machinery of the small CPU kernels (PPO losses, DPO head): their loops are written
-// once on W-lane GCC/Clang vector extensions (csrc/cpu/lanes_w.h and the *_lanes.h files that
-// include it) and compiled twice, 4 lanes (one 128-bit register: SSE2, NEON; the baseline) and
-// 8 lanes inside target("avx2") clones. GCC scalarises the comparisons of vectors wider than the
-// target's registers, hence two widths rather than one wide one. Everything below the clone entry
-// points is forced inline, so it compiles for the instruction set of the clone, and no vector
-// crosses a call boundary.
+// The multi-width machinery of the small CPU kernels (PPO losses, DPO head): their loops are
+// written once on W-lane GCC/Clang vector extensions (csrc/cpu/lanes_w.h and the *_lanes.h files
+// that include it) and compiled per width: 4 lanes (one 128-bit register: SSE2, NEON; the
+// baseline), 8 lanes in target("avx2") clones and, for the PPO losses, 16 lanes in AVX-512 clones.
+// One width per instruction set, because GCC scalarises the comparisons of vectors wider than the
+// target's registers. Everything below the clone entry points is forced inline and carries its
+// width's target, so no vector crosses a call boundary. The run-time choice follows
+// capability.cpp (FASTALIGN_CPU_CAPABILITY narrows it, for the tests).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,5 @@
 // W-lane float/int vectors and their loads and stores. NOT a normal header: it is included inside a
-// namespace that defines `constexpr int W` (lanes4 / lanes8, see lanes.h), once per width, by the
+// namespace that defines `constexpr int W` (lanes4 / lanes8 / lanes16, see lanes.h), once per width, by the
 // *_lanes.h files. No include guard on purpose.
 
 using vf = float __attribute__((vector_size(W * sizeof(float))));

@@ -39,9 +39,9 @@ struct ValueParams {
 };
 
 // The per-token math runs on float vectors with a polynomial exp, because scalar libm expf alone
-// would cost more than the whole eager PyTorch graph. Row tails are padded with masked lanes. Both
-// widths compute the same IEEE operations per token (no FMA contraction), only the summation order
-// of the partials differs.
+// would cost more than the whole eager PyTorch graph. Row tails are padded with masked lanes. All
+// three widths compute the same IEEE operations per token (no FMA contraction: -ffp-contract=off),
+// only the summation order of the partials differs.
 namespace lanes4 {
 constexpr int W = 4;
 #define FA_INLINE FA_INLINE_BASE

@@ -1,6 +1,6 @@
 // The PPO losses' per-token math and row loops on W-lane float vectors (see lanes.h). NOT a normal
-// header: csrc/cpu/ppo.cpp includes it twice, inside namespaces that define `constexpr int W`
-// (lanes4, lanes8), after defining PolicyParams, ValueParams and kParts.
+// header: csrc/cpu/ppo.cpp includes it three times, inside namespaces that define `constexpr int W`
+// (lanes4, lanes8, lanes16), after defining PolicyParams, ValueParams and kParts.
 //
 // The math mirrors kernels/reference.py op by op, with torch's NaN-propagating max/min/clamp
 // forward and autograd's half shares at ties and inclusive clamp bounds backward.

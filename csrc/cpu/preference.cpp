@@ -98,10 +98,6 @@ FA_CLONES(masked_fill)
 // Rows per parallel task: about 32 K tokens, so that small batches stay on one thread.
 int64_t row_grain(int64_t steps) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(steps, 1)); }
 
-inline float reduce_row(float sum, int64_t count, bool mean) {
-  return mean ? sum / static_cast<float>(std::max<int64_t>(count, 1)) : sum;
-}
-
 // ---- sequence_logps ---------------------------------------------------------------------------
 
 at::Tensor sequence_logps_fwd(const at::Tensor& x_in, const at::Tensor& mask_in, bool mean) {
@@ -109,15 +105,12 @@ at::Tensor sequence_logps_fwd(const at::Tensor& x_in, const at::Tensor& mask_in,
   const at::Tensor x = x_in.contiguous(), mask = mask_in.contiguous();
   const int64_t rows = x.size(0), steps = x.size(1);
   at::Tensor out = at::empty({rows}, x.options().dtype(at::kFloat));
-  std::vector<int64_t> counts(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sequence_logps_fwd", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     float* po = out.mutable_data_ptr<float>();
     with_mask(mask, [&](auto pm) {
-      at::parallel_for(0, rows, row_grain(steps), [&](int64_t r0, int64_t r1) {
-        masked_sums(px, pm, steps, r0, r1, po, counts.data());
-        for (int64_t r = r0; r < r1; ++r) po[r] = reduce_row(po[r], counts[r], mean);
-      });
+      at::parallel_for(0, rows, row_grain(steps),
+                       [&](int64_t r0, int64_t r1) { masked_sums(px, pm, steps, r0, r1, mean, po); });
     });
   });
   return out;
@@ -210,21 +203,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_token
   at::Tensor loss = at::empty({pairs}, opts), cw = at::empty({pairs}, opts), rw = at::empty({pairs}, opts);
   at::Tensor pseq = at::empty({rows}, opts), rseq = at::empty({rows}, opts);
   const PairParams p = make_params(beta, type, eps);
-  std::vector<int64_t> counts(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pol.scalar_type(), "dpo_tokens_fwd", [&] {
     const scalar_t *pp = pol.const_data_ptr<scalar_t>(), *pr = ref.const_data_ptr<scalar_t>();
     float *pl = loss.mutable_data_ptr<float>(), *pcw = cw.mutable_data_ptr<float>(), *prw = rw.mutable_data_ptr<float>();
     float *pps = pseq.mutable_data_ptr<float>(), *prs = rseq.mutable_data_ptr<float>();
-    int64_t* pn = counts.data();
     with_mask(mask, [&](auto pm) {
       // a task takes pairs [i0, i1): their chosen rows i and rejected rows i + pairs, both models
       at::parallel_for(0, pairs, std::max<int64_t>(1, row_grain(steps) / 4), [&](int64_t i0, int64_t i1) {
         for (const int64_t r0 : {i0, i0 + pairs}) {
-          const int64_t r1 = r0 + (i1 - i0);
-          masked_sums(pp, pm, steps, r0, r1, pps, pn);
-          for (int64_t r = r0; r < r1; ++r) pps[r] = reduce_row(pps[r], pn[r], mean);
-          masked_sums(pr, pm, steps, r0, r1, prs, pn);
-          for (int64_t r = r0; r < r1; ++r) prs[r] = reduce_row(prs[r], pn[r], mean);
+          masked_sums(pp, pm, steps, r0, r0 + (i1 - i0), mean, pps);
+          masked_sums(pr, pm, steps, r0, r0 + (i1 - i0), mean, prs);
         }
         for (int64_t i = i0; i < i1; ++i) {
           const float dc = pps[i] - prs[i], dr = pps[i + pairs] - prs[i + pairs];

@@ -7,12 +7,13 @@
 
 #include "lanes_w.h"
 
-// Masked sum and valid count of rows [r0, r1) of x [rows, steps]. Eight partial sums (token t
-// goes to partial t mod 8: two 4-lane or one 8-lane accumulator), reduced in one fixed order, so
-// the result is the same bits at both widths, for the fused DPO head and sequence_logps alike.
+// out[r] = masked sum (mean: / max(valid count, 1)) of rows [r0, r1) of x [rows, steps]. Eight
+// partial sums (token t goes to partial t mod 8: two 4-lane or one 8-lane accumulator), reduced in
+// one fixed order, so the result is the same bits at both widths, for the fused DPO head and
+// sequence_logps alike.
 template <typename T, typename M>
-FA_INLINE void masked_sums_rows(const T* x, const M* m, int64_t steps, int64_t r0, int64_t r1, float* sums,
-                                int64_t* counts) {
+FA_INLINE void masked_sums_rows(const T* x, const M* m, int64_t steps, int64_t r0, int64_t r1, bool mean,
+                                float* out) {
   constexpr int K = 8 / W;
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * steps;  // 64-bit offsets
@@ -37,8 +38,8 @@ FA_INLINE void masked_sums_rows(const T* x, const M* m, int64_t steps, int64_t r
       part[t & 7] += ok ? static_cast<float>(xr[t]) : 0.f;
       n += ok;
     }
-    sums[r] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-    counts[r] = n;
+    const float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    out[r] = mean ? sum / static_cast<float>(std::max<int64_t>(n, 1)) : sum;
   }
 }
 

@@ -22,6 +22,15 @@ inline void mask_dtype(const char* op, const at::Tensor& mask) {
               ": mask must be bool (or, on the CPU, uint8, int32, int64 or float32), got ", t, " on ", mask.device());
 }
 
+// ---- gather_logprobs ---------------------------------------------------------------------------
+
+// The temperature: finite, > 0, and with 1/T finite and > 0 in fp32 (the kernels scale by it).
+inline void temperature(const char* op, double t) {
+  const float inv = static_cast<float>(1.0 / t);
+  TORCH_CHECK(t > 0.0 && std::isfinite(t) && std::isfinite(inv) && inv > 0.f, op,
+              ": temperature must be finite and > 0, with 1/temperature finite and > 0 in fp32, got ", t);
+}
+
 // ---- gae ----------------------------------------------------------------------------------------
 
 inline void gae_args(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask, double gamma,
@@ -81,13 +90,6 @@ inline void agg_args(const char* op, double global_count, double horizon) {
   TORCH_CHECK(std::isfinite(global_count), op, ": global_count must be finite (< 0: this call's own count), got ",
               global_count);
   TORCH_CHECK(std::isfinite(horizon) && horizon >= 0.0, op, ": horizon must be finite and >= 0 (0: T), got ", horizon);
-}
-
-// gather_logprobs' temperature: finite, > 0, and with 1/T finite and > 0 in fp32 (the kernels scale by it).
-inline void temperature(const char* op, double t) {
-  const float inv = static_cast<float>(1.0 / t);
-  TORCH_CHECK(t > 0.0 && std::isfinite(t) && std::isfinite(inv) && inv > 0.f, op,
-              ": temperature must be finite and > 0, with 1/temperature finite and > 0 in fp32, got ", t);
 }
 
 // ---- preference ---------------------------------------------------------------------------------

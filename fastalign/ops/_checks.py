@@ -3,11 +3,14 @@ was expected."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The kernels take scalar parameters in fp32: the range where a positive number stays normal there.
+FP32_TINY, FP32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 
 
 def check_float_tensor(op: str, name: str, t) -> None:
@@ -27,6 +30,16 @@ def check_mask(op: str, mask, like: torch.Tensor, like_name: str) -> None:
         raise ValueError(f"{op}: mask must have the shape of {like_name} {tuple(like.shape)}, got {tuple(mask.shape)}")
     if mask.device != like.device:
         raise ValueError(f"{op}: mask is on {mask.device} but {like_name} on {like.device}")
+
+
+def check_normal_fp32(op: str, name: str, x) -> float:
+    """x as a float: a real number (not a bool) with FP32_TINY <= x <= FP32_MAX, so that it is
+    neither 0 nor inf once the kernels take it in fp32."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not (
+            math.isfinite(x) and FP32_TINY <= float(x) <= FP32_MAX):
+        raise ValueError(f"{op}: {name} must be a finite number > 0 (and a normal fp32 number: "
+                         f"{FP32_TINY} <= {name} <= {FP32_MAX:.4g}), got {x!r}")
+    return float(x)
 
 
 def check_flag(op: str, name: str, x) -> bool:

@@ -12,14 +12,13 @@ implementations spell slightly differently (the integrations pick theirs via the
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
+from fastalign.ops._checks import check_normal_fp32
+
 _SCALES = ("group", "batch", "none")
-_FP32_MAX = torch.finfo(torch.float32).max
-_FP32_TINY = torch.finfo(torch.float32).tiny
 
 
 def group_advantages(
@@ -55,17 +54,10 @@ def group_advantages(
         )
     if scale not in _SCALES:
         raise ValueError(f"group_advantages: scale must be one of {_SCALES}, got {scale!r}")
-    if (
-        isinstance(eps, bool)
-        or not isinstance(eps, numbers.Real)
-        or not (math.isfinite(eps) and _FP32_TINY <= float(eps) <= _FP32_MAX)
-    ):
-        # eps = 0 would turn a group of equal scores (std 0) into 0 / 0 = NaN. The math is fp32, where
-        # 1e-300 is 0 (NaN again) and 1e300 inf (every advantage silently 0); 2**70 (an int) raised
-        # an OverflowError inside torch.
-        raise ValueError(f"group_advantages: eps must be a finite number > 0 (and a normal fp32 number: "
-                         f"{_FP32_TINY} <= eps <= {_FP32_MAX:.4g}), got {eps!r}")
-    eps = float(eps)
+    # eps = 0 would turn a group of equal scores (std 0) into 0 / 0 = NaN. The math is fp32, where
+    # 1e-300 is 0 (NaN again) and 1e300 inf (every advantage silently 0); 2**70 (an int) raised
+    # an OverflowError inside torch.
+    eps = check_normal_fp32("group_advantages", "eps", eps)
     if scale == "group" and group_size < 2:
         raise ValueError("group_advantages: scale='group' needs group_size >= 2 (one sample has no std); "
                          "use scale='none' or 'batch'")

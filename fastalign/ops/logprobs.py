@@ -18,13 +18,11 @@ from fastalign import _backends
 from fastalign.kernels import reference
 from typing import Optional
 
-from fastalign.ops._checks import check_flag, same_device
+from fastalign.ops._checks import FP32_MAX, FP32_TINY, check_flag, same_device
 from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LABEL_DTYPES = (torch.int32, torch.int64)
-_FP32_MAX = torch.finfo(torch.float32).max
-_FP32_TINY = torch.finfo(torch.float32).tiny
 
 
 # ---- autograd and fake implementations, shared by every fused backend -------------------------
@@ -136,7 +134,7 @@ def _check_inputs(logits, labels, temperature, ignore_index, op="gather_logprobs
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, numbers.Real)  # numpy scalars too, as gae/ppo accept
-        or not (temperature > 0 and math.isfinite(temperature) and _FP32_TINY <= 1.0 / temperature <= _FP32_MAX)
+        or not (temperature > 0 and math.isfinite(temperature) and FP32_TINY <= 1.0 / temperature <= FP32_MAX)
     ):
         raise ValueError(
             f"{op}: temperature must be a finite number > 0 (with 1/temperature a finite, nonzero fp32 number), "

@@ -26,7 +26,7 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from fastalign.ops._checks import kernel_mask, same_device
+from fastalign.ops._checks import FP32_MAX, FP32_TINY, kernel_mask, same_device
 from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 AGG_MODES = reference.PPO_AGG_MODES  # index in this tuple = the kernels' agg code
@@ -142,14 +142,10 @@ def _fused_ops(loss: str, backend: str):
 # ---- validation -------------------------------------------------------------------------------
 
 
-_FP32_MAX = torch.finfo(torch.float32).max
-_FP32_TINY = torch.finfo(torch.float32).tiny
-
-
 def _is_number(x) -> bool:
     # Finite in fp32, not just in Python: the kernels take their parameters as fp32 and the torch
     # backend failed on e.g. clip_high=1e300 ("cannot be converted to float") where they ran.
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and abs(float(x)) <= _FP32_MAX
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and abs(float(x)) <= FP32_MAX
 
 
 def _check_tensors(op: str, names, tensors, mask) -> None:
@@ -179,11 +175,11 @@ def _check_agg(op: str, agg, global_count, horizon) -> None:
     # Positive values below fp32's smallest normal would be 0 in the CUDA finalize (fp32) but not in
     # the C++ one (double): "no tokens" (loss 0) on one backend, a huge loss on the other.
     if global_count is not None and not (
-        _is_number(global_count) and (global_count == 0 or global_count >= _FP32_TINY)
+        _is_number(global_count) and (global_count == 0 or global_count >= FP32_TINY)
     ):
-        raise ValueError(f"{op}: global_count must be None, 0 or a finite number >= {_FP32_TINY}, got {global_count!r}")
-    if horizon is not None and not (_is_number(horizon) and horizon >= _FP32_TINY):
-        raise ValueError(f"{op}: horizon must be None or a finite number >= {_FP32_TINY}, got {horizon!r}")
+        raise ValueError(f"{op}: global_count must be None, 0 or a finite number >= {FP32_TINY}, got {global_count!r}")
+    if horizon is not None and not (_is_number(horizon) and horizon >= FP32_TINY):
+        raise ValueError(f"{op}: horizon must be None or a finite number >= {FP32_TINY}, got {horizon!r}")
 
 
 def _prepare(tensors, mask, backend):
@@ -275,8 +271,8 @@ def ppo_policy_loss(
     (x, old, adv), valid = _prepare((logprobs, old_logprobs.detach(), advantages.detach()), mask, name)
     fwd, _ = _fused_ops("policy", name)
     out, _ = fwd(
-        x, old, adv, valid, 1.0 - float(clip_low), 1.0 + float(clip_high),
-        0.0 if dual_clip is None else float(dual_clip), *_agg_args(agg, global_count, horizon),
+        x, old, adv, valid, 1.0 - clip_low, 1.0 + clip_high,
+        0.0 if dual_clip is None else dual_clip, *_agg_args(agg, global_count, horizon),
     )
     s = out.detach()
     return out[0], {"clipfrac": s[1], "clipfrac_lower": s[2], "approx_kl": s[3]}
@@ -307,9 +303,9 @@ def ppo_value_loss(
     _check_tensors(op, names, (values, old_values, returns), mask)
     # >= fp32's smallest normal, not just > 0: the kernels take clip in fp32, where 1e-300 is 0 and
     # the cpp kernel then ran the unclipped loss while the torch backend clipped.
-    if clip is not None and not (_is_number(clip) and clip >= _FP32_TINY):
+    if clip is not None and not (_is_number(clip) and clip >= FP32_TINY):
         raise ValueError(f"{op}: clip must be None or a finite number > 0 (at least fp32's smallest normal, "
-                         f"{_FP32_TINY}), got {clip!r}")
+                         f"{FP32_TINY}), got {clip!r}")
     clip = None if clip is None else float(clip)  # (the torch backend failed on clip=2**70, an int)
     _check_agg(op, agg, global_count, horizon)
     name = _backends.resolve(backend, values.device, op=op)
@@ -319,7 +315,7 @@ def ppo_value_loss(
         )
     (v, old, ret), valid = _prepare((values, old_values.detach(), returns.detach()), mask, name)
     fwd, _ = _fused_ops("value", name)
-    out, _ = fwd(v, old, ret, valid, -1.0 if clip is None else float(clip), *_agg_args(agg, global_count, horizon))
+    out, _ = fwd(v, old, ret, valid, -1.0 if clip is None else clip, *_agg_args(agg, global_count, horizon))
     s = out.detach()
     return out[0], {"vf_clipfrac": s[1], "vpred_mean": s[2], "value_mse": s[3]}
 

@@ -25,7 +25,8 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from fastalign.ops._checks import check_flag, check_float_tensor, check_mask, kernel_mask, same_device
+from fastalign.ops._checks import (check_flag, check_float_tensor, check_mask, check_normal_fp32, kernel_mask,
+                                   same_device)
 from fastalign.ops._register import cpp_op, register_fused, triton_op
 
 
@@ -226,18 +227,13 @@ _register(
 # ---- validation -------------------------------------------------------------------------------
 
 
-_FP32_TINY, _FP32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
-
-
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _check_loss_args(op, beta, loss_type, label_smoothing) -> None:
     # a normal fp32 number, as the kernels take it: 1e-300 is 0 there (IPO's 1/(2 beta) inf), 1e300 inf
-    if not _is_real(beta) or not math.isfinite(float(beta)) or not _FP32_TINY <= float(beta) <= _FP32_MAX:
-        raise ValueError(f"{op}: beta must be a finite number > 0 (and a normal fp32 number: "
-                         f"{_FP32_TINY} <= beta <= {_FP32_MAX:.4g}), got {beta!r}")
+    check_normal_fp32(op, "beta", beta)
     if not _is_real(label_smoothing) or not (0.0 <= float(label_smoothing) < 0.5):
         raise ValueError(f"{op}: label_smoothing must be a number in [0, 0.5), got {label_smoothing!r}")
     if not isinstance(loss_type, str) or loss_type not in DPO_LOSS_TYPES:

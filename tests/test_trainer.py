@@ -108,7 +108,9 @@ def test_checkpoint_layout_and_retention(tok, sft_data, tmp_path):
     assert [os.path.basename(p) for p in found] == ["step-000006", "step-000008"]
     assert ckpt.resolve_checkpoint("latest", str(tmp_path)) == found[-1] == s["checkpoint"]
     files = set(os.listdir(found[-1]))
-    assert {"optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "policy"} <= files
+    assert {"optimizer.json", "optimizer.safetensors", "scheduler.json", "rng.json", "rng.safetensors",
+            "trainer_state.json", "manifest.json", "policy"} <= files
+    assert not [n for n in files if n.endswith((".pt", ".pkl", ".bin"))]  # data only, no pickles
     assert "model.safetensors" in os.listdir(os.path.join(found[-1], "policy"))
     # the saved policy loads as a plain transformers model
     from transformers import AutoModelForCausalLM
@@ -122,17 +124,19 @@ def test_checkpoint_write_is_atomic(tok, sft_data, tmp_path, monkeypatch):
     tr.fit()
     first = tr.save_checkpoint()
     tr.step = 3
-    real_save = torch.save
+    from fastalign.trainer import state_files
 
-    def failing_save(obj, path, *a, **k):
-        if str(path).endswith("scheduler.pt"):
+    real_save = state_files.save
+
+    def failing_save(obj, stem):
+        if stem.endswith("scheduler"):
             raise OSError("disk full (simulated)")
-        return real_save(obj, path, *a, **k)
+        return real_save(obj, stem)
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(state_files, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         tr.save_checkpoint()
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(state_files, "save", real_save)
     root = str(tmp_path / "checkpoints")
     assert ckpt.list_checkpoints(root) == [first]
     assert ckpt.resolve_checkpoint("latest", str(tmp_path)) == first

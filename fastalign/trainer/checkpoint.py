@@ -1,15 +1,23 @@
-"""Checkpoints: written atomically, complete enough for an exact resume.
+"""Checkpoints: written atomically, verified on load, data only, complete enough for an exact resume.
 
 Layout of `<output_dir>/checkpoints/step-000123/`:
-    <role>/            every trainable model via save_pretrained (safetensors weights + config,
-                       and the tokenizer), so a stage's output loads directly into the next one
-    optimizer.pt       optimizer state_dict (torch.save)
-    scheduler.pt       LR scheduler state_dict
-    rng.pt             torch CPU/CUDA, Python and NumPy RNG states
-    trainer_state.json step, data cursor (epoch, position), algorithm, config
+    <role>/                    every trainable model via save_pretrained (safetensors weights +
+                               config, and the tokenizer), so a stage's output loads directly
+                               into the next one
+    optimizer.json/.safetensors  optimizer state_dict: structure and scalars as JSON, tensors
+    scheduler.json             LR scheduler state_dict
+    rng.json/.safetensors      torch CPU/CUDA, Python and NumPy RNG states (rng-rank<r>.* per rank)
+    trainer_state.json         step, data cursor (epoch, position), algorithm, config
+    manifest.json              every other file's size and SHA-256, written last
+No file is a pickle, so loading a checkpoint someone shared cannot run code (state_files.py).
 Everything is written into a temporary sibling directory which is then renamed into place with
 os.replace, so a crash leaves either the previous checkpoint or the new one, never half of one;
-`checkpoints/latest` (a one-line file, itself replaced atomically) names the newest.
+`checkpoints/latest` (a one-line file, itself replaced atomically) names the newest. Loading
+verifies the manifest first: a truncated or altered file is an error naming it, and
+resume_from=latest skips (with a warning) to the newest checkpoint that verifies.
+
+Checkpoints written before the manifest (optimizer.pt, scheduler.pt, rng.pt) still load, read
+with torch.load(weights_only=True): plain data only, anything else is refused.
 """
 
 from __future__ import annotations
@@ -18,19 +26,33 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
 
+from fastalign.trainer import manifest, state_files
+
 STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, altered, or holds something other than plain data."""
 
 
 def _weights_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            return sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+        try:
+            with open(index) as f:
+                names = {str(v) for v in json.load(f)["weight_map"].values()}
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index} is malformed ({type(e).__name__}: {e})") from None
+        if any(os.path.basename(n) != n for n in names):
+            raise CheckpointError(f"{index} names a weights file outside {path}")
+        return sorted(os.path.join(path, n) for n in names)
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
         raise FileNotFoundError(f"no model.safetensors in {path}")
@@ -38,24 +60,27 @@ def _weights_files(path):
 
 
 def _read_weights(path):
-    from safetensors.torch import load_file
-
     state = {}
     for f in _weights_files(path):
-        state.update(load_file(f))
+        state.update(_tensors(f))
     return state
+
+
+def _tensors(f):
+    try:
+        return state_files.read_tensors(f)
+    except state_files.StateFileError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load_weights(model, path: str, *, sharded: bool = False) -> None:
     """Loads weights saved by save_pretrained into an existing model, in place (exact). With
     sharded=True the model is FSDP2-sharded: every rank reads the full weights and keeps its shard."""
-    from safetensors.torch import load_file
-
     from fastalign.models.heads import HEAD_FILE, ScalarHeadModel
 
     if isinstance(model, ScalarHeadModel) and not sharded:
         load_weights(model.lm, path)
-        model.head.load_state_dict(load_file(os.path.join(path, HEAD_FILE)))
+        model.head.load_state_dict(_tensors(os.path.join(path, HEAD_FILE)))
         return
     state = _read_weights(path)
     if sharded:
@@ -63,7 +88,7 @@ def load_weights(model, path: str, *, sharded: bool = False) -> None:
 
         if isinstance(model, ScalarHeadModel):
             state = {**{f"lm.{k}": v for k, v in state.items()},
-                     **{f"head.{k}": v for k, v in load_file(os.path.join(path, HEAD_FILE)).items()}}
+                     **{f"head.{k}": v for k, v in _tensors(os.path.join(path, HEAD_FILE)).items()}}
         missing, unexpected = D.load_full_model_state(model, state)
     else:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -143,16 +168,22 @@ def save_checkpoint(root: str, step: int, *, models: dict, optimizer, scheduler,
                 _save_model(model, d, None if model_states is None else model_states[role])
                 if tokenizer is not None:
                     tokenizer.save_pretrained(d)
-            torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
-                       os.path.join(tmp, "optimizer.pt"))
-            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
+            state_files.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                             os.path.join(tmp, "optimizer"))
+            state_files.save(scheduler.state_dict(), os.path.join(tmp, "scheduler"))
+            state_files.save(rng_state(), os.path.join(tmp, "rng"))
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump({**state, "step": step}, f, indent=1, default=str)
         else:
-            torch.save(rng_state(), os.path.join(tmp, f"rng-rank{D.rank()}.pt"))
+            state_files.save(rng_state(), os.path.join(tmp, f"rng-rank{D.rank()}"))
     except BaseException as e:
         err = e
+    agree(err)  # every rank's files are written
+    if main:
+        try:
+            manifest.write(tmp)
+        except BaseException as e:
+            err = e
     agree(err)
     if main:
         if os.path.exists(final):  # same step saved again (e.g. Ctrl-C right after a save)
@@ -215,47 +246,106 @@ def _write_atomic(path, text):
     os.replace(tmp, path)
 
 
+def verify_checkpoint(path: str) -> None:
+    """Checks every file against the manifest (manifest.py) and that the files a resume reads
+    are listed; raises CheckpointError naming the first that does not match. A checkpoint from
+    before manifests (it has optimizer.pt) passes with a warning."""
+    if not os.path.exists(os.path.join(path, manifest.NAME)) and _is_legacy(path):
+        warnings.warn(f"{path} has no {manifest.NAME} (written by an older fastalign): its files cannot be "
+                      "verified; it is read as plain data only", stacklevel=2)
+        return
+    try:
+        manifest.verify(path, required=(STATE_FILE, "optimizer.json", "scheduler.json", "rng.json"))
+    except manifest.ManifestError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _is_legacy(path):
+    return os.path.exists(os.path.join(path, "optimizer.pt")) and os.path.exists(os.path.join(path, STATE_FILE))
+
+
 def list_checkpoints(root: str) -> list[str]:
-    """Complete checkpoints under root, oldest first (temporary directories are ignored)."""
-    return sorted(p for p in glob.glob(os.path.join(root, "step-*")) if os.path.exists(os.path.join(p, STATE_FILE)))
+    """Checkpoints under root that were written to the end (they have a manifest, or are from
+    before manifests), oldest first; temporary directories are ignored. Not verified."""
+    return sorted(p for p in glob.glob(os.path.join(root, "step-*"))
+                  if os.path.exists(os.path.join(p, manifest.NAME)) or _is_legacy(p))
 
 
 def resolve_checkpoint(spec: str, output_dir: str) -> str:
-    """`latest` -> the newest complete checkpoint of output_dir; else the path itself."""
-    if spec == "latest":
-        root = os.path.join(output_dir, "checkpoints")
-        pointer = os.path.join(root, "latest")
-        if os.path.exists(pointer):
-            with open(pointer) as f:
-                p = os.path.join(root, f.read().strip())
-            if os.path.exists(os.path.join(p, STATE_FILE)):
-                return p
-        found = list_checkpoints(root)
-        if not found:
-            raise FileNotFoundError(f"resume_from='latest' but there is no checkpoint under {root}")
-        return found[-1]
-    if not os.path.exists(os.path.join(spec, STATE_FILE)):
-        raise FileNotFoundError(f"{spec} is not a fastalign checkpoint (no {STATE_FILE})")
-    return spec
+    """`latest` -> the newest checkpoint of output_dir that verifies (the one `latest` names first,
+    then the others newest first; each one skipped is a warning); else the path itself, verified."""
+    if spec != "latest":
+        if not os.path.isdir(spec) or not (os.path.exists(os.path.join(spec, manifest.NAME)) or
+                                           os.path.exists(os.path.join(spec, STATE_FILE))):
+            raise FileNotFoundError(f"{spec} is not a fastalign checkpoint (no {manifest.NAME} or {STATE_FILE})")
+        verify_checkpoint(spec)
+        return spec
+    root = os.path.join(output_dir, "checkpoints")
+    candidates = list_checkpoints(root)[::-1]
+    pointer = os.path.join(root, "latest")
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            named = os.path.join(root, f.read().strip())
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    if not candidates:
+        raise FileNotFoundError(f"resume_from='latest' but there is no checkpoint under {root}")
+    for p in candidates:
+        try:
+            verify_checkpoint(p)
+            return p
+        except CheckpointError as e:
+            warnings.warn(f"resume_from='latest': skipping {p}: {e}", stacklevel=2)
+    raise CheckpointError(f"resume_from='latest': no checkpoint under {root} verifies (see the warnings above)")
 
 
 def load_checkpoint(path: str, *, models: dict, optimizer, scheduler, sharded: bool = False) -> dict:
     """Restores models, optimizer, scheduler and RNG in place; returns the trainer state. Under
     distribution every rank calls it (and reads the files); sharded=True for FSDP2 models. Each
-    rank restores its own RNG state where the checkpoint has one (rng-rank<r>.pt), else rank 0's."""
+    rank restores its own RNG state where the checkpoint has one (rng-rank<r>.*), else rank 0's.
+    Call resolve_checkpoint (which verifies) first."""
     from fastalign.trainer import distributed as D
 
+    read = _read_legacy if not os.path.exists(os.path.join(path, manifest.NAME)) and _is_legacy(path) else _read_state
     for role, model in models.items():
         load_weights(model, os.path.join(path, role), sharded=sharded)
-    opt_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False, map_location="cpu")
+    opt_state = read(path, "optimizer")
     if sharded:
         D.load_full_optimizer_state(models, optimizer, opt_state)
     else:
         optimizer.load_state_dict(opt_state)
-    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False, map_location="cpu"))
-    rng = os.path.join(path, f"rng-rank{D.rank()}.pt") if D.is_initialized() and D.rank() > 0 else ""
-    if not os.path.exists(rng):
-        rng = os.path.join(path, "rng.pt")
-    set_rng_state(torch.load(rng, weights_only=False, map_location="cpu"))
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return json.load(f)
+    scheduler.load_state_dict(read(path, "scheduler"))
+    rng = f"rng-rank{D.rank()}" if D.is_initialized() and D.rank() > 0 else "rng"
+    if not (os.path.exists(os.path.join(path, rng + ".json")) or os.path.exists(os.path.join(path, rng + ".pt"))):
+        rng = "rng"
+    set_rng_state(read(path, rng))
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{os.path.join(path, STATE_FILE)} is not valid JSON ({e})") from None
+
+
+def _read_state(path, name):
+    try:
+        return state_files.load(os.path.join(path, name))
+    except state_files.StateFileError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _read_legacy(path, name):
+    """A .pt file of a checkpoint from before manifests, through torch's weights_only unpickler:
+    tensors, containers and numbers only (plus the NumPy array type of NumPy's RNG state)."""
+    f = os.path.join(path, name + ".pt")
+    safe = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), getattr(np, "_core", np).multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(f, weights_only=True, map_location="cpu")
+    except Exception as e:  # the unpickler refuses anything that is not plain data
+        # keep torch's reason, without its advice to retry with weights_only=False
+        why = str(e).split("trusted source.")[-1].split("Check the documentation")[0]
+        why = " ".join(re.sub(r"Please file an issue.*?WeightsUnpickler error:", "", why, flags=re.S).split())
+        why = why[:300] or type(e).__name__
+        raise CheckpointError(f"{f} is not plain data (tensors, containers, numbers only): {why}; a checkpoint "
+                              "must never run code, so it is refused") from None

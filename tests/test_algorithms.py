@@ -1,5 +1,16 @@
 """Algorithm registry (built-ins, entry-point plugins, errors), the losses of sft/reward/dpo
-against hand-written formulas, and short training runs of each on a tiny model."""
+against hand-written formulas, and short training runs of each on a tiny model.
+
+Bounds. The loss tests capture the logits (scores) the algorithm's own forward produced (a forward
+hook), so model and formula see the same fp32 inputs; the formula is evaluated in fp64 from them and
+only fastalign's fp32 evaluation errs: per token the log-softmax (logp_error: a log-sum-exp over V
+logits), per sequence a sum of T of those (sum_bound of sum |log p|), per pair the DPO margin (three
+subtractions, u times the magnitudes added) and the pair loss (its derivative in the margin times
+the margin's error, plus its own evaluation: softplus_error), then a sum over the pairs (sum_bound).
+Metrics that compare two numbers (accuracies) may flip only for pairs whose margin lies within its
+error bound; those are counted. The DPO precompute test compares a training run with itself (the
+same reference forward on the same one-pair batches): exact.
+"""
 
 import importlib
 import importlib.metadata
@@ -17,10 +28,71 @@ from fastalign.algorithms import Algorithm, get_algorithm, list_algorithms, regi
 from fastalign.algorithms import registry
 from fastalign.data import collate as C
 from fastalign.data.synthetic import SyntheticTask
+from tests.numerics import EXP_ULPS, assert_within, gamma, sum_bound, unit_roundoff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_SRC = os.path.join(ROOT, "tests", "example_plugin")
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+U32 = unit_roundoff(torch.float32)
+
+
+def logp_error(z: torch.Tensor) -> torch.Tensor:
+    """Bound [..., V] on the error of one fp32 evaluation of log_softmax(z)[j], for every j, from
+    the fp32 logits z (any backend: torch's log_softmax, the fused online kernels).
+    Per row, with m = max z, d_j = z_j - m, S = sum_j exp(d_j), L = log S:
+      * d_j is rounded (u |d_j|), which exp turns into a relative error u |d_j| <= u max|d|;
+        exp itself: EXP_ULPS u; an online (blocked) log-sum-exp rescales a partial sum once
+        more: one more exp and one multiply, EXP_ULPS u + u;
+      * S is a sum of V positive terms in any order: gamma(V) S.
+      So S has relative error rho = u max|d| + 2 EXP_ULPS u + u + gamma(V), i.e. log S is off
+      by rho / (1 - rho); log itself costs EXP_ULPS u |L|; lse = m + L rounds: u (|m| + |L|);
+      log p_j = d_j - L (or z_j - lse) rounds: u (|d_j| + |log p_j|).
+    Computed in fp64 from the actual logits."""
+    z = z.detach().double()
+    m = z.max(-1, keepdim=True).values
+    d = z - m
+    big_l = d.exp().sum(-1, keepdim=True).log()
+    rho = U32 * d.abs().amax(-1, keepdim=True) + (2 * EXP_ULPS + 1) * U32 + gamma(z.shape[-1])
+    lse_err = rho / (1 - rho) + EXP_ULPS * U32 * big_l.abs() + U32 * (m.abs() + big_l.abs())
+    return lse_err + U32 * (d.abs() + (d - big_l).abs())
+
+
+def token_logps64(logits, labels):
+    """(log p [B, T-1] in fp64, the bound of one fp32 evaluation of each, mask): position t scores
+    labels[t + 1] from logits[t]; masked positions are 0 with bound 0."""
+    z, lab = logits[:, :-1].detach(), labels[:, 1:]
+    mask = lab != -100
+    at = lab.clamp(min=0)[..., None]
+    lp = z.double().log_softmax(-1).gather(-1, at)[..., 0]
+    err = logp_error(z).gather(-1, at)[..., 0]
+    return torch.where(mask, lp, 0.0), torch.where(mask, err, 0.0), mask
+
+
+def seq_logps64(lp, err, mask, mean=False):
+    """Per-row sum (or mean) of the token log-probs in fp64 and the bound of fastalign's fp32 one:
+    the tokens' own errors plus a sum of T terms in any order (and u |mean| for the division)."""
+    s, e = lp.sum(-1), err.sum(-1) + sum_bound(lp.abs().sum(-1), lp.shape[-1])
+    if mean:
+        n = mask.sum(-1).clamp(min=1)
+        s, e = s / n, e / n + U32 * (s / n).abs()
+    return s, e
+
+
+def softplus_error(y):
+    """The error of one fp32 softplus (= -logsigmoid(-x)) whose value is y, x given exactly:
+    max(x, 0) + log1p(exp(-|x|)): the exp's EXP_ULPS u relative error moves log1p by at most
+    EXP_ULPS u (its derivative e / (1 + e) <= 1), log1p's own EXP_ULPS u |log1p| <= EXP_ULPS u,
+    and the add (or a log(1 + e) form's 1 + e) rounds: u + u |y|."""
+    return (2 * EXP_ULPS + 1) * U32 + U32 * y.abs()
+
+
+def _capture_logits(model):
+    """The logits of the model's last forward, via a forward hook: (store, handle)."""
+    store = {}
+    return store, model.register_forward_hook(lambda mod, args, out: store.__setitem__("z", out.logits))
+
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +232,19 @@ def test_sft_loss_is_completion_only_cross_entropy(tok):
     exs = sft.encode(SyntheticTask().demonstrations(5, 0), tok, 64, Counter())
     batch = sft.collate(exs, tok)
     model = _model(tok)
+    store, hook = _capture_logits(model)
     loss_sum, metrics = sft.loss({"policy": model}, batch)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                          ignore_index=-100, reduction="sum")
-    torch.testing.assert_close(loss_sum, ref, rtol=1e-5, atol=1e-4)
+    hook.remove()
+    # cross-entropy over the completion labels, in fp64 from the logits the loss saw
+    lp, err, mask = token_logps64(store["z"], batch["labels"])
+    ref = -lp.sum()
+    n = int(mask.sum())
+    # fastalign: N fp32 log-probs (their errors) summed in fp32 in some order
+    bound = err.sum() + sum_bound(lp.abs().sum(), n)
+    assert_within(loss_sum, ref, bound, "sft summed loss")
     n_completion = sum(sum(t != -100 for t in e["labels"]) for e in exs)
-    assert sft.loss_units(batch) == n_completion  # prompt and padding carry no loss
-    assert metrics["loss"] == pytest.approx(float(ref) / n_completion, rel=1e-5)
+    assert sft.loss_units(batch) == n_completion == n  # prompt and padding carry no loss
+    assert_within(metrics["loss"], ref / n, bound / n + U32 * (ref / n).abs(), "sft mean loss")  # + the division
 
 
 def test_sft_mixing_and_packing(tok, tmp_path):
@@ -192,13 +269,19 @@ def test_reward_loss_and_accuracy(tok):
     loss_sum, m = rm_alg.loss(models, batch)
     scores = models["reward"].score(batch["input_ids"], batch["attention_mask"])
     b = len(exs)
-    # the score is read at each sequence's last real token
+    # the score is read at each sequence's last real token: the same forward, the same numbers
     last = batch["attention_mask"].sum(1) - 1
     per_tok = models["reward"](batch["input_ids"], batch["attention_mask"])
-    torch.testing.assert_close(scores, per_tok[torch.arange(2 * b), last])
-    ref = -F.logsigmoid(scores[:b] - scores[b:]).sum()
-    torch.testing.assert_close(loss_sum, ref, rtol=1e-5, atol=1e-6)
-    assert m["accuracy"] == pytest.approx(float((scores[:b] > scores[b:]).float().mean()))
+    assert torch.equal(scores, per_tok[torch.arange(2 * b), last])
+    # Bradley-Terry in fp64 from the fp32 scores (the loss's forward computed the same scores).
+    # fastalign: d = c - r rounds (u |d|, softplus is 1-Lipschitz), one softplus each, the mean
+    # of b terms (sum_bound, then u for / b), then * b (u)
+    d = scores[:b].double() - scores[b:].double()
+    terms = torch.nn.functional.softplus(-d)
+    ref = terms.sum()
+    bound = (U32 * d.abs() + softplus_error(terms)).sum() + sum_bound(terms.sum(), b) + 2 * U32 * ref
+    assert_within(loss_sum, ref, bound, "reward summed loss")
+    assert m["accuracy"] == float((scores[:b] > scores[b:]).float().mean())  # the same scores
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
@@ -208,32 +291,58 @@ def test_dpo_loss_matches_formula(tok, loss_type):
     policy, ref = _model(tok, 0), _model(tok, 1)
     exs = dpo.encode(_pairs(tok), tok, 64, Counter())
     batch = dpo.collate(exs, tok)
+    (ps, ph), (rs, rh) = _capture_logits(policy), _capture_logits(ref)
     loss_sum, m = dpo.loss({"policy": policy, "reference": ref}, batch)
+    ph.remove(), rh.remove()
 
-    def seq(model):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], -1)
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        tok_lp = lp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
-        return tok_lp.sum(-1) / (mask.sum(-1) if loss_type == "ipo" else 1)
-
+    # sequence log-probs in fp64 from the logits each model's forward produced, with the bound of
+    # fastalign's fp32 evaluation
+    p, p_err = seq_logps64(*token_logps64(ps["z"], batch["labels"]), mean=loss_type == "ipo")
+    r, r_err = seq_logps64(*token_logps64(rs["z"], batch["labels"]), mean=loss_type == "ipo")
     b = len(exs)
-    p, r = seq(policy), seq(ref).detach()
     d = (p[:b] - r[:b]) - (p[b:] - r[b:])
+    # the margin: four inputs' errors, three subtractions (any grouping: each result is at most
+    # the sum of the four magnitudes)
+    mags = p[:b].abs() + r[:b].abs() + p[b:].abs() + r[b:].abs()
+    d_err = p_err[:b] + r_err[:b] + p_err[b:] + r_err[b:] + 3 * U32 * mags
+    x = beta * d
+    sp = torch.nn.functional.softplus
     if loss_type == "sigmoid":
-        want = -(1 - eps) * F.logsigmoid(beta * d) - eps * F.logsigmoid(-beta * d)
+        want = (1 - eps) * sp(-x) + eps * sp(x)
+        slope = beta  # |d loss / d d| <= beta ((1 - eps) sigmoid(-x) + eps sigmoid(x)) <= beta
+        own = (1 - eps) * softplus_error(sp(-x)) + eps * softplus_error(sp(x)) + U32 * x.abs() + 3 * U32 * want
     elif loss_type == "ipo":
-        want = (d - 1 / (2 * beta)) ** 2
+        k = 1 / (2 * beta)
+        want = (d - k) ** 2
+        slope = 2 * (d - k).abs() + d_err  # (d + e - k)^2 - (d - k)^2 = e (2 (d - k) + e)
+        own = 2 * (d - k).abs() * U32 * (k + (d - k).abs()) + U32 * want  # 1 / (2 beta), the -, the square
     elif loss_type == "hinge":
-        want = torch.relu(1 - beta * d)
+        want = torch.relu(1 - x)
+        slope = beta
+        own = U32 * (x.abs() + (1 - x).abs())
     else:
-        want = (-(1 - eps) * F.logsigmoid(beta * d) + eps * F.logsigmoid(-beta * d)) / (1 - 2 * eps)
-    torch.testing.assert_close(loss_sum, want.sum(), rtol=1e-4, atol=1e-5)
+        want = ((1 - eps) * sp(-x) - eps * sp(x)) / (1 - 2 * eps)
+        slope = beta / (1 - 2 * eps)
+        own = (((1 - eps) * softplus_error(sp(-x)) + eps * softplus_error(sp(x)) + U32 * x.abs()
+                + 3 * U32 * ((1 - eps) * sp(-x) + eps * sp(x))) / (1 - 2 * eps) + 2 * U32 * want.abs())
+    pair_err = slope * d_err + own
+    assert_within(loss_sum, want.sum(), pair_err.sum() + sum_bound(want.abs().sum(), b), f"dpo {loss_type} loss")
+
+    # implicit rewards beta (logp - ref): the two inputs' errors, the subtraction, * beta; the mean
+    # of b (sum_bound, / b)
     rc, rr = beta * (p[:b] - r[:b]), beta * (p[b:] - r[b:])
-    assert m["rewards/chosen"] == pytest.approx(float(rc.mean()), rel=1e-4, abs=1e-5)
-    assert m["rewards/margins"] == pytest.approx(float((rc - rr).mean()), rel=1e-4, abs=1e-5)
-    assert m["rewards/accuracies"] == pytest.approx(float((rc > rr).float().mean()))
+    rc_err = beta * (p_err[:b] + r_err[:b]) + 2 * U32 * rc.abs()
+    rr_err = beta * (p_err[b:] + r_err[b:]) + 2 * U32 * rr.abs()
+
+    def mean_bound(v, e):
+        return e.sum() / b + sum_bound(v.abs().sum(), b) / b + U32 * v.mean().abs()
+
+    assert_within(m["rewards/chosen"], rc.mean(), mean_bound(rc, rc_err), "rewards/chosen")
+    margin_err = rc_err + rr_err + U32 * (rc - rr).abs()
+    assert_within(m["rewards/margins"], (rc - rr).mean(), mean_bound(rc - rr, margin_err), "rewards/margins")
+    # an accuracy may flip only where the margin is within its error
+    ambiguous = int(((rc - rr).abs() <= margin_err).sum())
+    assert_within(m["rewards/accuracies"], float((rc > rr).double().mean()), ambiguous / b, "rewards/accuracies")
 
 
 def test_dpo_unknown_loss_type():
@@ -244,6 +353,9 @@ def test_dpo_unknown_loss_type():
 
 
 def test_dpo_precomputed_reference_logps_equal_reference_model(tok, tmp_path):
+    """Precomputing runs the reference over the data in chunks of batch_size; with batch_size 1
+    those chunks are exactly the one-pair micro-batches the other run's reference sees in its
+    steps, so both runs do the same arithmetic on the same inputs: bit-identical parameters."""
     from fastalign.trainer import Trainer
 
     pairs = _pairs(tok, 12)
@@ -252,13 +364,14 @@ def test_dpo_precomputed_reference_logps_equal_reference_model(tok, tmp_path):
         dpo = get_algorithm("dpo")({"precompute_ref_logps": pre})
         data = dpo.encode(pairs, tok, 64, Counter())
         tr = Trainer(dpo, {"policy": _model(tok, 0), "reference": _model(tok, 1)}, tok, data, None,
-                     dict(output_dir=str(tmp_path / str(pre)), max_steps=3, batch_size=4, lr=1e-3, progress=False,
-                          plot=False, save_final=False))
+                     dict(output_dir=str(tmp_path / str(pre)), max_steps=3, batch_size=1, grad_accum=4, lr=1e-3,
+                          progress=False, plot=False, save_final=False))
         tr.fit()
         out[pre] = [p.detach().clone() for p in tr.models["policy"].parameters()]
         assert ("reference" in tr.models) != pre  # precomputing frees the reference model
+    assert not torch.equal(out[False][0], _model(tok, 0).get_input_embeddings().weight)  # it trained
     for a, b in zip(out[False], out[True]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a, b)
 
 
 # ---- short runs -----------------------------------------------------------------------------------------

@@ -1,6 +1,21 @@
 """Preference ops (sequence_logps, dpo_loss, dpo_loss_from_tokens, reward_loss) on every backend
 against kernels/reference.py, against hand-computed values of the published formulas, and the
-fused token path against the composed ops."""
+fused token path against the composed ops.
+
+Error bounds (tests/numerics.py, and the helpers below, each derived in its docstring): every
+value is compared with a bound computed in float64 from the test's own inputs, scaled by the
+magnitudes that are summed, never fitted to one CPU. A masked row sum of T terms in any order
+(8 lane partials, 16-wide vectors, threads) is within gamma(T) sum|x_t| of the exact sum (mean:
+gamma(T+1) sum|x_t| / n). The DPO margin delta = (c - ref_c) - (r - ref_r) adds gamma(2) times
+the four magnitudes to the errors of its four inputs; x = beta delta adds beta's fp32 rounding
+and a product. logsig is 1-Lipschitz (sigmoid 1/4-Lipschitz), so the argument's error passes at
+most 1:1 (1/4), plus EXP_ULPS for each exp/log1p and a few roundings. Where two fp32
+implementations are compared (kernel vs reference.py), the bound is the sum of both evaluations'
+bounds; against an exact float64 value (a hand-computed constant, an asymptote) it is one
+evaluation's. Inputs rounded to bf16/fp16 are the same rounded values on both sides (no input
+error); a gradient stored in bf16/fp16 adds one rounding u_dtype |g| per side. Comparisons of the
+same computation on one backend (fused vs composed forward, mask dtypes, ISA clones) stay exact.
+"""
 
 import math
 
@@ -11,14 +26,207 @@ import torch.nn.functional as F
 import fastalign
 from fastalign.kernels import reference
 from fastalign.ops import preference as P
-from tests.conftest import TOL, backend_params, requires_nvidia_compiler, run_triton_compile_script
+from tests.conftest import backend_params, requires_nvidia_compiler, run_triton_compile_script
+from tests.numerics import EXP_ULPS, assert_within, fn_error, gamma, rounding, unit_roundoff
 
 BACKENDS = backend_params()
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# values computed in fp32 from (rounded) inputs on both sides: the error is fp32 arithmetic only
-F32 = dict(rtol=1e-5, atol=1e-5)
+F32 = torch.float32
+U32 = unit_roundoff(F32)
+# An fp32 exp/sigmoid result below the normal range is off by at most this much in absolute terms
+# (subnormal spacing 2^-149, or flushed to zero): the relative ulp bounds do not hold down there.
+TINY = 2.0**-126
 
+
+# ---- derived error bounds (float64, from the test's inputs) ---------------------------------------
+
+
+def _d(t):
+    return torch.as_tensor(t).detach().double().cpu()
+
+
+def _valid(m):
+    return (m != 0).cpu()
+
+
+def _stored(dtype):
+    """A gradient computed in fp32 and stored in `dtype` is rounded once more: u_dtype (0 for fp32)."""
+    return 0.0 if dtype == F32 else unit_roundoff(dtype)
+
+
+def _seq_exact(x, m, mean):
+    """The exact (float64) masked sum / mean over the last dim of the (already dtype-rounded) x."""
+    valid = _valid(m)
+    s = torch.where(valid, _d(x), 0.0).sum(-1)
+    return s / valid.sum(-1).clamp(min=1) if mean else s
+
+
+def _seq_err(x, m, mean):
+    """Error of one fp32 masked row sum of T terms vs the exact sum, in ANY order (8 lane
+    partials, vector width, threads, torch's blocked sum): gamma(T-1) sum|x_t| <= gamma(T) sum|x_t|
+    (masked terms are exact zeros, the dtype->fp32 conversion is exact). The mean divides the
+    rounded sum by the count n: gamma(T) A / n + u |sum| / n <= gamma(T+1) A / n."""
+    steps = max(x.shape[-1], 1)
+    valid = _valid(m)
+    a = torch.where(valid, _d(x), 0.0).abs().sum(-1)
+    return gamma(steps + 1) * a / valid.sum(-1).clamp(min=1) if mean else gamma(steps) * a
+
+
+def _logsig_err(x, dx):
+    """|fp32 logsig(x~) - logsig(x)| for an argument x~ within dx of x: logsig' = sig(-x) in (0, 1),
+    so dx passes at most 1:1. Evaluating min(x, 0) - log1p(exp(-|x|)) (the kernels' form; torch's
+    log_sigmoid is the same formula): exp within EXP_ULPS of e, which log1p' = 1/(1+e) <= 1 passes
+    at most 1:1, log1p within EXP_ULPS, the subtraction one rounding of the result, and TINY for
+    an exp that underflows."""
+    e = torch.exp(-x.abs())
+    return dx + fn_error(e) + fn_error(torch.log1p(e)) + rounding(F.logsigmoid(x), F32) + TINY
+
+
+def _sig_err(z, dz):
+    """|fp32 sigmoid(z~) - sigmoid(z)| for z~ within dz of z: sig' = sig (1 - sig) <= 1/4 passes dz/4.
+    Evaluating e = exp(-|z|) (EXP_ULPS), 1 + e, e / (1 + e) or 1 / (1 + e), and in torch's backward
+    1 - e/(1+e): exp's error enters numerator and denominator, so (2 EXP_ULPS + 4) u relative."""
+    return dz / 4 + (2 * EXP_ULPS + 4) * U32 * torch.sigmoid(z) + TINY
+
+
+def _x_err(x, beta, ddelta):
+    """x = fl(fl32(beta) * delta~): beta rounded to fp32 and one product, gamma(2) |x|, plus beta
+    times the margin's error."""
+    return beta * ddelta * (1 + gamma(2)) + gamma(2) * x.abs()
+
+
+def _ipo_d(delta, ddelta, beta):
+    """d = delta - fl32(1/(2 beta)) and its error: the margin's, h's fp32 rounding, the subtraction."""
+    h = 1 / (2 * beta)
+    d = delta - h
+    return d, (1 + U32) * ddelta + gamma(2) * (h + d.abs())
+
+
+def _pair_err(delta, ddelta, beta, loss_type, eps):
+    """Error of one fp32 per-pair DPO loss vs the exact loss of the exact margin delta, given the
+    computed margin is within ddelta of it.
+    sigmoid/robust: (1-eps) and eps times a logsig at +-x (_logsig_err each), combined with at most
+      6 roundings per term (1 - eps and the robust 1/(1-2eps) rounded to fp32 and formed, two
+      products, one sum): gamma(6) times the terms' magnitudes (no cancellation credit).
+    ipo: d^2 with d within dd: 2|d| dd + dd^2, plus the square's rounding u d~^2.
+    hinge: relu(1 - x) is 1-Lipschitz: dx plus the rounding of 1 - x."""
+    x = beta * delta
+    dx = _x_err(x, beta, ddelta)
+    if loss_type in ("sigmoid", "robust"):
+        err = (1 - eps) * _logsig_err(x, dx) + eps * _logsig_err(-x, dx)
+        err = err + gamma(6) * ((1 - eps) * F.logsigmoid(x).abs() + eps * F.logsigmoid(-x).abs())
+        return err / (1 - 2 * eps) if loss_type == "robust" else err
+    if loss_type == "ipo":
+        d, dd = _ipo_d(delta, ddelta, beta)
+        return 2 * d.abs() * dd + dd**2 + U32 * (d.abs() + dd) ** 2
+    return dx + U32 * (1 - x).abs()
+
+
+def _pair_grad(delta, beta, loss_type, eps):
+    """Exact dL/d delta (float64)."""
+    x = beta * delta
+    if loss_type == "sigmoid":
+        return beta * (-(1 - eps) * torch.sigmoid(-x) + eps * torch.sigmoid(x))
+    if loss_type == "robust":
+        return beta * (-(1 - eps) * torch.sigmoid(-x) - eps * torch.sigmoid(x)) / (1 - 2 * eps)
+    if loss_type == "ipo":
+        return 2 * (delta - 1 / (2 * beta))
+    return torch.where(x < 1, -beta, 0.0)
+
+
+def _pair_grad_err(delta, ddelta, beta, loss_type, eps):
+    """Error of one fp32 dL/d delta (kernel formula or autograd of the reference) vs the exact one.
+    sigmoid/robust: (1-eps), eps times sigmoids at -+x (_sig_err), beta, the robust scale: at most
+      8 roundings per term (coefficients formed and rounded, products, the sum): gamma(8).
+    ipo: 2 d: twice d's error plus one product.
+    hinge: -beta (beta's rounding); where 1 - x is within x's error of 0 the computed x may sit on
+      the other side of the kink, and the gradient may be either -beta or 0."""
+    x = beta * delta
+    dx = _x_err(x, beta, ddelta)
+    if loss_type in ("sigmoid", "robust"):
+        err = beta * ((1 - eps) * _sig_err(-x, dx) + eps * _sig_err(x, dx))
+        err = err + gamma(8) * beta * ((1 - eps) * torch.sigmoid(-x) + eps * torch.sigmoid(x))
+        return err / (1 - 2 * eps) if loss_type == "robust" else err
+    if loss_type == "ipo":
+        d, dd = _ipo_d(delta, ddelta, beta)
+        return 2 * dd + gamma(1) * 2 * d.abs()
+    kink = (1 - x).abs() <= dx + U32 * (1 - x).abs()
+    return torch.where(kink, beta, U32 * beta)
+
+
+def _dpo_exact(ins, beta, loss_type, eps, errs=(0.0, 0.0, 0.0, 0.0)):
+    """Exact float64 (losses, chosen_rewards, rejected_rewards) of the four per-sequence log-probs
+    `ins`, the bounds of one fp32 evaluation whose inputs are within `errs` of them, and the margin
+    (delta, its error). delta = (c - rc) - (r - rr): each term rounded at most twice, gamma(2)
+    sum|t|, plus the inputs' errors. Rewards beta (c - rc): one difference, beta's rounding, one
+    product: gamma(3) beta (|c| + |rc|), plus beta times the inputs' errors."""
+    c, r, rc, rr = (_d(t) for t in ins)
+    ec, er, erc, err = errs
+    delta = (c - rc) - (r - rr)
+    dd = gamma(2) * (c.abs() + r.abs() + rc.abs() + rr.abs()) + (1 + gamma(2)) * (ec + er + erc + err)
+    losses = reference.dpo_pair_losses(delta, beta, loss_type, eps)
+    cw, rw = beta * (c - rc), beta * (r - rr)
+    ecw = (1 + gamma(3)) * beta * (ec + erc) + gamma(3) * beta * (c.abs() + rc.abs())
+    erw = (1 + gamma(3)) * beta * (er + err) + gamma(3) * beta * (r.abs() + rr.abs())
+    return (losses, cw, rw), (_pair_err(delta, dd, beta, loss_type, eps), ecw, erw), (delta, dd)
+
+
+def _dpo_tokens_exact(pol, ref, mask, beta, loss_type, eps, mean):
+    """_dpo_exact of the rows' masked sums (means): chosen rows first, rejected rows second; the
+    inputs' errors are _seq_err's. Also returns the exact sequence values and their errors."""
+    p, q = _seq_exact(pol, mask, mean), _seq_exact(ref, mask, mean)
+    ep, eq = _seq_err(pol, mask, mean), _seq_err(ref, mask, mean)
+    b = p.shape[0] // 2
+    out, errs, margin = _dpo_exact((p[:b], p[b:], q[:b], q[b:]), beta, loss_type, eps,
+                                   (ep[:b], ep[b:], eq[:b], eq[b:]))
+    return out, errs, margin, (p, q, ep, eq)
+
+
+def _grad_err(g, pg, epg, dtype):
+    """Error of fp32 g * (dL/d delta~) stored in `dtype`, given dL/d delta~ within epg of pg: the
+    product's rounding, then the storage rounding of the result."""
+    e = _d(g).abs() * epg + U32 * (_d(g) * pg).abs()
+    return e + _stored(dtype) * ((_d(g) * pg).abs() + e)
+
+
+def _token_grad(pol, mask, g, gs, margin, beta, loss_type, eps, mean):
+    """Exact gradient w.r.t. the policy token log-probs of sum(g * losses) + sum(gs * policy seq),
+    and one fp32 evaluation's error (stored in pol's dtype). Row j (pair i) gets the scalar
+    v_j = +-g_i L'(delta_i) + gs_j at its valid tokens, divided by the row count n_j for the mean:
+    L' within _pair_grad_err, then at most 3 roundings (product, sum, division), and the storage
+    rounding."""
+    delta, dd = margin
+    b = delta.shape[0]
+    pg, epg = _pair_grad(delta, beta, loss_type, eps), _pair_grad_err(delta, dd, beta, loss_type, eps)
+    g, gs = _d(g), _d(gs) if gs is not None else torch.zeros(2 * b, dtype=torch.float64)
+    v = torch.cat([g * pg, -g * pg]) + gs
+    ev = torch.cat([g.abs() * epg] * 2) + gamma(3) * (torch.cat([(g * pg).abs()] * 2) + gs.abs())
+    valid = _valid(mask)
+    n = valid.sum(-1).clamp(min=1) if mean else torch.ones(2 * b, dtype=torch.long)
+    v, ev = v / n, ev / n
+    ev = ev + _stored(pol.dtype) * (v.abs() + ev)
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.where(valid, v[:, None], zero), torch.where(valid, ev[:, None], zero)
+
+
+
+def _reward_exact(c, r, margin, ec=0.0, er=0.0):
+    """Exact float64 reward loss mean(-logsig(d)), d = c - r - margin, and one fp32 evaluation's
+    error: d rounded at most twice, gamma(2) (|c| + |r| + |margin|), plus the errors ec, er of
+    scores that are themselves computed; each -logsig within
+    _logsig_err; the mean of n: gamma(n+1) sum|L| / n (any summation order, one division). Also
+    the exact gradient w.r.t. c, -sig(-d) / n (r gets +sig(-d) / n), and its fp32 error: _sig_err
+    and 3 roundings (the upstream product, the mean's division, the logsig backward product)."""
+    c, r = _d(c), _d(r)
+    m = _d(0.0 if margin is None else margin)
+    d = c - r - m
+    dd = gamma(2) * (c.abs() + r.abs() + m.abs()) + (1 + gamma(2)) * (_d(ec) + _d(er))
+    losses = -F.logsigmoid(d)
+    n = d.numel()
+    err = (_logsig_err(d, dd).sum() + gamma(n + 1) * losses.abs().sum()) / n
+    gc = -torch.sigmoid(-d) / n
+    return losses.mean(), err, gc, _sig_err(-d, dd) / n + gamma(3) * gc.abs()
 
 def _mask(rows, steps, device):
     """Random holes, a row of length 0, a full row."""
@@ -46,13 +254,21 @@ def test_sequence_logps_matches_reference(backend, device, dtype, reduce, shape)
     out = fastalign.sequence_logps(x, m, reduce=reduce, backend=backend)
     ref = reference.sequence_logps(x, m, reduce == "mean")
     assert out.dtype == torch.float32 and out.shape == shape[:-1]
-    tol = dict(rtol=1e-5, atol=1e-5 * math.sqrt(shape[-1]))
-    torch.testing.assert_close(out, ref, **tol)
+    # kernel and reference: fp32 sums of the same rounded tokens, each within _seq_err of the exact
+    # one (so within twice that of each other)
+    exact, err = _seq_exact(x, m, reduce == "mean"), _seq_err(x, m, reduce == "mean")
+    assert_within(out, exact, err, "sequence_logps vs exact")
+    assert_within(ref, exact, err, "reference sequence_logps vs exact")
     g = torch.randn(shape[:-1], device=device)
     (gx,) = _grad(out, x, g)
     (gr,) = _grad(ref, x, g)
     assert gx.dtype == dtype
-    torch.testing.assert_close(gx, gr, **TOL[dtype])
+    # both: g (sum) or fl(g / n) (mean) at valid tokens, stored in dtype. Each side within
+    # 2u |g/n| (one division, 2 ulp allowed for a GPU's division) plus the storage rounding.
+    n = _valid(m).sum(-1).clamp(min=1) if reduce == "mean" else 1
+    v = torch.where(_valid(m), (_d(g) / n)[..., None], 0.0)
+    e = (2 * U32 if reduce == "mean" else 0.0) * v.abs()
+    assert_within(gx, gr, 2 * (e + _stored(dtype) * (v.abs() + e)), "sequence_logps grad vs reference")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -73,7 +289,8 @@ def test_sequence_logps_empty_rows_nan_at_masked_and_mask_dtypes(backend, device
     x = x.requires_grad_()
     out = fastalign.sequence_logps(x, m, reduce="mean", backend=backend)
     (g,) = _grad(out.sum(), x, None)
-    assert g[1].eq(0).all() and g[0, 2] == 0 and g[0, 0] == pytest.approx(1 / 5)
+    assert g[1].eq(0).all() and g[0, 2] == 0
+    assert_within(g[0, 0], 1 / 5, 2 * U32 / 5, "mean grad 1/5")  # one fp32 division (2 ulp on a GPU)
     assert fastalign.sequence_logps(torch.zeros(0, 4, device=device), torch.ones(0, 4, device=device),
                                     backend=backend).shape == (0,)
     assert fastalign.sequence_logps(torch.zeros(2, 0, device=device), torch.ones(2, 0, device=device),
@@ -86,7 +303,7 @@ def test_sequence_logps_non_contiguous_and_inputs_untouched(backend, device):
     m = _mask(9, 4, device).t()
     snap = x.clone(), m.clone()
     out = fastalign.sequence_logps(x, m, backend=backend)
-    torch.testing.assert_close(out, reference.sequence_logps(x, m), **F32)
+    assert_within(out, reference.sequence_logps(x, m), 2 * _seq_err(x, m, False), "non-contiguous vs reference")
     assert torch.equal(x, snap[0]) and torch.equal(m, snap[1])
 
 
@@ -106,15 +323,18 @@ def test_dpo_loss_matches_reference(backend, device, dtype, loss_type, eps):
     for beta in (0.1, 2.0):
         out = fastalign.dpo_loss(*ins, beta=beta, loss_type=loss_type, label_smoothing=eps, backend=backend)
         ref = reference.dpo_loss(*ins, beta, loss_type, eps)
-        for o, r in zip(out, ref):
+        # kernel and reference: two fp32 evaluations on the same rounded inputs
+        _, errs, (delta, dd) = _dpo_exact(ins, beta, loss_type, eps)
+        for o, r, e, what in zip(out, ref, errs, ("losses", "chosen_rewards", "rejected_rewards")):
             assert o.dtype == torch.float32 and o.shape == (37,)
-            torch.testing.assert_close(o, r, **F32)
+            assert_within(o, r, 2 * e, f"{what} vs reference")
         assert not out[1].requires_grad and not out[2].requires_grad
         g = torch.randn(37, device=device)
         got, want = _grad(out[0], ins, g), _grad(ref[0], ins, g)
-        for a, b in zip(got, want):
+        pg, epg = _pair_grad(delta, beta, loss_type, eps), _pair_grad_err(delta, dd, beta, loss_type, eps)
+        for a, b in zip(got, want):  # +-g L'(delta) for each input, stored in dtype
             assert a.dtype == dtype
-            torch.testing.assert_close(a, b, **TOL[dtype])
+            assert_within(a, b, 2 * _grad_err(g, pg, epg, dtype), "input grad vs reference")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -140,7 +360,9 @@ def test_dpo_loss_hand_computed(backend, device):
     for (loss_type, eps), want in expected.items():
         losses, cw, rw = fastalign.dpo_loss(c, r, rc, rr, beta=0.5, loss_type=loss_type, label_smoothing=eps,
                                             backend=backend)
-        torch.testing.assert_close(losses, t(*want), rtol=1e-6, atol=1e-6)
+        # exact fp64 constants: one fp32 evaluation's error (the inputs are exact in fp32)
+        err = _dpo_exact((c, r, rc, rr), 0.5, loss_type, eps)[1][0]
+        assert_within(losses, torch.tensor(want, dtype=torch.float64), err, f"{loss_type} eps={eps}")
         assert cw.tolist() == [0.5, -0.5] and rw.tolist() == [-0.25, 0.5]
 
 
@@ -157,7 +379,7 @@ def test_dpo_loss_huge_margins_finite_with_right_asymptotes(backend, device, los
                                       label_smoothing=eps, backend=backend)
     (g,) = _grad(losses.sum(), c, None)
     assert losses.isfinite().all() and g.isfinite().all()
-    xs = x.to(dtype).float()
+    xs = _d(c)  # the dtype-rounded margins, exact in fp32 and fp64
     if loss_type == "sigmoid":  # L -> (1-e)*(-x) for x -> -inf, e*x for x -> +inf
         want = torch.where(xs > 0, eps * xs, -(1 - eps) * xs)
         gwant = torch.where(xs > 0, eps, -(1 - eps))
@@ -169,10 +391,17 @@ def test_dpo_loss_huge_margins_finite_with_right_asymptotes(backend, device, los
     else:
         want, gwant = torch.relu(1 - xs), torch.where(xs < 1, -1.0, 0.0)
     big = xs.abs() >= 100
-    torch.testing.assert_close(losses[big], want[big], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g[big].float(), gwant[big], **TOL[dtype])  # the gradient is rounded to dtype
+    # vs the exact asymptote: one fp32 evaluation's error, plus the asymptote's own distance from
+    # the loss (log1p(e^-|x|) <= e^-|x| per logsig; sigmoid(-|x|) <= e^-|x| for the gradient)
+    zs = torch.zeros_like(xs)
+    _, errs, (delta, dd) = _dpo_exact((xs, zs, zs, zs), 1.0, loss_type, eps)
+    tail = torch.exp(-xs.abs()) / (1 - 2 * eps)
+    assert_within(losses[big], want[big], (errs[0] + tail)[big], "loss vs asymptote")
+    epg = _grad_err(torch.ones(7), _pair_grad(delta, 1.0, loss_type, eps),
+                    _pair_grad_err(delta, dd, 1.0, loss_type, eps), dtype)
+    assert_within(g[big], gwant[big], (epg + (1 + _stored(dtype)) * tail)[big], "grad vs asymptote")
     ref = reference.dpo_loss(c, z, z, z, 1.0, loss_type, eps)[0]
-    torch.testing.assert_close(losses, ref, **F32)
+    assert_within(losses, ref, 2 * errs[0], "huge margins vs reference")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -184,9 +413,13 @@ def test_dpo_loss_fp16_long_sequences_no_nan_rewards(backend, device):
     for loss_type in LOSS_TYPES:
         losses, cw, rw = fastalign.dpo_loss(c, r, rc, rr, beta=0.1, loss_type=loss_type, backend=backend)
         assert losses.isfinite().all()
-        assert cw.tolist() == [pytest.approx(-6400.0)] and rw.tolist() == [pytest.approx(6400.0)]
+        # c - rc = -64000 exactly in fp32; beta's fp32 rounding and one product: gamma(2) |reward|
+        assert_within(cw, torch.tensor([-6400.0]), gamma(2) * 6400, "chosen reward")
+        assert_within(rw, torch.tensor([6400.0]), gamma(2) * 6400, "rejected reward")
     losses, _, _ = fastalign.dpo_loss(c, r, rc, rr, beta=0.1, backend=backend)
-    assert losses.item() == pytest.approx(12800.0, rel=1e-6)
+    # -logsig(-12800) = 12800 + log1p(e^-12800): 12800 exactly in fp64; one fp32 evaluation's error
+    err = _dpo_exact((c, r, rc, rr), 0.1, "sigmoid", 0.0)[1][0]
+    assert_within(losses, torch.tensor([12800.0], dtype=torch.float64), err, "fp16 long-sequence loss")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -197,10 +430,11 @@ def test_dpo_loss_mixed_dtypes_non_contiguous_and_ref_grads(backend, device):
     rc, rr = base[2, ::2], base[3, ::2]  # non-contiguous, no grad (frozen reference)
     out = fastalign.dpo_loss(c, r, rc, rr, beta=0.3, backend=backend)
     ref = reference.dpo_loss(c, r, rc, rr, 0.3, "sigmoid", 0.0)
-    torch.testing.assert_close(out[0], ref[0], **F32)
+    assert_within(out[0], ref[0], 2 * _dpo_exact((c, r, rc, rr), 0.3, "sigmoid", 0.0)[1][0], "mixed vs reference")
     gc, gr = _grad(out[0].sum(), (c, r), None)
     assert gc.dtype == torch.float32 and gr.dtype == torch.bfloat16
-    torch.testing.assert_close(gr.float(), -gc, **TOL[torch.bfloat16])
+    # one fp32 g from the backward: +g stored in fp32, -g rounded once to bf16
+    assert_within(gr, -gc, rounding(gc, torch.bfloat16), "bf16 grad = -fp32 grad")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -244,29 +478,41 @@ def test_fused_tokens_equal_composed_ops(backend, device, dtype, loss_type, aver
     (got,) = _grad((out[0] * g).sum() + (out[3] * gs).sum(), pol, None)
     (want,) = _grad((comp[0] * g).sum() + (pseq * gs).sum(), pol, None)
     assert got.dtype == dtype
-    torch.testing.assert_close(got, want, **TOL[dtype])
-    # and against the reference composition
+    # the fused backward and the composed one (two kernels + autograd) form the same row scalars
+    # from the same (bit-identical) sums, but may round them differently: both within _token_grad
+    _, errs, margin, _ = _dpo_tokens_exact(pol, ref, mask, 0.2, loss_type, 0.1, average)
+    _, gerr = _token_grad(pol, mask, g, gs, margin, 0.2, loss_type, 0.1, average)
+    assert_within(got, want, 2 * gerr, "fused grad vs composed")
+    # and against the reference composition: two fp32 evaluations, sums in different orders
     ref_p = reference.sequence_logps(pol, mask, average)
     ref_r = reference.sequence_logps(ref, mask, average)
     ref_out = reference.dpo_loss(ref_p[:5], ref_p[5:], ref_r[:5], ref_r[5:], 0.2, loss_type, 0.1)
-    tol = dict(rtol=1e-5, atol=1e-4 if loss_type == "ipo" else 1e-5)
-    for a, b in zip(out[:3], ref_out):
-        torch.testing.assert_close(a, b, **tol)
+    for a, b, e in zip(out[:3], ref_out, errs):
+        assert_within(a, b, 2 * e, "fused vs reference composition")
     (want_ref,) = _grad((ref_out[0] * g).sum() + (ref_p * gs).sum(), pol, None)
-    torch.testing.assert_close(got, want_ref, **TOL[dtype])
+    assert_within(got, want_ref, 2 * gerr, "fused grad vs reference composition")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_fused_tokens_long_rows_and_defaults(backend, device):
     pol, ref, mask = _tokens(2, 1500, device, torch.float32)
-    losses, cw, rw = fastalign.dpo_loss_from_tokens(pol, ref, mask, backend=backend)
+    losses, cw, rw, ps, qs = fastalign.dpo_loss_from_tokens(pol, ref, mask, return_sequence_logps=True,
+                                                            backend=backend)
     p, q = reference.sequence_logps(pol, mask), reference.sequence_logps(ref, mask)
     want = reference.dpo_loss(p[:2], p[2:], q[:2], q[2:], 0.1, "sigmoid", 0.0)
-    for a, b in zip((losses, cw, rw), want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    exact, errs, margin, (pe, qe, ep, eq) = _dpo_tokens_exact(pol, ref, mask, 0.1, "sigmoid", 0.0, False)
+    # sums of 1500 terms: the loss's bound (beta times four rows' gamma(1500) sum|x|) is about one
+    # token's effect on it, so the row sums themselves are checked too (gamma(1500) sum|x| ~ 0.1 per
+    # row, a token ~ 1.5), against the exact values (one evaluation's bound each)
+    assert_within(ps, pe, ep, "long policy rows vs exact")
+    assert_within(qs, qe, eq, "long reference rows vs exact")
+    for a, b, x, e in zip((losses, cw, rw), want, exact, errs):
+        assert_within(a, x, e, "long rows vs exact")
+        assert_within(b, x, e, "long rows reference vs exact")
     (g,) = _grad(losses.sum(), pol, None)
     (gw,) = _grad(want[0].sum(), pol, None)
-    torch.testing.assert_close(g, gw, **F32)
+    gerr = _token_grad(pol, mask, torch.ones(2), None, margin, 0.1, "sigmoid", 0.0, False)[1]
+    assert_within(g, gw, 2 * gerr, "long rows grad vs reference")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -282,7 +528,9 @@ def test_fused_tokens_ref_gets_no_grad_and_inputs_untouched(backend, device):
     # mixed dtypes run in fp32
     out = fastalign.dpo_loss_from_tokens(pol.to(torch.bfloat16), ref.detach(), mask, backend=backend)
     want = fastalign.dpo_loss_from_tokens(pol.to(torch.bfloat16).float(), ref.detach(), mask, backend="torch")
-    torch.testing.assert_close(out[0], want[0], **F32)
+    # the same bf16-rounded policy values on both sides (exact in fp32); the sums in two orders
+    err = _dpo_tokens_exact(pol.to(torch.bfloat16), ref, mask, 0.1, "sigmoid", 0.0, False)[1][0]
+    assert_within(out[0], want[0], 2 * err, "mixed dtypes vs fp32 torch")
 
 
 # ---- loss-type registry (plugins) ---------------------------------------------------------------
@@ -297,16 +545,22 @@ def test_registered_loss_type_runs_on_every_backend(backend, device):
     out = fastalign.dpo_loss(*ins, beta=2.0, loss_type=name, backend=backend)
     d = (ins[0] - ins[2]) - (ins[1] - ins[3])
     want = -F.logsigmoid(2.0 * d - 0.5)
-    torch.testing.assert_close(out[0], want, **F32)
+    # a plugin type runs its torch formula on every backend: the same fp32 ops on the same values
+    # as here, in one process, so the same bits
+    assert torch.equal(out[0], want)
     (g,) = _grad(out[0].sum(), ins[0], None)
     (gw,) = _grad(want.sum(), ins[0], None)
-    torch.testing.assert_close(g, gw, **F32)
+    assert torch.equal(g, gw)
     pol, ref, mask = _tokens(3, 7, device, torch.float32)
     got = fastalign.dpo_loss_from_tokens(pol, ref, mask, beta=2.0, loss_type=name, average_log_prob=True,
                                          backend=backend)
     p, q = reference.sequence_logps(pol, mask, True), reference.sequence_logps(ref, mask, True)
     want = -F.logsigmoid(2.0 * ((p[:3] - q[:3]) - (p[3:] - q[3:])) - 0.5)
-    torch.testing.assert_close(got[0], want, **F32)
+    # the fused means and the reference's differ in order; x = 2 delta - 0.5: 2 delta exact, one
+    # rounding of the subtraction, then -logsig (1-Lipschitz) per side
+    delta, dd = _dpo_tokens_exact(pol, ref, mask, 2.0, "sigmoid", 0.0, True)[2]
+    x = 2 * delta - 0.5
+    assert_within(got[0], want, 2 * _logsig_err(x, 2 * dd + U32 * x.abs()), "plugin from tokens vs reference")
     with pytest.raises(ValueError, match="exists"):
         fastalign.register_dpo_loss_type(name, lambda d, beta, eps: d)
     with pytest.raises(ValueError, match="built-in"):
@@ -323,20 +577,22 @@ def test_reward_loss(backend, device, dtype):
     r = torch.randn(9, device=device).to(dtype).requires_grad_()
     for margin in (None, 0.5, torch.rand(9, device=device)):
         loss = fastalign.reward_loss(c, r, margin=margin, backend=backend)
-        m = 0.0 if margin is None else margin
-        want = -F.logsigmoid(c.float() - r.float() - m).mean()
         assert loss.dtype == torch.float32 and loss.shape == ()
-        torch.testing.assert_close(loss, want, **F32)
+        # against the formula in fp64 on the same dtype-rounded scores: one fp32 evaluation's error
+        want, err, wc, wc_err = _reward_exact(c, r, margin)
+        assert_within(loss, want, err, "reward loss vs fp64")
         gc, gr = _grad(loss, (c, r), None)
-        wc, wr = _grad(want, (c, r), None)
-        torch.testing.assert_close(gc, wc, **TOL[dtype])
-        torch.testing.assert_close(gr, wr, **TOL[dtype])
-    # hand-computed: -logsig(0.5) = 0.4740769841801067; mean(-logsig(2), -logsig(-1)) = 0.7200948492805976
+        stored = wc_err + _stored(dtype) * (wc.abs() + wc_err)  # the score gradients are stored in dtype
+        assert_within(gc, wc, stored, "chosen grad vs fp64")
+        assert_within(gr, -wc, stored, "rejected grad vs fp64")
+    # hand-computed in fp64: -logsig(0.5) = 0.4740769841801067; mean(-logsig(2), -logsig(-1)) =
+    # 0.7200948492805976; mean(-logsig(1e4), -logsig(-1e4)) = 5e3 (+ e^-1e4). One fp32 evaluation's error.
     t = lambda *v: torch.tensor(v, device=device)  # noqa: E731
-    assert fastalign.reward_loss(t(1.0), t(0.5), backend=backend).item() == pytest.approx(0.4740769841801067, 1e-6)
-    assert fastalign.reward_loss(t(3.0, 0.0), t(0.0, 0.5), margin=t(1.0, 0.5), backend=backend).item() == \
-        pytest.approx(0.7200948492805976, 1e-6)
-    assert fastalign.reward_loss(t(1e4, -1e4), t(0.0, 0.0), backend=backend).item() == pytest.approx(5e3, 1e-6)
+    for args, want in (((t(1.0), t(0.5), None), 0.4740769841801067),
+                       ((t(3.0, 0.0), t(0.0, 0.5), t(1.0, 0.5)), 0.7200948492805976),
+                       ((t(1e4, -1e4), t(0.0, 0.0), None), 5e3)):
+        got = fastalign.reward_loss(*args[:2], margin=args[2], backend=backend)
+        assert_within(got, torch.tensor(want, dtype=torch.float64), _reward_exact(*args)[1], f"reward_loss = {want}")
 
 
 # ---- bad inputs ---------------------------------------------------------------------------------
@@ -452,10 +708,30 @@ def test_torch_compile_fullgraph(backend, device):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
     pol, ref, mask = _tokens(3, 11, device, torch.float32)
     got, want = compiled(pol, ref, mask), step(pol, ref, mask)
-    torch.testing.assert_close(got, want)
     (g1,) = _grad(got, pol, None)
     (g2,) = _grad(want, pol, None)
-    torch.testing.assert_close(g1, g2)
+    if device == "cpu":  # aot_eager runs the same eager kernels in the same order: the same bits
+        assert torch.equal(got, want) and torch.equal(g1, g2)
+    # inductor fuses and reorders the elementwise tail and the means (and uses its own exp/log):
+    # each result is within one fp32 evaluation's error of the exact step, composed from the parts
+    (rob, cw, rw), (e_rob, ecw, erw), margin, _ = _dpo_tokens_exact(pol, ref, mask, 0.1, "robust", 0.1, False)
+    sm, esm = _seq_exact(pol, mask, True), _seq_err(pol, mask, True)
+    (ipo, _, _), (e_ipo, _, _), margin2 = _dpo_exact((sm[:3], sm[3:], cw, rw), 0.5, "ipo", 0.0,
+                                                     (esm[:3], esm[3:], ecw, erw))
+    rew, e_rew, _, _ = _reward_exact(cw, rw, 0.1, ecw, erw)
+    exact = rob.mean() + ipo.mean() + rew
+    # each mean of 3: its terms' errors / 3 plus gamma(4) mean|L|; two more additions: gamma(2)
+    err = (e_rob.mean() + gamma(4) * rob.abs().mean() + e_ipo.mean() + gamma(4) * ipo.abs().mean() + e_rew
+           + gamma(2) * (rob.abs().mean() + ipo.abs().mean() + rew.abs()))
+    assert_within(got, exact, err, "compiled step vs exact")
+    assert_within(got, want, 2 * err, "compiled step vs eager")
+    # token grads: robust L'/3 per pair (summed rows) + ipo L'/3 through the row means (cw, rw are
+    # detached), each within _token_grad, and one addition: u (|a| + |b|)
+    a, ea = _token_grad(pol, mask, torch.ones(3) / 3, None, margin, 0.1, "robust", 0.1, False)
+    b, eb = _token_grad(pol, mask, torch.ones(3) / 3, None, margin2, 0.5, "ipo", 0.0, True)
+    eg = ea + eb + U32 * (a.abs() + b.abs())
+    assert_within(g1, a + b, eg, "compiled grad vs exact")
+    assert_within(g1, g2, 2 * eg, "compiled grad vs eager")
 
 
 

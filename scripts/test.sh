@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the test suite as CI does: set up (idempotent), check that every CUDA source compiles
-# with nvcc (sm_80, sm_90; no GPU needed), run pytest without the slow tests, then the slow
+# with nvcc (sm_80, sm_90; no GPU needed), run pytest without the slow tests, the kernel
+# comparisons once more at the narrowest ISA on one thread, then the slow
 # tests (the >2^31-offset kernel test, the compiled-wheel round trip, the whole demo pipeline
 # judged by its oracle, PPO and GRPO raising the oracle score), then the benchmark smoke run.
 # Extra args go to the main pytest run.
@@ -14,6 +15,13 @@ if [ -f .ci/compile_cuda.sh ]; then
   bash .ci/compile_cuda.sh
 fi
 python -m pytest -q --timeout=900 -m "not slow" "$@"
+# the numerics matrix's cheapest cell (scripts/numerics_matrix.sh runs them all): the kernel
+# comparisons again at the narrowest ISA (torch's and fastalign's) on one thread, with MKL on
+# its reproducible path -- another summation order than the run above, same derived bounds
+MKL_CBWR=COMPATIBLE FASTALIGN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 \
+  python -m pytest -q --timeout=900 -m "not slow" -p no:cacheprovider -k "not triton and not cuda" \
+  tests/test_logprobs.py tests/test_linear_logprobs.py tests/test_ppo.py tests/test_gae.py tests/test_kl_whiten.py \
+  tests/test_preference.py tests/test_peer_numerics.py
 python -m pytest -q --timeout=1200 -m slow tests/test_logprobs.py tests/test_wheel.py tests/test_trainer.py tests/test_rl_algorithms.py
 # the benchmark suite's one-minute smoke run: every case's code path, every target printed
 python -m benchmarks --quick --out bench_out/ci

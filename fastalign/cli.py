@@ -53,6 +53,7 @@ def _train(args) -> int:
     """Also the entry point of each process under `torchrun --nproc_per_node N -m fastalign train
     ...` (DDP by default, trainer.distributed=fsdp for FSDP2); rank 0 prints."""
     from fastalign.trainer import distributed
+    from fastalign.trainer.checkpoint import CheckpointError
     from fastalign.trainer.run import load_config, run_training
 
     cfg = load_config(args.config, args.overrides)
@@ -60,6 +61,8 @@ def _train(args) -> int:
         print(f"note: the config says algorithm {cfg['algorithm']!r}; training {args.algorithm!r} as asked")
     try:
         summary = run_training(args.algorithm, cfg)
+    except CheckpointError as e:  # a damaged or unsafe checkpoint: the message names the file
+        raise SystemExit(f"fastalign train: trainer.resume_from: {e}") from None
     finally:
         distributed.shutdown()
     if not distributed.is_main():

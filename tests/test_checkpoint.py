@@ -242,3 +242,25 @@ def test_kill_during_checkpoint_write_then_resume_is_exact(run, tmp_path, point)
     assert os.path.basename(final) == "step-000006"
     full = _weights(os.path.join(run, "checkpoints", "step-000006"))
     assert all(torch.equal(v, full[k]) for k, v in _weights(final).items())
+
+
+def test_cli_refuses_a_crafted_checkpoint(tmp_path):
+    """The issue's repro: `fastalign train sft ... trainer.resume_from=<a checkpoint whose
+    scheduler file is a crafted pickle>` runs nothing and exits with the file named."""
+    common = ["data.format=synthetic", "data.train_size=16", "data.eval_size=0", "data.max_length=48",
+              "model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}",
+              "trainer.device=cpu", "trainer.progress=false", "trainer.plot=false", "trainer.batch_size=2"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def train(out, *more):
+        return subprocess.run([sys.executable, "-m", "fastalign", "train", "sft", *common, f"trainer.output_dir={out}",
+                               *more], capture_output=True, text=True, timeout=300, env=env)
+
+    assert train(tmp_path / "a", "trainer.max_steps=1").returncode == 0
+    c = tmp_path / "a" / "checkpoints" / "step-000001"
+    marker = tmp_path / "PWNED"
+    (c / "scheduler.json").write_bytes(_evil_pickle(marker))
+    _rewrite_manifest(str(c))
+    p = train(tmp_path / "b", "trainer.max_steps=2", f"trainer.resume_from={c}")
+    assert p.returncode != 0 and "scheduler.json is not a fastalign state file" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not marker.exists()

@@ -52,7 +52,7 @@ def rescales(backend, vocab, dtype=torch.float32, block=None):
 
 
 def logprob_bounds(logits, labels, temperature=1.0, ignore_index=-100, g=None, gh=None, *, rescales=0,
-                   arg_err=0.0, bwd_arg_err=0.0, grad_dtype=torch.float32):
+                   arg_err=0.0, bwd_arg_err=0.0, grad_dtype=torch.float32, grad_truncated=False):
     """Exact (float64) logprobs, entropy and gradient of sum(g lp + gh H) w.r.t. the logits, and
     the worst-case error of a fp32 evaluation of each (any backend, any summation order).
 
@@ -84,7 +84,8 @@ def logprob_bounds(logits, labels, temperature=1.0, ignore_index=-100, g=None, g
         go_k = g [k = y] - gh p_k (log p_k + 1)), that sum's gamma(V)(|g| + |gh|(H + 1)), six
         roundings of p_j C_j (coefficient, product, one-hot add, 1/T and its rounding), 3u|g|
         at the label, and TINY C_j for a p_j that underflows. In grad_dtype: one more rounding,
-        u_d (|grad| + err) + u_d tiny_d (subnormal spacing).
+        u_d (|grad| + err) + u_d tiny_d (subnormal spacing), twice that if the conversion
+        truncates (grad_truncated: the Triton interpreter's fp32 -> bf16 cast drops the low bits).
     Rows whose label is ignore_index are exactly 0 (bound 0); rows whose exact value is not finite
     (NaN / inf logits) must match it exactly (bound 0 there; assert_within checks NaN for NaN)."""
     shape, vocab = labels.shape, logits.shape[-1]
@@ -151,7 +152,7 @@ def logprob_bounds(logits, labels, temperature=1.0, ignore_index=-100, g=None, g
     err = (p * relp_b * big_c + p * gh.abs() * (err_lpb + sum_err) + p * gam * (g.abs() + gh.abs() * (h + 1))
            + 6 * U * p * big_c + torch.where(fin, TINY * big_c, zero) + onehot * 3 * U * g.abs()) / temperature
     if grad_dtype != torch.float32:
-        ud = unit_roundoff(grad_dtype)
+        ud = unit_roundoff(grad_dtype) * (2 if grad_truncated else 1)
         err = err + ud * (grad.abs() + err) + ud * torch.finfo(grad_dtype).tiny
     r.grad = grad.reshape(logits.shape)
     r.grad_err = torch.where(grad.isfinite(), err, zero).reshape(logits.shape)

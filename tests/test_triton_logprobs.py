@@ -1,17 +1,23 @@
 """Triton gather_logprobs kernels beyond tests/test_logprobs.py: tile boundaries and the online
 log-sum-exp across several tiles (small BLOCK_V through the module's launchers), masked
 vocabularies, out-of-range labels, skipped rows, 16-bit inputs, strides and launch geometry.
-On the CPU these run under TRITON_INTERPRET=1 (tests/conftest.py), so shapes stay small."""
+On the CPU these run under TRITON_INTERPRET=1 (tests/conftest.py), so shapes stay small.
 
-import math
+Bounds: outputs, row stats and gradients are compared with float64 values of the same inputs
+within tests/test_logprobs.py's logprob_bounds (the worst-case error of a fp32 log-sum-exp over
+the V logits in any summation order, with one rescale per BLOCK_V tile after the first, as this
+kernel's online log-sum-exp does); 16-bit gradients add one rounding to their dtype. Recomputing
+with the same inputs (with / without entropy, a strided copy) is deterministic and stays exact.
+"""
 
 import pytest
 import torch
 
 import fastalign
 from fastalign import _backends
-from fastalign.kernels import reference
-from tests.conftest import TOL, requires_nvidia_compiler, run_triton_compile_script
+from tests.conftest import requires_nvidia_compiler, run_triton_compile_script
+from tests.numerics import assert_within
+from tests.test_logprobs import check_huge_rows, logprob_bounds, rescales
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _reason = _backends.unavailable_reason("triton", DEVICE)
@@ -22,19 +28,6 @@ if _reason is None:
     from fastalign.kernels.triton import logprobs as K
 
 
-def _expected(logits, labels, temperature, ignore_index, g, gh):
-    """Reference (logprobs, entropy, row_stats, grad) in fp32; grad for sum(g*lp + gh*H)."""
-    x = logits.detach().float().clone().requires_grad_()
-    lp, ent = reference.gather_logprobs(x, labels, temperature, ignore_index, True)
-    (lp * g + ent * (gh if gh is not None else 0)).sum().backward()
-    z = logits.float() / temperature
-    m = z.max(-1).values
-    log_s = torch.log(torch.exp(z - m[:, None]).sum(-1))
-    ign = labels == ignore_index
-    stats = torch.stack([m.masked_fill(ign, 0), log_s.masked_fill(ign, 0)], -1)
-    return lp.detach(), ent.detach(), stats, x.grad
-
-
 def _check(logits, labels, *, temperature=1.0, ignore_index=-100, block_v=None, entropy_grad=True):
     n = logits.shape[0]
     g = torch.randn(n, device=logits.device)
@@ -42,14 +35,19 @@ def _check(logits, labels, *, temperature=1.0, ignore_index=-100, block_v=None, 
     lp, ent, stats = K.forward(logits, labels, temperature, ignore_index, True, block_v=block_v)
     grad = K.backward(g, gh, logits, labels, stats, ent if entropy_grad else None, temperature, ignore_index,
                   block_v=block_v)  # fmt: skip
-    e_lp, e_ent, e_stats, e_grad = _expected(logits, labels, temperature, ignore_index, g, gh)
-    tol = TOL[torch.float32]
-    torch.testing.assert_close(lp, e_lp, **tol, equal_nan=True)
-    torch.testing.assert_close(ent, e_ent, **tol, equal_nan=True)
-    finite = e_stats.isfinite().all(-1)
-    torch.testing.assert_close(stats[finite], e_stats[finite], **tol)
+    # the interpreter's fp32 -> bf16 cast truncates (triton/runtime/interpreter.py, cast_impl ->
+    # _convert_float without a rounding mode): up to 1 ulp, 2 u_bf16; compiled kernels round to nearest
+    truncated = _utils.interpreting() and logits.dtype == torch.bfloat16
+    ex = logprob_bounds(logits, labels, temperature, ignore_index, g, gh, grad_dtype=logits.dtype,
+                        grad_truncated=truncated, rescales=rescales("triton", logits.shape[1], logits.dtype, block_v))
+    assert_within(lp, ex.lp, ex.lp_err, "logprobs")
+    assert_within(ent, ex.ent, ex.ent_err, "entropy")
+    # (m, log s): rows with a NaN / inf logit store whatever their sweep left; their outputs are NaN
+    finite, stats_cpu = ex.m.isfinite() & ex.log_s.isfinite(), stats.cpu()
+    assert_within(stats_cpu[finite, 0], ex.m[finite], ex.m_err[finite], "row max")
+    assert_within(stats_cpu[finite, 1], ex.log_s[finite], ex.log_s_err[finite], "row log-sum")
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
-    torch.testing.assert_close(grad.float(), e_grad, **TOL[logits.dtype], equal_nan=True)
+    assert_within(grad, ex.grad, ex.grad_err, "grad")
     # without entropy: logprobs only, no entropy output
     lp2, ent2, _ = K.forward(logits, labels, temperature, ignore_index, False, block_v=block_v)
     assert ent2.numel() == 0
@@ -202,16 +200,10 @@ def test_offsets_beyond_2_pow_31_on_gpu():
     logits = torch.zeros(3, vocab, dtype=torch.bfloat16, device="cuda")
     logits[2, vocab - 1] = 4.0
     labels = torch.tensor([0, -100, vocab - 1], device="cuda")
-    lse_other = math.log(vocab - 1 + math.exp(4.0))
     lp = fastalign.gather_logprobs(logits, labels, backend="triton")
-    expected = torch.tensor([-math.log(vocab), 0.0, 4.0 - lse_other])
-    torch.testing.assert_close(lp.cpu(), expected, rtol=1e-5, atol=1e-5)
     logits.requires_grad_()
     fastalign.gather_logprobs(logits, labels, backend="triton")[2].backward()
-    grad = logits.grad[2]
-    assert abs(float(grad[vocab - 1]) - (1 - math.exp(4.0 - lse_other))) < 1e-2
-    assert abs(float(grad[5]) + math.exp(-lse_other)) < 1e-9 + 1e-2 * math.exp(-lse_other)
-
+    check_huge_rows(lp, logits.grad[2], vocab)
 
 
 _COMPILE_SCRIPT = """

@@ -1,14 +1,28 @@
-"""linear_gather_logprobs on every backend against gather_logprobs(hidden @ weight.T + bias, ...)
-(the eager torch reference), forward and backward to hidden, weight and bias."""
+"""linear_gather_logprobs on every backend against the exact (float64) values of
+gather_logprobs(hidden @ weight.T + bias, ...) on the same inputs, forward and backward to hidden,
+weight and bias.
+
+Bounds (linear_bounds): the tiled GEMMs make each logit with the error of an H + 1 term dot
+product in fp32, gamma(H + 1)(|h||W| + |b|) in any blocking (16-bit inputs: the tile is also
+rounded to the dtype, u_d |x|, up to twice: the product, then + bias); that error enters the log-sum-exp
+as an argument error of each term (tests/test_logprobs.py's logprob_bounds, which adds the fp32
+log-sum-exp's own error over V terms in any order). The gradients push grad_logits' bound
+through the backward GEMMs: |dG| @ |W| plus the GEMM's own gamma(V) (|G| @ |W|) for hidden,
+gamma(N) for weight and bias (tokens summed in any order, across tiles too), and in 16 bits the
+roundings of each GEMM result and of the final cast. Recomputations with the same inputs and GEMM
+shapes (retain_graph, row blocks) stay bit-exact.
+"""
 
 import pytest
 import torch
 
 import fastalign
-from fastalign.kernels import reference
-from tests.conftest import TOL, backend_params
+from tests.conftest import backend_params
+from tests.numerics import U, assert_within, gamma, unit_roundoff
+from tests.test_logprobs import logprob_bounds, rescales
 
 BACKENDS = backend_params()
+U32 = U[torch.float32]
 
 
 def _interpreted(backend, device):
@@ -27,41 +41,86 @@ def _leaf(t):
     return None if t is None else t.detach().clone().requires_grad_()
 
 
-# Tolerances against the eager path computed on the same low-precision inputs. fp32: the tiled
-# GEMMs sum in another order than the full one (~1e-6 relative). bf16/fp16: the eager path rounds
-# `hidden @ weight.T` and then `+ bias` separately (addmm rounds once) and the backward's
-# grad_logits are rounded to the dtype in both paths but the GEMMs accumulate in other orders,
-# so the outputs may differ by ~one rounding of a logit (|logit| <= ~10: 10 * 2^-8 in bf16) and
-# the gradients by a few roundings of the dtype.
-FWD_TOL = {torch.float32: dict(rtol=1e-5, atol=2e-5), torch.bfloat16: dict(rtol=0, atol=0.1),
-           torch.float16: dict(rtol=0, atol=0.02)}
-GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=4 * 2**-8, atol=2e-2),
-            torch.float16: dict(rtol=4 * 2**-11, atol=3e-3)}
+def linear_bounds(hidden, weight, bias, labels, backend, *, temperature=1.0, ignore_index=-100, g=None, gh=None):
+    """Exact (float64) logprobs, entropy and gradients (of sum(g lp + gh H)) w.r.t. hidden,
+    weight and bias, with the worst-case error of the op on `backend` for each.
+
+    logits x = h W^T + b: fp32 accumulation of H products and the bias, acc = gamma(H + 1)
+    (|h||W|^T + |b|), plus in 16 bits the rounding of the result to the dtype, u_d (|x| + acc),
+    and maybe of the product before the bias is added, u_d (|h W^T| + acc), each with u_d tiny_d
+    (subnormal spacing). The forward and
+    the backward's recompute each stay within it; divided by T it is logprob_bounds' arg_err. The
+    cpp backward (_grad_logits_) recomputes log p = x / T - fl(m + log S): its own roundings of
+    z (2u|z| when T != 1: fl(1/T), the product) and of the shift m + log S (u|lse|) are bwd_arg_err.
+    grad_logits G then has logprob_bounds' grad_err dG (in 16 bits: rounded to the dtype, as
+    eager's), and each backward GEMM adds, with |G| <= |G_exact| + dG:
+      grad_hidden = G W:    dG |W| + (gamma(V) + 2 u_d)(|G| |W|)
+      grad_weight = G^T h:  dG^T |h| + (gamma(N) + 2 u_d)(|G|^T |h|)
+      grad_bias = sum_i G:  sum dG + (gamma(N) + u_d) sum |G|
+    (gamma: fp32 accumulation inside the GEMM and across tiles / vocabulary slices in any order;
+    2 u_d: a 16-bit GEMM's result rounded, then the fp32 accumulator cast to the dtype.)"""
+    dt = hidden.dtype
+    vocab, hsize = weight.shape
+    h = hidden.detach().double().reshape(-1, hsize).cpu()
+    w = weight.detach().double().cpu()
+    b = torch.zeros(vocab, dtype=torch.float64) if bias is None else bias.detach().double().cpu()
+    n = h.shape[0]
+    ud = 0.0 if dt == torch.float32 else unit_roundoff(dt)
+    tiny = ud * torch.finfo(dt).tiny
+    prod = h @ w.T
+    logits = prod + b
+    acc = gamma(hsize + 1) * (h.abs() @ w.abs().T + b.abs())
+    x_err = acc + ud * (prod.abs() + logits.abs() + 2 * acc) + 2 * tiny
+    bwd_extra = 0.0
+    if backend == "cpp":
+        z = logits / temperature
+        bwd_extra = (2 * U32 * z.abs() if temperature != 1 else 0.0) + U32 * torch.logsumexp(z, -1, keepdim=True).abs()
+    r = logprob_bounds(logits, labels.reshape(-1), temperature, ignore_index,
+                       None if g is None else g.reshape(-1), None if gh is None else gh.reshape(-1),
+                       rescales=rescales(backend, vocab, dt), arg_err=x_err / temperature, bwd_arg_err=bwd_extra,
+                       grad_dtype=dt)
+    r.lp, r.lp_err, r.ent, r.ent_err = (t.reshape(labels.shape) for t in (r.lp, r.lp_err, r.ent, r.ent_err))
+    if g is None:
+        return r
+    big_g, d_g = r.grad, r.grad_err
+    abs_g = big_g.abs() + d_g
+    gn = gamma(max(n, 1))
+    r.grad_hidden = (big_g @ w).reshape(hidden.shape)
+    r.grad_hidden_err = (d_g @ w.abs() + (gamma(vocab) + 2 * ud) * (abs_g @ w.abs()) + tiny).reshape(hidden.shape)
+    r.grad_weight = big_g.T @ h
+    r.grad_weight_err = d_g.T @ h.abs() + (gn + 2 * ud) * (abs_g.T @ h.abs()) + tiny
+    r.grad_bias = big_g.sum(0)
+    r.grad_bias_err = d_g.sum(0) + (gn + ud) * abs_g.sum(0) + tiny
+    return r
+
+
+def _check_grads(what, grads, ex):
+    """grads: (grad_hidden, grad_weight, grad_bias), None where not computed."""
+    for name, got in zip(("hidden", "weight", "bias"), grads):
+        if got is not None:
+            assert_within(got, getattr(ex, f"grad_{name}"), getattr(ex, f"grad_{name}_err"), f"{what} grad {name}")
 
 
 def _compare(backend, hidden, weight, bias, labels, *, temperature=1.0, ignore_index=-100, entropy=True,
              chunk_size=None):
     dtype = hidden.dtype
     h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
-    hr, wr, br = _leaf(hidden), _leaf(weight), _leaf(bias)
     snapshot = [t.clone() for t in (hidden, weight, labels) + ((bias,) if bias is not None else ())]
     out = fastalign.linear_gather_logprobs(
         h, w, labels, bias=b, temperature=temperature, ignore_index=ignore_index, return_entropy=entropy,
         chunk_size=chunk_size, backend=backend,
     )
-    logits = hr @ wr.T if br is None else hr @ wr.T + br
-    ref = reference.gather_logprobs(logits, labels, temperature, ignore_index, entropy)
-    out, ref = (out, ref) if entropy else ((out,), (ref,))
-    for o, r in zip(out, ref):
-        assert o.dtype == torch.float32 and o.shape == labels.shape
-        torch.testing.assert_close(o, r, **FWD_TOL[dtype])
+    out = out if entropy else (out,)
     weights = [torch.randn(labels.shape, device=hidden.device) for _ in out]
+    ex = linear_bounds(hidden, weight, bias, labels, backend, temperature=temperature, ignore_index=ignore_index,
+                       g=weights[0], gh=weights[1] if entropy else None)
+    for o, e, err, what in zip(out, (ex.lp, ex.ent), (ex.lp_err, ex.ent_err), ("logprobs", "entropy")):
+        assert o.dtype == torch.float32 and o.shape == labels.shape
+        assert_within(o, e, err, f"{backend} {what}")
     sum(((o * g).sum() for o, g in zip(out, weights))).backward()
-    sum(((r * g).sum() for r, g in zip(ref, weights))).backward()
-    pairs = [(h, hr), (w, wr)] + ([(b, br)] if b is not None else [])
-    for x, xr in pairs:
+    for x in (h, w) + ((b,) if b is not None else ()):
         assert x.grad.dtype == dtype and x.grad.shape == x.shape
-        torch.testing.assert_close(x.grad.float(), xr.grad.float(), **GRAD_TOL[dtype])
+    _check_grads(backend, (h.grad, w.grad, None if b is None else b.grad), ex)
     for before, t in zip(snapshot, (hidden, weight, labels) + ((bias,) if bias is not None else ())):
         assert torch.equal(before, t), "an input was modified"
     return out
@@ -83,29 +142,14 @@ def test_matches_eager_fp32(backend, device, shape, hsize, vocab, chunk):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("chunk", [(5, 64), None])  # cpp: the last tile (5 or all rows) kept by the forward
 def test_low_precision(backend, device, dtype, chunk):
-    """bf16/fp16: against the exact (fp32) result of the same low-precision inputs, the op must be
-    at least as accurate as the eager low-precision path (within 2x its max error + a small atol):
-    two low-precision computations differ from each other by their own rounding noise."""
+    """bf16/fp16: against the exact values of the same low-precision inputs, within linear_bounds:
+    fp32 accumulation, plus the roundings to the dtype of the logits tile, grad_logits and each
+    GEMM result (the eager torch path rounds at the same places)."""
     if _interpreted(backend, device):
         pytest.skip("Triton interpreter on the CPU: fp32 only")
     hidden, weight, bias, labels = _make(device, dtype, (4, 6), 32, 515)
     labels[0, :2] = -100
-    weights = [torch.randn(labels.shape, device=device) for _ in range(2)]
-
-    def run(fn, cast):
-        h, w, b = (_leaf(t.to(cast)) for t in (hidden, weight, bias))
-        lp, ent = fn(h, w, b)
-        ((lp * weights[0]).sum() + (ent * weights[1]).sum()).backward()
-        return [lp, ent] + [x.grad.float() for x in (h, w, b)]
-
-    eager = lambda h, w, b: reference.gather_logprobs(h @ w.T + b, labels, 1.0, -100, True)  # noqa: E731
-    fused = lambda h, w, b: fastalign.linear_gather_logprobs(  # noqa: E731
-        h, w, labels, bias=b, return_entropy=True, chunk_size=chunk, backend=backend)
-    exact, low, ours = run(eager, torch.float32), run(eager, dtype), run(fused, dtype)
-    for name, e, lo, o in zip(("logprobs", "entropy", "grad hidden", "grad weight", "grad bias"), exact, low, ours):
-        assert o.dtype == torch.float32 and o.shape == e.shape
-        err, eager_err = (o - e).abs().max().item(), (lo - e).abs().max().item()
-        assert err <= 2 * eager_err + 1e-3, f"{name}: max error {err} vs eager {dtype} {eager_err}"
+    _compare(backend, hidden, weight, bias, labels, chunk_size=chunk)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -139,9 +183,8 @@ def test_partial_gradients_and_empty(backend, device):
     w = _leaf(weight)
     lp = fastalign.linear_gather_logprobs(hidden, w, labels, bias=bias, chunk_size=4, backend=backend)
     lp.sum().backward()
-    wr = _leaf(weight)
-    reference.gather_logprobs(hidden @ wr.T + bias, labels).sum().backward()
-    torch.testing.assert_close(w.grad, wr.grad, **GRAD_TOL[torch.float32])
+    ex = linear_bounds(hidden, weight, bias, labels, backend, g=torch.ones(6))
+    _check_grads(backend, (None, w.grad, None), ex)
     # no tokens
     h0 = torch.zeros(0, 8, device=device, requires_grad=True)
     lp, ent = fastalign.linear_gather_logprobs(h0, w, labels[:0], return_entropy=True, backend=backend)
@@ -241,9 +284,18 @@ def test_torch_compile_fullgraph(backend, device):
     ref_leaves = [_leaf(t) for t in (hidden, weight, bias)]
     ref = head(*ref_leaves, labels)
     ref.backward()
-    torch.testing.assert_close(loss, ref)
-    for x, xr in zip(leaves, ref_leaves):
-        torch.testing.assert_close(x.grad, xr.grad)
+    # both against the exact values: the loss within its tokens' bounds plus the 8-term sum and
+    # mean (gamma(8), the division and the final add), the gradients (g = 2, g_H = 1/8) within
+    # linear_bounds
+    n = labels.numel()
+    ex = linear_bounds(hidden, weight, bias, labels, backend, temperature=0.9, g=torch.full((2, 4), 2.0),
+                       gh=torch.full((2, 4), 1 / n))
+    exact = 2 * ex.lp.sum() + ex.ent.mean()
+    err = 2 * ex.lp_err.sum() + ex.ent_err.mean()
+    err = err + (gamma(n) + 2 * U32) * (2 * (ex.lp.abs() + ex.lp_err).sum() + (ex.ent.abs() + ex.ent_err).mean())
+    for what, value, xs in (("compiled", loss, leaves), ("eager", ref, ref_leaves)):
+        assert_within(value, exact, err, f"{backend} {what} loss")
+        _check_grads(f"{backend} {what}", [x.grad for x in xs], ex)
 
 
 # ---- cpp: the forward's last logits tile kept for the backward ---------------------------------
@@ -311,9 +363,8 @@ def test_kept_tile_last_tile_all_ignored(backend, device, monkeypatch):
     h = _leaf(hidden)
     lp, ent = fastalign.linear_gather_logprobs(h, weight, labels, return_entropy=True, chunk_size=4, backend=backend)
     ent.sum().backward()
-    hr = _leaf(hidden)
-    reference.gather_logprobs(hr @ weight.T, labels, 1.0, -100, True)[1].sum().backward()
-    torch.testing.assert_close(h.grad, hr.grad, **GRAD_TOL[torch.float32])
+    ex = linear_bounds(hidden, weight, None, labels, backend, g=torch.zeros(14), gh=torch.ones(14))
+    _check_grads(backend, (h.grad, None, None), ex)
 
 
 @pytest.mark.parametrize("backend,device", CPP)
@@ -338,11 +389,7 @@ def test_kept_tile_retain_graph_twice(backend, device, chunk, monkeypatch):
     assert len(calls) == 1
     for g1, x in zip(first, (h, w, b)):
         assert torch.equal(g1, x.grad)
-    hr, wr, br = _leaf(hidden), _leaf(weight), _leaf(bias)
-    lpr, entr = reference.gather_logprobs(hr @ wr.T + br, labels, 1.0, -100, True)
-    (lpr * gl + entr * ge).sum().backward()
-    for g1, xr in zip(first, (hr, wr, br)):
-        torch.testing.assert_close(g1, xr.grad, **GRAD_TOL[torch.float32])
+    _check_grads(backend, first, linear_bounds(hidden, weight, bias, labels, backend, g=gl, gh=ge))
 
 
 @pytest.mark.parametrize("backend,device", CPP)
@@ -364,10 +411,7 @@ def test_kept_tile_reused_by_step_2(backend, device, monkeypatch):
     assert rows == 8 and rows * cols <= kept.numel()  # step 2's tiles fit in the kept buffer
     # balanced slices: 4 x 301 elements hold 150 columns of 8 rows -> 3 slices of 101 columns
     assert cols == 101
-    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
-    (reference.gather_logprobs(h @ w.T + b, labels) * g).sum().backward()
-    for x, ref in ((gh, h), (gw, w), (gb, b)):
-        torch.testing.assert_close(x, ref.grad, **GRAD_TOL[torch.float32])
+    _check_grads(backend, (gh, gw, gb), linear_bounds(hidden, weight, bias, labels, backend, g=g))
 
 
 @pytest.mark.parametrize("backend,device", CPP)
@@ -383,10 +427,8 @@ def test_kept_tile_not_used_when_traced(backend, device, monkeypatch):
     calls = _count_recomputes(monkeypatch)
     compiled(*leaves, labels).backward()
     assert len(calls) >= 1
-    ref = [_leaf(t) for t in (hidden, weight)]
-    reference.gather_logprobs(ref[0] @ ref[1].T, labels).sum().backward()
-    for x, xr in zip(leaves, ref):
-        torch.testing.assert_close(x.grad, xr.grad, **GRAD_TOL[torch.float32])
+    ex = linear_bounds(hidden, weight, None, labels, backend, g=torch.ones(7))
+    _check_grads(backend, (leaves[0].grad, leaves[1].grad, None), ex)
 
 
 @pytest.mark.parametrize("backend,device", CPP)

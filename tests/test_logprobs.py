@@ -106,9 +106,9 @@ def logprob_bounds(logits, labels, temperature=1.0, ignore_index=-100, g=None, g
     ent = -torch.where(p == 0, zero, p * logp).sum(-1)  # NaN rows stay NaN
     big_a = ent - log_s  # sum p_j |d_j|
 
-    def per_term(err):  # a scalar or [..., V] error in z, as [N, V], 0 where p_j = 0 exactly
+    def per_term(err):  # a scalar, [..., V] or [..., 1] error in z, as [N, V]; 0 where p_j = 0 exactly
         err = torch.as_tensor(err, dtype=torch.float64).cpu()
-        return torch.where(fin, err.reshape(-1, vocab) if err.dim() else err, zero)
+        return torch.where(fin, err.reshape(-1, err.shape[-1]) if err.dim() else err, zero)
 
     gam = gamma(vocab)
     under = vocab * 746 * TINY

@@ -8,10 +8,11 @@ inputs, scaled by the magnitudes the computation sums or multiplies, never by th
     are upcast exactly on both sides), so only the op's own fp32 error is bounded; the fp64
     reference's own error is the same derivation with u = 2^-53, a 2^-29 fraction, added as such;
   * kl_penalty (_kl_bounds): d = logp - ref is one rounding (u|d|); k2 = (0.5 d) d three (gamma(3));
-    k3 = e^x - x - 1 with x = clamp(-d): the exp's EXP_ULPS ulps, the rounding of d carried through
-    e^x (e^x gamma(1)|x|) and two subtractions (gamma(2) (e^x + |x| + 1)); backward the same terms
-    times |w|; where the input-side clamp (|d| ~ 20) or the output clamp (k3 ~ 10) may decide
-    differently within those errors, the whole gradient |w (e^x - 1)| is allowed there;
+    k3 = e^x - x - 1 with x = clamp(-d): the exp's EXP_ULPS ulps, the rounding of d (and of a fast
+    exp's x log2 e) carried through e^x (e^x gamma(2)|x|) and two subtractions (gamma(2) (e^x + |x|
+    + 1)); backward the same terms times |w|; where the input-side clamp (|d| ~ 20) or the output
+    clamp (k3 ~ 10) may decide differently within those errors, the whole gradient |w (e^x - 1)|
+    is allowed there;
   * masked_whiten (_whiten_bounds): the masked mean of n terms errs by gamma(n) mean|x|; the
     variance (sum of n squares of deviations, one division) by gamma(n+3) (sum D^2 + n e_mu^2)
     + n e_mu^2, over n - 1 (Sum (D - e)^2 = Sum D^2 + n e^2 because Sum D = 0); rsqrt(var + eps)
@@ -61,9 +62,10 @@ def _kl_bounds(logp, ref, kind, w=None):
         (the clamp is 1-Lipschitz, and cuts the error to 0 once |d| (1 - u) > 20).
       k1, abs: u |d|; their gradients +-w (sign(d) is exact: d rounds to 0 only when logp == ref).
       k2 = (0.5 d) d: gamma(3) d^2 / 2; gradient w d, from (w d) 0.5 + w (0.5 d): gamma(3) |w d|.
-      k3 = (e^x - x) - 1: e^x^ within EXP_ULPS ulps and e^x gamma(1)|x| of e^x; the two subtractions
+      k3 = (e^x - x) - 1: e^x^ within EXP_ULPS ulps and e^x gamma(2)|x| of e^x (d's rounding, and
+        the rounding of x log2(e) in the GPUs' fast exp 2^(x log2 e)); the two subtractions
         gamma(2) (e^x + |x| + 1). The output clamp to [-10, 10] is 1-Lipschitz (adds nothing).
-        Gradient -(w e^x - w) where both clamps pass it: |w| (e^x (EXP_ULPS u + gamma(1)|x|) +
+        Gradient -(w e^x - w) where both clamps pass it: |w| (e^x (EXP_ULPS u + gamma(2)|x|) +
         gamma(2)(e^x + 1)); where a clamp may decide otherwise within these errors (|d| within
         gamma(1) |d| of 20, or e^x - x - 1 within the forward bound of 10) one side may pass the
         gradient and the other block it: the whole |w (e^x - 1)| on top."""
@@ -76,7 +78,7 @@ def _kl_bounds(logp, ref, kind, w=None):
         return gamma(3) * 0.5 * d * d * FP64_SHARE, gamma(3) * (w * d).abs() * FP64_SHARE
     x = (-d).clamp(-20, 20)
     ex = x.exp()
-    e_exp = fn_error(ex) + ex * gamma(1) * x.abs()  # the exp and the rounding of d carried through it
+    e_exp = fn_error(ex) + ex * gamma(2) * x.abs()  # the exp, d's rounding and a fast exp's x log2(e)
     fwd = e_exp + gamma(1) * x.abs() + gamma(2) * (ex + x.abs() + 1)
     grad = w * (e_exp + gamma(2) * (ex + 1))
     k3 = ex - x - 1

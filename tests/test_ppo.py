@@ -6,7 +6,8 @@ _policy_bounds / _value_bounds, for ONE fp32 evaluation against exact arithmetic
 inputs; comparing two evaluations (a backend against the reference) adds two such bounds:
   * per token: d = logp - old is one IEEE subtraction of the same fp32 operands on every backend
     (so it is shared, and so is the decision of the clamp to [-20, 20]); r = exp(d) is within
-    EXP_ULPS ulps (the cpp/cuda/triton kernels and torch use different exps); each product with A
+    EXP_ULPS ulps (the cpp/cuda/triton kernels and torch use different exps) and u |d| r (the fast
+    GPU exps round d log2(e) first); each product with A
     one rounding. max/min/clamp are 1-Lipschitz, so the token loss errs by at most the larger of
     its branches' errors. Value loss: v - R one rounding, the clip bounds v_old -+ c one, the
     square one (a relative (1 + u)^3);
@@ -108,7 +109,9 @@ def _policy_bounds(x, y, z, mask, clip_low=0.2, clip_high=None, dual_clip=None, 
     """One fp32 evaluation of ppo_policy_loss against exact arithmetic on the same fp32 inputs:
     bounds on the loss, each stat, and per token the gradient for an upstream gradient of 1
     ("grad"), with "gmax" bounding the gradient's size (for a store in bf16/fp16).
-      R = exp(clamp(d, -20, 20)) with the shared fp32 d; r^ within e_r = EXP_ULPS ulps of R.
+      R = exp(clamp(d, -20, 20)) with the shared fp32 d; r^ within e_r of R: EXP_ULPS ulps, plus
+      u |d| R for the exps that compute 2^(d log2 e) (Triton's and CUDA's fast exp: the product
+      rounds, and its error becomes a relative error of ln 2 |d log2 e| u = |d| u).
       l1 = -A r, l2 = -A clamp(r, lo, hi), one rounding each: |A| (e_r + gamma(1) (R or clamp(R) + e_r)).
       l = max(l1, l2), and min(l, -A c) for A < 0 with dual clip (-A c one rounding): the larger
       of the branches' errors (max, min and clamp are 1-Lipschitz).
@@ -123,7 +126,7 @@ def _policy_bounds(x, y, z, mask, clip_low=0.2, clip_high=None, dual_clip=None, 
     a = _read(z, valid)
     lo, hi = _f32(1.0 - clip_low), _f32(1.0 + (clip_low if clip_high is None else clip_high))
     r = d.clamp(-20, 20).exp()
-    e_r = fn_error(r)
+    e_r = fn_error(r) + gamma(1) * d.clamp(-20, 20).abs() * r
     l1, l2 = -a * r, -a * r.clamp(lo, hi)
     err = a.abs() * (e_r + gamma(1) * (torch.maximum(r, r.clamp(lo, hi)) + e_r))
     loss = torch.maximum(l1, l2)

@@ -38,6 +38,11 @@ TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 U32 = unit_roundoff(torch.float32)
 
 
+def f64(x):
+    """A Python float as an fp64 tensor (assert_within's torch.as_tensor would make it fp32)."""
+    return torch.tensor(x, dtype=torch.float64)
+
+
 def logp_error(z: torch.Tensor) -> torch.Tensor:
     """Bound [..., V] on the error of one fp32 evaluation of log_softmax(z)[j], for every j, from
     the fp32 logits z (any backend: torch's log_softmax, the fused online kernels).
@@ -244,7 +249,7 @@ def test_sft_loss_is_completion_only_cross_entropy(tok):
     assert_within(loss_sum, ref, bound, "sft summed loss")
     n_completion = sum(sum(t != -100 for t in e["labels"]) for e in exs)
     assert sft.loss_units(batch) == n_completion == n  # prompt and padding carry no loss
-    assert_within(metrics["loss"], ref / n, bound / n + U32 * (ref / n).abs(), "sft mean loss")  # + the division
+    assert_within(f64(metrics["loss"]), ref / n, bound / n + U32 * (ref / n).abs(), "sft mean loss")  # + the division
 
 
 def test_sft_mixing_and_packing(tok, tmp_path):
@@ -337,12 +342,14 @@ def test_dpo_loss_matches_formula(tok, loss_type):
     def mean_bound(v, e):
         return e.sum() / b + sum_bound(v.abs().sum(), b) / b + U32 * v.mean().abs()
 
-    assert_within(m["rewards/chosen"], rc.mean(), mean_bound(rc, rc_err), "rewards/chosen")
+    assert_within(f64(m["rewards/chosen"]), rc.mean(), mean_bound(rc, rc_err), "rewards/chosen")
     margin_err = rc_err + rr_err + U32 * (rc - rr).abs()
-    assert_within(m["rewards/margins"], (rc - rr).mean(), mean_bound(rc - rr, margin_err), "rewards/margins")
-    # an accuracy may flip only where the margin is within its error
+    assert_within(f64(m["rewards/margins"]), (rc - rr).mean(), mean_bound(rc - rr, margin_err), "rewards/margins")
+    # an accuracy may flip only where the margin is within its error; the fp32 mean of the b
+    # indicators rounds k / b once
     ambiguous = int(((rc - rr).abs() <= margin_err).sum())
-    assert_within(m["rewards/accuracies"], float((rc > rr).double().mean()), ambiguous / b, "rewards/accuracies")
+    acc = (rc > rr).double().mean()
+    assert_within(f64(m["rewards/accuracies"]), acc, ambiguous / b + U32 * acc, "rewards/accuracies")
 
 
 def test_dpo_unknown_loss_type():

@@ -3,6 +3,12 @@ the same answer as the torch backend -- never a crash, an internal error or a si
 
 Each test here pins a finding of the bad-input sweep (see the test's comment for what happened
 before); the mask tests guard the cpp kernels' direct reads of non-bool masks.
+
+Bounds. A finding about argument handling (a mask's dtype or layout, an int where a float is
+expected, a clamped chunk size) is checked exactly: the same backend on the equivalent plain
+argument does the same arithmetic. Values compared with a formula get a derived bound: a
+log-softmax over V logits (logp_error: its log-sum-exp, computed in fp64 from the actual logits)
+plus the rounding of the fp32 target, or u per rounded subtraction, scaled by what is subtracted.
 """
 
 import math
@@ -13,9 +19,40 @@ import torch
 import fastalign
 from fastalign import _backends
 from tests.conftest import backend_params
+from tests.numerics import EXP_ULPS, assert_within, gamma, rounding, unit_roundoff
 
 BACKENDS = backend_params(("torch", "cpp", "triton"))
 FUSED = backend_params(("cpp", "triton"))
+
+
+U32 = unit_roundoff(torch.float32)
+
+
+def logp_error(z: torch.Tensor) -> torch.Tensor:
+    """Bound [..., V] on the error of one fp32 evaluation of log_softmax(z)[j], for every j, from
+    the (tempered) logits z. Per row, with m = max z, d_j = z_j - m, S = sum_j exp(d_j), L = log S:
+    d_j rounds (u |d_j|, a relative error of exp(d_j)), exp costs EXP_ULPS u, an online
+    log-sum-exp's rescale one more exp and a multiply; S is a sum of V positive terms (gamma(V) S);
+    so log S is off by rho / (1 - rho), rho = u max|d| + 2 EXP_ULPS u + u + gamma(V); log costs
+    EXP_ULPS u |L|, m + L rounds u (|m| + |L|), d_j - L rounds u (|d_j| + |log p_j|). In fp64."""
+    z = z.detach().double()
+    m = z.max(-1, keepdim=True).values
+    d = z - m
+    big_l = d.exp().sum(-1, keepdim=True).log()
+    rho = U32 * d.abs().amax(-1, keepdim=True) + (2 * EXP_ULPS + 1) * U32 + gamma(z.shape[-1])
+    lse_err = rho / (1 - rho) + EXP_ULPS * U32 * big_l.abs() + U32 * (m.abs() + big_l.abs())
+    return lse_err + U32 * (d.abs() + (d - big_l).abs())
+
+
+def near_uniform_bound(z, labels):
+    """|fp32 log p_y - (-log V)| for tiny tempered logits z [..., V] (fp64, exact): the exact
+    log p_y is within |z_y| + max|z| of -log V (log-sum-exp moves by at most max|z|), one fp32
+    evaluation errs by logp_error (z's own rounding, u |z|, is below that), and the fp32 target
+    -log V is rounded once."""
+    v = z.shape[-1]
+    zy = z.gather(-1, labels[..., None])[..., 0].abs()
+    return zy + z.abs().amax(-1) + logp_error(z).gather(-1, labels[..., None])[..., 0] + rounding(math.log(v), torch.float32)
+
 
 
 def _mask(shape, kind):
@@ -44,20 +81,22 @@ MASK_KINDS = ["uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16",
               "int64_col_expand", "float64_tiny"]
 
 
-def _close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
-
-
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("backend,device", FUSED)
 def test_masks_of_every_dtype_and_layout_match_torch(backend, device, kind):
-    # the cpp kernels read bool/uint8/int32/int64/float32 masks as they are, others via kernel_mask
+    # the cpp kernels read bool/uint8/int32/int64/float32 masks as they are, others via kernel_mask.
+    # A mask only selects which terms enter the kernels' arithmetic, so a fused backend must give,
+    # bit for bit, what it gives for the same selection as a plain bool mask (a misread mask changes
+    # whole terms). (The torch backend is not held to this: its reductions over a strided mask's
+    # product may sum in another order.) Agreement of the fused backends with torch on bool masks,
+    # within derived bounds, is the business of test_ppo / test_gae / test_preference.
     torch.manual_seed(1)
     b, t = 3, 5
     mask = _mask((b, t), kind)
+    plain = (mask != 0).contiguous()  # NaN != 0: valid; -0.0 == 0: masked
     x, y, z = torch.randn(b, t), torch.randn(b, t), torch.randn(b, t)
 
-    def run(name):
+    def run(name, mask):
         xg = x.clone().requires_grad_()
         pol, pst = fastalign.ppo_policy_loss(xg, y, z, mask, dual_clip=2.0, agg="seq-mean-token-mean", backend=name)
         vg = x.clone().requires_grad_()
@@ -73,8 +112,8 @@ def test_masks_of_every_dtype_and_layout_match_torch(backend, device, kind):
         dpo[0].sum().backward()
         return [pol, *pst.values(), xg.grad, val, *vst.values(), vg.grad, adv, ret, seq, sg.grad, *dpo, pg.grad]
 
-    for got, want in zip(run(backend), run("torch")):
-        _close(got, want)
+    for got, want in zip(run(backend, mask), run(backend, plain)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
 # ---- meta tensors ------------------------------------------------------------------------------
@@ -163,8 +202,9 @@ def test_temperature_whose_reciprocal_is_zero_in_fp32(backend, device):
             fastalign.linear_gather_logprobs(torch.randn(2, 3), torch.randn(5, 3), labels, temperature=t,
                                              backend=backend)
     # the largest accepted temperature still works: logits / T ~ 0, a uniform distribution
-    _close(fastalign.gather_logprobs(logits, labels, temperature=1e37, backend=backend),
-           torch.full((2,), -math.log(5)))
+    got = fastalign.gather_logprobs(logits, labels, temperature=1e37, backend=backend)
+    assert_within(got, torch.full((2,), -math.log(5)), near_uniform_bound(logits.double() / 1e37, labels),
+                  "log p at temperature 1e37")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -172,18 +212,21 @@ def test_linear_gather_logprobs_parameter_edge_cases(backend, device):
     labels = torch.tensor([[1, 4, 0], [2, 2, 3]])
     f = fastalign.linear_gather_logprobs
     # before: OverflowError inside the torch reference (2**70 passed on as an int)
-    _close(f(torch.randn(2, 3, 4), torch.randn(5, 4), labels, temperature=2**70, backend=backend),
-           torch.full((2, 3), -math.log(5)))
-    # before: the op schema refused it on cpp/triton with "Expected ... type 'int' ... found type 'int'"
     hidden, weight = torch.randn(2, 3, 4), torch.randn(5, 4)
-    want = f(hidden, weight, labels, backend="torch")
-    _close(f(hidden, weight, labels, chunk_size=2**70, backend=backend), want)
-    _close(f(hidden, weight, labels, chunk_size=(2**70, 2**70), backend=backend), want)
+    z = (hidden.double() @ weight.double().T) / float(2**70)  # the logits' own GEMM error is below |z|
+    assert_within(f(hidden, weight, labels, temperature=2**70, backend=backend), torch.full((2, 3), -math.log(5)),
+                  near_uniform_bound(z, labels), "log p at temperature 2**70")
+    # before: the op schema refused it on cpp/triton with "Expected ... type 'int' ... found type 'int'"
+    # (a huge chunk is clamped to all 6 tokens: the same single tile as chunk_size=6, bit for bit)
+    want = f(hidden, weight, labels, chunk_size=6, backend=backend)
+    assert torch.equal(f(hidden, weight, labels, chunk_size=2**70, backend=backend), want)
+    assert torch.equal(f(hidden, weight, labels, chunk_size=(2**70, 2**70), backend=backend), want)
     # before: H = 0 raised "gather_logprobs: logits have an empty vocabulary" (V was 5); the logits
     # are all 0, a uniform distribution, and the gradients empty
     h0, w0 = torch.zeros(2, 3, 0, requires_grad=True), torch.zeros(5, 0, requires_grad=True)
     out = f(h0, w0, labels, backend=backend)
-    _close(out, torch.full((2, 3), -math.log(5)))
+    assert_within(out, torch.full((2, 3), -math.log(5)), near_uniform_bound(torch.zeros(2, 3, 5).double(), labels),
+                  "log p with H = 0")
     out.sum().backward()
     assert h0.grad.shape == h0.shape and w0.grad.shape == w0.shape
     # errors name linear_gather_logprobs, not gather_logprobs
@@ -201,12 +244,13 @@ def test_linear_gather_logprobs_parameter_edge_cases(backend, device):
 def test_ppo_huge_int_parameters(backend, device):
     # before: OverflowError inside the torch reference (the fused backends took them as floats)
     x, y, z, m = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, 3)
+    # an int is taken as the float it equals (2**70 is exact in binary): the same arithmetic
     got, _ = fastalign.ppo_policy_loss(x, y, z, m, dual_clip=2**70, backend=backend)
-    want, _ = fastalign.ppo_policy_loss(x, y, z, m, dual_clip=float(2**70), backend="torch")
-    _close(got, want)
+    want, _ = fastalign.ppo_policy_loss(x, y, z, m, dual_clip=float(2**70), backend=backend)
+    assert torch.equal(got, want)
     got, _ = fastalign.ppo_value_loss(x, y, z, m, clip=2**70, backend=backend)
-    want, _ = fastalign.ppo_value_loss(x, y, z, m, clip=None, backend="torch")
-    _close(got, want)
+    want, _ = fastalign.ppo_value_loss(x, y, z, m, clip=float(2**70), backend=backend)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -263,7 +307,10 @@ def test_dpo_plugin_formula_of_the_wrong_shape_or_type(backend, device):
         fastalign.register_dpo_loss_type("_probe_f64", lambda d, beta, eps: -d.double(), overwrite=True)
         losses, _, _ = fastalign.dpo_loss(c, r, rc, rr, loss_type="_probe_f64", backend=backend)
         assert losses.dtype == torch.float32
-        _close(losses, -((c - rc) - (r - rr)))
+        # the margin (c - rc) - (r - rr): three fp32 subtractions on each side (the op may group
+        # them otherwise), each rounding u times at most the sum of the four magnitudes
+        mags = c.abs() + rc.abs() + r.abs() + rr.abs()
+        assert_within(losses, -((c - rc) - (r - rr)), 2 * 3 * U32 * mags.double(), "plugin f64 losses")
     finally:
         for name in [*bad, "f64"]:
             preference.DPO_LOSS_TYPES.pop(f"_probe_{name}", None)
@@ -276,8 +323,15 @@ def test_label_on_a_minus_inf_logit_has_the_reference_gradient(backend, device):
     # the clamp it uses elsewhere: 0 * -inf = NaN (csrc/cpu/logprobs_kernel.h, logprobs_bwd_typed).
     x = torch.tensor([[0.0, -float("inf"), 1.0]], requires_grad=True)
     fastalign.gather_logprobs(x, torch.tensor([1]), backend=backend).sum().backward()
-    p = torch.softmax(torch.tensor([0.0, 1.0]), 0)
-    _close(x.grad, torch.stack([-p[0], torch.tensor(1.0), -p[1]])[None])
+    # fp64 reference; the -inf entry adds exp(-inf) = 0 exactly, so the finite entries are the
+    # softmax of [0, 1]: each -p_j carries log p_j's error (relative) plus its exp (EXP_ULPS u)
+    # and the product with g (u); the label's 1 - p_y = 1 - 0 is exact
+    finite = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    p = finite.softmax(0)
+    want = torch.stack([-p[0], torch.tensor(1.0, dtype=torch.float64), -p[1]])[None]
+    err = p * (logp_error(finite) + (EXP_ULPS + 1) * U32)
+    assert_within(x.grad, want, torch.stack([err[0], torch.tensor(0.0, dtype=torch.float64), err[1]])[None],
+                  "gradient with a -inf label logit")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

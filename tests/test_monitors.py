@@ -1,4 +1,12 @@
-"""The RLHF monitors on crafted samples whose answers are known by hand."""
+"""The RLHF monitors on crafted samples whose answers are known by hand.
+
+Bounds. The monitors are plain Python-float (IEEE double) arithmetic in a fixed order, so they
+give the same bits on every machine. Where the expected value is the same expression (distinct-n
+fractions, a correlation of the same inputs) or all intermediates are exact (small integers and
+halves: means, sums, the hand-made correlations), the comparison is exact. Elsewhere it is bounded
+by the roundings of the computation: a mean of decimals (mean_error), a Pearson correlation
+against torch.corrcoef (pearson_error), a moving average (ema_error).
+"""
 
 import math
 import pickle
@@ -6,32 +14,85 @@ import pickle
 import pytest
 import torch
 
+from tests.numerics import assert_within, gamma, unit_roundoff
+
 from fastalign.trainer.monitors import (OveroptimisationMonitor, distinct_n, length_correlation, pearson,
                                         plot_monitors, rollout_metrics)
 
 
+U64 = unit_roundoff(torch.float64)
+
+
+def f64(x):
+    """A Python float as an fp64 tensor (assert_within's torch.as_tensor would make it fp32)."""
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def mean_error(xs):
+    """One Python mean sum(xs) / n vs the exact mean of the decimals xs: each literal is rounded
+    (u |x|), the n-term sum (gamma(n) sum |x|), the division (u |mean|); and the expected literal
+    itself is rounded (u |mean|)."""
+    a = sum(abs(x) for x in xs)
+    return ((U64 + gamma(len(xs), torch.float64)) * a) / len(xs) + 2 * U64 * abs(sum(xs) / len(xs))
+
+
+def pearson_error(x, y):
+    """How far two evaluations of the Pearson correlation of x, y (fp64) can differ (first order).
+    One evaluation: the means err by e_m <= gamma(n) sum|x| / n + u |m|; the deviations dx_i by
+    e_m + u |dx_i|; sxy = sum dx dy by sum(|dy| e_dx + |dx| e_dy) + (gamma(n) + u) sum |dx dy|
+    (products, then the n-term sum); likewise sxx, syy. r = sxy / sqrt(sxx syy) then errs by
+    E_xy / sqrt(sxx syy) + |r| (E_xx / 2 sxx + E_yy / 2 syy) plus its last roundings: u |r| each,
+    at most 8 of them in either form (fastalign: a product, sqrt, /; torch.corrcoef: / (n - 1)
+    three times, two sqrt, two /). Twice the per-evaluation terms for the two evaluations."""
+    x, y = x.double(), y.double()
+    n, g = len(x), gamma(len(x), torch.float64)
+    dx, dy = x - x.mean(), y - y.mean()
+    emx = g * x.abs().sum() / n + U64 * x.mean().abs()
+    emy = g * y.abs().sum() / n + U64 * y.mean().abs()
+    ex, ey = emx + U64 * dx.abs(), emy + U64 * dy.abs()
+    sxy, sxx, syy = (dx * dy).sum(), (dx * dx).sum(), (dy * dy).sum()
+    exy = (dy.abs() * ex + dx.abs() * ey).sum() + (g + U64) * (dx * dy).abs().sum()
+    exx = (2 * dx.abs() * ex).sum() + (g + U64) * sxx
+    eyy = (2 * dy.abs() * ey).sum() + (g + U64) * syy
+    r = sxy / (sxx * syy).sqrt()
+    return 2 * (exy / (sxx * syy).sqrt() + r.abs() * (exx / (2 * sxx) + eyy / (2 * syy))) + 8 * U64 * r.abs()
+
+
+def ema_error(values):
+    """A running average x <- x + a (v - x), a <= 1, of values bounded by M = max|v|: every x
+    stays within [-M, M], so one update rounds a (u a), v - x (<= 2M, u 2M a after * a), the
+    product (u 2M a) and the sum (u M): <= 7 u M per update, and earlier errors are damped by
+    (1 - a) <= 1, so <= 7 u M per update in all; plus the expected expression's own roundings
+    (<= one per value, u M each)."""
+    m = max(abs(v) for v in values)
+    return 8 * U64 * m * len(values)
+
+
+
 def test_distinct_n_by_hand():
     # 1-grams: a b a c | a a -> 6 total, distinct {a, b, c} = 3
-    assert distinct_n([[1, 2, 1, 3], [1, 1]], 1) == pytest.approx(3 / 6)
+    assert distinct_n([[1, 2, 1, 3], [1, 1]], 1) == 3 / 6
     # 2-grams: (1,2) (2,1) (1,3) | (1,1) -> 4 total, 4 distinct
-    assert distinct_n([[1, 2, 1, 3], [1, 1]], 2) == pytest.approx(1.0)
+    assert distinct_n([[1, 2, 1, 3], [1, 1]], 2) == 1.0
     # a collapsed policy: the same answer everywhere
-    assert distinct_n(["4 1 3"] * 10, 1) == pytest.approx(3 / 30)
-    assert distinct_n(["4 1 3"] * 10, 2) == pytest.approx(2 / 20)
+    assert distinct_n(["4 1 3"] * 10, 1) == 3 / 30
+    assert distinct_n(["4 1 3"] * 10, 2) == 2 / 20
     assert distinct_n([[], [5]], 2) == 0.0  # no bigram at all
     with pytest.raises(ValueError, match="n must be >= 1"):
         distinct_n([[1]], 0)
 
 
 def test_pearson_and_length_correlation():
-    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
-    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # cov 1.25 / (1.25)
+    # integers: every mean, deviation, product and sum is an exact small dyadic number, sqrt of
+    # a perfect square is exact, and the last division rounds like the literal
+    assert pearson([1, 2, 3], [2, 4, 6]) == 1.0
+    assert pearson([1, 2, 3], [3, 2, 1]) == -1.0
+    assert pearson([1, 2, 3, 4], [1, 3, 2, 4]) == 0.8  # sxy 4 / sqrt(5 * 5)
     assert pearson([1, 1, 1], [1, 2, 3]) == 0.0  # constant side: no measurable relation, not NaN
     assert pearson([1], [2]) == 0.0
     x = torch.randn(50, dtype=torch.float64)
     y = 2 * x + 0.5 * torch.randn(50, dtype=torch.float64)
-    assert pearson(x, y) == pytest.approx(float(torch.corrcoef(torch.stack([x, y]))[0, 1]), abs=1e-12)
+    assert_within(f64(pearson(x, y)), torch.corrcoef(torch.stack([x, y]))[0, 1], pearson_error(x, y), "pearson")
     # rewards that grow with length
     assert length_correlation([0.1, 0.2, 0.3], [3, 5, 9]) > 0.9
     with pytest.raises(ValueError, match="3 x values but 2"):
@@ -42,16 +103,16 @@ def test_rollout_metrics_by_hand():
     ids = [[1, 2, 3], [1, 2], [4]]
     m = rollout_metrics(responses_ids=ids, rewards=torch.tensor([0.5, 0.0, 1.0]), kl=[0.1, 0.2, 0.3],
                         entropy=torch.tensor([1.0, 2.0, 3.0]), oracle_scores=[1.0, 0.0, 0.5], truncated=1)
-    assert m["rollout/reward"] == pytest.approx(0.5)
-    assert m["rollout/length"] == pytest.approx(2.0)
-    assert m["rollout/distinct_1"] == pytest.approx(4 / 6)
-    assert m["rollout/distinct_2"] == pytest.approx(2 / 3)  # (1,2) (2,3) (1,2)
-    assert m["rollout/kl"] == pytest.approx(0.2)
-    assert m["rollout/entropy"] == pytest.approx(2.0)
-    assert m["rollout/oracle"] == pytest.approx(0.5)
+    # sums of halves and small integers are exact, and so is their mean here
+    assert m["rollout/reward"] == 0.5 and m["rollout/length"] == 2.0
+    assert m["rollout/distinct_1"] == 4 / 6  # the same division
+    assert m["rollout/distinct_2"] == 2 / 3  # (1,2) (2,3) (1,2)
+    assert_within(f64(m["rollout/kl"]), f64(0.2), mean_error([0.1, 0.2, 0.3]), "rollout/kl")  # decimals: rounded
+    assert m["rollout/entropy"] == 2.0 and m["rollout/oracle"] == 0.5
     assert m["rollout/truncated"] == 1
-    assert m["rollout/length_corr"] == pytest.approx(pearson([0.5, 0.0, 1.0], [3, 2, 1]))
-    assert m["rollout/proxy_oracle_corr"] == pytest.approx(pearson([0.5, 0.0, 1.0], [1.0, 0.0, 0.5]))
+    # the same function on the same values (the fp32 tensor's elements are exact halves)
+    assert m["rollout/length_corr"] == pearson([0.5, 0.0, 1.0], [3, 2, 1])
+    assert m["rollout/proxy_oracle_corr"] == pearson([0.5, 0.0, 1.0], [1.0, 0.0, 0.5])
     m2 = rollout_metrics(responses_ids=ids, rewards=[0, 0, 0], prefix="x/")
     assert set(m2) == {"x/reward", "x/length", "x/distinct_1", "x/distinct_2", "x/length_corr", "x/truncated"}
     with pytest.raises(ValueError, match="2 rewards for 3 responses"):
@@ -94,9 +155,11 @@ def test_overoptimisation_monitor_smooths_noise():
     m = OveroptimisationMonitor(smoothing=0.2)
     assert [m.update(s, float(s + 1), 0.5 - s) for s in range(4)] == [False] * 4
     m.update(4, 5.0, 0.5)
-    assert m.proxy == pytest.approx(3.0) and m.best_oracle == pytest.approx((0.5 - 0.5 - 1.5 - 2.5 + 0.5) / 5)
+    proxies, oracles = [1.0, 2.0, 3.0, 4.0, 5.0], [0.5, -0.5, -1.5, -2.5, 0.5]
+    assert_within(f64(m.proxy), f64(3.0), ema_error(proxies), "smoothed proxy")
+    assert_within(f64(m.best_oracle), f64((0.5 - 0.5 - 1.5 - 2.5 + 0.5) / 5), ema_error(oracles), "best oracle")
     m.update(5, 8.0, 0.5)
-    assert m.proxy == pytest.approx(4.0)
+    assert_within(f64(m.proxy), f64(4.0), ema_error(proxies + [8.0]), "smoothed proxy")
 
 
 def test_overoptimisation_monitor_state_round_trip_and_errors():

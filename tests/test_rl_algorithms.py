@@ -1,5 +1,13 @@
 """The online algorithms (ppo, grpo) in the trainer: they learn the synthetic task from a reward,
-resume exactly, refuse NaN rewards without updating, validate their options, log the monitors."""
+resume exactly, refuse NaN rewards without updating, validate their options, log the monitors.
+
+Bounds. Resume and refusal checks are exact (the same arithmetic on the same inputs). The adaptive
+KL coefficient is a few Python-float operations on each side: a relative bound of gamma(10) in
+fp64 (see that test). GRPO's k3 metric is checked against the k3 formula in fp64 on the very
+inputs of the loss (k3_error: the fp32 subtraction, exp and two subtractions), and "policy ==
+reference on the first step" exactly: the rollout's policy and reference log-probs are the same
+computation on the same batch.
+"""
 
 import math
 from collections import Counter
@@ -11,8 +19,26 @@ from fastalign.algorithms import get_algorithm
 from fastalign.data.synthetic import Oracle, SyntheticTask
 from fastalign.models import ScalarHeadModel, load_model, tiny_model, tiny_tokenizer
 from fastalign.trainer.loop import Trainer, TrainingDivergedError
+from tests.numerics import EXP_ULPS, assert_within, gamma, sum_bound, unit_roundoff
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+U32 = unit_roundoff(torch.float32)
+
+
+def f64(x):
+    """A Python float as an fp64 tensor (assert_within's torch.as_tensor would make it fp32)."""
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def k3_error(d, k3):
+    """The error of one fp32 evaluation of k3 = exp(x) - x - 1, x = -d, d = logp - ref given as
+    fp32 inputs (fp64 tensors d, k3 of the exact values): d rounds (u |d|, which moves k3 by
+    |exp(x) - 1| u |d|), exp costs EXP_ULPS u exp(x), the two subtractions u |exp(x) - x| and
+    u |k3|."""
+    e = (-d).exp()
+    return (e - 1).abs() * U32 * d.abs() + EXP_ULPS * U32 * e + U32 * ((e + d).abs() + k3.abs())
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +162,14 @@ def test_nan_reward_stops_the_step_without_update(tok, tmp_path):
 def test_adaptive_kl_controller_math():
     alg = get_algorithm("ppo")({"adaptive_kl": True, "kl_coef": 0.2, "kl_target": 6.0, "kl_horizon": 10000},
                                reward_fn=lambda p, r: 0.0)
+    # each side: 0.2 times one or two factors (1 + err n / horizon), every literal and operation
+    # rounded once (<= 10 roundings in all, each relative to a factor of magnitude ~1: the
+    # err n / horizon terms are 0.002 and 0.001, so their own roundings move the factor by less)
     alg._update_kl_coef(9.0, 100)  # KL 50% over target: error clipped to +0.2
-    assert alg.kl_coef == pytest.approx(0.2 * (1 + 0.2 * 100 / 10000))
-    alg._update_kl_coef(5.4, 100)  # 10% under
-    assert alg.kl_coef == pytest.approx(0.2 * (1 + 0.2 * 0.01) * (1 - 0.1 * 0.01))
+    assert alg.kl_coef == 0.2 * (1 + 0.2 * 100 / 10000)  # the same operations in the same order
+    alg._update_kl_coef(5.4, 100)  # 10% under: err = 5.4 / 6 - 1, not the literal -0.1
+    want = 0.2 * (1 + 0.2 * 0.01) * (1 - 0.1 * 0.01)
+    assert_within(f64(alg.kl_coef), f64(want), gamma(10, torch.float64) * want, "adaptive kl_coef")
     fixed = get_algorithm("ppo")({"kl_coef": 0.2}, reward_fn=lambda p, r: 0.0)
     fixed._update_kl_coef(100.0, 100)
     assert fixed.kl_coef == 0.2
@@ -171,13 +201,39 @@ def test_ppo_needs_a_reward(tok):
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_grpo_step(tok, tmp_path, agg):
+    from fastalign.algorithms import token_logps
+
     alg = get_algorithm("grpo")({"group_size": 4, "max_new_tokens": 5, "agg": agg, "beta": 0.1},
                                 reward_fn=lambda p, r: float(len(r)), oracle_fn=Oracle.score)
     models = {"policy": tiny_model(tok, seed=0, **TINY), "reference": tiny_model(tok, seed=0, **TINY)}
+    seen = []
+    loss = alg.loss
+
+    def checked_loss(models, batch):
+        # the loss's own policy log-probs: the same forward on the same micro-batch, recomputed
+        logps, _, mask = token_logps(models["policy"], batch, temperature=alg.config.temperature,
+                                     return_entropy=True)
+        out = loss(models, batch)
+        seen.append((logps.detach(), batch["ref_logps"], batch["old_logps"], mask, out[1]["kl_k3"]))
+        return out
+
+    alg.loss = checked_loss
     tr = _trainer(alg, models, tok, tmp_path, _prompts(alg, tok, 16, 0), max_steps=1, batch_size=4)
     m = tr.fit()["train"]
     assert m["optimizer_steps"] == 1 and "kl_k3" in m and "rollout/oracle" in m and 0 <= m["zero_std_groups"] <= 1
-    assert m["kl_k3"] == pytest.approx(0.0, abs=1e-6)  # first step: policy == reference
+    assert seen
+    for logps, ref, old, mask, kl in seen:
+        # first step: the reference is the policy (the rollout's two log-prob passes are the same
+        # computation on the same batch) ...
+        assert torch.equal(ref, old)
+        # ... and the metric is the k3 estimator of the loss's inputs, sum over the N masked
+        # tokens (masked positions: d = 0, k3 = 0 exactly) / N, in fp64 from those fp32 inputs
+        d = logps.double() - ref.double()
+        k3 = torch.where(mask, (-d).exp() + d - 1, 0.0)
+        n = int(mask.sum())
+        err = torch.where(mask, k3_error(d, k3), 0.0)
+        bound = (err.sum() + sum_bound(k3.abs().sum(), k3.numel())) / n + U32 * k3.sum().abs() / n
+        assert_within(f64(kl), k3.sum() / n, bound, "kl_k3")
     assert get_algorithm("grpo")({"beta": 0.0}, reward_fn=lambda p, r: 0.0).models == ("policy",)
 
 

@@ -4,6 +4,9 @@ fastalign._C is only imported when fastalign/_build_info.py (written by setup.py
 built for the running torch; otherwise it is refused with a message that names the versions and
 the torch backend keeps working. Each case runs in a child interpreter with a fake
 fastalign._build_info placed in sys.modules before `import fastalign` (no other torch needed).
+
+Bounds: the one numerical comparison (the torch fallback's log-probs) is exact by design, the same
+torch op on the same values.
 """
 
 import os
@@ -32,7 +35,9 @@ assert report["torch"]["usable"], report
 x = torch.randn(3, 11, requires_grad=True)
 y = torch.tensor([0, 5, 10])
 lp = fastalign.gather_logprobs(x, y)  # auto falls back to the torch backend
-torch.testing.assert_close(lp, torch.log_softmax(x.detach(), -1)[torch.arange(3), y])
+# the torch backend is log_softmax(x / 1.0) gathered: x / 1.0 is exact, so it is this very
+# computation on the same values -- bit for bit
+torch.testing.assert_close(lp, torch.log_softmax(x.detach(), -1)[torch.arange(3), y], rtol=0, atol=0)
 lp.sum().backward()
 try:
     fastalign.gather_logprobs(x, y, backend="cpp")

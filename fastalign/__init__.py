@@ -1,7 +1,7 @@
 """fastalign: fused loss-head kernels for aligning language models.
 
-One Python API over four backends (eager torch, C++ CPU, CUDA, Triton); see DESIGN.md and
-`fastalign.backends()`. The trainer layer (`Trainer`, the algorithm registry) loads on first use,
+One Python API over four backends (eager torch, C++ CPU, CUDA, Triton); see the README's
+architecture section and `fastalign.backends()`. The trainer layer (`Trainer`, the algorithm registry) loads on first use,
 so `import fastalign` for the kernels stays light.
 """
 

@@ -1,6 +1,6 @@
 """Eager PyTorch references: the ground truth every fused kernel is tested against.
 
-Plain, readable math in fp32, straight from the formulas in DESIGN.md; no fusion tricks.
+Plain, readable math in fp32, straight from the formulas in each op's docstring; no fusion tricks.
 These are also the `backend="torch"` implementations.
 """
 
@@ -139,7 +139,7 @@ def _masked_mean_detached(x, valid):
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
                     agg="token-mean", global_count=None, horizon=None):
-    """PPO clipped surrogate (DESIGN.md), fp32. Per token, with r = exp(clamp(logp - old, -20, 20)):
+    """PPO clipped surrogate (fastalign.ppo_policy_loss), fp32. Per token, with r = exp(clamp(logp - old, -20, 20)):
         l = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high));  A < 0 and dual_clip = c: l = min(l, -A c)
     aggregated by ppo_agg over mask != 0. Returns (loss, stats): clipfrac = valid fraction with the
     clipped term strictly larger, clipfrac_lower = valid fraction with A < 0 and the dual-clip cap
@@ -169,7 +169,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip
 
 
 def ppo_value_loss(values, old_values, returns, mask, clip=None, agg="token-mean", global_count=None, horizon=None):
-    """Clipped value loss (DESIGN.md), fp32: 0.5 * agg(max((v - R)^2, (clamp(v, v_old - c, v_old + c) - R)^2));
+    """Clipped value loss (fastalign.ppo_value_loss), fp32: 0.5 * agg(max((v - R)^2, (clamp(v, v_old - c, v_old + c) - R)^2));
     without clip, 0.5 * agg((v - R)^2). Stats (detached): vf_clipfrac = valid fraction with the clipped
     term strictly larger, vpred_mean = valid mean of v, value_mse = valid mean of (v - R)^2."""
     valid = mask != 0

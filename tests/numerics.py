@@ -60,8 +60,9 @@ def rounding(x, dtype: torch.dtype):
 
 
 def fn_error(x, dtype: torch.dtype = torch.float32):
-    """The error of one transcendental (exp, log, ...) whose result is x: EXP_ULPS ulps."""
-    return EXP_ULPS * rounding(x, dtype)
+    """The error of one transcendental (exp, log, ...) whose result is x: EXP_ULPS ulps, and one
+    ulp of x is at most 2 u |x| (u |x| <= ulp(x)/2 only bounds the rounding to nearest)."""
+    return 2 * EXP_ULPS * rounding(x, dtype)
 
 
 def assert_within(actual, expected, bound, what: str = "") -> None:

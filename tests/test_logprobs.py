@@ -29,6 +29,7 @@ from tests.numerics import EXP_ULPS, assert_within, gamma, unit_roundoff
 BACKENDS = backend_params()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 U = unit_roundoff(torch.float32)
+FN = 2 * EXP_ULPS * U  # a transcendental's relative error: EXP_ULPS ulps, one ulp <= 2u|x|
 # An exp result below TINY = 2^-125 may come out 0: fp32's smallest normal is 2^-126, and at::vec's
 # exp_u20 builds 2^(n - 1), which is 0 for n = -126, so it flushes everything below e^-86.99 =
 # 1.44 x 2^-126 (seen: p = 1.6e-38 -> 0).
@@ -64,19 +65,19 @@ def logprob_bounds(logits, labels, temperature=1.0, ignore_index=-100, g=None, g
         fl(d log2(e)), whose product and constant round) + u|z_j| when T != 1 (z_j
         rounded on its own: x * fl(1/T), x / fl(T)) + arg_err (the caller's error in z_j, e.g.
         the GEMM that made the logits). T = 1 is exact: x / 1 = x * 1 = x.
-      * term j enters S with relative error rel_j = expm1(alpha_j + (R + 1)(EXP_ULPS + 1) u):
-        its own exp and each of its <= R rescales (exp + multiply); or it underflows to 0
+      * term j enters S with relative error rel_j = expm1(alpha_j + (R + 1)(FN + u)): its own
+        exp (FN = 2 EXP_ULPS u) and each of its <= R rescales (exp + multiply); or it underflows to 0
         (absolute error < TINY = 2^-125, see above; terms with d in (-745, -87) add < 746 TINY to
         S and to t = sum e^d d).
       * S: relative error rel_S = sum p_j rel_j + gamma(V)(1 + sum p_j rel_j) + V 746 TINY
         (sum of V positive terms in any order; S >= 1).
-      * log S: -log(1 - rel_S) + (EXP_ULPS + 1) u |log S| (log, and cuda's final add).
+      * log S: -log(1 - rel_S) + (FN + u) |log S| (log, and cuda's final add).
       * log p_y = (z_y - m) - log S: alpha_y + err(log S) + u |log p_y|.
       * H, kernel form log S - t / S with t = sum e^d_j d_j (cpp, triton, cuda): err(log S)
         + |d(t/S)| + u|H|, t's terms carrying e_j rel_j |d_j| + e_j alpha_j (1 + rel_j), its sum
         gamma(V) and 2 u per rescale (the shift add and multiply); reference form
         -sum p_j log p_j with p_j = exp(log p_j) (torch): sum p_j (|log p_j| relp_j + err_j
-        (1 + relp_j)) + (gamma(V) + u)(H + that), relp_j = expm1(err_j + EXP_ULPS u). The bound
+        (1 + relp_j)) + (gamma(V) + u)(H + that), relp_j = expm1(err_j + FN). The bound
         is the larger of the two.
       * gradient (1/T)(g [j = y] - p_j c_j), c_j = g + gh (log p_j + H), C_j = |g| + |gh|
         (|log p_j| + H + 1) >= |c_j| and >= the reference's autograd terms: p_j's error relp_j C_j
@@ -115,16 +116,16 @@ def logprob_bounds(logits, labels, temperature=1.0, ignore_index=-100, g=None, g
     gam = gamma(vocab)
     under = vocab * 746 * TINY
     alpha = per_term(5 * U * absd + (U * z.abs() if temperature != 1 else 0.0)) + per_term(arg_err)
-    rel = torch.expm1(alpha + (rescales + 1) * (EXP_ULPS + 1) * U)
+    rel = torch.expm1(alpha + (rescales + 1) * (FN + U))
     pr = (p * rel).sum(-1)
     rel_s = pr + gam * (1 + pr) + under
-    err_log_s = -torch.log1p(-rel_s) + (EXP_ULPS + 1) * U * log_s.abs()
+    err_log_s = -torch.log1p(-rel_s) + (FN + U) * log_s.abs()
     err_lp = alpha + err_log_s[:, None] + U * absl
 
     t_err = ((p * (absd * rel + alpha * (1 + rel))).sum(-1) + under
              + (gam + 2 * (rescales + 1) * U) * (big_a + (p * absd * rel).sum(-1)))
     h_kernel = err_log_s + (t_err + big_a * rel_s) / (1 - rel_s) + 3 * U * (big_a + t_err) + U * ent.abs()
-    relp = torch.expm1(err_lp + EXP_ULPS * U)
+    relp = torch.expm1(err_lp + FN)
     terms = (p * (absl * relp + err_lp * (1 + relp))).sum(-1) + under
     h_ref = terms + (gam + U) * (ent + terms)
     ent_err = torch.maximum(h_kernel, h_ref)
@@ -148,7 +149,7 @@ def logprob_bounds(logits, labels, temperature=1.0, ignore_index=-100, g=None, g
     h = ent[:, None]
     grad = (g * onehot - torch.where(p == 0, zero, p * (g + gh * (logp + h)))) / temperature
     err_lpb = err_lp + per_term(bwd_arg_err) + 2 * U * absl
-    relp_b = torch.expm1(err_lpb + EXP_ULPS * U)
+    relp_b = torch.expm1(err_lpb + FN)
     big_c = g.abs() + gh.abs() * (absl + h + 1)
     sum_err = ent_err[:, None] + (p * relp_b).sum(-1, keepdim=True)
     err = (p * relp_b * big_c + p * gh.abs() * (err_lpb + sum_err) + p * gam * (g.abs() + gh.abs() * (h + 1))
@@ -447,16 +448,16 @@ def check_huge_rows(lp, grad, vocab):
     tile total (tree depth 13) per tile of 8192. D <= V / 2048 + 2048: relative error gamma(D)
     ~ 3% of S (the worst case of cpp's 2^19 sequential block adds)."""
     depth = gamma(vocab // 2048 + 2049)
-    rel_term = math.expm1(3 * (EXP_ULPS + 1) * U + 5 * U * 4)  # logprob_bounds' rel_j, R = 2, |d_j| <= 4
+    rel_term = math.expm1(3 * (FN + U) + 5 * U * 4)  # logprob_bounds' rel_j, R = 2, |d_j| <= 4
     rel_s = torch.tensor(depth + rel_term * (1 + depth), dtype=torch.float64)
     s0, s2 = torch.tensor([float(vocab), 1 + (vocab - 1) * math.exp(-4.0)], dtype=torch.float64)
-    err_log = lambda s: -torch.log1p(-rel_s) + (EXP_ULPS + 1) * U * s.log()  # noqa: E731
+    err_log = lambda s: -torch.log1p(-rel_s) + (FN + U) * s.log()  # noqa: E731
     exact = torch.stack([-s0.log(), torch.zeros((), dtype=torch.float64), -s2.log()])
     assert_within(lp.cpu(), exact, torch.stack([err_log(s0), 0 * rel_s, err_log(s2)]) + U * exact.abs(), "logprobs")
     # grad = [j = y] - p_j (g = 1): p_y = 1 / S2, p_j = e^-4 / S2 elsewhere; bf16 output rounding
     ub, p_y = unit_roundoff(torch.bfloat16), 1 / s2
-    relp_y = torch.expm1(err_log(s2) + 3 * U * s2.log() + EXP_ULPS * U)  # as logprob_bounds' relp_b
-    relp_j = torch.expm1(err_log(s2) + 5 * U * 4 + 3 * U * (4 + s2.log()) + EXP_ULPS * U)
+    relp_y = torch.expm1(err_log(s2) + 3 * U * s2.log() + FN)  # as logprob_bounds' relp_b
+    relp_j = torch.expm1(err_log(s2) + 5 * U * 4 + 3 * U * (4 + s2.log()) + FN)
     p_j = p_y * math.exp(-4.0)
     for j, want, err in ((vocab - 1, 1 - p_y, p_y * relp_y + 3 * U), (5, -p_j, p_j * (relp_j + 6 * U))):
         err = err + ub * (abs(want) + err) + ub * torch.finfo(torch.bfloat16).tiny

@@ -282,7 +282,7 @@ def test_reward_loss_and_accuracy(tok):
     # fastalign: d = c - r rounds (u |d|, softplus is 1-Lipschitz), one softplus each, the mean
     # of b terms (sum_bound, then u for / b), then * b (u)
     d = scores[:b].double() - scores[b:].double()
-    terms = torch.nn.functional.softplus(-d)
+    terms = F.softplus(-d)
     ref = terms.sum()
     bound = (U32 * d.abs() + softplus_error(terms)).sum() + sum_bound(terms.sum(), b) + 2 * U32 * ref
     assert_within(loss_sum, ref, bound, "reward summed loss")
@@ -311,7 +311,7 @@ def test_dpo_loss_matches_formula(tok, loss_type):
     mags = p[:b].abs() + r[:b].abs() + p[b:].abs() + r[b:].abs()
     d_err = p_err[:b] + r_err[:b] + p_err[b:] + r_err[b:] + 3 * U32 * mags
     x = beta * d
-    sp = torch.nn.functional.softplus
+    sp = F.softplus
     if loss_type == "sigmoid":
         want = (1 - eps) * sp(-x) + eps * sp(x)
         slope = beta  # |d loss / d d| <= beta ((1 - eps) sigmoid(-x) + eps sigmoid(x)) <= beta

@@ -36,6 +36,7 @@ TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 
 
 U32 = unit_roundoff(torch.float32)
+FN = 2 * EXP_ULPS * U32  # one exp/log/log1p: EXP_ULPS ulps, and one ulp of x is at most 2 u |x|
 
 
 def f64(x):
@@ -48,19 +49,19 @@ def logp_error(z: torch.Tensor) -> torch.Tensor:
     the fp32 logits z (any backend: torch's log_softmax, the fused online kernels).
     Per row, with m = max z, d_j = z_j - m, S = sum_j exp(d_j), L = log S:
       * d_j is rounded (u |d_j|), which exp turns into a relative error u |d_j| <= u max|d|;
-        exp itself: EXP_ULPS u; an online (blocked) log-sum-exp rescales a partial sum once
-        more: one more exp and one multiply, EXP_ULPS u + u;
+        exp itself: F = 2 EXP_ULPS u (EXP_ULPS ulps, one ulp <= 2u|x|); an online (blocked)
+        log-sum-exp rescales a partial sum once more: one more exp and one multiply, F + u;
       * S is a sum of V positive terms in any order: gamma(V) S.
-      So S has relative error rho = u max|d| + 2 EXP_ULPS u + u + gamma(V), i.e. log S is off
-      by rho / (1 - rho); log itself costs EXP_ULPS u |L|; lse = m + L rounds: u (|m| + |L|);
+      So S has relative error rho = u max|d| + 2 F + u + gamma(V), i.e. log S is off
+      by rho / (1 - rho); log itself costs F |L|; lse = m + L rounds: u (|m| + |L|);
       log p_j = d_j - L (or z_j - lse) rounds: u (|d_j| + |log p_j|).
     Computed in fp64 from the actual logits."""
     z = z.detach().double()
     m = z.max(-1, keepdim=True).values
     d = z - m
     big_l = d.exp().sum(-1, keepdim=True).log()
-    rho = U32 * d.abs().amax(-1, keepdim=True) + (2 * EXP_ULPS + 1) * U32 + gamma(z.shape[-1])
-    lse_err = rho / (1 - rho) + EXP_ULPS * U32 * big_l.abs() + U32 * (m.abs() + big_l.abs())
+    rho = U32 * d.abs().amax(-1, keepdim=True) + 2 * FN + U32 + gamma(z.shape[-1])
+    lse_err = rho / (1 - rho) + FN * big_l.abs() + U32 * (m.abs() + big_l.abs())
     return lse_err + U32 * (d.abs() + (d - big_l).abs())
 
 
@@ -87,10 +88,10 @@ def seq_logps64(lp, err, mask, mean=False):
 
 def softplus_error(y):
     """The error of one fp32 softplus (= -logsigmoid(-x)) whose value is y, x given exactly:
-    max(x, 0) + log1p(exp(-|x|)): the exp's EXP_ULPS u relative error moves log1p by at most
-    EXP_ULPS u (its derivative e / (1 + e) <= 1), log1p's own EXP_ULPS u |log1p| <= EXP_ULPS u,
+    max(x, 0) + log1p(exp(-|x|)): the exp's relative error F = 2 EXP_ULPS u moves log1p by at
+    most F (its derivative e / (1 + e) <= 1), log1p's own F |log1p| <= F,
     and the add (or a log(1 + e) form's 1 + e) rounds: u + u |y|."""
-    return (2 * EXP_ULPS + 1) * U32 + U32 * y.abs()
+    return 2 * FN + U32 + U32 * y.abs()
 
 
 def _capture_logits(model):

@@ -26,21 +26,22 @@ FUSED = backend_params(("cpp", "triton"))
 
 
 U32 = unit_roundoff(torch.float32)
+FN = 2 * EXP_ULPS * U32  # one exp/log/log1p: EXP_ULPS ulps, and one ulp of x is at most 2 u |x|
 
 
 def logp_error(z: torch.Tensor) -> torch.Tensor:
     """Bound [..., V] on the error of one fp32 evaluation of log_softmax(z)[j], for every j, from
     the (tempered) logits z. Per row, with m = max z, d_j = z_j - m, S = sum_j exp(d_j), L = log S:
-    d_j rounds (u |d_j|, a relative error of exp(d_j)), exp costs EXP_ULPS u, an online
-    log-sum-exp's rescale one more exp and a multiply; S is a sum of V positive terms (gamma(V) S);
-    so log S is off by rho / (1 - rho), rho = u max|d| + 2 EXP_ULPS u + u + gamma(V); log costs
-    EXP_ULPS u |L|, m + L rounds u (|m| + |L|), d_j - L rounds u (|d_j| + |log p_j|). In fp64."""
+    d_j rounds (u |d_j|, a relative error of exp(d_j)), exp costs F = 2 EXP_ULPS u (EXP_ULPS
+    ulps, one ulp <= 2u|x|), an online log-sum-exp's rescale one more exp and a multiply; S is a
+    sum of V positive terms (gamma(V) S); so log S is off by rho / (1 - rho), rho = u max|d| + 2 F
+    + u + gamma(V); log costs F |L|, m + L rounds u (|m| + |L|), d_j - L rounds u (|d_j| + |log p_j|). In fp64."""
     z = z.detach().double()
     m = z.max(-1, keepdim=True).values
     d = z - m
     big_l = d.exp().sum(-1, keepdim=True).log()
-    rho = U32 * d.abs().amax(-1, keepdim=True) + (2 * EXP_ULPS + 1) * U32 + gamma(z.shape[-1])
-    lse_err = rho / (1 - rho) + EXP_ULPS * U32 * big_l.abs() + U32 * (m.abs() + big_l.abs())
+    rho = U32 * d.abs().amax(-1, keepdim=True) + 2 * FN + U32 + gamma(z.shape[-1])
+    lse_err = rho / (1 - rho) + FN * big_l.abs() + U32 * (m.abs() + big_l.abs())
     return lse_err + U32 * (d.abs() + (d - big_l).abs())
 
 
@@ -324,12 +325,12 @@ def test_label_on_a_minus_inf_logit_has_the_reference_gradient(backend, device):
     x = torch.tensor([[0.0, -float("inf"), 1.0]], requires_grad=True)
     fastalign.gather_logprobs(x, torch.tensor([1]), backend=backend).sum().backward()
     # fp64 reference; the -inf entry adds exp(-inf) = 0 exactly, so the finite entries are the
-    # softmax of [0, 1]: each -p_j carries log p_j's error (relative) plus its exp (EXP_ULPS u)
+    # softmax of [0, 1]: each -p_j carries log p_j's error (relative) plus its exp (FN)
     # and the product with g (u); the label's 1 - p_y = 1 - 0 is exact
     finite = torch.tensor([0.0, 1.0], dtype=torch.float64)
     p = finite.softmax(0)
     want = torch.stack([-p[0], torch.tensor(1.0, dtype=torch.float64), -p[1]])[None]
-    err = p * (logp_error(finite) + (EXP_ULPS + 1) * U32)
+    err = p * (logp_error(finite) + FN + U32)
     assert_within(x.grad, want, torch.stack([err[0], torch.tensor(0.0, dtype=torch.float64), err[1]])[None],
                   "gradient with a -inf label logit")
 

@@ -26,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 from fastalign.integrations.transformers import patch_causal_lm, unpatch_causal_lm  # noqa: E402
 
 U32 = unit_roundoff(torch.float32)
+FN = 2 * EXP_ULPS * U32  # one exp/log/log1p: EXP_ULPS ulps, and one ulp of x is at most 2 u |x|
 
 
 def logp_error(z: torch.Tensor) -> torch.Tensor:
@@ -33,31 +34,31 @@ def logp_error(z: torch.Tensor) -> torch.Tensor:
     the fp32 logits z [N, V] (any backend: torch's log_softmax, the fused online kernels).
     Per row, with m = max z, d_j = z_j - m, S = sum_j exp(d_j), L = log S:
       * d_j is rounded (u |d_j|), which exp turns into a relative error u |d_j| <= u max|d|;
-        exp itself: EXP_ULPS u; an online (blocked) log-sum-exp rescales a partial sum once
-        more: one more exp and one multiply, EXP_ULPS u + u;
+        exp itself: F = 2 EXP_ULPS u (EXP_ULPS ulps, one ulp <= 2u|x|); an online (blocked)
+        log-sum-exp rescales a partial sum once more: one more exp and one multiply, F + u;
       * S is a sum of V positive terms in any order: gamma(V) S.
-      So S has relative error rho = u max|d| + 2 EXP_ULPS u + u + gamma(V), i.e. log S is off
-      by rho / (1 - rho); log itself costs EXP_ULPS u |L|; lse = m + L rounds: u (|m| + |L|);
+      So S has relative error rho = u max|d| + 2 F + u + gamma(V), i.e. log S is off
+      by rho / (1 - rho); log itself costs F |L|; lse = m + L rounds: u (|m| + |L|);
       log p_j = d_j - L (or z_j - lse) rounds: u (|d_j| + |log p_j|).
     Computed in fp64 from the actual logits."""
     z = z.detach().double()
     m = z.max(-1, keepdim=True).values
     d = z - m
     big_l = d.exp().sum(-1, keepdim=True).log()
-    rho = U32 * d.abs().amax(-1, keepdim=True) + (2 * EXP_ULPS + 1) * U32 + gamma(z.shape[-1])
-    lse_err = rho / (1 - rho) + EXP_ULPS * U32 * big_l.abs() + U32 * (m.abs() + big_l.abs())
+    rho = U32 * d.abs().amax(-1, keepdim=True) + 2 * FN + U32 + gamma(z.shape[-1])
+    lse_err = rho / (1 - rho) + FN * big_l.abs() + U32 * (m.abs() + big_l.abs())
     return lse_err + U32 * (d.abs() + (d - big_l).abs())
 
 
 def ce_grad_error(z: torch.Tensor, labels: torch.Tensor, c: float) -> torch.Tensor:
     """Bound [N, V] on the error of one fp32 evaluation of G = d(-c sum_t log p_t[y_t]) / dz =
     c (p - onehot(y)) (rows with label -100: exactly 0). p_j = exp(log p_j) carries the relative
-    error of log p_j (logp_error) plus EXP_ULPS u (exp) and 2 u (c rounded, times c); the label's
+    error of log p_j (logp_error) plus F (exp) and 2 u (c rounded, times c); the label's
     entry c (p_y - 1) rounds once more (u |G|, and u |G| for c (1 - p_y) formed from scratch)."""
     z = z.detach().double()
     p = z.softmax(-1)
     g = c * (p - torch.nn.functional.one_hot(labels.clamp(min=0), z.shape[-1]))
-    err = c * p * (logp_error(z) + (EXP_ULPS + 2) * U32) + 2 * U32 * g.abs()
+    err = c * p * (logp_error(z) + FN + 2 * U32) + 2 * U32 * g.abs()
     return torch.where((labels != -100)[:, None], err, 0.0), torch.where((labels != -100)[:, None], g, 0.0)
 
 

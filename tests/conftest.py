@@ -1,4 +1,4 @@
-"""Test configuration: which backends run here, and the shared tolerances.
+"""Test configuration: which backends run here. (Error bounds: tests/numerics.py.)
 
 Triton kernels run on the CPU under TRITON_INTERPRET=1 (set here before anything imports
 Triton) when no GPU is visible; CUDA tests skip cleanly without a GPU.
@@ -14,16 +14,6 @@ if not torch.cuda.is_available():
 
 import fastalign  # noqa: E402
 from fastalign import _backends  # noqa: E402
-
-# Tolerances per dtype for kernel-vs-reference comparisons of values computed in fp32 and
-# rounded once to the output dtype: rtol ~ one rounding of that dtype (bf16 2^-8, fp16 2^-11)
-# plus fp32 accumulation error; atol for values near zero.
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=2**-7, atol=1e-5),
-    torch.float16: dict(rtol=2**-9, atol=1e-5),
-}
-
 
 def backend_params(supported=("torch", "cpp", "triton", "cuda")):
     """pytest params (backend, device) for every backend that can run here; the others are

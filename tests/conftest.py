@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import fastalign  # noqa: E402
 from fastalign import _backends  # noqa: E402
 
+
 def backend_params(supported=("torch", "cpp", "triton", "cuda")):
     """pytest params (backend, device) for every backend that can run here; the others are
     reported as skipped with the reason."""

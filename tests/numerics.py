@@ -65,12 +65,17 @@ def fn_error(x, dtype: torch.dtype = torch.float32):
     return 2 * EXP_ULPS * rounding(x, dtype)
 
 
+def _f64(x) -> torch.Tensor:
+    # a Python float is a double: torch.as_tensor would round it to the default fp32 dtype
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().cpu()
+    return torch.as_tensor(x, dtype=torch.float64)
+
+
 def assert_within(actual, expected, bound, what: str = "") -> None:
     """|actual - expected| <= bound element by element (bound broadcasts; NaN/inf must match
     exactly). On failure names the worst element and how far over its bound it is."""
-    a = torch.as_tensor(actual).detach().double().cpu()
-    e = torch.as_tensor(expected).detach().double().cpu()
-    b = torch.as_tensor(bound).detach().double().cpu()
+    a, e, b = (_f64(x) for x in (actual, expected, bound))
     assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
     b = b.expand_as(a) if b.dim() else b.expand(a.shape)
     assert (b >= 0).all() and not b.isnan().any(), f"{what}: the bound itself is negative or NaN"

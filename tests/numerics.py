@@ -65,8 +65,33 @@ def fn_error(x, dtype: torch.dtype = torch.float32):
     return 2 * EXP_ULPS * rounding(x, dtype)
 
 
-def _f64(x) -> torch.Tensor:
-    # a Python float is a double: torch.as_tensor would round it to the default fp32 dtype
+_FN = 2 * EXP_ULPS * U[torch.float32]  # one exp/log in fp32 (fn_error's relative size)
+
+
+def logp_error(z: torch.Tensor) -> torch.Tensor:
+    """Bound [..., V] on the error of one fp32 evaluation of log_softmax(z)[j], for every j, from
+    the fp32 logits z (any backend: torch's log_softmax, the fused online kernels).
+    Per row, with m = max z, d_j = z_j - m, S = sum_j exp(d_j), L = log S:
+      * d_j is rounded (u |d_j|), which exp turns into a relative error u |d_j| <= u max|d|;
+        exp itself: F = 2 EXP_ULPS u (EXP_ULPS ulps, one ulp <= 2u|x|); an online (blocked)
+        log-sum-exp rescales a partial sum once more: one more exp and one multiply, F + u;
+      * S is a sum of V positive terms in any order: gamma(V) S.
+      So S has relative error rho = u max|d| + 2 F + u + gamma(V), i.e. log S is off
+      by rho / (1 - rho); log itself costs F |L|; lse = m + L rounds: u (|m| + |L|);
+      log p_j = d_j - L (or z_j - lse) rounds: u (|d_j| + |log p_j|).
+    Computed in fp64 from the actual logits."""
+    z = z.detach().double()
+    m = z.max(-1, keepdim=True).values
+    d = z - m
+    big_l = d.exp().sum(-1, keepdim=True).log()
+    rho = U[torch.float32] * d.abs().amax(-1, keepdim=True) + 2 * _FN + U[torch.float32] + gamma(z.shape[-1])
+    lse_err = rho / (1 - rho) + _FN * big_l.abs() + U[torch.float32] * (m.abs() + big_l.abs())
+    return lse_err + U[torch.float32] * (d.abs() + (d - big_l).abs())
+
+
+def f64(x) -> torch.Tensor:
+    """x as an fp64 CPU tensor; a Python float stays a double (torch.as_tensor would round it
+    to the default fp32 dtype)."""
     if isinstance(x, torch.Tensor):
         return x.detach().double().cpu()
     return torch.as_tensor(x, dtype=torch.float64)
@@ -75,7 +100,7 @@ def _f64(x) -> torch.Tensor:
 def assert_within(actual, expected, bound, what: str = "") -> None:
     """|actual - expected| <= bound element by element (bound broadcasts; NaN/inf must match
     exactly). On failure names the worst element and how far over its bound it is."""
-    a, e, b = (_f64(x) for x in (actual, expected, bound))
+    a, e, b = (f64(x) for x in (actual, expected, bound))
     assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
     b = b.expand_as(a) if b.dim() else b.expand(a.shape)
     assert (b >= 0).all() and not b.isnan().any(), f"{what}: the bound itself is negative or NaN"

@@ -19,7 +19,7 @@ import torch
 import fastalign
 from fastalign import _backends
 from tests.conftest import backend_params
-from tests.numerics import EXP_ULPS, assert_within, gamma, rounding, unit_roundoff
+from tests.numerics import EXP_ULPS, assert_within, logp_error, rounding, unit_roundoff
 
 BACKENDS = backend_params(("torch", "cpp", "triton"))
 FUSED = backend_params(("cpp", "triton"))
@@ -27,22 +27,6 @@ FUSED = backend_params(("cpp", "triton"))
 
 U32 = unit_roundoff(torch.float32)
 FN = 2 * EXP_ULPS * U32  # one exp/log/log1p: EXP_ULPS ulps, and one ulp of x is at most 2 u |x|
-
-
-def logp_error(z: torch.Tensor) -> torch.Tensor:
-    """Bound [..., V] on the error of one fp32 evaluation of log_softmax(z)[j], for every j, from
-    the (tempered) logits z. Per row, with m = max z, d_j = z_j - m, S = sum_j exp(d_j), L = log S:
-    d_j rounds (u |d_j|, a relative error of exp(d_j)), exp costs F = 2 EXP_ULPS u (EXP_ULPS
-    ulps, one ulp <= 2u|x|), an online log-sum-exp's rescale one more exp and a multiply; S is a
-    sum of V positive terms (gamma(V) S); so log S is off by rho / (1 - rho), rho = u max|d| + 2 F
-    + u + gamma(V); log costs F |L|, m + L rounds u (|m| + |L|), d_j - L rounds u (|d_j| + |log p_j|). In fp64."""
-    z = z.detach().double()
-    m = z.max(-1, keepdim=True).values
-    d = z - m
-    big_l = d.exp().sum(-1, keepdim=True).log()
-    rho = U32 * d.abs().amax(-1, keepdim=True) + 2 * FN + U32 + gamma(z.shape[-1])
-    lse_err = rho / (1 - rho) + FN * big_l.abs() + U32 * (m.abs() + big_l.abs())
-    return lse_err + U32 * (d.abs() + (d - big_l).abs())
 
 
 def near_uniform_bound(z, labels):

@@ -19,7 +19,7 @@ rounding, not an error of the patch.
 import pytest
 import torch
 
-from tests.numerics import EXP_ULPS, assert_within, gamma, matmul_bound, sum_bound, unit_roundoff
+from tests.numerics import EXP_ULPS, assert_within, logp_error, matmul_bound, sum_bound, unit_roundoff
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,27 +27,6 @@ from fastalign.integrations.transformers import patch_causal_lm, unpatch_causal_
 
 U32 = unit_roundoff(torch.float32)
 FN = 2 * EXP_ULPS * U32  # one exp/log/log1p: EXP_ULPS ulps, and one ulp of x is at most 2 u |x|
-
-
-def logp_error(z: torch.Tensor) -> torch.Tensor:
-    """Bound [N, V] on the error of one fp32 evaluation of log_softmax(z)[j], for every j, from
-    the fp32 logits z [N, V] (any backend: torch's log_softmax, the fused online kernels).
-    Per row, with m = max z, d_j = z_j - m, S = sum_j exp(d_j), L = log S:
-      * d_j is rounded (u |d_j|), which exp turns into a relative error u |d_j| <= u max|d|;
-        exp itself: F = 2 EXP_ULPS u (EXP_ULPS ulps, one ulp <= 2u|x|); an online (blocked)
-        log-sum-exp rescales a partial sum once more: one more exp and one multiply, F + u;
-      * S is a sum of V positive terms in any order: gamma(V) S.
-      So S has relative error rho = u max|d| + 2 F + u + gamma(V), i.e. log S is off
-      by rho / (1 - rho); log itself costs F |L|; lse = m + L rounds: u (|m| + |L|);
-      log p_j = d_j - L (or z_j - lse) rounds: u (|d_j| + |log p_j|).
-    Computed in fp64 from the actual logits."""
-    z = z.detach().double()
-    m = z.max(-1, keepdim=True).values
-    d = z - m
-    big_l = d.exp().sum(-1, keepdim=True).log()
-    rho = U32 * d.abs().amax(-1, keepdim=True) + 2 * FN + U32 + gamma(z.shape[-1])
-    lse_err = rho / (1 - rho) + FN * big_l.abs() + U32 * (m.abs() + big_l.abs())
-    return lse_err + U32 * (d.abs() + (d - big_l).abs())
 
 
 def ce_grad_error(z: torch.Tensor, labels: torch.Tensor, c: float) -> torch.Tensor:

@@ -14,18 +14,13 @@ import pickle
 import pytest
 import torch
 
-from tests.numerics import assert_within, gamma, unit_roundoff
+from tests.numerics import assert_within, f64, gamma, unit_roundoff
 
 from fastalign.trainer.monitors import (OveroptimisationMonitor, distinct_n, length_correlation, pearson,
                                         plot_monitors, rollout_metrics)
 
 
 U64 = unit_roundoff(torch.float64)
-
-
-def f64(x):
-    """A Python float as an fp64 tensor (assert_within's torch.as_tensor would make it fp32)."""
-    return torch.tensor(x, dtype=torch.float64)
 
 
 def mean_error(xs):

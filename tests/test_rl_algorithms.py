@@ -19,18 +19,13 @@ from fastalign.algorithms import get_algorithm
 from fastalign.data.synthetic import Oracle, SyntheticTask
 from fastalign.models import ScalarHeadModel, load_model, tiny_model, tiny_tokenizer
 from fastalign.trainer.loop import Trainer, TrainingDivergedError
-from tests.numerics import EXP_ULPS, assert_within, gamma, sum_bound, unit_roundoff
+from tests.numerics import EXP_ULPS, assert_within, f64, gamma, sum_bound, unit_roundoff
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 
 
 U32 = unit_roundoff(torch.float32)
 FN = 2 * EXP_ULPS * U32  # one exp/log/log1p: EXP_ULPS ulps, and one ulp of x is at most 2 u |x|
-
-
-def f64(x):
-    """A Python float as an fp64 tensor (assert_within's torch.as_tensor would make it fp32)."""
-    return torch.tensor(x, dtype=torch.float64)
 
 
 def k3_error(d, k3):

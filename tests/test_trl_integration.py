@@ -325,7 +325,7 @@ def _check_steps(rec_s, rec_p, logs_s, logs_p, params_s, low, lr, max_norm=1.0):
 def _compare_dpo(tmp_path, lgl_calls, config):
     """Both runs, and every metric, gradient and weight against its derived bound (module docstring)."""
     torch.manual_seed(0)
-    loss_type, beta, low = config["loss_type"][0], config["beta"], config.get("bf16", True)
+    loss_type, beta = config["loss_type"][0], config["beta"]
     logs_s, rec_s, params_s = _run_dpo(tmp_path, patched=False, **config)
     assert lgl_calls == [], "the stock run must not touch fastalign"
     logs_p, rec_p, params_p = _run_dpo(tmp_path, patched=True, **config)

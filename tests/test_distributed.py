@@ -119,7 +119,7 @@ def _trainer(name, out, *, mode, batch_size, grad_accum, max_steps=STEPS, save_e
     # FSDP2 sums the squares for the gradient norm shard by shard: an active clip would scale by a
     # coefficient that differs in the last bit, so the bit-exact FSDP2 case does not clip (its
     # norms are compared instead, see test_two_processes_match_single_process)
-    clip = 0.0 if CASES[name][1] == "fsdp" and name in EXACT else 1.0
+    clip = None if CASES[name][1] == "fsdp" and name in EXACT else 1.0
     cfg = dict(output_dir=str(out), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=LR,
                warmup_steps=1, schedule="linear", max_grad_norm=clip, weight_decay=0.01, precision="fp32",
                device="cpu", distributed=mode, progress=False, plot=False, save_every=save_every,

@@ -20,73 +20,18 @@ KL controllers).
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from fastalign.data import collate as C
+from fastalign.options import build_config
 
 
 @dataclass
 class AlgorithmConfig:
     pass
-
-
-def _coerce(where: str, hint, value):
-    """value checked against (and, where lossless, converted to) the field type `hint`: ints for
-    float fields, and numbers written as strings -- YAML reads `3e-4` (no dot) as a string --
-    for float and int fields; lists for tuple fields. Other types pass unchecked."""
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
-    if args:  # X | None
-        if value is None and type(None) in args:
-            return None
-        rest = [a for a in args if a is not type(None)]
-        hint = rest[0] if len(rest) == 1 else None
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
-    elif hint in (int, float):
-        number = value
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                number = None
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise ValueError(f"{where} must be a number ({hint.__name__}), got {value!r}")
-        if hint is int:
-            if not float(number).is_integer():
-                raise ValueError(f"{where} must be a whole number, got {value!r}")
-            return int(number)
-        return float(number)
-    elif hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {value!r}")
-    elif hint is tuple and isinstance(value, list):
-        return tuple(value)
-    return value
-
-
-def build_config(cls, values):
-    """A config dataclass from a dict: unknown keys are an error naming the known ones, and each
-    value is checked against its field's type (errors name the option) -- a config written by
-    hand (YAML, command-line overrides) fails here, not deep inside the optimizer."""
-    if values is None:
-        return cls()
-    if isinstance(values, cls):
-        return values
-    if dataclasses.is_dataclass(values):
-        values = dataclasses.asdict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown option(s) {sorted(unknown)}; known options: {sorted(known)}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(f"{cls.__name__}.{k}", hints.get(k), v) for k, v in values.items()})
 
 
 class Algorithm:

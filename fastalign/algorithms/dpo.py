@@ -19,17 +19,20 @@ import torch
 from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
 from fastalign.algorithms.registry import register_algorithm
+from fastalign.errors import ConfigError
+from fastalign.options import option
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 @dataclass
 class DPOConfig(AlgorithmConfig):
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    precompute_ref_logps: bool = False
-    sft_weight: float = 0.0  # optional NLL on the chosen completions (RPO-style regulariser), per token
+    beta: float = option(0.1, "strength of the implicit KL to the reference", gt=0)
+    loss_type: str = option("sigmoid", "sigmoid | ipo | hinge | robust, or a type registered with "
+                                       "fastalign.register_dpo_loss_type")
+    label_smoothing: float = option(0.0, "assumed fraction of flipped labels (conservative DPO / robust)", ge=0, lt=0.5)
+    precompute_ref_logps: bool = option(False, "score the data with the reference once, then drop the reference")
+    sft_weight: float = option(0.0, "weight of an NLL term on the chosen completions, per token (RPO)", ge=0)
 
 
 @register_algorithm("dpo")
@@ -55,7 +58,7 @@ class DPO(Algorithm):
             try:
                 op("dpo_loss")(z, z, z, z, beta=self.config.beta, loss_type=self.config.loss_type)
             except (ValueError, KeyError) as e:
-                raise ValueError(f"dpo: unknown loss_type {self.config.loss_type!r} ({e}); built in: "
+                raise ConfigError(f"dpo: unknown loss_type {self.config.loss_type!r} ({e}); built in: "
                                  f"{', '.join(LOSS_TYPES)}") from None
 
     def build_models(self, policy, tokenizer, *, reference=None, seed=0, tiny_kwargs=None):

@@ -21,6 +21,8 @@ from fastalign.algorithms import _rollout as R
 from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
 from fastalign.algorithms.registry import register_algorithm
+from fastalign.errors import ConfigError
+from fastalign.options import option
 from fastalign.data import collate as C
 
 AGGS = ("token-mean", "seq-mean-token-mean")
@@ -28,16 +30,16 @@ AGGS = ("token-mean", "seq-mean-token-mean")
 
 @dataclass
 class GRPOConfig(AlgorithmConfig):
-    group_size: int = 8
-    temperature: float = 1.0
-    max_new_tokens: int = 32
-    beta: float = 0.04              # weight of the k3 KL to the reference (0: no reference model)
-    scale: str = "group"            # group_advantages: "group", "batch" or "none" (Dr. GRPO)
-    agg: str = "token-mean"
-    ppo_epochs: int = 1
-    mini_batches: int = 1
-    clip: float = 0.2
-    target_kl: float | None = None
+    group_size: int = option(8, "samples per prompt (a group of one has no baseline)", ge=2)
+    temperature: float = option(1.0, "sampling temperature, also used for every log-prob", gt=0)
+    max_new_tokens: int = option(32, "response length limit when sampling", ge=1)
+    beta: float = option(0.04, "weight of the k3 KL to the reference (0: no reference model)", ge=0)
+    scale: str = option("group", "advantage scaling: group, batch or none (Dr. GRPO)", choices=("group", "batch", "none"))
+    agg: str = option("token-mean", "loss aggregation", choices=AGGS)
+    ppo_epochs: int = option(1, "passes over each rollout batch", ge=1)
+    mini_batches: int = option(1, "optimizer steps per epoch", ge=1)
+    clip: float = option(0.2, "policy ratio clip", gt=0, lt=1)
+    target_kl: float | None = option(None, "stop the epochs early when approx-KL > 1.5 * target_kl", gt=0)
 
 
 @register_algorithm("grpo")
@@ -54,13 +56,13 @@ class GRPO(Algorithm):
         cfg = self.config
         R.check_rl_config("grpo", cfg)
         if int(cfg.group_size) < 2:
-            raise ValueError(f"grpo: group_size must be >= 2 (a group of one has no baseline), got {cfg.group_size}")
+            raise ConfigError(f"grpo: group_size must be >= 2 (a group of one has no baseline), got {cfg.group_size}")
         if cfg.beta < 0:
-            raise ValueError(f"grpo: beta must be >= 0, got {cfg.beta}")
+            raise ConfigError(f"grpo: beta must be >= 0, got {cfg.beta}")
         if cfg.agg not in AGGS:
-            raise ValueError(f"grpo: agg must be one of {AGGS}, got {cfg.agg!r}")
+            raise ConfigError(f"grpo: agg must be one of {AGGS}, got {cfg.agg!r}")
         if cfg.scale not in ("group", "batch", "none"):
-            raise ValueError(f"grpo: scale must be 'group', 'batch' or 'none', got {cfg.scale!r}")
+            raise ConfigError(f"grpo: scale must be 'group', 'batch' or 'none', got {cfg.scale!r}")
         self.reward_fn, self.oracle_fn = reward_fn, oracle_fn
         self.models = tuple(r for r in type(self).models
                             if not (r == "reward" and reward_fn is not None) and not (r == "reference" and cfg.beta == 0))
@@ -76,7 +78,7 @@ class GRPO(Algorithm):
             out.pop("reference", None)
         if "reward" in self.models:
             if reward is None:
-                raise ValueError("grpo: needs a reward model (model.reward: a reward-model directory) or a reward_fn")
+                raise ConfigError("grpo: needs a reward model (model.reward: a reward-model directory) or a reward_fn")
             out["reward"] = load_model(reward, tokenizer=tokenizer, scalar_head=True, seed=seed, tiny_kwargs=tiny_kwargs)
         return out
 

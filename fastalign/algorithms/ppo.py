@@ -38,6 +38,8 @@ from fastalign.algorithms import _rollout as R
 from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
 from fastalign.algorithms.registry import register_algorithm
+from fastalign.errors import ConfigError
+from fastalign.options import option
 from fastalign.data import collate as C
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
@@ -45,25 +47,26 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
 @dataclass
 class PPOConfig(AlgorithmConfig):
-    temperature: float = 1.0        # sampling temperature, also used for every log-prob
-    max_new_tokens: int = 32
-    kl_coef: float = 0.05           # beta of r_t = -beta * KL_t (the initial value when adaptive)
-    kl_estimator: str = "k1"        # k1 (unbiased), k3 (low variance), k2, abs: see fastalign.kl_penalty
-    adaptive_kl: bool = False
-    kl_target: float = 6.0          # nats per response, for the adaptive controller
-    kl_horizon: int = 10000         # samples, for the adaptive controller
-    score_clip: float | None = None
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    ppo_epochs: int = 4
-    mini_batches: int = 4           # optimizer steps per epoch
-    clip: float = 0.2               # policy ratio clip
-    dual_clip: float | None = None
-    vf_clip: float | None = 0.2     # value clip around the rollout's values (None: unclipped)
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
-    target_kl: float | None = None  # early stop of the epochs when approx-KL > 1.5 * target_kl
+    temperature: float = option(1.0, "sampling temperature, also used for every log-prob", gt=0)
+    max_new_tokens: int = option(32, "response length limit when sampling", ge=1)
+    kl_coef: float = option(0.05, "beta of r_t = -beta * KL_t (the initial value when adaptive)", ge=0)
+    kl_estimator: str = option("k1", "k1 (unbiased), k3 (low variance), k2, abs: see fastalign.kl_penalty",
+                               choices=KL_ESTIMATORS)
+    adaptive_kl: bool = option(False, "Ziegler et al.'s proportional controller of kl_coef towards kl_target")
+    kl_target: float = option(6.0, "nats per response, for the adaptive controller", gt=0)
+    kl_horizon: int = option(10000, "samples, for the adaptive controller", gt=0)
+    score_clip: float | None = option(None, "clip reward-model scores to [-score_clip, score_clip]", gt=0)
+    gamma: float = option(1.0, "discount of GAE", ge=0, le=1)
+    lam: float = option(0.95, "lambda of GAE", ge=0, le=1)
+    whiten_advantages: bool = option(True, "whiten advantages over the batch's valid tokens")
+    ppo_epochs: int = option(4, "passes over each rollout batch", ge=1)
+    mini_batches: int = option(4, "optimizer steps per epoch", ge=1)
+    clip: float = option(0.2, "policy ratio clip", gt=0, lt=1)
+    dual_clip: float | None = option(None, "dual-clip bound c > 1 on negative advantages (None: off)", gt=1)
+    vf_clip: float | None = option(0.2, "value clip around the rollout's values (None: unclipped)", gt=0)
+    vf_coef: float = option(0.1, "weight of the value loss", ge=0)
+    ent_coef: float = option(0.0, "weight of the entropy bonus", ge=0)
+    target_kl: float | None = option(None, "stop the epochs early when approx-KL > 1.5 * target_kl", gt=0)
 
 
 @register_algorithm("ppo")
@@ -80,15 +83,15 @@ class PPO(Algorithm):
         cfg = self.config
         R.check_rl_config("ppo", cfg)
         if cfg.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"ppo: kl_estimator must be one of {KL_ESTIMATORS}, got {cfg.kl_estimator!r}")
+            raise ConfigError(f"ppo: kl_estimator must be one of {KL_ESTIMATORS}, got {cfg.kl_estimator!r}")
         if cfg.kl_coef < 0:
-            raise ValueError(f"ppo: kl_coef must be >= 0, got {cfg.kl_coef}")
+            raise ConfigError(f"ppo: kl_coef must be >= 0, got {cfg.kl_coef}")
         if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
-            raise ValueError(f"ppo: gamma and lam must be in [0, 1], got {cfg.gamma} and {cfg.lam}")
+            raise ConfigError(f"ppo: gamma and lam must be in [0, 1], got {cfg.gamma} and {cfg.lam}")
         if cfg.vf_clip is not None and not cfg.vf_clip > 0:
-            raise ValueError(f"ppo: vf_clip must be None or > 0, got {cfg.vf_clip}")
+            raise ConfigError(f"ppo: vf_clip must be None or > 0, got {cfg.vf_clip}")
         if cfg.adaptive_kl and not (cfg.kl_target > 0 and cfg.kl_horizon > 0):
-            raise ValueError("ppo: adaptive_kl needs kl_target > 0 and kl_horizon > 0")
+            raise ConfigError("ppo: adaptive_kl needs kl_target > 0 and kl_horizon > 0")
         self.reward_fn, self.oracle_fn = reward_fn, oracle_fn
         if reward_fn is not None:  # a programmatic reward: no reward model
             self.models = tuple(r for r in type(self).models if r != "reward")
@@ -108,7 +111,7 @@ class PPO(Algorithm):
         out = super().build_models(policy, tokenizer, reference=reference, seed=seed, tiny_kwargs=tiny_kwargs)
         if self.reward_fn is None:
             if reward is None:
-                raise ValueError("ppo: needs a reward model (model.reward: a reward-model directory) or a reward_fn")
+                raise ConfigError("ppo: needs a reward model (model.reward: a reward-model directory) or a reward_fn")
             out["reward"] = load_model(reward, tokenizer=tokenizer, scalar_head=True, seed=seed, tiny_kwargs=tiny_kwargs)
         v = load_model(value or reward or policy, tokenizer=tokenizer, seed=seed, tiny_kwargs=tiny_kwargs)
         out["value"] = v if isinstance(v, ScalarHeadModel) else ScalarHeadModel(v)

@@ -16,6 +16,8 @@ import importlib.metadata
 import inspect
 import warnings
 
+from fastalign.errors import UserError
+
 ENTRY_POINT_GROUP = "fastalign.algorithms"
 
 _REGISTRY: dict[str, type] = {}
@@ -23,7 +25,7 @@ _ORIGIN: dict[str, str] = {}  # name -> where it was registered from (module), f
 _PLUGINS_LOADED = False
 
 
-class UnknownAlgorithmError(KeyError):
+class UnknownAlgorithmError(UserError, KeyError):  # a name on the command line
     def __str__(self):  # KeyError repr-quotes its message; keep it readable
         return str(self.args[0])
 

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig
 from fastalign.algorithms.registry import register_algorithm
+from fastalign.errors import ConfigError
+from fastalign.options import option
 
 
 @dataclass
 class RewardConfig(AlgorithmConfig):
-    margin: float | None = None  # a fixed margin m in -log sigmoid(c - r - m)
+    margin: float | None = option(None, "a fixed margin m in -log sigmoid(r_chosen - r_rejected - m)")
 
 
 @register_algorithm("reward")

@@ -15,15 +15,18 @@ from dataclasses import dataclass
 from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
 from fastalign.algorithms.registry import register_algorithm
+from fastalign.errors import ConfigError, DataError
+from fastalign.options import option
 from fastalign.data import collate as C
 
 
 @dataclass
 class SFTConfig(AlgorithmConfig):
-    packing: bool = False
-    pretrain_data: str | None = None
-    pretrain_ratio: float = 0.0
-    seed: int = 0
+    packing: bool = option(False, "pack several examples per row (block-diagonal attention: same result)")
+    pretrain_data: str | None = option(None, "a text file of plain-text rows for midtraining (relative to the "
+                                             "config file, or bundled:NAME)", path=True)
+    pretrain_ratio: float = option(0.0, "fraction of rows that are plain text from pretrain_data", ge=0, lt=1)
+    seed: int = option(0, "seed of the text/demonstration mixing")
 
 
 @register_algorithm("sft")
@@ -39,20 +42,20 @@ class SFT(Algorithm):
     def encode(self, records, tokenizer, max_length, stats: Counter) -> list:
         cfg = self.config
         if not 0.0 <= cfg.pretrain_ratio < 1.0:
-            raise ValueError(f"sft: pretrain_ratio must be in [0, 1), got {cfg.pretrain_ratio}")
+            raise ConfigError(f"sft: pretrain_ratio must be in [0, 1), got {cfg.pretrain_ratio}")
         rows = C.encode_demonstrations(records, tokenizer, max_length, stats)
         if cfg.pretrain_ratio > 0:
             text = self.pretrain_records
             if text is None:
                 if not cfg.pretrain_data:
-                    raise ValueError("sft: pretrain_ratio > 0 needs pretrain_data (a text file) or pretrain_records")
+                    raise ConfigError("sft: pretrain_ratio > 0 needs pretrain_data (a text file) or pretrain_records")
                 from fastalign.data.formats import load_records
 
                 text, tstats = load_records("text", cfg.pretrain_data)
                 stats.update({f"pretrain {k}": v for k, v in tstats.items()})
             windows = C.encode_text(text, tokenizer, max_length, stats)
             if not windows:
-                raise ValueError("sft: the pretraining data has no text")
+                raise DataError("sft: the pretraining data has no text")
             # n_text / (n_text + n_demo) = ratio; sample windows with replacement if needed
             n_text = round(cfg.pretrain_ratio / (1 - cfg.pretrain_ratio) * len(rows))
             rng = random.Random(cfg.seed)

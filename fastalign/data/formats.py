@@ -33,6 +33,8 @@ import json
 import os
 from collections import Counter
 
+from fastalign.errors import ConfigError, DataError, DataNotFoundError
+
 KINDS = {
     "alpaca": "demonstrations",
     "chat": "demonstrations",
@@ -46,7 +48,7 @@ ROLES = {"user": "user", "human": "user", "prompter": "user", "assistant": "assi
          "bot": "assistant", "system": "system"}
 
 
-class DataFormatError(ValueError):
+class DataFormatError(DataError):
     """A malformed record: the message starts with `file:line:`."""
 
 
@@ -315,9 +317,9 @@ def load_records(fmt: str, path: str, *, templates=None, limit: int | None = Non
     """Reads `path` in format `fmt`; returns (canonical records, stats Counter). `templates`
     (dict or path of a JSON file) is for `flan`. `limit` keeps the first records."""
     if fmt not in _PARSERS:
-        raise ValueError(f"unknown data format {fmt!r}; known formats: {', '.join(sorted(_PARSERS))}")
+        raise ConfigError(f"unknown data format {fmt!r}; known formats: {', '.join(sorted(_PARSERS))}")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise DataNotFoundError(f"data file not found: {path}")
     if isinstance(templates, str):
         with open(templates, encoding="utf-8") as f:
             templates = json.load(f)
@@ -348,7 +350,7 @@ def load_records(fmt: str, path: str, *, templates=None, limit: int | None = Non
 def kind_of(fmt: str) -> str:
     """The record kind ("demonstrations", "preferences", "prompts", "text") a format yields."""
     if fmt not in KINDS:
-        raise ValueError(f"unknown data format {fmt!r}; known formats: {', '.join(sorted(KINDS))}")
+        raise ConfigError(f"unknown data format {fmt!r}; known formats: {', '.join(sorted(KINDS))}")
     return KINDS[fmt]
 
 

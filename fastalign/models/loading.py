@@ -1,11 +1,50 @@
 """Loading and saving models by name: "tiny" (the bundled model, built in code) or a local
 directory written by save_pretrained / fastalign checkpoints (a causal LM, or a ScalarHeadModel
-when the directory holds a score head). Hugging Face hub ids are passed to from_pretrained
-unchanged (that may download; nothing in fastalign's own demo or tests does)."""
+when the directory holds a score head), or a .gguf file (through transformers' GGUF support).
+Hugging Face hub ids are passed to from_pretrained unchanged (that may download; nothing in
+fastalign's own demo or tests does). A name that is none of these -- a path that does not exist,
+an id the hub does not know -- raises ModelNotFoundError listing what is accepted, not the hub's
+error about repo ids."""
 
 from __future__ import annotations
 
+import os
+import re
+
+from fastalign.errors import ModelNotFoundError
 from fastalign.models.heads import ScalarHeadModel, is_scalar_head_dir
+
+ACCEPTED = ("'tiny' (the bundled model), a local model directory (save_pretrained or a fastalign checkpoint's "
+            "role directory), a .gguf file, or a Hugging Face hub id (org/name)")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_name(name, option: str = "model") -> None:
+    """Raises ModelNotFoundError unless `name` can name a model: 'tiny', an existing directory or
+    .gguf file, or something shaped like a hub id (whether the hub has it shows when loading)."""
+    if name is None or name == "tiny":
+        return
+    if not isinstance(name, str) or not name:
+        raise ModelNotFoundError(f"{option}: {name!r} is not a model name; accepted: {ACCEPTED}")
+    path = os.path.expanduser(name)
+    if os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path)):
+        return
+    if path.endswith(".gguf") or os.path.isabs(path) or path.startswith(".") or not _HUB_ID.match(name):
+        raise ModelNotFoundError(f"{option}: no such model directory or known model name: {name}; accepted: "
+                                 f"{ACCEPTED}")
+
+
+def _from_pretrained(auto_cls, name: str, **kwargs):
+    """auto_cls.from_pretrained for a directory, hub id or .gguf file; a name transformers cannot
+    resolve (OSError: not a folder, not on the hub, offline) becomes ModelNotFoundError."""
+    check_model_name(name)
+    if name.endswith(".gguf"):
+        path = os.path.abspath(os.path.expanduser(name))
+        name, kwargs["gguf_file"] = os.path.dirname(path), os.path.basename(path)
+    try:
+        return auto_cls.from_pretrained(os.path.expanduser(name), **kwargs)
+    except OSError as e:
+        raise ModelNotFoundError(f"cannot load model {name!r} ({e}); accepted: {ACCEPTED}") from None
 
 
 def load_tokenizer(name_or_path: str):
@@ -15,7 +54,7 @@ def load_tokenizer(name_or_path: str):
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    tok = _from_pretrained(AutoTokenizer, name_or_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -33,7 +72,7 @@ def load_model(name_or_path: str, *, tokenizer=None, scalar_head: bool = False, 
         return ScalarHeadModel.from_pretrained(name_or_path)
     from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(name_or_path)
+    lm = _from_pretrained(AutoModelForCausalLM, name_or_path)
     return ScalarHeadModel(lm, seed=seed) if scalar_head else lm
 
 

@@ -1,36 +1,70 @@
-"""Trainer configuration (a dataclass; loadable from YAML/JSON via load_config)."""
+"""The sections of a training config (`fastalign train ALGO --config FILE`): model, data and
+trainer (the algorithm's own section, `algo`, is its config_class). Each option carries its help
+and valid range (fastalign.options.option), so a bad value fails when the config is read, with
+the option's name, and `--print-config` documents every option from here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from fastalign.options import option
+
+
+@dataclass
+class ModelConfig:
+    policy: str = option("tiny", "the model trained: 'tiny', a local model directory, a .gguf file or a hub id")
+    reference: str | None = option(None, "the frozen reference (KL anchor, DPO); default: the policy's start")
+    reward: str | None = option(None, "a reward-model directory (ppo, grpo)")
+    value: str | None = option(None, "the value model's start (ppo); default: the reward model")
+    tokenizer: str | None = option(None, "the tokenizer; default: the policy's")
+    tiny: dict = option(default_factory=dict, help="the tiny model's shape: hidden_size, num_layers, num_heads, "
+                                                   "intermediate_size")
+
+
+@dataclass
+class DataConfig:
+    format: str = option("synthetic", "alpaca | chat | oasst | flan | preference | prompts | text | synthetic")
+    train: str | None = option(None, "training data file (relative to the config file, or bundled:NAME)",
+                              path=True)
+    eval: str | None = option(None, "evaluation data file (as data.train); none: no evaluation", path=True)
+    max_length: int = option(128, "tokens per example (prompt + response); longer ones are truncated", ge=2)
+    templates: dict | None = option(None, "flan: {task: [[input_template, target_template], ...]} for {task, <fields>} records")
+    limit: int | None = option(None, "read at most this many records per file", ge=1)
+    train_size: int = option(2000, "synthetic: training examples generated", ge=1)
+    eval_size: int = option(200, "synthetic: evaluation examples generated (0: no evaluation)", ge=0)
+    seed: int = option(0, "synthetic: the generator's seed (eval uses seed + 1)")
+    noise: float = option(0.0, "synthetic preferences: the oracle's label noise", ge=0, le=1)
 
 
 @dataclass
 class TrainerConfig:
-    output_dir: str = "runs/train"
-    max_steps: int = 100           # optimizer steps; <= 0 -> derived from num_epochs
-    num_epochs: float = 1.0        # used only when max_steps <= 0
-    batch_size: int = 8            # examples per micro-batch and process (pairs for preference data)
-    grad_accum: int = 1            # micro-batches per optimizer step (global batch: x world size)
-    lr: float = 1e-4
-    weight_decay: float = 0.0      # applied to matrices only (not biases, norms)
-    betas: tuple = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    schedule: str = "cosine"       # constant | linear | cosine (after warmup)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0      # floor of linear/cosine decay, as a fraction of lr
-    max_grad_norm: float | None = 1.0
-    precision: str = "auto"        # auto (bf16 autocast on CUDA with bf16, else fp32) | fp32 | bf16
-    device: str = "auto"           # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    distributed: str = "auto"      # auto (ddp when WORLD_SIZE > 1) | ddp | fsdp | none; see trainer/distributed.py
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 0            # 0: evaluate only at the end (if there is eval data)
-    save_every: int = 0            # 0: checkpoint only at the end (and on Ctrl-C)
-    save_total_limit: int = 2      # step checkpoints kept (oldest deleted first)
-    save_final: bool = True
-    resume_from: str | None = None  # a checkpoint dir, or "latest" (output_dir's newest)
-    progress: bool = True          # tqdm progress bar
-    plot: bool = True              # metrics.png next to metrics.jsonl
-    handle_sigint: bool = True     # Ctrl-C: checkpoint at the step boundary, then stop cleanly
-    extra: dict = field(default_factory=dict)  # free-form, for algorithms/callbacks
+    output_dir: str = option("runs/train", "checkpoints, metrics.jsonl and plots go here (relative to the working "
+                                           "directory)")
+    max_steps: int = option(100, "optimizer steps; <= 0: derived from num_epochs")
+    num_epochs: float = option(1.0, "used only when max_steps <= 0", gt=0)
+    batch_size: int = option(8, "examples per micro-batch and process (pairs for preference data)", ge=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step (global batch: x world size)", ge=1)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", gt=0)
+    weight_decay: float = option(0.0, "AdamW weight decay, applied to matrices only (not biases, norms)", ge=0)
+    betas: tuple = option((0.9, 0.999), "AdamW betas")
+    adam_eps: float = option(1e-8, "AdamW epsilon", gt=0)
+    schedule: str = option("cosine", "learning-rate decay after warmup", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = option(0, "linear warmup from 0 over this many steps", ge=0)
+    min_lr_ratio: float = option(0.0, "floor of linear/cosine decay, as a fraction of lr", ge=0, le=1)
+    max_grad_norm: float | None = option(1.0, "gradient clipping by global norm (null: no clipping)", gt=0)
+    precision: str = option("auto", "auto (bf16 autocast on CUDA with bf16, else fp32) | fp32 | bf16",
+                            choices=("auto", "fp32", "bf16"))
+    device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    distributed: str = option("auto", "auto (ddp when WORLD_SIZE > 1) | ddp | fsdp | none",
+                              choices=("auto", "ddp", "fsdp", "none"))
+    seed: int = option(0, "seed of initialisation, shuffling and sampling")
+    log_every: int = option(1, "log training metrics every N steps", ge=1)
+    eval_every: int = option(0, "evaluate every N steps (0: only at the end, if there is eval data)", ge=0)
+    save_every: int = option(0, "checkpoint every N steps (0: only at the end and on Ctrl-C)", ge=0)
+    save_total_limit: int = option(2, "step checkpoints kept (oldest deleted first)", ge=1)
+    save_final: bool = option(True, "checkpoint at the end of training")
+    resume_from: str | None = option(None, "a checkpoint directory, or 'latest' (output_dir's newest)")
+    progress: bool = option(True, "tqdm progress bar")
+    plot: bool = option(True, "metrics.png next to metrics.jsonl")
+    handle_sigint: bool = option(True, "Ctrl-C: checkpoint at the step boundary, then stop cleanly")
+    extra: dict = option(default_factory=dict, help="free-form, for algorithms and callbacks")

@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from fastalign.algorithms.base import build_config
+from fastalign.errors import ResumeError
+from fastalign.options import build_config
 from fastalign.trainer import checkpoint as ckpt
 from fastalign.trainer import distributed as D
 from fastalign.trainer.config import TrainerConfig
@@ -315,7 +316,10 @@ class Trainer:
         return self.last_checkpoint
 
     def load_checkpoint(self, path: str) -> None:
-        path = ckpt.resolve_checkpoint(path, self.config.output_dir)
+        try:
+            path = ckpt.resolve_checkpoint(path, self.config.output_dir)
+        except FileNotFoundError as e:  # no checkpoint where the user pointed: their mistake, not a bug
+            raise ResumeError(f"trainer.resume_from: {e}") from None
         st = ckpt.load_checkpoint(path, models=self.trainable, optimizer=self.optimizer, scheduler=self.scheduler,
                                   sharded=self.dist_mode == "fsdp")
         if st.get("algorithm") not in (None, self.algorithm.name):

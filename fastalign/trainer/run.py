@@ -1,87 +1,166 @@
 """One training run from a config file: what `fastalign train <algorithm> --config FILE.yaml` does.
 
-Config layout (YAML or JSON; every section optional):
+Config layout (YAML or JSON; every section optional; `fastalign train ALGO --print-config` shows
+every option with its default and help):
 
-    model:   {policy: tiny, reference: null, tiny: {hidden_size: 96, ...}}
-    data:    {format: alpaca | chat | oasst | flan | preference | prompts | synthetic,
-              train: path, eval: path, max_length: 128, templates: null, limit: null,
-              train_size: 2000, eval_size: 200}          # the last two for `synthetic`
-    algo:    {...}                                       # the algorithm's config dataclass
-    trainer: {...}                                       # TrainerConfig
+    model:   ModelConfig    (fastalign/trainer/config.py)   policy, reference, reward, value, tiny
+    data:    DataConfig     format, train, eval, max_length, ...
+    algo:    the algorithm's config_class
+    trainer: TrainerConfig
 
 Overrides `section.key=value` (value parsed as YAML) are applied on top, e.g.
-`trainer.max_steps=20 algo.beta=0.2`.
+`trainer.max_steps=20 algo.beta=0.2`. Everything is checked (types, ranges, model names) by
+resolve_config before any model or data is loaded; file paths resolve as fastalign.configs says.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from collections import Counter
 
+from fastalign import configs
+from fastalign.errors import ConfigError
+from fastalign.options import build_config, describe
+from fastalign.trainer.config import DataConfig, ModelConfig, TrainerConfig
 from fastalign.trainer.distributed import is_main
 
 SECTIONS = ("model", "data", "algo", "trainer")
 
 
-def load_config(path: str | None, overrides=()) -> dict:
+def _section_classes(algorithm: str | None) -> dict:
+    from fastalign.algorithms import get_algorithm
+
+    out = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig}
+    if algorithm:
+        out["algo"] = get_algorithm(algorithm).config_class
+    return out
+
+
+def _resolve_paths(cfg: dict, algorithm: str | None, base_dir: str | None) -> None:
+    """File options (option(path=True)) in place: relative to base_dir, bundled:NAME -> packaged."""
+    for section, cls in _section_classes(algorithm).items():
+        values = cfg.get(section)
+        if isinstance(values, dict):
+            for f in dataclasses.fields(cls):
+                if f.metadata.get("path") and f.name in values:
+                    values[f.name] = configs.resolve_path(values[f.name], base_dir)
+
+
+def load_config(path: str | None, overrides=(), algorithm: str | None = None) -> dict:
+    """The config dict from `path` (a file or a packaged config's name) plus overrides. With
+    `algorithm`, the algo section's file options are resolved too."""
     import yaml
 
     cfg = {}
     if path:
-        with open(path) as f:
-            cfg = (json.load(f) if path.endswith(".json") else yaml.safe_load(f)) or {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: the config must be a mapping with sections {SECTIONS}")
-    cfg = copy.deepcopy(cfg)
+        path = configs.find(path)
+        try:
+            with open(path) as f:
+                cfg = (json.load(f) if path.endswith(".json") else yaml.safe_load(f)) or {}
+        except (ValueError, yaml.YAMLError) as e:  # json.JSONDecodeError is a ValueError
+            raise ConfigError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{path}: the config must be a mapping with sections {SECTIONS}")
+        _check_sections(cfg, path)
+        cfg = copy.deepcopy(cfg)
+        _resolve_paths(cfg, algorithm, os.path.dirname(os.path.abspath(path)))
     for ov in overrides:
         if "=" not in ov:
-            raise ValueError(f"override {ov!r} must look like section.key=value")
+            raise ConfigError(f"override {ov!r} must look like section.key=value")
         key, value = ov.split("=", 1)
         parts = key.split(".")
+        one = leaf = {}
+        for p in parts[:-1]:
+            leaf = leaf.setdefault(p, {})
+        try:
+            leaf[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {ov!r}: the value is not valid YAML ({e})") from None
+        _resolve_paths(one, algorithm, None)  # typed in a shell: relative to the working directory
         node = cfg
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {ov!r}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
-    unknown = set(cfg) - set(SECTIONS) - {"algorithm"}
-    if unknown:
-        raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {list(SECTIONS)}")
+                raise ConfigError(f"override {ov!r}: {p!r} is not a section")
+        node[parts[-1]] = leaf[parts[-1]]
+    _check_sections(cfg, "the overrides")
     return cfg
 
 
-def _load_split(alg, data_cfg, split, tok, stats):
-    from fastalign.data.formats import describe, kind_of, load_records
+def _check_sections(cfg: dict, where: str) -> None:
+    unknown = set(cfg) - set(SECTIONS) - {"algorithm"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown config section(s) {sorted(unknown)}; known: {list(SECTIONS)}")
+
+
+def resolve_config(algorithm: str, cfg: dict) -> dict:
+    """{section: config dataclass} for `cfg`, every option checked against its type and range and
+    every model name against what can be loaded -- before anything is loaded."""
+    from fastalign.models.loading import check_model_name
+
+    out = {}
+    for section, cls in _section_classes(algorithm).items():
+        values = cfg.get(section) or {}
+        if section == "trainer" and isinstance(values, dict):
+            values = {"output_dir": os.path.join("runs", algorithm), **values}
+        out[section] = build_config(cls, values, prefix=section)
+    for role in ("policy", "reference", "reward", "value", "tokenizer"):
+        check_model_name(getattr(out["model"], role), f"model.{role}")
+    return out
+
+
+def format_config(algorithm: str, cfg: dict) -> str:
+    """The resolved config as YAML, every option with its value (default or given) and its help."""
+    import yaml
+
+    resolved = resolve_config(algorithm, cfg)
+    lines = [f"# fastalign train {algorithm}: the resolved config (every option, with its default or the "
+             "value given)", f"algorithm: {algorithm}"]
+    for section in SECTIONS:
+        lines.append(f"{section}:")
+        obj = resolved[section]
+        for name, _default, text in describe(type(obj)):
+            value = getattr(obj, name)
+            value = list(value) if isinstance(value, tuple) else value
+            shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+            shown = shown[:-4].strip() if shown.endswith("\n...") or shown.endswith(" ...") else shown
+            line = f"  {name}: {shown}"
+            lines.append(f"{line:34s}  # {text}" if text else line)
+    return "\n".join(lines) + "\n"
+
+
+def _load_split(alg, d: DataConfig, split, tok, stats):
+    from fastalign.data.formats import describe as describe_stats, kind_of, load_records
     from fastalign.data.synthetic import Oracle, SyntheticTask
 
-    fmt = data_cfg.get("format", "synthetic")
-    max_length = int(data_cfg.get("max_length", 128))
-    if fmt == "synthetic":
-        n = int(data_cfg.get("train_size" if split == "train" else "eval_size", 2000 if split == "train" else 200))
-        seed = int(data_cfg.get("seed", 0)) + (0 if split == "train" else 1)
+    if d.format == "synthetic":
+        n = d.train_size if split == "train" else d.eval_size
+        seed = d.seed + (0 if split == "train" else 1)
         task = SyntheticTask()
         if alg.data_kind == "demonstrations":
             records = task.demonstrations(n, seed)
         elif alg.data_kind == "preferences":
-            records, ties = task.preference_pairs(n, Oracle(noise=float(data_cfg.get("noise", 0.0)), seed=seed), seed)
+            records, ties = task.preference_pairs(n, Oracle(noise=d.noise, seed=seed), seed)
             stats[f"{split}: ties left out"] += ties
         else:
             records = [{"prompt": r["prompt"]} for r in task.sample(n, seed)]
     else:
-        path = data_cfg.get(split)
+        path = getattr(d, split)
         if not path:
             if split == "train":
-                raise ValueError("data.train: path of the training data is required")
+                raise ConfigError("data.train: path of the training data is required")
             return None
-        if kind_of(fmt) != alg.data_kind:
-            raise ValueError(f"algorithm {alg.name!r} needs {alg.data_kind}, but format {fmt!r} holds {kind_of(fmt)}")
-        records, st = load_records(fmt, path, templates=data_cfg.get("templates"), limit=data_cfg.get("limit"))
+        if kind_of(d.format) != alg.data_kind:
+            raise ConfigError(f"algorithm {alg.name!r} needs {alg.data_kind}, but data.format {d.format!r} holds "
+                              f"{kind_of(d.format)}")
+        records, st = load_records(d.format, path, templates=d.templates, limit=d.limit)
         if is_main():
-            print(f"{path}: {describe(st)}")
+            print(f"{path}: {describe_stats(st)}")
     st = Counter()
-    examples = alg.encode(records, tok, max_length, st)
+    examples = alg.encode(records, tok, d.max_length, st)
     if st and is_main():
         print(f"{split} data: {len(examples)} examples; " + ", ".join(f"{k}: {v}" for k, v in st.items()))
     return examples
@@ -92,22 +171,18 @@ def run_training(algorithm: str, cfg: dict) -> dict:
     from fastalign.models import load_tokenizer
     from fastalign.trainer.loop import Trainer
 
-    cls = get_algorithm(algorithm)
-    alg = cls(cfg.get("algo"))
-    mcfg = cfg.get("model", {}) or {}
-    policy = mcfg.get("policy", "tiny")
-    tok = load_tokenizer(mcfg.get("tokenizer") or policy)
-    tcfg = dict(cfg.get("trainer", {}) or {})
-    tcfg.setdefault("output_dir", os.path.join("runs", algorithm))
+    resolved = resolve_config(algorithm, cfg)
+    m, d, t = resolved["model"], resolved["data"], resolved["trainer"]
+    alg = get_algorithm(algorithm)(resolved["algo"])
+    tok = load_tokenizer(m.tokenizer or m.policy)
     stats = Counter()
-    train = _load_split(alg, cfg.get("data", {}) or {}, "train", tok, stats)
-    evald = _load_split(alg, cfg.get("data", {}) or {}, "eval", tok, stats)
-    extra = {k: mcfg[k] for k in ("reward", "value") if mcfg.get(k)}  # the online algorithms' extra roles
-    models = alg.build_models(policy, tok, reference=mcfg.get("reference"), seed=int(tcfg.get("seed", 0)),
-                              tiny_kwargs=mcfg.get("tiny"), **extra)
-    trainer = Trainer(alg, models, tok, train, evald, tcfg)
+    train = _load_split(alg, d, "train", tok, stats)
+    evald = _load_split(alg, d, "eval", tok, stats)
+    extra = {k: getattr(m, k) for k in ("reward", "value") if getattr(m, k)}  # the online algorithms' extra roles
+    models = alg.build_models(m.policy, tok, reference=m.reference, seed=t.seed, tiny_kwargs=m.tiny or None, **extra)
+    trainer = Trainer(alg, models, tok, train, evald, t)
     if trainer.is_main:  # under torchrun every rank runs this; rank 0 writes
-        os.makedirs(trainer.config.output_dir, exist_ok=True)
-        with open(os.path.join(trainer.config.output_dir, "config.json"), "w") as f:
-            json.dump({"algorithm": algorithm, **cfg}, f, indent=1)
+        os.makedirs(t.output_dir, exist_ok=True)
+        with open(os.path.join(t.output_dir, "config.json"), "w") as f:  # the resolved config: every option
+            json.dump({"algorithm": algorithm, **{k: dataclasses.asdict(v) for k, v in resolved.items()}}, f, indent=1)
     return trainer.fit()

@@ -181,3 +181,13 @@ def test_paths_resolve_relative_to_the_config_file(capsys, elsewhere):
     assert f"  train: {elsewhere / 'exp' / 'd' / 'train.jsonl'} " in out  # from the file: its directory
     assert "  eval: e.jsonl " in out  # typed on the command line: the working directory
     assert os.path.join("bundled", "text_sample.txt") in out
+
+
+def test_bench_suite_ships_in_the_package(capsys):
+    import fastalign
+    import fastalign.benchmarks.bench_rl  # noqa: F401 (a suite imports from inside the package)
+
+    assert os.path.dirname(fastalign.benchmarks.__file__) == os.path.join(os.path.dirname(fastalign.__file__), "benchmarks")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0 and "usage: fastalign bench" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """gae on every backend against kernels/reference.py (the per-time-step loop), plus the peers'
 formulas (TRL's unmasked loop, verl's multi-turn loop; written out from their code in
-benchmarks/_peers.py, which the benchmarks time).
+fastalign/benchmarks/_peers.py, which the benchmarks time).
 
 Error bounds (tests/numerics.py's model, computed in float64 from each test's inputs): unrolled,
 A_t = sum over the K valid steps s >= t of (gamma lam)^k (r_s + gamma V_next(s) - v_s), k the
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastalign
-from benchmarks._peers import trl_gae_loop, verl_gae_loop
+from fastalign.benchmarks._peers import trl_gae_loop, verl_gae_loop
 from fastalign.kernels import reference
 from tests.conftest import backend_params, requires_nvidia_compiler, run_triton_compile_script
 from tests.numerics import assert_within, gamma as gamma_n, unit_roundoff

@@ -5,7 +5,7 @@ of *contenders* (fastalign backends, eager PyTorch, torch.compile of the eager c
 TRL, Liger, verl). Each contender is a builder `build(inputs) -> fn`, where `fn()` runs the case
 once and returns its outputs; a builder raises `Skip(reason)` when it cannot run here (peer not
 installed, no GPU, op not built...). The same case definitions drive the runner
-(`python -m benchmarks`) and the pytest-benchmark suites (`pytest benchmarks/bench_*.py`).
+(`python -m benchmarks`) and the pytest-benchmark suites (`pytest fastalign/benchmarks/bench_*.py`).
 
 Timing (CPU): the contenders of a case are *interleaved*: every round runs each contender once
 (in a shuffled order), so a burst of load from other processes on a shared machine hits all of

@@ -3,7 +3,7 @@ ppo_value_loss (forward, forward+backward) against eager PyTorch (verl's formula
 torch.compile of it.
 
 The peers' loops and losses are written out from their published formulas (not imported; the
-GAE loops live in benchmarks/_peers.py, shared with tests/test_gae.py):
+GAE loops live in fastalign/benchmarks/_peers.py, shared with tests/test_gae.py):
 - TRL PPOTrainer GAE: the plain reverse loop without a mask;
 - verl compute_gae_advantage_return: the reverse loop carrying value and advantage through
   masked steps (multi-turn);
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks._common import DTYPES, Case, compiled, fastalign_backend, fastalign_op, grad_of
-from benchmarks._peers import trl_gae_loop, verl_gae_loop
+from fastalign.benchmarks._common import DTYPES, Case, compiled, fastalign_backend, fastalign_op, grad_of
+from fastalign.benchmarks._peers import trl_gae_loop, verl_gae_loop
 
 FAMILY = "rl"
 
@@ -206,7 +206,7 @@ def _med(rec, name):
 
 
 def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
-    from benchmarks._report import target
+    from fastalign.benchmarks._report import target
 
     out = []
     if device == "cpu":
@@ -233,7 +233,7 @@ def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
     return out
 
 
-# ---- pytest-benchmark entry (`pytest benchmarks/bench_rl.py --benchmark-enable`) ------------------
+# ---- pytest-benchmark entry (`pytest fastalign/benchmarks/bench_rl.py --benchmark-enable`) ------------------
 
 try:
     import pytest
@@ -241,7 +241,7 @@ except ImportError:
     pytest = None
 
 if pytest is not None:
-    from benchmarks.conftest import bench_params, run_pytest_benchmark
+    from fastalign.benchmarks.conftest import bench_params, run_pytest_benchmark
 
     @pytest.mark.parametrize("case,name", bench_params(cases))
     def test_rl(benchmark, case, name):

@@ -9,7 +9,7 @@ import importlib.util
 
 import torch
 
-from benchmarks._common import Skip
+from fastalign.benchmarks._common import Skip
 
 
 def trl_logprob_functions():

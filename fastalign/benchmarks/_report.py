@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from benchmarks._common import fmt_bytes, fmt_time
+from fastalign.benchmarks._common import fmt_bytes, fmt_time
 
 
 def target(issue, name, value, need, passed, quick, unit="x", detail=None) -> dict:

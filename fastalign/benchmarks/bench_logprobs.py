@@ -3,7 +3,7 @@ Liger-Kernel; forward and forward+backward, with and without entropy.
 
 Run through the runner (`python -m benchmarks --only logprobs`) for interleaved medians, peak
 memory, ratios and targets; or as a pytest-benchmark suite:
-`pytest benchmarks/bench_logprobs.py --benchmark-enable -k "fwd and fp32"`.
+`pytest fastalign/benchmarks/bench_logprobs.py --benchmark-enable -k "fwd and fp32"`.
 
 The eager baseline is the strongest plain PyTorch: `log_softmax(logits.float(), -1).gather(...)`
 (no division when temperature is 1, which it is here), and for the entropy
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks import _peers
-from benchmarks._common import DTYPES, Case, Skip, compiled, fastalign_backend, grad_of
+from fastalign.benchmarks import _peers
+from fastalign.benchmarks._common import DTYPES, Case, Skip, compiled, fastalign_backend, grad_of
 
 FAMILY = "logprobs"
 
@@ -187,7 +187,7 @@ def _median(rec, name):
 
 
 def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
-    from benchmarks._report import target
+    from fastalign.benchmarks._report import target
 
     out = []
     if device == "cpu":
@@ -235,7 +235,7 @@ def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
     return out
 
 
-# ---- pytest-benchmark entry (`pytest benchmarks/bench_logprobs.py --benchmark-enable`) -----------
+# ---- pytest-benchmark entry (`pytest fastalign/benchmarks/bench_logprobs.py --benchmark-enable`) -----------
 
 try:
     import pytest
@@ -243,7 +243,7 @@ except ImportError:  # the runner does not need pytest
     pytest = None
 
 if pytest is not None:
-    from benchmarks.conftest import bench_params, run_pytest_benchmark
+    from fastalign.benchmarks.conftest import bench_params, run_pytest_benchmark
 
     @pytest.mark.parametrize("case,name", bench_params(cases))
     def test_gather_logprobs(benchmark, case, name):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks import _peers
-from benchmarks._common import DTYPES, Case, compiled, fastalign_backend, fastalign_op, grad_of
+from fastalign.benchmarks import _peers
+from fastalign.benchmarks._common import DTYPES, Case, compiled, fastalign_backend, fastalign_op, grad_of
 
 FAMILY = "linear_logprobs"
 
@@ -112,7 +112,7 @@ def cases(quick: bool, device: str) -> list[Case]:
 def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
     """Issue 5 (CPU): at tokens=4096, H=1024, V=32000 fp32, fwd+bwd: extra peak memory <= 1/8 of
     the eager path's and time <= 1.2x eager's."""
-    from benchmarks._report import target
+    from fastalign.benchmarks._report import target
 
     if device != "cpu":
         return []
@@ -145,7 +145,7 @@ except ImportError:
     pytest = None
 
 if pytest is not None:
-    from benchmarks.conftest import bench_params, run_pytest_benchmark
+    from fastalign.benchmarks.conftest import bench_params, run_pytest_benchmark
 
     @pytest.mark.parametrize("case,name", bench_params(cases))
     def test_linear_logprobs(benchmark, case, name):

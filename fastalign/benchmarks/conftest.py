@@ -1,4 +1,4 @@
-"""pytest-benchmark glue: `pytest benchmarks/bench_<family>.py --benchmark-enable [-k ...]`.
+"""pytest-benchmark glue: `pytest fastalign/benchmarks/bench_<family>.py --benchmark-enable [-k ...]`.
 
 Each bench file parametrizes one test over (case, contender) and calls run_pytest_benchmark.
 FASTALIGN_BENCH_QUICK=1 selects the tiny --quick shapes. pytest-benchmark does not interleave
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from benchmarks._common import Skip, cuda_extra_peak
+from fastalign.benchmarks._common import Skip, cuda_extra_peak
 
 QUICK = os.environ.get("FASTALIGN_BENCH_QUICK") == "1"
 DEVICE = os.environ.get("FASTALIGN_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,7 @@ import importlib
 import json
 import sys
 
-from benchmarks._common import Skip, build_contenders, cpu_extra_peak, cpu_rss_tracking_ok, warm_up
+from fastalign.benchmarks._common import Skip, build_contenders, cpu_extra_peak, cpu_rss_tracking_ok, warm_up
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     result = {}
     cases = []
     for family in args.family.split(","):
-        mod = importlib.import_module(f"benchmarks.bench_{family}")
+        mod = importlib.import_module(f"fastalign.benchmarks.bench_{family}")
         try:
             cases += mod.cases(args.quick, "cpu")
         except Skip:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks._common import DTYPES, Case, compiled, fastalign_backend, fastalign_op, grad_of
+from fastalign.benchmarks._common import DTYPES, Case, compiled, fastalign_backend, fastalign_op, grad_of
 
 FAMILY = "preference"
 BETA = 0.1
@@ -118,7 +118,7 @@ except ImportError:
     pytest = None
 
 if pytest is not None:
-    from benchmarks.conftest import bench_params, run_pytest_benchmark
+    from fastalign.benchmarks.conftest import bench_params, run_pytest_benchmark
 
     @pytest.mark.parametrize("case,name", bench_params(cases))
     def test_preference(benchmark, case, name):

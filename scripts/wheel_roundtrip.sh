@@ -6,7 +6,11 @@
 #   - gather_logprobs (forward + backward), gae and ppo_policy_loss on the cpp backend match
 #     the torch reference,
 #   - a _C built for another torch is refused with a message naming the versions, and the
-#     torch backend still works.
+#     torch backend still works,
+#   - the command line works as a wheel user meets it: `fastalign demo` at a reduced size,
+#     `fastalign train` on a packaged config by name, `fastalign bench --quick` (the suite ships
+#     in the wheel; peers not installed are skipped), and a user error that exits with status 2,
+#     one line on stderr and no traceback.
 # Everything it writes lives in one mktemp directory, deleted on exit (build/ objects of the
 # in-place build are reused, not removed). PYTHON / MAX_JOBS as for build_wheel.sh;
 # FASTALIGN_TORCH overrides the torch requirement installed into the fresh venv.
@@ -35,7 +39,10 @@ EOF
 VPY=$WORK/venv/bin/python
 pip_q() { "$VPY" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 pip_q "$TORCH_REQ"
-pip_q "$WHEEL"
+# the training extras for demo/train, at the versions the suite passed with (torch is already
+# the one the wheel records, or FASTALIGN_TORCH's: its pins are left out)
+grep -vE '^(torch|triton|nvidia-)' "$ROOT/constraints.txt" > "$WORK/constraints.txt"
+pip_q "$WHEEL[train]" -c "$WORK/constraints.txt"
 t2=$SECONDS
 
 cd "$WORK"   # not the checkout: `import fastalign` must find the installed wheel
@@ -96,4 +103,27 @@ subprocess.run([sys.executable, "-c", child], check=True)
 print(f"wheel smoke check passed: fastalign {fastalign.__version__} from {here}, torch {torch.__version__}")
 EOF
 t3=$SECONDS
-echo "wheel round trip OK: build $((t1 - t0))s, venv+install $((t2 - t1))s, checks $((t3 - t2))s, total $((t3 - t0))s"
+
+FA=$WORK/venv/bin/fastalign
+"$FA" demo --output-dir "$WORK/demo" --set progress=false \
+  --set "tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}" --set max_new_tokens=8 \
+  --set sft_examples=64 --set sft_steps=3 --set sft_batch_size=8 --set pref_prompts=32 --set oracle_length_bias=0.05 \
+  --set rm_steps=3 --set dpo_steps=3 --set dpo_batch_size=8 --set ppo_steps=2 --set ppo_prompts_per_step=8 \
+  --set eval_prompts=16 > "$WORK/demo.log"
+tail -n 3 "$WORK/demo.log"
+"$FA" configs | grep -q "^dpo_bundled "
+"$FA" train dpo --config dpo_bundled trainer.max_steps=2 trainer.output_dir="$WORK/dpo" trainer.progress=false \
+  | tee "$WORK/train.log"
+grep -q "dpo: done at step 2" "$WORK/train.log"
+"$FA" bench --quick --out "$WORK/bench" > "$WORK/bench.log"
+tail -n 1 "$WORK/bench.log"
+set +e
+"$FA" train dpo --config dpo_bundled trainer.lr=-1 > "$WORK/err.out" 2> "$WORK/err.log"
+status=$?
+set -e
+if [ "$status" != 2 ] || grep -q Traceback "$WORK/err.log" || [ "$(cat "$WORK/err.log")" != "fastalign: error: trainer.lr must be > 0, got -1" ]; then
+  echo "user error: expected status 2 and one line, got $status:"; cat "$WORK/err.log"; exit 1
+fi
+echo "user error: status 2, $(cat "$WORK/err.log")"
+t4=$SECONDS
+echo "wheel round trip OK: build $((t1 - t0))s, venv+install $((t2 - t1))s, checks $((t3 - t2))s, CLI $((t4 - t3))s, total $((t4 - t0))s"

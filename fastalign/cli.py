@@ -4,8 +4,8 @@ A mistake in what the user asked for -- an unknown option or value out of range,
 malformed data file, an unknown model or algorithm name, nothing to resume from, a damaged
 checkpoint -- prints `fastalign: error: <message>` on stderr and exits with status 2, as
 argparse does for its own errors; FASTALIGN_DEBUG=1 lets the traceback through. These are the
-exceptions of fastalign.errors (UserError) and CheckpointError; anything else is a bug and keeps
-its traceback.
+exceptions derived from fastalign.errors.UserError (CheckpointError among them); anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ USAGE_ERROR = 2  # argparse's status for a bad command line; a bad config is the
 
 def is_user_error(exc: BaseException) -> bool:
     from fastalign.errors import UserError
-    from fastalign.trainer.checkpoint import CheckpointError  # its own module's class: a damaged/unsafe file
 
-    return isinstance(exc, (UserError, CheckpointError))
+    return isinstance(exc, UserError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ class ModelNotFoundError(UserError, FileNotFoundError):
 
 class ResumeError(UserError, FileNotFoundError):
     """trainer.resume_from names no checkpoint (a damaged one raises
-    fastalign.trainer.checkpoint.CheckpointError, also a user error on the command line)."""
+    fastalign.trainer.checkpoint.CheckpointError, also a UserError)."""
 
 
 def message(exc: BaseException) -> str:

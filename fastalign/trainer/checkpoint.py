@@ -33,13 +33,15 @@ import warnings
 import numpy as np
 import torch
 
+from fastalign.errors import UserError
 from fastalign.trainer import manifest, state_files
 
 STATE_FILE = "trainer_state.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is incomplete, altered, or holds something other than plain data."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that is incomplete, altered, or holds something other than plain data (the
+    command line reports it as a user error: the message names the file)."""
 
 
 def _weights_files(path):

@@ -398,7 +398,7 @@ def test_triton_kernel_compiles_for_sm90_without_a_gpu():
 
 
 def test_environment_overrides_auto(monkeypatch):
-    # FASTALIGN_BACKEND replaces "auto" (DESIGN.md): "torch" must reach the reference loop, and an
+    # FASTALIGN_BACKEND replaces "auto" (fastalign/_backends.py): "torch" must reach the reference loop, and an
     # unusable backend must fail as if it had been asked for explicitly
     r, v, m = torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 4, dtype=torch.bool)
     calls = []

@@ -834,7 +834,7 @@ def test_raw_cuda_backward_rejects_row_weight_on_another_device():
 
 
 def test_environment_overrides_auto(monkeypatch):
-    # FASTALIGN_BACKEND replaces "auto" for both losses (DESIGN.md)
+    # FASTALIGN_BACKEND replaces "auto" for both losses (fastalign/_backends.py)
     x, y, z, mask = _inputs((2, 5), "cpu", torch.float32)
     calls = []
     for name in ("ppo_policy_loss", "ppo_value_loss"):

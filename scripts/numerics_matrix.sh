@@ -5,7 +5,7 @@
 # `default` also switches MKL to its conditional-numerical-reproducibility code path) and with 1
 # and 2 threads. The bounds the tests use are derived from the computation (tests/numerics.py),
 # so every cell must pass on every x86-64 CPU. scripts/test.sh runs the cheapest cell (kernels,
-# default ISA, 1 thread); this runs them all (about 6 x 3 minutes on 2 cores).
+# default ISA, 1 thread); this runs them all (about 11 minutes on 2 cores).
 #   bash scripts/numerics_matrix.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."

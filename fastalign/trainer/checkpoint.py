@@ -252,7 +252,7 @@ def verify_checkpoint(path: str) -> None:
     """Checks every file against the manifest (manifest.py) and that the files a resume reads
     are listed; raises CheckpointError naming the first that does not match. A checkpoint from
     before manifests (it has optimizer.pt) passes with a warning."""
-    if not os.path.exists(os.path.join(path, manifest.NAME)) and _is_legacy(path):
+    if _is_legacy(path):
         warnings.warn(f"{path} has no {manifest.NAME} (written by an older fastalign): its files cannot be "
                       "verified; it is read as plain data only", stacklevel=2)
         return
@@ -263,7 +263,9 @@ def verify_checkpoint(path: str) -> None:
 
 
 def _is_legacy(path):
-    return os.path.exists(os.path.join(path, "optimizer.pt")) and os.path.exists(os.path.join(path, STATE_FILE))
+    """Written before manifests: no manifest, optimizer.pt beside trainer_state.json."""
+    return (not os.path.exists(os.path.join(path, manifest.NAME)) and os.path.exists(os.path.join(path, "optimizer.pt"))
+            and os.path.exists(os.path.join(path, STATE_FILE)))
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -309,7 +311,7 @@ def load_checkpoint(path: str, *, models: dict, optimizer, scheduler, sharded: b
     Call resolve_checkpoint (which verifies) first."""
     from fastalign.trainer import distributed as D
 
-    read = _read_legacy if not os.path.exists(os.path.join(path, manifest.NAME)) and _is_legacy(path) else _read_state
+    read = _read_legacy if _is_legacy(path) else _read_state
     for role, model in models.items():
         load_weights(model, os.path.join(path, role), sharded=sharded)
     opt_state = read(path, "optimizer")

@@ -25,19 +25,16 @@ class StateFileError(ValueError):
     """A state file that cannot be read as plain data (malformed, truncated, or not one of ours)."""
 
 
-def save(obj, stem: str) -> list[str]:
-    """Writes obj as stem.json (+ stem.safetensors if it holds tensors); returns the paths written."""
+def save(obj, stem: str) -> None:
+    """Writes obj as stem.json (+ stem.safetensors if it holds tensors)."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     doc = {"format": "fastalign-state-1", "data": _encode(obj, tensors, "state")}
-    written = [stem + ".json"]
     if tensors:
         save_file(tensors, stem + ".safetensors")
-        written.append(stem + ".safetensors")
     with open(stem + ".json", "w") as f:
         json.dump(doc, f)
-    return written
 
 
 def load(stem: str):

@@ -97,10 +97,9 @@ def build_config(cls, values, prefix: str | None = None):
     `prefix.key` (the config section, e.g. `trainer.lr`), or `ClassName.key` without a prefix."""
     if values is None:
         values = {}
-    if isinstance(values, cls):
-        return values
-    if dataclasses.is_dataclass(values):
-        values = dataclasses.asdict(values)
+    if dataclasses.is_dataclass(values) and not isinstance(values, type):
+        # an instance is checked like a dict: its constructor does not check ranges
+        values = {f.name: getattr(values, f.name) for f in dataclasses.fields(values)}
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or cls.__name__} must be a mapping of options, got {values!r}")
     where = prefix or cls.__name__

@@ -18,7 +18,6 @@ import torch
 from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import token_logps
 from fastalign.data import collate as C
-from fastalign.errors import ConfigError
 
 
 @dataclass
@@ -191,17 +190,3 @@ def eval_rollout(alg, batch):
     if alg.oracle_fn is not None:
         metrics["oracle"] = sum(alg.oracle_fn(p, r) for p, r in zip(prompts, rollout.texts)) / len(rollout)
     return -float(score.sum()), len(rollout), metrics
-
-
-def check_rl_config(name: str, cfg) -> None:
-    """The option checks ppo and grpo share; errors name the option and the valid range."""
-    if not cfg.temperature > 0:
-        raise ConfigError(f"{name}: temperature must be > 0, got {cfg.temperature}")
-    if int(cfg.max_new_tokens) < 1:
-        raise ConfigError(f"{name}: max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
-    if not 0 < cfg.clip < 1:
-        raise ConfigError(f"{name}: clip must be in (0, 1), got {cfg.clip}")
-    if int(cfg.ppo_epochs) < 1 or int(cfg.mini_batches) < 1:
-        raise ConfigError(f"{name}: ppo_epochs and mini_batches must be >= 1, got {cfg.ppo_epochs} and {cfg.mini_batches}")
-    if cfg.target_kl is not None and not cfg.target_kl > 0:
-        raise ConfigError(f"{name}: target_kl must be None or > 0, got {cfg.target_kl}")

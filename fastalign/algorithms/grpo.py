@@ -54,15 +54,6 @@ class GRPO(Algorithm):
     def __init__(self, config=None, *, reward_fn=None, oracle_fn=None):
         super().__init__(config)
         cfg = self.config
-        R.check_rl_config("grpo", cfg)
-        if int(cfg.group_size) < 2:
-            raise ConfigError(f"grpo: group_size must be >= 2 (a group of one has no baseline), got {cfg.group_size}")
-        if cfg.beta < 0:
-            raise ConfigError(f"grpo: beta must be >= 0, got {cfg.beta}")
-        if cfg.agg not in AGGS:
-            raise ConfigError(f"grpo: agg must be one of {AGGS}, got {cfg.agg!r}")
-        if cfg.scale not in ("group", "batch", "none"):
-            raise ConfigError(f"grpo: scale must be 'group', 'batch' or 'none', got {cfg.scale!r}")
         self.reward_fn, self.oracle_fn = reward_fn, oracle_fn
         self.models = tuple(r for r in type(self).models
                             if not (r == "reward" and reward_fn is not None) and not (r == "reference" and cfg.beta == 0))

@@ -81,17 +81,6 @@ class PPO(Algorithm):
     def __init__(self, config=None, *, reward_fn=None, oracle_fn=None):
         super().__init__(config)
         cfg = self.config
-        R.check_rl_config("ppo", cfg)
-        if cfg.kl_estimator not in KL_ESTIMATORS:
-            raise ConfigError(f"ppo: kl_estimator must be one of {KL_ESTIMATORS}, got {cfg.kl_estimator!r}")
-        if cfg.kl_coef < 0:
-            raise ConfigError(f"ppo: kl_coef must be >= 0, got {cfg.kl_coef}")
-        if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
-            raise ConfigError(f"ppo: gamma and lam must be in [0, 1], got {cfg.gamma} and {cfg.lam}")
-        if cfg.vf_clip is not None and not cfg.vf_clip > 0:
-            raise ConfigError(f"ppo: vf_clip must be None or > 0, got {cfg.vf_clip}")
-        if cfg.adaptive_kl and not (cfg.kl_target > 0 and cfg.kl_horizon > 0):
-            raise ConfigError("ppo: adaptive_kl needs kl_target > 0 and kl_horizon > 0")
         self.reward_fn, self.oracle_fn = reward_fn, oracle_fn
         if reward_fn is not None:  # a programmatic reward: no reward model
             self.models = tuple(r for r in type(self).models if r != "reward")

@@ -41,8 +41,6 @@ class SFT(Algorithm):
 
     def encode(self, records, tokenizer, max_length, stats: Counter) -> list:
         cfg = self.config
-        if not 0.0 <= cfg.pretrain_ratio < 1.0:
-            raise ConfigError(f"sft: pretrain_ratio must be in [0, 1), got {cfg.pretrain_ratio}")
         rows = C.encode_demonstrations(records, tokenizer, max_length, stats)
         if cfg.pretrain_ratio > 0:
             text = self.pretrain_records

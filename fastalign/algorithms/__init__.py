@@ -1,6 +1,9 @@
-"""Algorithm plugin registry and the built-in algorithms (sft, reward, dpo, ppo, grpo)."""
+"""Algorithm plugin registry, the Algorithm interface, the online-RL base classes and the
+built-in algorithms (sft, reward, dpo, ppo, grpo). docs/algorithms.md explains how to write one."""
 
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
+from fastalign.algorithms.critic_free import CriticFreeAlgorithm, CriticFreeConfig
+from fastalign.algorithms.online import OnlineAlgorithm, OnlineConfig
 from fastalign.algorithms.registry import (
     ENTRY_POINT_GROUP,
     UnknownAlgorithmError,
@@ -13,5 +16,6 @@ from fastalign.algorithms.registry import (
 # built-ins register themselves on import
 from fastalign.algorithms import dpo, grpo, ppo, reward, sft  # noqa: E402,F401
 
-__all__ = ["Algorithm", "AlgorithmConfig", "ENTRY_POINT_GROUP", "UnknownAlgorithmError", "get_algorithm",
-           "list_algorithms", "load_plugins", "register_algorithm", "token_logps"]
+__all__ = ["Algorithm", "AlgorithmConfig", "CriticFreeAlgorithm", "CriticFreeConfig", "ENTRY_POINT_GROUP",
+           "OnlineAlgorithm", "OnlineConfig", "UnknownAlgorithmError", "get_algorithm", "list_algorithms",
+           "load_plugins", "register_algorithm", "token_logps"]

@@ -1,11 +1,12 @@
-"""What the online algorithms (ppo, grpo) share: sampling responses from the policy, scoring
-them, the per-token tensors of a rollout batch, the epochs x mini-batches optimisation, the
-monitors, evaluation and the option checks.
+"""The mechanics of an online step (used by fastalign/algorithms/online.py): sampling responses
+from the policy, scoring them, the per-token tensors of a rollout batch, the epochs x
+mini-batches optimisation, the monitors and evaluation. Everything goes through the run's
+TrainingContext (fastalign/trainer/context.py).
 
 A rollout batch holds prompt + response rows, right-padded ([N, L]); position t of the
 per-token tensors ([N, L-1]) is the action that produced token t+1, so `mask` is True exactly
 on the response tokens (token_logps' convention). Every per-token log-prob goes through
-fastalign.gather_logprobs at the sampling temperature (never a full log_softmax).
+gather_logprobs at the sampling temperature (never a full log_softmax).
 """
 
 from __future__ import annotations
@@ -15,9 +16,18 @@ from dataclasses import dataclass
 
 import torch
 
-from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import token_logps
 from fastalign.data import collate as C
+from fastalign.ops.preference import sequence_logps
+from fastalign.trainer import distributed as D
+from fastalign.trainer.context import TrainingDivergedError
+from fastalign.trainer.generation import generate
+from fastalign.trainer.monitors import rollout_metrics
+
+# The offsets of derive_seed for a step's sampling (7919 * (step + 1)) and its mini-batch order
+# (+1), and the offset from the run's seed of the evaluation samples.
+STEP_SEED_FACTOR = 7919
+EVAL_SEED_OFFSET = 12345
 
 
 @dataclass
@@ -26,67 +36,67 @@ class Rollout:
     texts: list              # decoded responses
     response_ids: list       # token ids of the responses (EOS kept when emitted)
     truncated: int           # responses cut at max_new_tokens without EOS
-    batch: dict              # input_ids, attention_mask, labels [N, L] on the trainer's device
+    batch: dict              # input_ids, attention_mask, labels [N, L] on the run's device
     mask: torch.Tensor       # [N, L-1] bool: response positions
+    # filled by OnlineAlgorithm.train_step after sampling:
+    scores: torch.Tensor | None = None     # [N] fp32 (reward model or reward_fn)
+    old_logps: torch.Tensor | None = None  # [N, L-1] of the sampling policy, 0 off the response
+    entropy: torch.Tensor | None = None    # [N, L-1] its per-token entropy
+    ref_logps: torch.Tensor | None = None  # [N, L-1] of the reference (None without one)
+    seq_kl: torch.Tensor | None = None     # [N] sum of old_logps - ref_logps per response (k1)
 
     def __len__(self):
         return len(self.texts)
 
 
-def sample(trainer, prompts, *, temperature: float, max_new_tokens: int, seed: int) -> Rollout:
-    """Samples one response per entry of `prompts` from trainer.models["policy"] (seeded: a
+def sample(context, prompts, *, temperature: float, max_new_tokens: int, seed: int) -> Rollout:
+    """Samples one response per entry of `prompts` from context.models["policy"] (seeded: a
     resumed run samples what the uninterrupted one did)."""
-    from fastalign.trainer.generation import generate
-
-    tok = trainer.tokenizer
-    texts, ids, truncated = generate(trainer.models["policy"], tok, prompts, temperature=temperature,
-                                     max_new_tokens=max_new_tokens, seed=seed, device=trainer.device)
+    tok = context.tokenizer
+    texts, ids, truncated = generate(context.models["policy"], tok, prompts, temperature=temperature,
+                                     max_new_tokens=max_new_tokens, seed=seed, device=context.device)
     exs = []
     for i, (p, r) in enumerate(zip(prompts, ids)):
         if not r:  # nothing but padding came out: score the EOS alone rather than an empty response
             ids[i] = r = [tok.eos_token_id]
         pid = tok(C.prompt_text(tok, p), add_special_tokens=False)["input_ids"]
         exs.append({"input_ids": pid + list(r), "labels": [C.IGNORE] * len(pid) + list(r)})
-    batch = trainer.to_device(C.collate_lm(exs, tok.pad_token_id))
+    batch = context.to_device(C.collate_lm(exs, tok.pad_token_id))
     return Rollout(list(prompts), texts, ids, truncated, batch, batch["labels"][:, 1:] != C.IGNORE)
 
 
 @torch.no_grad()
-def scores(trainer, rollout: Rollout, reward_fn=None) -> torch.Tensor:
+def scores(context, rollout: Rollout, reward_fn=None) -> torch.Tensor:
     """[N] fp32 scores: reward_fn(prompt, response) when given, else the reward model's score of
-    prompt + response (trainer.models["reward"]). Non-finite scores raise TrainingDivergedError
+    prompt + response (context.models["reward"]). Non-finite scores raise TrainingDivergedError
     before anything is updated."""
-    from fastalign.trainer.loop import TrainingDivergedError
-
     if reward_fn is not None:
         s = torch.tensor([float(reward_fn(p, r)) for p, r in zip(rollout.prompts, rollout.texts)],
-                         dtype=torch.float32, device=trainer.device)
-    elif "reward" in trainer.models:
+                         dtype=torch.float32, device=context.device)
+    elif "reward" in context.models:
         b = rollout.batch
-        with trainer.autocast():
-            s = trainer.models["reward"].score(b["input_ids"], b["attention_mask"]).float()
+        with context.autocast():
+            s = context.models["reward"].score(b["input_ids"], b["attention_mask"]).float()
     else:
         raise RuntimeError("no reward: give the algorithm a reward_fn or the trainer a 'reward' model")
-    from fastalign.trainer import distributed as D
-
     bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
     if D.any_rank(bool(bad)):  # all ranks stop together (the next step is a collective)
-        where = f"(last checkpoint: {trainer.last_checkpoint})"
+        where = f"(last checkpoint: {context.last_checkpoint})"
         if not bad:
-            raise TrainingDivergedError(f"step {trainer.step + 1}: non-finite reward(s) on another rank; the step "
+            raise TrainingDivergedError(f"step {context.step + 1}: non-finite reward(s) on another rank; the step "
                                         f"was not applied {where}")
         i = bad[0]
         raise TrainingDivergedError(
-            f"step {trainer.step + 1}: {len(bad)} non-finite reward(s), e.g. {float(s[i])} for the response "
+            f"step {context.step + 1}: {len(bad)} non-finite reward(s), e.g. {float(s[i])} for the response "
             f"{rollout.texts[i]!r} to {rollout.prompts[i]!r}; the step was not applied {where}")
     return s
 
 
 @torch.no_grad()
-def logps_of(trainer, model, batch, temperature: float, *, entropy: bool = False):
+def logps_of(context, model, batch, temperature: float, *, entropy: bool = False):
     """Per-token log-probs [N, L-1] (fp32, 0 off the response) of the rollout under `model`, in
-    the trainer's precision, without gradients; with entropy=True also the per-token entropy."""
-    with trainer.autocast():
+    the run's precision, without gradients; with entropy=True also the per-token entropy."""
+    with context.autocast():
         out = token_logps(model, batch, temperature=temperature, return_entropy=entropy)
     return out[:-1] if entropy else out[0]
 
@@ -118,9 +128,9 @@ def select(tensors: dict, idx: list[int], micro: int) -> list[dict]:
     return out
 
 
-def optimize_epochs(trainer, alg, data: dict, n: int, seed: int):
+def optimize_epochs(context, alg, data: dict, n: int, seed: int):
     """alg.config.ppo_epochs passes over `n` rollout rows in alg.config.mini_batches seeded
-    mini-batches, one trainer.optimize step each (micro-batches of trainer batch_size rows,
+    mini-batches, one context.optimize step each (micro-batches of context.batch_size rows,
     alg.loss / alg.loss_units). Stops early when a step's approx-KL exceeds 1.5 *
     alg.config.target_kl: that step is applied, the remaining ones are skipped. Returns (the
     metrics averaged over the steps taken, the number of steps, whether it stopped early)."""
@@ -129,8 +139,7 @@ def optimize_epochs(trainer, alg, data: dict, n: int, seed: int):
     steps, sums = 0, {}
     for _epoch in range(cfg.ppo_epochs):
         for idx in minibatches(n, cfg.mini_batches, gen):
-            out = trainer.optimize(select(data, idx, trainer.config.batch_size), loss_fn=alg.loss,
-                                   units_fn=alg.loss_units)
+            out = context.optimize(select(data, idx, context.batch_size), loss_fn=alg.loss, units_fn=alg.loss_units)
             steps += 1
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -139,53 +148,46 @@ def optimize_epochs(trainer, alg, data: dict, n: int, seed: int):
     return {k: v / steps for k, v in sums.items()}, steps, False
 
 
-def rollout_monitors(trainer, rollout: Rollout, proxy: torch.Tensor, *, kl=None, entropy=None, oracle_fn=None,
+def rollout_monitors(context, rollout: Rollout, proxy: torch.Tensor, *, kl=None, entropy=None, oracle_fn=None,
                      monitor=None) -> dict:
     """The monitors of fastalign.trainer.monitors for this rollout (+ the over-optimisation flag
     when an oracle is available). Under torchrun, over every rank's samples (per-rank values
     averaged by sample count; distinct-n and correlations are per-rank values averaged)."""
-    from fastalign.trainer.monitors import rollout_metrics
-
     oracle = None
     if oracle_fn is not None:
         oracle = [float(oracle_fn(p, r)) for p, r in zip(rollout.prompts, rollout.texts)]
     out = rollout_metrics(responses_ids=rollout.response_ids, rewards=proxy, kl=kl, entropy=entropy,
                           oracle_scores=oracle, truncated=rollout.truncated)
-    if trainer.world > 1:  # every rank's samples: means weighted by count, truncated summed
-        from fastalign.trainer import distributed as D
-
+    if context.world > 1:  # every rank's samples: means weighted by count, truncated summed
         n = len(rollout)
         out = D.reduce_weighted({k: v * n for k, v in out.items()}, {k: n for k in out})
         out["rollout/truncated"] = int(D.all_reduce([rollout.truncated])[0])
     if monitor is not None and oracle is not None:  # the same values on every rank: the same state
-        out["overoptimisation"] = float(monitor.update(trainer.step + 1, out["rollout/reward"], out["rollout/oracle"]))
+        out["overoptimisation"] = float(monitor.update(context.step + 1, out["rollout/reward"], out["rollout/oracle"]))
     return out
 
 
-def step_seed(trainer) -> int:
+def step_seed(context) -> int:
     """The seed of this trainer step's sampling (a resumed run samples what the uninterrupted one
     did); +1 seeds its mini-batch order."""
-    return trainer.config.seed * 1_000_003 + 7919 * (trainer.step + 1)
+    return context.derive_seed(STEP_SEED_FACTOR * (context.step + 1))
 
 
 def response_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[N] mean of x [N, T] over each row's response positions (0 for an empty row)."""
-    return op("sequence_logps")(x, mask, reduce="mean")
+    return sequence_logps(x, mask, reduce="mean")
 
 
 @torch.no_grad()
-def eval_rollout(alg, batch):
+def eval_rollout(alg, context, batch):
     """Eval for the online algorithms: one response per eval prompt, sampled at the training
     temperature with a fixed seed (the same prompts and noise at every evaluation), scored like
     the rollouts: (loss = -sum of scores, count, {"score", "oracle" with an oracle_fn, "length"})."""
-    trainer, cfg = getattr(alg, "_trainer", None), alg.config
-    if trainer is None:
-        raise RuntimeError(f"{alg.name}: evaluation samples through the trainer: call algorithm.setup(trainer) "
-                           "(trainer.fit() does) first")
+    cfg = alg.config
     prompts = [r["prompt"] for r in batch["records"]]
-    rollout = sample(trainer, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                       seed=trainer.config.seed + 12345)
-    score = scores(trainer, rollout, alg.reward_fn)
+    rollout = sample(context, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                     seed=context.seed + EVAL_SEED_OFFSET)
+    score = scores(context, rollout, alg.reward_fn)
     metrics = {"score": float(score.mean()), "length": sum(map(len, rollout.response_ids)) / len(rollout)}
     if alg.oracle_fn is not None:
         metrics["oracle"] = sum(alg.oracle_fn(p, r) for p, r in zip(prompts, rollout.texts)) / len(rollout)

@@ -1,10 +1,15 @@
-"""The Algorithm interface every built-in and plugin implements.
+"""The Algorithm interface every built-in and plugin implements (docs/algorithms.md walks through
+it with examples).
 
 An algorithm declares
   * `config_class`: a dataclass of its hyperparameters (loadable from YAML/JSON),
   * `data_kind`: "demonstrations", "preferences" or "prompts" (see fastalign.data.formats),
   * `models`: the roles it needs ("policy", "reference", "reward", "value"), `trainable`: those
-    the optimizer updates (and checkpoints save),
+    the optimizer updates (and checkpoints save); `required_models(examples)` narrows `models`
+    for given data (DPO: no reference when the examples carry its log-probs),
+  * `precompute_roles()` / `precompute(context, examples)`: frozen models whose outputs are
+    computed once before training and written into the examples, after which the trainer frees
+    those models (DPO's precompute_ref_logps),
   * `loss(models, batch)`: the summed loss of a micro-batch and its metrics, built from the
     fastalign ops, plus `loss_units(batch)`: how many units (tokens, pairs) that sum is over.
 
@@ -12,10 +17,14 @@ The trainer divides every micro-batch's summed loss by the units of the whole ac
 (counted before any forward), so gradient accumulation gives exactly the gradient of the
 full-batch mean -- not a mean of micro-batch means.
 
-Offline algorithms only implement the methods above. Online ones (PPO, GRPO) override
-`train_step(trainer, micro_batches)` to generate rollouts and then call `trainer.optimize(...)`
-as often as they like; `setup(trainer)` is the hook for per-run state (reference log-probs,
-KL controllers).
+Every hook that runs inside a training run gets the run's `TrainingContext`
+(fastalign/trainer/context.py: models, tokenizer, device, autocast, step, seed, `optimize`),
+never the Trainer: `setup(context)` once before training, `precompute(context, examples)`,
+`train_step(context, micro_batches)` per trainer step (by default one `context.optimize`), and
+`eval_step(context, batch)`. Offline algorithms implement only the declarations and the loss;
+online ones derive from `OnlineAlgorithm` (fastalign/algorithms/online.py), which owns the
+rollout step. Per-run state that must survive a resume (a KL coefficient, a monitor) goes through
+`state_dict` / `load_state_dict`, saved in every checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.data import collate as C
+from fastalign.models import load_model
+from fastalign.ops.logprobs import gather_logprobs
 from fastalign.options import build_config
 
 
@@ -51,15 +62,26 @@ class Algorithm:
     def build_models(self, policy: str, tokenizer, *, reference: str | None = None, seed: int = 0,
                      tiny_kwargs=None) -> dict:
         """The models this algorithm needs, by role, from names/paths (see models.load_model)."""
-        from fastalign.models import load_model
-
         out = {"policy": load_model(policy, tokenizer=tokenizer, seed=seed, tiny_kwargs=tiny_kwargs)}
         if "reference" in self.models:
             out["reference"] = load_model(reference or policy, tokenizer=tokenizer, seed=seed, tiny_kwargs=tiny_kwargs)
         return out
 
-    def setup(self, trainer) -> None:
+    def required_models(self, examples: list) -> tuple:
+        """The roles the trainer must be given to train on `examples` (default: all of `models`)."""
+        return self.models
+
+    def setup(self, context) -> None:
         """Called once by the trainer after the models are on the device, before training."""
+
+    def precompute_roles(self) -> tuple:
+        """Frozen roles that `precompute` runs once before training; the trainer then frees them.
+        () (the default): nothing to precompute."""
+        return ()
+
+    def precompute(self, context, examples: list) -> None:
+        """Writes what the `precompute_roles` models compute into `examples` (encoded, in place);
+        called by the trainer for the training and the eval examples, when those models are given."""
 
     # ---- data -------------------------------------------------------------------------------
 
@@ -86,8 +108,11 @@ class Algorithm:
         """(summed loss tensor, {metric: micro-batch mean}) for one micro-batch."""
         raise NotImplementedError
 
-    def train_step(self, trainer, micro_batches) -> dict:
-        return trainer.optimize(micro_batches)
+    def train_step(self, context, micro_batches) -> dict:
+        """One trainer step over this rank's micro-batches; returns its metrics."""
+        return context.optimize(micro_batches)
+
+    # ---- state and evaluation -------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """JSON-serialisable per-run state saved in checkpoints (e.g. an adaptive KL coefficient)."""
@@ -97,8 +122,9 @@ class Algorithm:
         pass
 
     @torch.no_grad()
-    def eval_step(self, models: dict, batch: dict):
-        loss_sum, metrics = self.loss(models, batch)
+    def eval_step(self, context, batch: dict):
+        """(summed loss, loss units, {metric: mean}) of one eval batch (under the run's autocast)."""
+        loss_sum, metrics = self.loss(context.models, batch)
         return float(loss_sum), self.loss_units(batch), metrics
 
 
@@ -106,11 +132,9 @@ def token_logps(model, batch, *, temperature: float = 1.0, return_entropy: bool 
     """Per-token log-probs of batch["labels"] under `model`, via gather_logprobs (no full
     log_softmax): returns (logps [B, T-1], mask [B, T-1]) where position t scores labels[t+1]
     from logits[t]; masked positions are 0. With return_entropy, (logps, entropy, mask)."""
-    import fastalign
-
     extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}  # packed rows
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
     labels = batch["labels"][:, 1:]
-    out = fastalign.gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy)
+    out = gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy)
     mask = labels != C.IGNORE
     return (*out, mask) if return_entropy else (out, mask)

@@ -2,8 +2,9 @@
 registered with `fastalign.register_dpo_loss_type`).
 
 The reference is a frozen model, or its log-probs are precomputed once before training
-(`precompute_ref_logps`, after which the reference model is freed), or they come with the data
-(records with `ref_chosen_logps` / `ref_rejected_logps`). Metrics are the implicit rewards
+(`precompute_ref_logps`: the declared precomputation `precompute_roles` / `precompute`, which the
+trainer runs and then frees the reference model), or they come with the data (records with
+`ref_chosen_logps` / `ref_rejected_logps`: then no reference model is required). Metrics are the implicit rewards
 beta * (logp - ref): rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins.
 
 Variants override `pair_loss` (and `needs_reference` / `logp_reduce`); see the SimPO plugin in
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
 from fastalign.algorithms.registry import register_algorithm
 from fastalign.errors import ConfigError
+from fastalign.ops import preference
 from fastalign.options import option
+
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")  # an example's (or batch's) precomputed reference log-probs
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -56,7 +59,7 @@ class DPO(Algorithm):
             # loss types registered with fastalign.register_dpo_loss_type are fine too: ask the op
             z = torch.zeros(1)
             try:
-                op("dpo_loss")(z, z, z, z, beta=self.config.beta, loss_type=self.config.loss_type)
+                preference.dpo_loss(z, z, z, z, beta=self.config.beta, loss_type=self.config.loss_type)
             except (ValueError, KeyError) as e:
                 raise ConfigError(f"dpo: unknown loss_type {self.config.loss_type!r} ({e}); built in: "
                                  f"{', '.join(LOSS_TYPES)}") from None
@@ -71,13 +74,13 @@ class DPO(Algorithm):
 
     def sequence_logps(self, model, batch):
         logps, mask = token_logps(model, batch)
-        seq = op("sequence_logps")(logps, mask, reduce=self.logp_reduce)
+        seq = preference.sequence_logps(logps, mask, reduce=self.logp_reduce)
         return seq, logps, mask
 
     @torch.no_grad()
     def reference_logps(self, models, batch):
-        if "ref_chosen_logps" in batch:
-            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        if REF_KEYS[0] in batch:
+            return batch[REF_KEYS[0]], batch[REF_KEYS[1]]
         if not self.needs_reference:
             z = torch.zeros(batch["input_ids"].shape[0] // 2, device=batch["input_ids"].device)
             return z, z
@@ -87,27 +90,32 @@ class DPO(Algorithm):
         b = seq.shape[0] // 2
         return seq[:b], seq[b:]
 
-    def setup(self, trainer) -> None:
-        if not (self.needs_reference and self.config.precompute_ref_logps) or "reference" not in trainer.models:
-            return
-        # One pass of the frozen reference over the data, then it is no longer needed.
-        for dataset in (trainer.train_data, trainer.eval_data or []):
-            bs = trainer.config.batch_size
-            for i in range(0, len(dataset), bs):
-                chunk = dataset[i: i + bs]
-                batch = trainer.to_device(self.collate(chunk, trainer.tokenizer))
-                with trainer.autocast():
-                    rc, rr = self.reference_logps(trainer.models, batch)
-                for ex, c, r in zip(chunk, rc.tolist(), rr.tolist()):
-                    ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
-        del trainer.models["reference"]
+    def required_models(self, examples) -> tuple:
+        if not self.needs_reference or all(REF_KEYS[0] in e for e in examples):
+            return tuple(r for r in self.models if r != "reference")
+        return self.models
+
+    def precompute_roles(self) -> tuple:
+        return ("reference",) if self.needs_reference and self.config.precompute_ref_logps else ()
+
+    def precompute(self, context, examples) -> None:
+        """One pass of the frozen reference over the examples, in chunks of batch_size: each gets
+        its ref_chosen_logps / ref_rejected_logps (the trainer then frees the reference)."""
+        bs = context.batch_size
+        for i in range(0, len(examples), bs):
+            chunk = examples[i: i + bs]
+            batch = context.to_device(self.collate(chunk, context.tokenizer))
+            with context.autocast():
+                rc, rr = self.reference_logps(context.models, batch)
+            for ex, c, r in zip(chunk, rc.tolist(), rr.tolist()):
+                ex[REF_KEYS[0]], ex[REF_KEYS[1]] = c, r
 
     # ---- loss ---------------------------------------------------------------------------------
 
     def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
         """Per-pair losses [B] and implicit rewards (chosen, rejected); override for variants."""
         c = self.config
-        return op("dpo_loss")(chosen, rejected, ref_chosen, ref_rejected, beta=c.beta, loss_type=c.loss_type,
+        return preference.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=c.beta, loss_type=c.loss_type,
                               label_smoothing=c.label_smoothing)
 
     def loss_units(self, batch) -> int:
@@ -121,7 +129,7 @@ class DPO(Algorithm):
         loss_sum = losses.sum()
         if self.config.sft_weight > 0:
             # per-pair mean NLL of the chosen completion, so the units stay pairs
-            nll = -op("sequence_logps")(logps[:b], mask[:b], reduce="mean")
+            nll = -preference.sequence_logps(logps[:b], mask[:b], reduce="mean")
             loss_sum = loss_sum + self.config.sft_weight * nll.sum()
         metrics = {
             "loss": float(losses.detach().mean()),

@@ -16,6 +16,7 @@ import importlib.metadata
 import inspect
 import warnings
 
+from fastalign.algorithms.base import Algorithm
 from fastalign.errors import UserError
 
 ENTRY_POINT_GROUP = "fastalign.algorithms"
@@ -43,8 +44,6 @@ def register_algorithm(name: str):
 
 
 def _add(name: str, cls, origin: str) -> None:
-    from fastalign.algorithms.base import Algorithm
-
     if not (inspect.isclass(cls) and issubclass(cls, Algorithm)):
         raise TypeError(f"algorithm {name!r}: expected a subclass of fastalign.algorithms.Algorithm, got {cls!r}")
     if name in _REGISTRY and _REGISTRY[name] is not cls:

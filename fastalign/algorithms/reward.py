@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig
 from fastalign.algorithms.registry import register_algorithm
-from fastalign.errors import ConfigError
+from fastalign.models import load_model
+from fastalign.ops.preference import reward_loss
 from fastalign.options import option
 
 
@@ -26,8 +26,6 @@ class RewardModel(Algorithm):
     trainable = ("reward",)
 
     def build_models(self, policy, tokenizer, *, reference=None, seed=0, tiny_kwargs=None):
-        from fastalign.models import load_model
-
         return {"reward": load_model(policy, tokenizer=tokenizer, scalar_head=True, seed=seed, tiny_kwargs=tiny_kwargs)}
 
     def loss_units(self, batch) -> int:
@@ -38,7 +36,7 @@ class RewardModel(Algorithm):
         b = scores.shape[0] // 2
         chosen, rejected = scores[:b], scores[b:]
         margin = self.config.margin
-        loss_mean = op("reward_loss")(chosen, rejected, margin=margin)
+        loss_mean = reward_loss(chosen, rejected, margin=margin)
         c, r = chosen.detach(), rejected.detach()
         metrics = {
             "loss": float(loss_mean.detach()),

@@ -12,12 +12,13 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from fastalign.algorithms._ops import op
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
 from fastalign.algorithms.registry import register_algorithm
-from fastalign.errors import ConfigError, DataError
-from fastalign.options import option
 from fastalign.data import collate as C
+from fastalign.data.formats import load_records
+from fastalign.errors import ConfigError, DataError
+from fastalign.ops.preference import sequence_logps
+from fastalign.options import option
 
 
 @dataclass
@@ -47,8 +48,6 @@ class SFT(Algorithm):
             if text is None:
                 if not cfg.pretrain_data:
                     raise ConfigError("sft: pretrain_ratio > 0 needs pretrain_data (a text file) or pretrain_records")
-                from fastalign.data.formats import load_records
-
                 text, tstats = load_records("text", cfg.pretrain_data)
                 stats.update({f"pretrain {k}": v for k, v in tstats.items()})
             windows = C.encode_text(text, tokenizer, max_length, stats)
@@ -75,5 +74,5 @@ class SFT(Algorithm):
         logps, mask = token_logps(models["policy"], batch)
         n = mask.sum().clamp(min=1)
         loss_sum = -logps.sum()  # masked positions are exactly 0
-        seq_nll = op("sequence_logps")(logps.detach(), mask, reduce="sum")
+        seq_nll = sequence_logps(logps.detach(), mask, reduce="sum")
         return loss_sum, {"loss": float(loss_sum.detach() / n), "seq_nll": float(-seq_nll.mean())}

@@ -1,6 +1,7 @@
-"""The light trainer: loop, checkpoints, metrics, generation helpers."""
+"""The light trainer: loop, the context algorithms see, checkpoints, metrics, generation helpers."""
 
 from fastalign.trainer.config import TrainerConfig
-from fastalign.trainer.loop import Trainer, TrainingDivergedError
+from fastalign.trainer.context import TrainingContext, TrainingDivergedError
+from fastalign.trainer.loop import Trainer
 
-__all__ = ["Trainer", "TrainerConfig", "TrainingDivergedError"]
+__all__ = ["Trainer", "TrainerConfig", "TrainingContext", "TrainingDivergedError"]

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from fastalign.errors import UserError
+from fastalign.models.heads import HEAD_FILE, HEAD_META, ScalarHeadModel
+from fastalign.trainer import distributed as D
 from fastalign.trainer import manifest, state_files
 
 STATE_FILE = "trainer_state.json"
@@ -78,16 +80,12 @@ def _tensors(f):
 def load_weights(model, path: str, *, sharded: bool = False) -> None:
     """Loads weights saved by save_pretrained into an existing model, in place (exact). With
     sharded=True the model is FSDP2-sharded: every rank reads the full weights and keeps its shard."""
-    from fastalign.models.heads import HEAD_FILE, ScalarHeadModel
-
     if isinstance(model, ScalarHeadModel) and not sharded:
         load_weights(model.lm, path)
         model.head.load_state_dict(_tensors(os.path.join(path, HEAD_FILE)))
         return
     state = _read_weights(path)
     if sharded:
-        from fastalign.trainer import distributed as D
-
         if isinstance(model, ScalarHeadModel):
             state = {**{f"lm.{k}": v for k, v in state.items()},
                      **{f"head.{k}": v for k, v in _tensors(os.path.join(path, HEAD_FILE)).items()}}
@@ -136,8 +134,6 @@ def save_checkpoint(root: str, step: int, *, models: dict, optimizer, scheduler,
     is in place, and a failure on any rank raises on all of them. `model_states` (role -> full
     state dict) and `optimizer_state` replace the modules' and optimizer's own state dicts when
     they are sharded (FSDP2: gathered on rank 0 by the caller)."""
-    from fastalign.trainer import distributed as D
-
     multi = distributed and D.is_initialized()
     main = not multi or D.is_main()
     name = f"step-{step:06d}"
@@ -210,8 +206,6 @@ def _save_model(model, path, state_dict=None):
         model.save_pretrained(path)
         return
     from safetensors.torch import save_file
-
-    from fastalign.models.heads import HEAD_FILE, HEAD_META, ScalarHeadModel
 
     if isinstance(model, ScalarHeadModel):
         model.lm.save_pretrained(path, state_dict={k[3:]: v for k, v in state_dict.items() if k.startswith("lm.")})
@@ -309,8 +303,6 @@ def load_checkpoint(path: str, *, models: dict, optimizer, scheduler, sharded: b
     distribution every rank calls it (and reads the files); sharded=True for FSDP2 models. Each
     rank restores its own RNG state where the checkpoint has one (rng-rank<r>.*), else rank 0's.
     Call resolve_checkpoint (which verifies) first."""
-    from fastalign.trainer import distributed as D
-
     read = _read_legacy if _is_legacy(path) else _read_state
     for role, model in models.items():
         load_weights(model, os.path.join(path, role), sharded=sharded)

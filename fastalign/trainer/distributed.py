@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastalign.models.heads import ScalarHeadModel
+
 MODES = ("auto", "none", "ddp", "fsdp")
 
 # Methods besides forward that losses call on a trained model with gradients; they must run
@@ -290,8 +292,6 @@ def wrap_models(models: dict, trainable, mode: str, device: torch.device) -> dic
     if mode == "none":
         return {}
     if mode == "ddp":
-        from fastalign.models.heads import ScalarHeadModel
-
         for r, m in models.items():
             if r not in trainable:
                 broadcast_module_(m)  # frozen replicas start equal too (DDP broadcasts the trained ones)

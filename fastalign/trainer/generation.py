@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from fastalign.data import collate as C
+from fastalign.ops.logprobs import gather_logprobs
+from fastalign.ops.preference import sequence_logps
 from fastalign.trainer import distributed as D
 
 
@@ -61,8 +63,6 @@ def response_logps(model, tokenizer, prompts, response_ids, *, temperature=1.0, 
                    return_entropy=False):
     """Summed log-prob of each response (token ids) given its prompt: [N] fp32 tensor (CPU); with
     return_entropy, also the mean per-token entropy of the policy over each response [N]."""
-    import fastalign
-
     device = device or next(model.parameters()).device
     out, ents = [], []
     for i in range(0, len(prompts), batch_size):
@@ -73,11 +73,11 @@ def response_logps(model, tokenizer, prompts, response_ids, *, temperature=1.0, 
         b = {k: v.to(device) for k, v in C.collate_lm(exs, tokenizer.pad_token_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         labels = b["labels"][:, 1:]
-        got = fastalign.gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy)
+        got = gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy)
         lp = got[0] if return_entropy else got
         out.append(lp.sum(-1).float().cpu())  # masked positions are 0
         if return_entropy:
-            ents.append(fastalign.sequence_logps(got[1], labels != C.IGNORE, reduce="mean").cpu())
+            ents.append(sequence_logps(got[1], labels != C.IGNORE, reduce="mean").cpu())
     lps = torch.cat(out) if out else torch.zeros(0)
     if return_entropy:
         return lps, torch.cat(ents) if ents else torch.zeros(0)

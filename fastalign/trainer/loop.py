@@ -4,12 +4,15 @@
                       TrainerConfig(...))
     summary = trainer.fit()
 
-Per optimizer step: take `grad_accum` micro-batches of `batch_size` examples from a seeded,
-resumable epoch permutation; hand them to `algorithm.train_step`, which (by default) calls
-`optimize`: count the loss units of all micro-batches first, then backward each micro-batch's
-summed loss divided by that global count (token-level normalisation under accumulation), clip,
-AdamW step, schedule step. Metrics go to metrics.jsonl (+ metrics.png), checkpoints are atomic
-and resume exactly; Ctrl-C checkpoints at the next step boundary and returns cleanly.
+Before the first step: `algorithm.setup(context)`, then the algorithm's declared precomputation
+(`precompute_roles` / `precompute`: e.g. DPO's reference log-probs written into the examples,
+after which the trainer frees those models). Per trainer step: take `grad_accum` micro-batches of
+`batch_size` examples from a seeded, resumable epoch permutation; hand them to
+`algorithm.train_step(context, micro_batches)`, which (by default) calls `context.optimize`: one
+globally normalised optimizer step (trainer/optimization.py). Metrics go to metrics.jsonl (+
+metrics.png), checkpoints are atomic and resume exactly; Ctrl-C checkpoints at the next step
+boundary and returns cleanly. Algorithms see the run only through the TrainingContext
+(trainer/context.py), never this class.
 
 Under torchrun (`distributed`: auto/ddp/fsdp, see trainer/distributed.py) every rank draws the
 same global batch of `batch_size * grad_accum * world_size` examples from the same permutation
@@ -32,37 +35,13 @@ from fastalign.errors import ResumeError
 from fastalign.options import build_config
 from fastalign.trainer import checkpoint as ckpt
 from fastalign.trainer import distributed as D
+from fastalign.trainer import evaluation, optimization
 from fastalign.trainer.config import TrainerConfig
+from fastalign.trainer.context import TrainingContext, TrainingDivergedError, derive_seed
+from fastalign.trainer.devices import autocast_dtype, resolve_device
 from fastalign.trainer.metrics import MetricsLog, plot_metrics
 
-
-class TrainingDivergedError(FloatingPointError):
-    """A loss or gradient became NaN/inf; the step was not applied."""
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec!r} requested but CUDA is not available")
-    return dev
-
-
-def _lr_lambda(cfg: TrainerConfig, total: int):
-    if cfg.schedule not in ("constant", "linear", "cosine"):
-        raise ValueError(f"schedule must be constant, linear or cosine, got {cfg.schedule!r}")
-
-    def f(step):
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-        decay = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
-
-    return f
+__all__ = ["Trainer", "TrainingDivergedError", "resolve_device"]
 
 
 class Trainer:
@@ -73,9 +52,10 @@ class Trainer:
             raise ValueError(f"batch_size and grad_accum must be >= 1, got {cfg.batch_size}, {cfg.grad_accum}")
         if not train_data:
             raise ValueError("Trainer: the training data is empty")
-        missing = [r for r in algorithm.models if r not in models and not (r == "reference" and _ref_optional(algorithm, train_data))]
+        needed = tuple(algorithm.required_models(train_data))
+        missing = [r for r in needed if r not in models]
         if missing:
-            raise ValueError(f"algorithm {algorithm.name!r} needs models {list(algorithm.models)}; missing {missing}")
+            raise ValueError(f"algorithm {algorithm.name!r} needs models {list(needed)}; missing {missing}")
         self.algorithm, self.tokenizer = algorithm, tokenizer
         self.train_data, self.eval_data = train_data, eval_data
         self.callbacks = list(callbacks)
@@ -88,7 +68,7 @@ class Trainer:
             D.init(self.device)
             self.rank, self.world = D.rank(), D.world_size()
         self.is_main = self.rank == 0
-        self.dtype = self._autocast_dtype()
+        self.dtype = autocast_dtype(cfg.precision, self.device)
         self.models = {k: m.to(self.device) for k, m in models.items()}
         for role, m in self.models.items():
             if role in algorithm.trainable:
@@ -100,12 +80,7 @@ class Trainer:
         self._views = D.wrap_models(self.models, algorithm.trainable, self.dist_mode, self.device)
         self.trainable = {r: self.models[r] for r in algorithm.trainable if r in self.models}
         self.params = [p for m in self.trainable.values() for p in m.parameters() if p.requires_grad]
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
-        )
+        self.optimizer = optimization.build_optimizer(self.params, cfg)
         if self.world > 1:  # every rank must hold the same data (it draws the same permutation)
             hi, neg_lo = D.all_reduce([len(train_data), -len(train_data)], "max")
             if hi != -neg_lo:
@@ -115,7 +90,7 @@ class Trainer:
         self.global_batch = self.local_batch * self.world
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.num_epochs * len(train_data) / self.global_batch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, self.max_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, optimization.lr_lambda(cfg, self.max_steps))
         self.step, self.epoch, self.pos = 0, 0, 0
         self._perm = None
         self.log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"))
@@ -123,29 +98,16 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.last_metrics: dict = {}
         self._stop_requested = False
+        self.context = TrainingContext(self)  # all the algorithm sees of this run
 
     @property
     def train_models(self) -> dict:
         """The models the loss functions get: self.models, with DDP's views of the trainable ones
         under DDP (their calls synchronise gradients). Follows self.models (e.g. a reference
-        model deleted after precomputing its log-probs)."""
+        model freed after precomputing its log-probs)."""
         if not self._views:
             return self.models
         return {r: self._views.get(r, m) for r, m in self.models.items()}
-
-    # ---- devices and precision --------------------------------------------------------------
-
-    def _autocast_dtype(self):
-        p = self.config.precision
-        if p == "fp32":
-            return None
-        if p == "bf16":
-            return torch.bfloat16
-        if p != "auto":
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {p!r}")
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None  # CPU: fp32 (bf16 autocast on CPUs is slower than fp32 on most of them)
 
     def autocast(self):
         if self.dtype is None:
@@ -158,7 +120,7 @@ class Trainer:
     # ---- data ---------------------------------------------------------------------------------
 
     def _permutation(self, epoch):
-        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.config.seed, epoch))
         return torch.randperm(len(self.train_data), generator=g).tolist()
 
     def next_indices(self, n: int) -> list[int]:
@@ -181,120 +143,31 @@ class Trainer:
         return [self.to_device(self.algorithm.collate([self.train_data[i] for i in idx[j: j + bs]], self.tokenizer))
                 for j in range(0, len(idx), bs)]
 
-    # ---- one optimizer step -------------------------------------------------------------------
+    def precompute(self) -> None:
+        """Runs the algorithm's declared precomputation over the training and eval examples when
+        the models it declares are all here, then frees those models."""
+        roles = tuple(self.algorithm.precompute_roles())
+        if not roles or any(r not in self.models for r in roles):
+            return
+        for data in (self.train_data, self.eval_data or []):
+            self.algorithm.precompute(self.context, data)
+        for r in roles:
+            del self.models[r]
+
+    # ---- one optimizer step, evaluation (trainer/optimization.py, trainer/evaluation.py) ------
 
     def accumulate(self, micro_batches: list[dict], *, loss_fn=None, units_fn=None) -> dict:
-        """Backward over micro_batches with global normalisation: each micro-batch's summed loss
-        is divided by the loss units of *all* of them (counted before any forward), so the
-        accumulated gradient is exactly that of the full batch's mean. Gradients add to .grad;
-        returns the metrics (unit-weighted means) and `loss` = total loss / total units.
-
-        Under distribution "all of them" is every rank's micro-batches: the unit count is summed
-        over ranks first, and each backward is scaled by the world size because DDP/FSDP2
-        average gradients over ranks; the result is the single-process gradient of the global
-        batch. Every rank must pass the same number of micro-batches."""
-        loss_fn = loss_fn or self.algorithm.loss
-        units_fn = units_fn or self.algorithm.loss_units
-        units = [int(units_fn(mb)) for mb in micro_batches]
-        multi = self.world > 1
-        local = sum(units)
-        total = local
-        if multi:
-            total = int(D.all_reduce([local])[0])
-            hi, neg_lo = D.all_reduce([len(micro_batches), -len(micro_batches)], "max")
-            if hi != -neg_lo:
-                raise ValueError(f"step {self.step + 1}: ranks have {-neg_lo:.0f} to {hi:.0f} micro-batches; "
-                                 "every rank must run the same number (DDP/FSDP synchronise per backward)")
-        if total == 0:
-            raise ValueError("the batch has no loss units (every label masked?); check max_length and the data")
-        loss_total, sums, weights = 0.0, {}, {}
-        last = len(micro_batches) - 1
-        for i, (mb, u) in enumerate(zip(micro_batches, units)):
-            # DDP: all-reduce the gradients once, with the last micro-batch's backward
-            sync = contextlib.nullcontext() if i == last else D.no_sync(self.train_models.values())
-            with sync:
-                with self.autocast():
-                    loss_sum, metrics = loss_fn(self.train_models, mb)
-                value = float(loss_sum.detach())
-                if not math.isfinite(value) and not multi:  # (multi: decided on the reduced loss below)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise TrainingDivergedError(
-                        f"step {self.step + 1}: loss is {value}; the step was not applied "
-                        f"(last checkpoint: {self.last_checkpoint})")
-                loss = loss_sum / total
-                # x world: DDP/FSDP2 divide the summed gradients by the world size
-                (loss * self.world if multi else loss).backward()
-            loss_total += value
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * u
-                weights[k] = weights.get(k, 0.0) + u
-        if not multi:
-            out = {k: v / total for k, v in sums.items()}
-            out.update(loss=loss_total / total, units=total)
-            return out
-        sums["loss"], weights["loss"] = loss_total, local
-        out = D.reduce_weighted(sums, weights)  # a NaN/inf loss on any rank makes the sum non-finite
-        if not math.isfinite(out["loss"]):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDivergedError(f"step {self.step + 1}: loss is {out['loss']} (summed over ranks); the step "
-                                        f"was not applied (last checkpoint: {self.last_checkpoint})")
-        out["units"] = total
-        return out
+        """Backward over micro_batches, each summed loss divided by the loss units of all of them
+        (and of every rank); see optimization.accumulate."""
+        return optimization.accumulate(self, micro_batches, loss_fn=loss_fn, units_fn=units_fn)
 
     def optimize(self, micro_batches: list[dict], *, loss_fn=None, units_fn=None) -> dict:
-        """`accumulate`, then clip and one optimizer step. `loss_fn(models, batch) -> (loss_sum,
-        metrics)` and `units_fn(batch)` default to the algorithm's (online algorithms pass their
-        own, and may call this several times per trainer step: PPO's epochs x mini-batches). The
-        learning-rate schedule advances once per trainer step, in fit(), however many optimizer
-        steps a train_step takes. Returns the step's metrics."""
-        out = self.accumulate(micro_batches, loss_fn=loss_fn, units_fn=units_fn)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, the norm over every rank's shards
-            grad_norm = grad_norm.full_tensor()
-        if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDivergedError(f"step {self.step + 1}: gradient norm is {float(grad_norm)}; the step was not applied")
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        out.update(grad_norm=float(grad_norm), lr=lr)
-        return out
+        """`accumulate`, then clip and one optimizer step; `loss_fn(models, batch) -> (loss_sum,
+        metrics)` and `units_fn(batch)` default to the algorithm's. Returns the step's metrics."""
+        return optimization.optimize(self, micro_batches, loss_fn=loss_fn, units_fn=units_fn)
 
-    # ---- evaluation ----------------------------------------------------------------------------
-
-    @torch.no_grad()
     def evaluate(self, data: list | None = None) -> dict:
-        data = self.eval_data if data is None else data
-        if not data:
-            return {}
-        for m in self.trainable.values():
-            m.eval()
-        loss_total, units_total, sums, weights = 0.0, 0, {}, {}
-        bs = self.config.batch_size
-        starts = list(range(0, len(data), bs))
-        mine = starts[self.rank::self.world]  # distributed: batches round-robin over ranks
-        # FSDP2 all-gathers in every forward: every rank must run as many forwards as the others
-        rounds = math.ceil(len(starts) / self.world) if self.dist_mode == "fsdp" else len(mine)
-        for j in range(rounds):
-            i = mine[j] if j < len(mine) else starts[0]
-            batch = self.to_device(self.algorithm.collate(data[i: i + bs], self.tokenizer))
-            with self.autocast():
-                loss_sum, units, metrics = self.algorithm.eval_step(self.models, batch)
-            if j >= len(mine):
-                continue  # a padding forward: its result is not counted
-            loss_total += loss_sum
-            units_total += units
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * units
-                weights[k] = weights.get(k, 0.0) + units
-        for m in self.trainable.values():
-            m.train()
-        if self.world > 1:
-            sums["loss"], weights["loss"] = loss_total, units_total
-            return D.reduce_weighted(sums, weights)
-        out = {k: v / max(units_total, 1) for k, v in sums.items()}
-        out["loss"] = loss_total / max(units_total, 1)
-        return out
+        return evaluation.evaluate(self, self.eval_data if data is None else data)
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -353,7 +226,8 @@ class Trainer:
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        self.algorithm.setup(self)
+        self.algorithm.setup(self.context)
+        self.precompute()
         if cfg.resume_from:
             self.load_checkpoint(cfg.resume_from)
         elif self.is_main and os.path.exists(self.log.path):
@@ -370,7 +244,7 @@ class Trainer:
         t0 = time.time()
         try:
             while self.step < self.max_steps:
-                metrics = self.algorithm.train_step(self, self.next_micro_batches())
+                metrics = self.algorithm.train_step(self.context, self.next_micro_batches())
                 self.scheduler.step()  # the schedule is over trainer steps (see optimize)
                 self.step += 1
                 self.last_metrics = metrics
@@ -418,8 +292,3 @@ class Trainer:
             self.log.write({"step": self.step, "split": "eval", **m})
         return m
 
-
-def _ref_optional(algorithm, data) -> bool:
-    """No reference model is needed by reference-free variants, or when the data carries the
-    reference log-probs."""
-    return not getattr(algorithm, "needs_reference", True) or all("ref_chosen_logps" in e for e in data)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import warnings
 
+from fastalign.trainer.metrics import read_jsonl
+
 
 def _as_list(x):
     if x is None:
@@ -179,8 +181,6 @@ def plot_monitors(jsonl_path: str, png_path: str, *, prefix: str = "rollout/", t
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from fastalign.trainer.metrics import read_jsonl
 
     rows = [r for r in read_jsonl(jsonl_path) if r.get("split", "train") == "train"]
 

@@ -22,17 +22,21 @@ import os
 from collections import Counter
 
 from fastalign import configs
+from fastalign.algorithms import get_algorithm
+from fastalign.data.formats import describe as describe_stats, kind_of, load_records
+from fastalign.data.synthetic import Oracle, SyntheticTask
 from fastalign.errors import ConfigError
+from fastalign.models import load_tokenizer
+from fastalign.models.loading import check_model_name
 from fastalign.options import build_config, describe
 from fastalign.trainer.config import DataConfig, ModelConfig, TrainerConfig
 from fastalign.trainer.distributed import is_main
+from fastalign.trainer.loop import Trainer
 
 SECTIONS = ("model", "data", "algo", "trainer")
 
 
 def _section_classes(algorithm: str | None) -> dict:
-    from fastalign.algorithms import get_algorithm
-
     out = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig}
     if algorithm:
         out["algo"] = get_algorithm(algorithm).config_class
@@ -99,8 +103,6 @@ def _check_sections(cfg: dict, where: str) -> None:
 def resolve_config(algorithm: str, cfg: dict) -> dict:
     """{section: config dataclass} for `cfg`, every option checked against its type and range and
     every model name against what can be loaded -- before anything is loaded."""
-    from fastalign.models.loading import check_model_name
-
     out = {}
     for section, cls in _section_classes(algorithm).items():
         values = cfg.get(section) or {}
@@ -133,9 +135,6 @@ def format_config(algorithm: str, cfg: dict) -> str:
 
 
 def _load_split(alg, d: DataConfig, split, tok, stats):
-    from fastalign.data.formats import describe as describe_stats, kind_of, load_records
-    from fastalign.data.synthetic import Oracle, SyntheticTask
-
     if d.format == "synthetic":
         n = d.train_size if split == "train" else d.eval_size
         seed = d.seed + (0 if split == "train" else 1)
@@ -167,10 +166,6 @@ def _load_split(alg, d: DataConfig, split, tok, stats):
 
 
 def run_training(algorithm: str, cfg: dict) -> dict:
-    from fastalign.algorithms import get_algorithm
-    from fastalign.models import load_tokenizer
-    from fastalign.trainer.loop import Trainer
-
     resolved = resolve_config(algorithm, cfg)
     m, d, t = resolved["model"], resolved["data"], resolved["trainer"]
     alg = get_algorithm(algorithm)(resolved["algo"])

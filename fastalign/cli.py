@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any DemoConfig field (fastalign/trainer/demo.py), e.g. --set ppo_kl_coef=0 "
+                   help="any DemoConfig field (fastalign/recipes/demo.py), e.g. --set ppo_kl_coef=0 "
                         "--set stages=[ppo]; repeatable")
     p.set_defaults(func=commands.demo)
     return parser

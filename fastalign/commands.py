@@ -94,7 +94,7 @@ def demo(args) -> int:
 
     from fastalign.errors import ConfigError
     from fastalign.options import build_config
-    from fastalign.trainer.demo import DemoConfig, run_demo
+    from fastalign.recipes.demo import DemoConfig, run_demo
 
     known = {f.name for f in dataclasses.fields(DemoConfig)}
     values = dict(output_dir=args.output_dir, seed=args.seed, device=args.device)

@@ -276,7 +276,7 @@ def test_cli_list(capsys):
 def test_cli_demo_set_options(monkeypatch, capsys):
     """--set KEY=VALUE reaches DemoConfig (values parsed as YAML); unknown keys are refused."""
     from fastalign import cli
-    from fastalign.trainer import demo
+    from fastalign.recipes import demo
 
     got = {}
     monkeypatch.setattr(demo, "run_demo", lambda cfg: got.__setitem__("cfg", cfg))
@@ -368,7 +368,7 @@ def test_config_errors(tmp_path):
 
 @pytest.mark.slow
 def test_demo_dpo_beats_sft(tmp_path):
-    from fastalign.trainer.demo import DemoConfig, run_demo
+    from fastalign.recipes.demo import DemoConfig, run_demo
 
     s = run_demo(DemoConfig(output_dir=str(tmp_path), progress=False), log=lambda *a: None)
     sft, dpo = s["results"]["SFT"], s["results"]["DPO"]

@@ -16,8 +16,9 @@ import torch
 
 from tests.numerics import assert_within, f64, gamma, unit_roundoff
 
-from fastalign.trainer.monitors import (OveroptimisationMonitor, distinct_n, length_correlation, pearson,
-                                        plot_monitors, rollout_metrics)
+from fastalign.algorithms.monitors import (OveroptimisationMonitor, distinct_n, length_correlation, pearson,
+                                           rollout_metrics)
+from fastalign.trainer.monitors import plot_monitors
 
 
 U64 = unit_roundoff(torch.float64)

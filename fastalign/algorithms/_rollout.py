@@ -1,7 +1,7 @@
 """The mechanics of an online step (used by fastalign/algorithms/online.py): sampling responses
 from the policy, scoring them, the per-token tensors of a rollout batch, the epochs x
-mini-batches optimisation, the monitors and evaluation. Everything goes through the run's
-TrainingContext (fastalign/trainer/context.py).
+mini-batches optimisation, the monitors and evaluation. Everything of the run goes through its
+TrainingContext (context.py): sampling, precision, collectives, the optimizer step.
 
 A rollout batch holds prompt + response rows, right-padded ([N, L]); position t of the
 per-token tensors ([N, L-1]) is the action that produced token t+1, so `mask` is True exactly
@@ -17,12 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.algorithms.base import token_logps
+from fastalign.algorithms.context import TrainingDivergedError
+from fastalign.algorithms.monitors import rollout_metrics
 from fastalign.data import collate as C
 from fastalign.ops.preference import sequence_logps
-from fastalign.trainer import distributed as D
-from fastalign.trainer.context import TrainingDivergedError
-from fastalign.trainer.generation import generate
-from fastalign.trainer.monitors import rollout_metrics
 
 # The offsets of derive_seed for a step's sampling (7919 * (step + 1)) and its mini-batch order
 # (+1), and the offset from the run's seed of the evaluation samples.
@@ -53,8 +51,7 @@ def sample(context, prompts, *, temperature: float, max_new_tokens: int, seed: i
     """Samples one response per entry of `prompts` from context.models["policy"] (seeded: a
     resumed run samples what the uninterrupted one did)."""
     tok = context.tokenizer
-    texts, ids, truncated = generate(context.models["policy"], tok, prompts, temperature=temperature,
-                                     max_new_tokens=max_new_tokens, seed=seed, device=context.device)
+    texts, ids, truncated = context.generate(prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     exs = []
     for i, (p, r) in enumerate(zip(prompts, ids)):
         if not r:  # nothing but padding came out: score the EOS alone rather than an empty response
@@ -80,7 +77,7 @@ def scores(context, rollout: Rollout, reward_fn=None) -> torch.Tensor:
     else:
         raise RuntimeError("no reward: give the algorithm a reward_fn or the trainer a 'reward' model")
     bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
-    if D.any_rank(bool(bad)):  # all ranks stop together (the next step is a collective)
+    if context.any_rank(bool(bad)):  # all ranks stop together (the next step is a collective)
         where = f"(last checkpoint: {context.last_checkpoint})"
         if not bad:
             raise TrainingDivergedError(f"step {context.step + 1}: non-finite reward(s) on another rank; the step "
@@ -150,7 +147,7 @@ def optimize_epochs(context, alg, data: dict, n: int, seed: int):
 
 def rollout_monitors(context, rollout: Rollout, proxy: torch.Tensor, *, kl=None, entropy=None, oracle_fn=None,
                      monitor=None) -> dict:
-    """The monitors of fastalign.trainer.monitors for this rollout (+ the over-optimisation flag
+    """The monitors of monitors.py for this rollout (+ the over-optimisation flag
     when an oracle is available). Under torchrun, over every rank's samples (per-rank values
     averaged by sample count; distinct-n and correlations are per-rank values averaged)."""
     oracle = None
@@ -160,8 +157,8 @@ def rollout_monitors(context, rollout: Rollout, proxy: torch.Tensor, *, kl=None,
                           oracle_scores=oracle, truncated=rollout.truncated)
     if context.world > 1:  # every rank's samples: means weighted by count, truncated summed
         n = len(rollout)
-        out = D.reduce_weighted({k: v * n for k, v in out.items()}, {k: n for k in out})
-        out["rollout/truncated"] = int(D.all_reduce([rollout.truncated])[0])
+        out = context.reduce_weighted({k: v * n for k, v in out.items()}, {k: n for k in out})
+        out["rollout/truncated"] = int(context.all_reduce([rollout.truncated])[0])
     if monitor is not None and oracle is not None:  # the same values on every rank: the same state
         out["overoptimisation"] = float(monitor.update(context.step + 1, out["rollout/reward"], out["rollout/oracle"]))
     return out

@@ -18,7 +18,7 @@ The trainer divides every micro-batch's summed loss by the units of the whole ac
 full-batch mean -- not a mean of micro-batch means.
 
 Every hook that runs inside a training run gets the run's `TrainingContext`
-(fastalign/trainer/context.py: models, tokenizer, device, autocast, step, seed, `optimize`),
+(context.py: models, tokenizer, device, autocast, step, seed, `optimize`, `generate`, collectives),
 never the Trainer: `setup(context)` once before training, `precompute(context, examples)`,
 `train_step(context, micro_batches)` per trainer step (by default one `context.optimize`), and
 `eval_step(context, batch)`. Offline algorithms implement only the declarations and the loss;

@@ -4,8 +4,9 @@ registered with `fastalign.register_dpo_loss_type`).
 The reference is a frozen model, or its log-probs are precomputed once before training
 (`precompute_ref_logps`: the declared precomputation `precompute_roles` / `precompute`, which the
 trainer runs and then frees the reference model), or they come with the data (records with
-`ref_chosen_logps` / `ref_rejected_logps`: then no reference model is required). Metrics are the implicit rewards
-beta * (logp - ref): rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins.
+`ref_chosen_logps` / `ref_rejected_logps`: then no reference model is required). Metrics are the
+implicit rewards beta * (logp - ref): rewards/chosen, rewards/rejected, rewards/accuracies,
+rewards/margins.
 
 Variants override `pair_loss` (and `needs_reference` / `logp_reduce`); see the SimPO plugin in
 tests/example_plugin for one in a few lines.
@@ -70,6 +71,11 @@ class DPO(Algorithm):
             models.pop("reference", None)
         return models
 
+    def required_models(self, examples) -> tuple:
+        if not self.needs_reference or all(REF_KEYS[0] in e for e in examples):
+            return tuple(r for r in self.models if r != "reference")
+        return self.models
+
     # ---- log-probs ----------------------------------------------------------------------------
 
     def sequence_logps(self, model, batch):
@@ -90,10 +96,7 @@ class DPO(Algorithm):
         b = seq.shape[0] // 2
         return seq[:b], seq[b:]
 
-    def required_models(self, examples) -> tuple:
-        if not self.needs_reference or all(REF_KEYS[0] in e for e in examples):
-            return tuple(r for r in self.models if r != "reference")
-        return self.models
+    # ---- precomputed reference log-probs (precompute_ref_logps) ------------------------------
 
     def precompute_roles(self) -> tuple:
         return ("reference",) if self.needs_reference and self.config.precompute_ref_logps else ()

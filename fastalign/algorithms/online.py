@@ -20,7 +20,7 @@ In detail, `train_step(context, micro_batches)`:
      old_logps (/ ref_logps) + what advantages returned: `ppo_epochs` passes of `mini_batches`
      seeded mini-batches, one context.optimize each, stopping early past 1.5 * target_kl;
   5. returns the optimiser's metrics (averaged over its steps), `step_metrics(rollout, data)`,
-     optimizer_steps, early_stopped and the RLHF monitors (fastalign.trainer.monitors; with an
+     optimizer_steps, early_stopped and the RLHF monitors (monitors.py; with an
      `oracle_fn`, the true score and the over-optimisation flag), then calls `end_step(rollout)`.
 
 Evaluation samples one response per eval prompt with a fixed seed and reports its score (and
@@ -38,10 +38,10 @@ import torch
 
 from fastalign.algorithms import _rollout as R
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig
+from fastalign.algorithms.monitors import OveroptimisationMonitor
 from fastalign.errors import ConfigError
 from fastalign.models import load_model
 from fastalign.options import option
-from fastalign.trainer.monitors import OveroptimisationMonitor
 
 
 @dataclass

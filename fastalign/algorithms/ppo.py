@@ -23,7 +23,7 @@ Steps 1, 2 and 5 and the monitors are OnlineAlgorithm's (online.py); this file i
 model, the KL-penalised rewards and GAE (`advantages`), the loss and the KL controller.
 Log-probabilities and the entropy come from fastalign.gather_logprobs at the sampling
 temperature (never a full log_softmax). Every step logs the RLHF monitors of
-fastalign.trainer.monitors (reward, KL, entropy, distinct-n, reward-length correlation and, with
+fastalign.algorithms.monitors (reward, KL, entropy, distinct-n, reward-length correlation and, with
 an `oracle_fn`, the true score and the over-optimisation flag).
 
 Models (roles): policy and value are trained (one optimizer; vf_coef weighs the value loss),

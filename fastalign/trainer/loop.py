@@ -12,7 +12,7 @@ after which the trainer frees those models). Per trainer step: take `grad_accum`
 globally normalised optimizer step (trainer/optimization.py). Metrics go to metrics.jsonl (+
 metrics.png), checkpoints are atomic and resume exactly; Ctrl-C checkpoints at the next step
 boundary and returns cleanly. Algorithms see the run only through the TrainingContext
-(trainer/context.py), never this class.
+(fastalign/algorithms/context.py), never this class.
 
 Under torchrun (`distributed`: auto/ddp/fsdp, see trainer/distributed.py) every rank draws the
 same global batch of `batch_size * grad_accum * world_size` examples from the same permutation
@@ -32,12 +32,13 @@ import time
 import torch
 
 from fastalign.errors import ResumeError
+from fastalign.algorithms.context import TrainingDivergedError, derive_seed
 from fastalign.options import build_config
 from fastalign.trainer import checkpoint as ckpt
 from fastalign.trainer import distributed as D
 from fastalign.trainer import evaluation, optimization
 from fastalign.trainer.config import TrainerConfig
-from fastalign.trainer.context import TrainingContext, TrainingDivergedError, derive_seed
+from fastalign.trainer.context import TrainerContext
 from fastalign.trainer.devices import autocast_dtype, resolve_device
 from fastalign.trainer.metrics import MetricsLog, plot_metrics
 
@@ -98,7 +99,7 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.last_metrics: dict = {}
         self._stop_requested = False
-        self.context = TrainingContext(self)  # all the algorithm sees of this run
+        self.context = TrainerContext(self)  # all the algorithm sees of this run
 
     @property
     def train_models(self) -> dict:

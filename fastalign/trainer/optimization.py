@@ -15,9 +15,9 @@ import math
 
 import torch
 
+from fastalign.algorithms.context import TrainingDivergedError
 from fastalign.trainer import distributed as D
 from fastalign.trainer.config import TrainerConfig
-from fastalign.trainer.context import TrainingDivergedError
 
 
 def build_optimizer(params: list, cfg: TrainerConfig) -> torch.optim.AdamW:

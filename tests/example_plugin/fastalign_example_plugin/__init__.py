@@ -1,8 +1,9 @@
 """A third-party fastalign plugin: two DPO loss variants that are not in the kernel, each in a
-few lines. Installed, it is found through the `fastalign.algorithms` entry-point group:
+few lines, and an online algorithm in one short file (rloo.py). Installed, they are found
+through the `fastalign.algorithms` entry-point group:
 
     pip install --no-build-isolation -e tests/example_plugin
-    fastalign list          # shows simpo and ln-dpo
+    fastalign list          # shows simpo, ln-dpo and rloo-example
 """
 
 from dataclasses import dataclass

@@ -139,7 +139,7 @@ def run_family(family: str, args, device: str, ctx: dict, notes: list, checkpoin
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastalign bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few rounds: a ~1 minute smoke run (CI)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few rounds: the CI smoke run (its time: benchmarks/RESULTS.md)")
     p.add_argument("--out", default="bench_out", help="output directory (default bench_out/)")
     p.add_argument("--only", action="append", help=f"families to run, comma separated: {', '.join(FAMILIES)}")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when a GPU is visible)")

@@ -5,7 +5,8 @@ of *contenders* (fastalign backends, eager PyTorch, torch.compile of the eager c
 TRL, Liger, verl). Each contender is a builder `build(inputs) -> fn`, where `fn()` runs the case
 once and returns its outputs; a builder raises `Skip(reason)` when it cannot run here (peer not
 installed, no GPU, op not built...). The same case definitions drive the runner
-(`python -m benchmarks`) and the pytest-benchmark suites (`pytest fastalign/benchmarks/bench_*.py`).
+(`python -m benchmarks`) and the pytest-benchmark suites (`pytest fastalign/benchmarks/bench_*.py`,
+_pytest_suite.py).
 
 Timing (CPU): the contenders of a case are *interleaved*: every round runs each contender once
 (in a shuffled order), so a burst of load from other processes on a shared machine hits all of
@@ -121,6 +122,20 @@ def compiled(fn):
         raise Skip(f"torch.compile unavailable: {exc}") from None
 
 
+def fastalign_backends(device: str) -> tuple:
+    """The fastalign backends a suite measures on `device`."""
+    return ("cuda", "triton") if device.startswith("cuda") else ("cpp",)
+
+
+def no_grad(f, *args):
+    """fn() for a forward-only call f(*args), without autograd."""
+    def fwd():
+        with torch.no_grad():
+            return f(*args)
+
+    return fwd
+
+
 def grad_of(outputs, wrt, grad_outputs):
     """Backward via autograd.grad (fresh gradients, no accumulation into .grad)."""
     return torch.autograd.grad(outputs, wrt, grad_outputs)
@@ -185,10 +200,11 @@ def time_interleaved(fns: dict, device: str, rounds: int, min_time: float, first
     """Seconds per call of each contender, one entry per round, measured in interleaved rounds.
 
     rewarm: each timed call is preceded by one untimed call of the same contender. On a VM with a
-    memory balloon (this machine: virtio_balloon + DAMON) memory freed for more than ~1 s goes back
-    to the host and costs ~1 s/GB to touch again, so without it every contender would pay for
-    re-faulting its memory after the others ran ("cold"); with it, each timed call sees its own
-    steady state, as in a loop ("warm"). `python -m benchmarks --cold` measures the cold way."""
+    memory balloon (the dev box: virtio_balloon + DAMON) memory freed for a moment goes back to the
+    host and is slow to touch again (the figures: benchmarks/RESULTS.md, "Machine and method"), so
+    without it every contender would pay for re-faulting its memory after the others ran ("cold");
+    with it, each timed call sees its own steady state, as in a loop ("warm").
+    `python -m benchmarks --cold` measures the cold way."""
     inner = {n: max(1, math.ceil(min_time / max(first[n], 1e-7))) for n in fns}
     times = {n: [] for n in fns}
     rng = random.Random(0)

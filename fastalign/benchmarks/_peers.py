@@ -5,7 +5,9 @@ checks fastalign.gae against them)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
 
 import torch
 
@@ -29,8 +31,6 @@ def trl_logprob_functions():
     spec = importlib.util.find_spec("trl")
     if spec is None or not spec.submodule_search_locations:
         raise Skip("TRL not installed")
-    import os
-
     path = os.path.join(list(spec.submodule_search_locations)[0], "kernels", "logprob_entropy.py")
     if not os.path.exists(path):
         raise Skip(f"trl.trainer.utils failed to import ({first_error[:120]}) and {path} is absent")
@@ -56,24 +56,15 @@ def trl_chunked_logprob():
     return lambda h, w, t: ChunkedLogProbFunction.apply(h, w, None, t, 1.0, chunk, None, 1.0, ())[0]
 
 
-def liger_cross_entropy(device: str):
+def liger_function(name: str, device: str):
+    """liger_kernel.transformers.functional.<name> (e.g. liger_cross_entropy,
+    liger_fused_linear_cross_entropy); Skip off CUDA or where Liger-Kernel is missing."""
     if not device.startswith("cuda"):
         raise Skip("Liger-Kernel runs on CUDA only")
     try:
-        from liger_kernel.transformers.functional import liger_cross_entropy as ce
+        return getattr(importlib.import_module("liger_kernel.transformers.functional"), name)
     except Exception as exc:
         raise Skip(f"Liger-Kernel not installed ({type(exc).__name__})") from None
-    return ce
-
-
-def liger_fused_linear_cross_entropy(device: str):
-    if not device.startswith("cuda"):
-        raise Skip("Liger-Kernel runs on CUDA only")
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as flce
-    except Exception as exc:
-        raise Skip(f"Liger-Kernel not installed ({type(exc).__name__})") from None
-    return flce
 
 
 # ---- the peers' GAE loops, written from their code (not imported) ---------------------------------

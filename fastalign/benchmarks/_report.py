@@ -26,6 +26,24 @@ def target(issue, name, value, need, passed, quick, unit="x", detail=None) -> di
             "detail": detail}
 
 
+def find_record(records, op, mode, **params):
+    """The record of `op` in `mode` whose params include `params`, or None."""
+    for r in records:
+        if r["op"] == op and r["mode"] == mode and all(r["params"].get(k) == v for k, v in params.items()):
+            return r
+    return None
+
+
+def contender(rec, name) -> dict:
+    """What was measured of contender `name` in record `rec` ({} for no record, not run)."""
+    return rec["contenders"].get(name, {}) if rec else {}
+
+
+def median(rec, name):
+    """The median seconds of contender `name` in record `rec`, or None (no record, not measured)."""
+    return contender(rec, name).get("median_s")
+
+
 # ---- machine and versions --------------------------------------------------------------------------
 
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 import torch
 
 from fastalign.benchmarks import _peers
-from fastalign.benchmarks._common import DTYPES, Case, compiled, fastalign_backend, fastalign_op, grad_of
+from fastalign.benchmarks._common import (
+    DTYPES, Case, compiled, fastalign_backend, fastalign_backends, fastalign_op, grad_of, no_grad,
+)
+from fastalign.benchmarks._pytest_suite import pytest_suite
+from fastalign.benchmarks._report import contender, find_record, target
 
 FAMILY = "linear_logprobs"
 
@@ -35,10 +39,7 @@ def _inputs(tokens, hidden_size, vocab, dtype, backward):
 def _runner(inp, f):
     h, w, labels = inp["hidden"], inp["weight"], inp["labels"]
     if not inp["backward"]:
-        def fwd():
-            with torch.no_grad():
-                return f(h, w, labels)
-        return fwd
+        return no_grad(f, h, w, labels)
 
     def fwd_bwd():
         out = f(h, w, labels)
@@ -79,14 +80,14 @@ def _trl(inp):
 
 
 def _liger(inp):
-    flce = _peers.liger_fused_linear_cross_entropy(inp["device"])
+    flce = _peers.liger_function("liger_fused_linear_cross_entropy", inp["device"])
     return _runner(inp, lambda h, w, l: -flce(h, w, l, reduction="none"))
 
 
 def cases(quick: bool, device: str) -> list[Case]:
     fastalign_op("linear_gather_logprobs")
     cuda = device.startswith("cuda")
-    fa_b = ("cuda", "triton") if cuda else ("cpp",)
+    fa_b = fastalign_backends(device)
     conts = {f"fastalign[{b}]": _fa(b) for b in fa_b}
     conts[f"matmul + fastalign[{fa_b[0]}] gather"] = _matmul_fa(fa_b[0])
     conts.update({"eager": _eager, "torch.compile": _compile, "trl chunked": _trl})
@@ -112,14 +113,10 @@ def cases(quick: bool, device: str) -> list[Case]:
 def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
     """Issue 5 (CPU): at tokens=4096, H=1024, V=32000 fp32, fwd+bwd: extra peak memory <= 1/8 of
     the eager path's and time <= 1.2x eager's."""
-    from fastalign.benchmarks._report import target
-
     if device != "cpu":
         return []
-    rec = next((r for r in records if r["mode"] == "fwd+bwd" and r["params"].get("tokens") == 4096
-                and r["params"].get("V") == 32000 and r["params"].get("dtype") == "fp32"), None)
-    fa = rec["contenders"].get("fastalign[cpp]", {}) if rec else {}
-    ea = rec["contenders"].get("eager", {}) if rec else {}
+    rec = find_record(records, "linear_gather_logprobs", "fwd+bwd", tokens=4096, V=32000, dtype="fp32")
+    fa, ea = contender(rec, "fastalign[cpp]"), contender(rec, "eager")
     out = []
     fm, em = fa.get("extra_peak_bytes"), ea.get("extra_peak_bytes")
     # the issue counts peak memory above inputs AND outputs; in fwd+bwd the outputs are the
@@ -139,14 +136,4 @@ def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
     return out
 
 
-try:
-    import pytest
-except ImportError:
-    pytest = None
-
-if pytest is not None:
-    from fastalign.benchmarks.conftest import bench_params, run_pytest_benchmark
-
-    @pytest.mark.parametrize("case,name", bench_params(cases))
-    def test_linear_logprobs(benchmark, case, name):
-        run_pytest_benchmark(benchmark, case, name)
+test_linear_logprobs = pytest_suite(cases)  # `pytest fastalign/benchmarks/bench_linear_logprobs.py --benchmark-enable`

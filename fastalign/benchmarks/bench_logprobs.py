@@ -15,7 +15,11 @@ from __future__ import annotations
 import torch
 
 from fastalign.benchmarks import _peers
-from fastalign.benchmarks._common import DTYPES, Case, Skip, compiled, fastalign_backend, grad_of
+from fastalign.benchmarks._common import (
+    DTYPES, Case, Skip, compiled, fastalign_backend, fastalign_backends, grad_of, no_grad,
+)
+from fastalign.benchmarks._pytest_suite import pytest_suite
+from fastalign.benchmarks._report import contender, find_record, median, target
 
 FAMILY = "logprobs"
 
@@ -62,10 +66,7 @@ def _runner(inp, f, own_copy=False):
     if own_copy:
         x = x.detach().clone().requires_grad_(x.requires_grad)
     if not inp["backward"]:
-        def fwd():
-            with torch.no_grad():
-                return f(x, labels)
-        return fwd
+        return no_grad(f, x, labels)
 
     def fwd_bwd():
         out = f(x, labels)
@@ -102,7 +103,7 @@ def _trl(inp):
 
 
 def _liger(inp):
-    ce = _peers.liger_cross_entropy(inp["device"])
+    ce = _peers.liger_function("liger_cross_entropy", inp["device"])
     if inp["entropy"]:
         raise Skip("Liger's cross entropy has no entropy output")
     vocab = inp["logits"].shape[-1]
@@ -116,10 +117,7 @@ def _liger(inp):
 
 
 def contenders(device: str) -> tuple[dict, tuple]:
-    if device.startswith("cuda"):
-        fa = {"fastalign[cuda]": _fastalign("cuda"), "fastalign[triton]": _fastalign("triton")}
-    else:
-        fa = {"fastalign[cpp]": _fastalign("cpp")}
+    fa = {f"fastalign[{b}]": _fastalign(b) for b in fastalign_backends(device)}
     alts = {"eager": _eager, "torch.compile": _compile, "trl": _trl}
     if device.startswith("cuda"):
         alts["liger"] = _liger
@@ -174,34 +172,19 @@ def cases(quick: bool, device: str) -> list[Case]:
 # ---- targets (issue 2 on the CPU, issue 8 on the GPU) ---------------------------------------------
 
 
-def _find(records, mode, **params):
-    for r in records:
-        if r["op"] == "gather_logprobs" and r["mode"] == mode and all(r["params"].get(k) == v for k, v in params.items()):
-            return r
-    return None
-
-
-def _median(rec, name):
-    c = rec["contenders"].get(name) if rec else None
-    return c.get("median_s") if c else None
-
-
 def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
-    from fastalign.benchmarks._report import target
-
     out = []
     if device == "cpu":
         key = {"tokens": 4096, "V": 32000, "dtype": "fp32", "entropy": False}
         for mode, need in (("fwd", 4.0), ("fwd+bwd", 3.0)):
-            rec = _find(records, mode, **key)
-            fa, eager = _median(rec, "fastalign[cpp]"), _median(rec, "eager")
+            rec = find_record(records, "gather_logprobs", mode, **key)
+            fa, eager = median(rec, "fastalign[cpp]"), median(rec, "eager")
             value = eager / fa if fa and eager else None
             out.append(target("issue 2", f"gather_logprobs {mode} cpp speedup vs eager (4096 x 32000 fp32)",
                               value, f">= {need:g}x", value is not None and value >= need, quick))
-        rec = _find(records, "fwd", **key)
-        c = rec["contenders"].get("fastalign[cpp]", {}) if rec else {}
-        mem = c.get("extra_peak_bytes")
-        e = rec["contenders"].get("eager", {}).get("extra_peak_bytes") if rec else None
+        rec = find_record(records, "gather_logprobs", "fwd", **key)
+        mem = contender(rec, "fastalign[cpp]").get("extra_peak_bytes")
+        e = contender(rec, "eager").get("extra_peak_bytes")
         # O(tokens): outputs (4 B/token) + row stats (8 B/token) + small per-thread state; allow
         # 64 B/token plus 4 MiB of page/huge-page granularity. The logits are 128 000 B/token.
         limit = 64 * 4096 + 4 * 2**20
@@ -213,38 +196,24 @@ def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
                           mem is not None and mem <= limit, quick, unit="MiB", detail=detail))
     else:
         key = {"tokens": 8192, "V": 151936, "dtype": "bf16", "entropy": False}
-        rec = _find(records, "fwd", **key)
+        rec = find_record(records, "gather_logprobs", "fwd", **key)
         copy_bw = ctx.get("copy_bandwidth")
-        best = None
         for name in ("fastalign[cuda]", "fastalign[triton]"):
-            t = _median(rec, name)
+            t = median(rec, name)
             if t and copy_bw:
                 frac = 8192 * 151936 * 2 / t / copy_bw
                 out.append(target("issue 8", f"gather_logprobs fwd {name} bandwidth / d2d copy (8192 x 151936 bf16)",
                                   frac, ">= 0.85", frac >= 0.85, quick,
                                   detail=f"{8192 * 151936 * 2 / t / 1e9:.0f} GB/s of {copy_bw / 1e9:.0f} GB/s"))
-                best = max(best or 0, frac)
-        rec = _find(records, "fwd+bwd", **key)
+        rec = find_record(records, "gather_logprobs", "fwd+bwd", **key)
         for peer in ("trl", "liger"):
-            tp = _median(rec, peer)
+            tp = median(rec, peer)
             for name in ("fastalign[cuda]", "fastalign[triton]"):
-                t = _median(rec, name)
+                t = median(rec, name)
                 value = tp / t if tp and t else None
                 out.append(target("issue 8", f"gather_logprobs fwd+bwd {name} speedup vs {peer} (8192 x 151936 bf16)",
                                   value, "> 1x", value is not None and value > 1.0, quick))
     return out
 
 
-# ---- pytest-benchmark entry (`pytest fastalign/benchmarks/bench_logprobs.py --benchmark-enable`) -----------
-
-try:
-    import pytest
-except ImportError:  # the runner does not need pytest
-    pytest = None
-
-if pytest is not None:
-    from fastalign.benchmarks.conftest import bench_params, run_pytest_benchmark
-
-    @pytest.mark.parametrize("case,name", bench_params(cases))
-    def test_gather_logprobs(benchmark, case, name):
-        run_pytest_benchmark(benchmark, case, name)
+test_gather_logprobs = pytest_suite(cases)  # `pytest fastalign/benchmarks/bench_logprobs.py --benchmark-enable`

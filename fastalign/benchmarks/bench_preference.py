@@ -8,7 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastalign.benchmarks._common import DTYPES, Case, compiled, fastalign_backend, fastalign_op, grad_of
+from fastalign.benchmarks._common import (
+    DTYPES, Case, compiled, fastalign_backend, fastalign_backends, fastalign_op, grad_of, no_grad,
+)
+from fastalign.benchmarks._pytest_suite import pytest_suite
 
 FAMILY = "preference"
 BETA = 0.1
@@ -41,10 +44,7 @@ def _inputs(pairs, steps, dtype, backward):
 def _runner(inp, f):
     pol = inp["pol"]
     if not inp["backward"]:
-        def fwd():
-            with torch.no_grad():
-                return f()
-        return fwd
+        return no_grad(f)
 
     def fwd_bwd():
         out = f()
@@ -91,7 +91,7 @@ def _eager(compile_it):
 
 def cases(quick: bool, device: str) -> list[Case]:
     fastalign_op("dpo_loss")
-    fa_b = ("cuda", "triton") if device.startswith("cuda") else ("cpp",)
+    fa_b = fastalign_backends(device)
     conts = {}
     for b in fa_b:
         conts[f"fastalign[{b}] from_tokens"] = _fa_fused(b)
@@ -112,14 +112,4 @@ def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
     return []  # issue 4 sets no speed target; its ratios are in the table
 
 
-try:
-    import pytest
-except ImportError:
-    pytest = None
-
-if pytest is not None:
-    from fastalign.benchmarks.conftest import bench_params, run_pytest_benchmark
-
-    @pytest.mark.parametrize("case,name", bench_params(cases))
-    def test_preference(benchmark, case, name):
-        run_pytest_benchmark(benchmark, case, name)
+test_preference = pytest_suite(cases)  # `pytest fastalign/benchmarks/bench_preference.py --benchmark-enable`

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from fastalign.benchmarks._common import DTYPES, Case, compiled, fastalign_backend, fastalign_op, grad_of
+from fastalign.benchmarks._common import (
+    DTYPES, Case, compiled, fastalign_backend, fastalign_backends, fastalign_op, grad_of, no_grad,
+)
 from fastalign.benchmarks._peers import trl_gae_loop, verl_gae_loop
+from fastalign.benchmarks._pytest_suite import pytest_suite
+from fastalign.benchmarks._report import find_record, median, target
 
 FAMILY = "rl"
 
@@ -101,33 +105,18 @@ def _fa_gae(backend):
 
 
 def _trl_gae(inp):
-    r, v, m = inp["rewards"], inp["values"] * inp["mask"], inp["mask"]  # TRL zero-fills values past the end
-
-    def run():
-        with torch.no_grad():
-            return trl_gae_loop(r, v, GAMMA, LAM)
-
-    return run
+    # TRL zero-fills values past the end
+    return no_grad(trl_gae_loop, inp["rewards"], inp["values"] * inp["mask"], GAMMA, LAM)
 
 
 def _verl_gae(inp):
-    r, v, m = inp["rewards"], inp["values"], inp["mask"]
-
-    def run():
-        with torch.no_grad():
-            return verl_gae_loop(r, v, m, GAMMA, LAM)
-
-    return run
+    return no_grad(verl_gae_loop, inp["rewards"], inp["values"], inp["mask"], GAMMA, LAM)
 
 
 def _loss_runner(inp, f):
-    x = inp["x"]
     if not inp["backward"]:
-        def fwd():
-            with torch.no_grad():
-                return f()
-        return fwd
-    return lambda: grad_of(f()[0], x, None)
+        return no_grad(f)
+    return lambda: grad_of(f()[0], inp["x"], None)
 
 
 def _fa_loss(op_name, backend):
@@ -155,14 +144,10 @@ def _eager_loss(op_name, compile_it):
     return build
 
 
-def _fa_names(device):
-    return ("cuda", "triton") if device.startswith("cuda") else ("cpp",)
-
-
 def cases(quick: bool, device: str) -> list[Case]:
     fastalign_op("gae")
     out = []
-    fa = _fa_names(device)
+    fa = fastalign_backends(device)
     gae_conts = {f"fastalign[{b}]": _fa_gae(b) for b in fa}
     gae_conts.update({"trl loop": _trl_gae, "verl loop": _verl_gae})
     if quick:
@@ -193,21 +178,7 @@ def cases(quick: bool, device: str) -> list[Case]:
 # ---- targets (issue 3 on the CPU, issue 8 on the GPU) -----------------------------------------------
 
 
-def _find(records, op, mode, **params):
-    for r in records:
-        if r["op"] == op and r["mode"] == mode and all(r["params"].get(k) == v for k, v in params.items()):
-            return r
-    return None
-
-
-def _med(rec, name):
-    c = rec["contenders"].get(name) if rec else None
-    return c.get("median_s") if c else None
-
-
 def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
-    from fastalign.benchmarks._report import target
-
     out = []
     if device == "cpu":
         checks = [("issue 3", "gae", "fwd", 2048, "fastalign[cpp]", 100.0)]
@@ -215,9 +186,9 @@ def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
         checks = [("issue 8", "gae", "fwd", 8192, "fastalign[cuda]", 1000.0),
                   ("issue 8", "gae", "fwd", 8192, "fastalign[triton]", 1000.0)]
     for issue, op, mode, t, fa, need in checks:
-        rec = _find(records, op, mode, B=64, T=t, dtype="fp32")
-        tf = _med(rec, fa)
-        loops = {n: _med(rec, n) for n in ("trl loop", "verl loop")}
+        rec = find_record(records, op, mode, B=64, T=t, dtype="fp32")
+        tf = median(rec, fa)
+        loops = {n: median(rec, n) for n in ("trl loop", "verl loop")}
         loops = {n: v for n, v in loops.items() if v}
         # against the faster of the two loops (the conservative ratio); both are in the table
         value = min(loops.values()) / tf if tf and loops else None
@@ -225,24 +196,12 @@ def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
         out.append(target(issue, f"gae {fa} speedup vs the faster Python loop (B=64, T={t})", value,
                           f">= {need:g}x", value is not None and value >= need, quick, detail=detail))
     if device == "cpu":
-        rec = _find(records, "ppo_policy_loss", "fwd+bwd", B=64, T=2048, dtype="fp32")
-        tf, te = _med(rec, "fastalign[cpp]"), _med(rec, "eager")
+        rec = find_record(records, "ppo_policy_loss", "fwd+bwd", B=64, T=2048, dtype="fp32")
+        tf, te = median(rec, "fastalign[cpp]"), median(rec, "eager")
         value = te / tf if tf and te else None
         out.append(target("issue 3", "ppo_policy_loss fwd+bwd cpp speedup vs eager (B=64, T=2048 fp32)", value,
                           ">= 3x", value is not None and value >= 3.0, quick))
     return out
 
 
-# ---- pytest-benchmark entry (`pytest fastalign/benchmarks/bench_rl.py --benchmark-enable`) ------------------
-
-try:
-    import pytest
-except ImportError:
-    pytest = None
-
-if pytest is not None:
-    from fastalign.benchmarks.conftest import bench_params, run_pytest_benchmark
-
-    @pytest.mark.parametrize("case,name", bench_params(cases))
-    def test_rl(benchmark, case, name):
-        run_pytest_benchmark(benchmark, case, name)
+test_rl = pytest_suite(cases)  # `pytest fastalign/benchmarks/bench_rl.py --benchmark-enable`

@@ -79,8 +79,8 @@ class Context:
     log: Callable = print
     artifacts: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)  # stage name -> seconds
-    tag: str = ""  # "[i/n]" of the stage running now ("" for an unnumbered one)
-    _started: float = 0.0
+    tag: str = field(default="", init=False)  # "[i/n]" of the stage running now ("" if unnumbered)
+    _started: float = field(default=0.0, init=False, repr=False)
 
     def __getitem__(self, name: str):
         return self.artifacts[name]

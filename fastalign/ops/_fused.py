@@ -40,8 +40,8 @@ FUSED_BACKENDS = ("cpp", "cuda", "triton")
 def _lazy(module: str, attr: str) -> Callable:
     """A function that imports `module` at its first call and runs module.attr."""
 
-    def run(*args):
-        return getattr(importlib.import_module(module), attr)(*args)
+    def run(*args, **kwargs):
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
 
     run.__name__ = attr
     return run

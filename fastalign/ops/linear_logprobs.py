@@ -64,9 +64,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, labels, row_stats, entropy)
     ctx.args = (temperature, ignore_index, with_entropy, backend, bwd_rows, bwd_cols, fwd_rows)
     # The kept logits tile is held on ctx, not saved: the backward overwrites it (see _bwd_2d in
-    # fastalign/kernels/linear_logprobs.py) and
-    # drops it here, so that a second backward through a retained graph recomputes the tile
-    # instead of reading gradients (saved tensors would refuse the second backward). detach():
+    # fastalign/kernels/linear_logprobs.py) and drops it here, so that a second backward through a
+    # retained graph recomputes the tile instead of reading gradients (saved tensors would refuse the second backward). detach():
     # no reference from ctx to an output carrying this node (a reference cycle).
     # Plain tensors only: while torch.compile / opcheck trace the graph (fake or functional tensor
     # subclasses), an op overwriting a forward output in the backward cannot be partitioned, so

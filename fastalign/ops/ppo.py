@@ -43,7 +43,6 @@ VALUE_STATS = ("vf_clipfrac", "vpred_mean", "value_mse")
 # bwd(grad_out [4], x, y, z, mask, row_weight, <loss params>) -> grad w.r.t. x, in x's dtype.
 # x, y, z [B, T] of one float dtype, mask [B, T] (nonzero = valid token). agg: the index in
 # AGG_MODES; global_count < 0: this call's own count; horizon <= 0: T.
-_AGG_PARAMS = "int agg, float global_count, float horizon) -> (Tensor, Tensor)"
 
 
 def _fake_fwd(op):
@@ -88,7 +87,7 @@ def _backward_with(n_params):
 PPO_POLICY_LOSS = FusedOp(
     name="ppo_policy_loss",
     fwd_schema="(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, float clip_lo, "
-               "float clip_hi, float dual_clip, " + _AGG_PARAMS,
+               "float clip_hi, float dual_clip, int agg, float global_count, float horizon) -> (Tensor, Tensor)",
     bwd_schema="(Tensor grad_out, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
                "Tensor row_weight, float clip_lo, float clip_hi, float dual_clip) -> Tensor",
     fake_fwd=_fake_fwd("ppo_policy_loss_fwd"),
@@ -101,7 +100,8 @@ PPO_POLICY_LOSS = FusedOp(
 # Value: clip <= 0 = off; stats (vf_clipfrac, vpred_mean, value_mse).
 PPO_VALUE_LOSS = FusedOp(
     name="ppo_value_loss",
-    fwd_schema="(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, " + _AGG_PARAMS,
+    fwd_schema="(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, int agg, "
+               "float global_count, float horizon) -> (Tensor, Tensor)",
     bwd_schema="(Tensor grad_out, Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
                "Tensor row_weight, float clip) -> Tensor",
     fake_fwd=_fake_fwd("ppo_value_loss_fwd"),

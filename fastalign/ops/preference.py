@@ -6,7 +6,8 @@ the descriptions SEQUENCE_LOGPS, DPO_LOSS and DPO_TOKENS below (fastalign/ops/_f
 Each fused op is one kernel launch forward and one backward; all math is fp32 for every input
 dtype and every result is fp32; token gradients come back in the token log-probs' dtype.
 
-DPO loss types live in a registry, `DPO_LOSS_TYPES` (name -> DPOLossType). The four built-in
+DPO loss types live in a registry, `DPO_LOSS_TYPES` (name -> DPOLossType, fastalign/ops/
+dpo_loss_types.py). The four built-in
 types (sigmoid, ipo, hinge, robust) have fused kernels; a plugin adds a type with
 `register_dpo_loss_type(name, formula)`, where `formula(delta, beta, label_smoothing)` maps the
 fp32 margin delta = (c - ref_c) - (r - ref_r) [B] to per-pair losses [B] in torch. A plugin type
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -29,49 +28,11 @@ from fastalign.kernels import reference
 from fastalign.ops._checks import (check_flag, check_float_tensor, check_mask, check_normal_fp32, kernel_mask,
                                    same_device)
 from fastalign.ops._fused import FusedOp
-
-# ---- the loss-type registry ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DPOLossType:
-    """formula(delta, beta, label_smoothing) -> per-pair losses (torch, differentiable in delta);
-    kernel_id: the fused kernels' id for this type, or None (then every backend runs `formula`)."""
-
-    formula: Callable
-    kernel_id: Optional[int] = None
+from fastalign.ops.dpo_loss_types import DPO_LOSS_TYPES, DPOLossType, register_dpo_loss_type  # noqa: F401
 
 
-def _builtin(name):
-    return lambda delta, beta, eps: reference.dpo_pair_losses(delta, beta, name, eps)
+# ---- fused op descriptions: fakes and autograd, shared by every backend -----------------------
 
-
-DPO_LOSS_TYPES: dict[str, DPOLossType] = {
-    name: DPOLossType(_builtin(name), kernel_id) for kernel_id, name in enumerate(("sigmoid", "ipo", "hinge", "robust"))
-}
-
-
-def register_dpo_loss_type(name: str, formula: Callable, *, overwrite: bool = False) -> None:
-    """Adds a DPO loss type usable as dpo_loss(..., loss_type=name) on every backend.
-
-    formula(delta, beta, label_smoothing) gets the fp32 margin delta [B] and returns per-pair
-    losses [B]. It runs in torch (autograd gives its gradient) on every backend, including the
-    fused ones, which have kernels only for the built-in types. E.g. SimPO (length-averaged
-    log-probs, no reference: pass zeros as the reference log-probs):
-        register_dpo_loss_type("simpo", lambda d, beta, eps: -F.logsigmoid(beta * d - gamma))
-    """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"register_dpo_loss_type: name must be a non-empty string, got {name!r}")
-    if not callable(formula):
-        raise TypeError(f"register_dpo_loss_type: formula must be callable, got {type(formula).__name__}")
-    if name in DPO_LOSS_TYPES and not overwrite:
-        raise ValueError(f"register_dpo_loss_type: loss_type {name!r} exists; pass overwrite=True to replace it")
-    if name in DPO_LOSS_TYPES and DPO_LOSS_TYPES[name].kernel_id is not None:
-        raise ValueError(f"register_dpo_loss_type: the built-in loss_type {name!r} cannot be replaced")
-    DPO_LOSS_TYPES[name] = DPOLossType(formula, None)
-
-
-# ---- fused op pairs: fakes and autograd, shared by every backend --------------------------------
 
 def _fake_seq_fwd(x, mask, mean):
     same_device("sequence_logps_fwd", token_logps=x, mask=mask)

@@ -39,6 +39,10 @@ GAE = FusedOp(
 _OPS = {b: fwd for b, (fwd, _) in GAE.table().items()}  # backend -> fwd: the tests run the raw ops from it
 
 
+def _triton_op():
+    return GAE.kernels("triton")[0]
+
+
 # ---- validation -------------------------------------------------------------------------------
 
 

@@ -116,6 +116,10 @@ _FUSED = {(loss, b): k for loss, op in (("policy", PPO_POLICY_LOSS), ("value", P
           for b, k in op.table().items()}
 
 
+def _fused_ops(loss: str, backend: str):
+    return _FUSED[(loss, backend)]
+
+
 # ---- validation -------------------------------------------------------------------------------
 
 

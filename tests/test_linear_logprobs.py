@@ -305,7 +305,7 @@ CPP = [p for p in BACKENDS if p.values[0] == "cpp"]
 
 def _count_recomputes(monkeypatch):
     """Counts the backward's recomputes of the kept tile (L._tile_logits calls inside _bwd_2d)."""
-    from fastalign.ops import linear_logprobs as L
+    from fastalign.kernels import linear_logprobs as L
 
     calls, in_bwd = [], []
     orig_tile, orig_bwd = L._tile_logits, L._bwd_2d
@@ -395,7 +395,7 @@ def test_kept_tile_retain_graph_twice(backend, device, chunk, monkeypatch):
 @pytest.mark.parametrize("backend,device", CPP)
 def test_kept_tile_reused_by_step_2(backend, device, monkeypatch):
     # automatic step-2 columns (vocab_chunk_size 0): the step-2 tiles live in the kept buffer
-    from fastalign.ops import linear_logprobs as L
+    from fastalign.kernels import linear_logprobs as L
 
     seen = []
     tile = L._step2_tile
@@ -435,7 +435,7 @@ def test_kept_tile_not_used_when_traced(backend, device, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_row_blocks(backend, device, dtype, monkeypatch):
     # entropy's temporary p (and bf16's fp32 copy of the kept tile) in row blocks of 3 rows
-    from fastalign.ops import linear_logprobs as L
+    from fastalign.kernels import linear_logprobs as L
 
     monkeypatch.setattr(L, "_BLOCK_BYTES", 3 * 4 * 301)
     hidden, weight, bias, labels = _make(device, dtype, (14,), 16, 301)

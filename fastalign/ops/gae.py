@@ -1,8 +1,9 @@
 """gae: Generalized Advantage Estimation as one fused reverse scan per sequence.
 
 Backends: torch (the per-time-step Python loop in kernels/reference.py, as TRL and verl write it),
-cpp and cuda (fastalign._C: fastalign::gae_fwd), triton (fastalign_triton::gae_fwd). The fused
-op takes rewards/values of one float dtype and a bool mask and returns fp32 (advantages, returns).
+cpp and cuda (fastalign._C: fastalign::gae_fwd), triton (fastalign_triton::gae_fwd), both from the
+description GAE below. The fused op takes rewards/values of one float dtype and a mask and returns
+fp32 (advantages, returns).
 GAE has no gradient (its inputs are rollout data), so the op has a fake implementation for
 torch.compile and no autograd formula; the public function detaches its inputs.
 """
@@ -16,7 +17,7 @@ import torch
 from fastalign import _backends
 from fastalign.kernels import reference
 from fastalign.ops._checks import kernel_mask, same_device
-from fastalign.ops._register import cpp_op, triton_op
+from fastalign.ops._fused import FusedOp
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -27,36 +28,19 @@ def _fake_gae_fwd(rewards, values, mask, gamma, lam):
     return out, torch.empty_like(out)
 
 
-_OPS = {}  # backend name -> fwd op
-
-
-def _register(backend: str, op) -> None:
-    if op is None:
-        return
-    torch.library.register_fake(op)(_fake_gae_fwd)
-    _OPS[backend] = op
-
-
-_register("cpp", cpp_op("gae_fwd"))
-if "cpp" in _OPS:
-    _OPS["cuda"] = _OPS["cpp"]  # same op, dispatched by device
-
-
-def _triton_gae_fwd(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # Triton is imported on the first run, not at registration: the op itself is registered at
-    # import (cheap, no Triton needed), so a first call inside torch.compile finds it defined.
-    from fastalign.kernels.triton import gae as tg
-
-    return tg.gae_fwd(rewards, values, mask, gamma, lam)
-
-
-_register("triton", triton_op("gae_fwd", _triton_gae_fwd))
+# rewards, values [B, T] (one float dtype), mask [B, T] (nonzero = valid step). Returns fp32
+# (advantages, returns) [B, T]; 0 at masked steps. A reverse scan per row; forward only.
+GAE = FusedOp(
+    name="gae",
+    fwd_schema="(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)",
+    fake_fwd=_fake_gae_fwd,
+    triton="fastalign.kernels.triton.gae",
+)
+_OPS = {b: fwd for b, (fwd, _) in GAE.table().items()}  # backend -> fwd: the tests run the raw ops from it
 
 
 def _triton_op():
-    return _OPS["triton"]
+    return GAE.kernels("triton")[0]
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -132,5 +116,5 @@ def gae(
         return reference.gae(rewards, values, mask, float(gamma), float(lam))
     if rewards.dtype != values.dtype:  # the kernels take one input dtype; fp32 loses nothing
         rewards, values = rewards.float(), values.float()
-    op = _triton_op() if name == "triton" else _OPS[name]
-    return op(rewards.contiguous(), values.contiguous(), kernel_mask(mask, name), float(gamma), float(lam))
+    fwd, _ = GAE.kernels(name)
+    return fwd(rewards.contiguous(), values.contiguous(), kernel_mask(mask, name), float(gamma), float(lam))

@@ -1,7 +1,8 @@
 """gather_logprobs: fp32 token log-probabilities (and entropy) from logits, fused.
 
 Backends: torch (eager reference), cpp and cuda (fastalign._C: fastalign::gather_logprobs_{fwd,bwd}),
-triton (fastalign_triton::gather_logprobs_{fwd,bwd}). Every fused forward returns, per row,
+triton (fastalign_triton::gather_logprobs_{fwd,bwd}), all derived from the one description
+GATHER_LOGPROBS below (fastalign/ops/_fused.py). Every fused forward returns, per row,
 (logprobs [N], entropy [N] or [0], row_stats [N, 2] = (max z, log sum exp(z - max)) for z =
 logits / T); the backward recomputes softmax from row_stats, so nothing of size tokens x vocabulary
 is saved besides the caller's own logits.
@@ -16,10 +17,8 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from typing import Optional
-
 from fastalign.ops._checks import FP32_MAX, FP32_TINY, check_flag, same_device
-from fastalign.ops._register import cpp_op, register_fused, triton_op
+from fastalign.ops._fused import FusedOp
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LABEL_DTYPES = (torch.int32, torch.int64)
@@ -62,51 +61,29 @@ def _backward(ctx, bwd, grad_logprobs, grad_entropy, _grad_row_stats):
     return grad, None, None, None, None
 
 
-_FUSED = {}  # backend name -> (fwd op, bwd op)
-
-
-def _register(backend: str, fwd, bwd) -> None:
-    if fwd is None:
-        return
-    register_fused(fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_backward)
-    _FUSED[backend] = (fwd, bwd)
-
-
-_cpp_fwd, _cpp_bwd = cpp_op("gather_logprobs_fwd"), cpp_op("gather_logprobs_bwd")
-_register("cpp", _cpp_fwd, _cpp_bwd)
-_FUSED["cuda"] = _FUSED.get("cpp")  # same ops, dispatched by device
-
-
-# The Triton pair is registered at import (cheap, Triton not needed) so that a first call inside
-# torch.compile finds the ops defined; Triton itself is imported on the first run.
-def _triton_fwd(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, with_entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastalign.kernels.triton import logprobs as kernels
-
-    return kernels.forward(logits, labels, temperature, ignore_index, with_entropy)
-
-
-def _triton_bwd(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: Optional[torch.Tensor],
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    row_stats: torch.Tensor,
-    entropy: Optional[torch.Tensor],
-    temperature: float,
-    ignore_index: int,
-) -> torch.Tensor:
-    from fastalign.kernels.triton import logprobs as kernels
-
-    return kernels.backward(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index)
-
-
-_register("triton", triton_op("gather_logprobs_fwd", _triton_fwd), triton_op("gather_logprobs_bwd", _triton_bwd))
+GATHER_LOGPROBS = FusedOp(
+    name="gather_logprobs",
+    # logits [N, V] (row stride free, unit inner stride), labels [N] int64. Returns fp32 (logprobs
+    # [N], entropy [N] or [0] when with_entropy is false, row_stats [N, 2]). row_stats = (m, log
+    # sum_j exp(z_j - m)) with z = logits / T and m = max_j z_j, so that the backward recomputes
+    # log p_j = (z_j - m) - row_stats[1] without the rounding of m + log s.
+    fwd_schema="(Tensor logits, Tensor labels, float temperature, int ignore_index, bool with_entropy) "
+               "-> (Tensor, Tensor, Tensor)",
+    # The gradient w.r.t. logits [N, V] in the logits' dtype; grad_entropy and entropy are absent
+    # when the entropy output received no gradient.
+    bwd_schema="(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, Tensor row_stats, "
+               "Tensor? entropy, float temperature, int ignore_index) -> Tensor",
+    fake_fwd=_fake_fwd,
+    fake_bwd=_fake_bwd,
+    setup_context=_setup_context,
+    backward=_backward,
+    triton="fastalign.kernels.triton.logprobs",
+)
+_FUSED = GATHER_LOGPROBS.table()  # backend -> (fwd, bwd): the tests run the raw ops from it
 
 
 def _triton_ops():
-    return _FUSED["triton"]
+    return GATHER_LOGPROBS.kernels("triton")
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -196,7 +173,7 @@ def gather_logprobs(
     if name == "torch":
         return reference.gather_logprobs(logits, labels64, temperature, ignore_index, return_entropy)
 
-    fwd, _ = _triton_ops() if name == "triton" else _FUSED[name]
+    fwd, _ = GATHER_LOGPROBS.kernels(name)
     vocab = logits.shape[-1]
     rows = logits.reshape(labels.numel(), vocab)  # not (-1, vocab): ambiguous when both are 0
     if rows.stride(-1) != 1 and vocab > 1:

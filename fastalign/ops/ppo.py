@@ -7,7 +7,8 @@ cpp: rows in parallel, per-token math on 4- or 8-lane (AVX2) float vectors (csrc
 cuda: a block per row, then one block reduces the row partials (no atomics); triton: a program per
 row, then one program reduces. Every backend's reduction has a fixed order (deterministic).
 
-Fused op contract (the same on every backend; schemas in csrc/fastalign.cpp):
+Fused op contract (the same on every backend; the descriptions PPO_POLICY_LOSS and PPO_VALUE_LOSS
+below hold the schemas):
   fwd(x, y, z, mask bool, <loss params>, agg code, global_count, horizon) -> (out, row_weight)
       out fp32 [4] = (loss, stat1, stat2, stat3), row_weight fp32 [B]: the loss is
       sum_b row_weight[b] * sum_{t valid} l_bt, so row_weight[b] = d loss / d l_bt (0 for empty rows).
@@ -27,7 +28,7 @@ import torch
 from fastalign import _backends
 from fastalign.kernels import reference
 from fastalign.ops._checks import FP32_MAX, FP32_TINY, kernel_mask, same_device
-from fastalign.ops._register import cpp_op, register_fused, triton_op
+from fastalign.ops._fused import FusedOp
 
 AGG_MODES = reference.PPO_AGG_MODES  # index in this tuple = the kernels' agg code
 _AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
@@ -36,18 +37,29 @@ POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl")
 VALUE_STATS = ("vf_clipfrac", "vpred_mean", "value_mse")
 
 
-# ---- autograd and fake implementations, shared by every fused backend -------------------------
+# ---- the fused op descriptions: fakes and autograd, shared by every fused backend -------------
+
+# fwd(x, y, z, mask, <loss params>, agg, global_count, horizon) -> (out fp32 [4], row_weight fp32 [B]);
+# bwd(grad_out [4], x, y, z, mask, row_weight, <loss params>) -> grad w.r.t. x, in x's dtype.
+# x, y, z [B, T] of one float dtype, mask [B, T] (nonzero = valid token). agg: the index in
+# AGG_MODES; global_count < 0: this call's own count; horizon <= 0: T.
 
 
-def _fake_fwd(x, y, z, mask, *args):
-    same_device("ppo_loss_fwd", **dict(zip(("first input", "second input", "third input", "mask"), (x, y, z, mask))))
-    return x.new_empty((4,), dtype=torch.float32), x.new_empty((x.shape[0],), dtype=torch.float32)
+def _fake_fwd(op):
+    def fake(x, y, z, mask, *params):
+        same_device(op, **dict(zip(("first input", "second input", "third input", "mask"), (x, y, z, mask))))
+        return x.new_empty((4,), dtype=torch.float32), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+    return fake
 
 
-def _fake_bwd(grad_out, x, y, z, mask, row_weight, *args):
-    names = ("first input", "grad_out", "second input", "third input", "mask", "row_weight")
-    same_device("ppo_loss_bwd", **dict(zip(names, (x, grad_out, y, z, mask, row_weight))))
-    return x.new_empty(x.shape)
+def _fake_bwd(op):
+    def fake(grad_out, x, y, z, mask, row_weight, *params):
+        names = ("first input", "grad_out", "second input", "third input", "mask", "row_weight")
+        same_device(op, **dict(zip(names, (x, grad_out, y, z, mask, row_weight))))
+        return x.new_empty(x.shape)
+
+    return fake
 
 
 def _setup_context(ctx, inputs, output):
@@ -56,83 +68,52 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, y, z, mask, output[1])
 
 
-def _make_backward(n_params):
+def _backward_with(n_params):
+    """The backward of a loss with `n_params` loss parameters: the fwd's params after them (agg,
+    global_count, horizon) are not the bwd's, whose row_weight already holds the aggregation."""
+
     def backward(ctx, bwd, grad_out, _grad_row_weight):
         x, y, z, mask, row_weight = ctx.saved_tensors
         if grad_out is None:
             grad_out = row_weight.new_zeros(4)
-        # the fwd's params after the loss params (agg, global_count, horizon) are not the bwd's
         grad = bwd(grad_out, x, y, z, mask, row_weight, *ctx.params[:n_params])
         return (grad,) + (None,) * (3 + len(ctx.params))
 
     return backward
 
 
-_BACKWARD = {"policy": _make_backward(3), "value": _make_backward(1)}
-_FUSED = {}  # (loss, backend) -> (fwd op, bwd op)
+# Policy: clip_lo = 1 - clip_low, clip_hi = 1 + clip_high, dual_clip <= 0 = off; stats (clipfrac,
+# clipfrac_lower, approx_kl).
+PPO_POLICY_LOSS = FusedOp(
+    name="ppo_policy_loss",
+    fwd_schema="(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, float clip_lo, "
+               "float clip_hi, float dual_clip, int agg, float global_count, float horizon) -> (Tensor, Tensor)",
+    bwd_schema="(Tensor grad_out, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+               "Tensor row_weight, float clip_lo, float clip_hi, float dual_clip) -> Tensor",
+    fake_fwd=_fake_fwd("ppo_policy_loss_fwd"),
+    fake_bwd=_fake_bwd("ppo_policy_loss_bwd"),
+    setup_context=_setup_context,
+    backward=_backward_with(3),
+    triton="fastalign.kernels.triton.ppo",
+)
 
+# Value: clip <= 0 = off; stats (vf_clipfrac, vpred_mean, value_mse).
+PPO_VALUE_LOSS = FusedOp(
+    name="ppo_value_loss",
+    fwd_schema="(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, int agg, "
+               "float global_count, float horizon) -> (Tensor, Tensor)",
+    bwd_schema="(Tensor grad_out, Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
+               "Tensor row_weight, float clip) -> Tensor",
+    fake_fwd=_fake_fwd("ppo_value_loss_fwd"),
+    fake_bwd=_fake_bwd("ppo_value_loss_bwd"),
+    setup_context=_setup_context,
+    backward=_backward_with(1),
+    triton="fastalign.kernels.triton.ppo",
+)
 
-def _register(loss: str, backend: str, fwd, bwd) -> None:
-    if fwd is None:
-        return
-    register_fused(
-        fwd, bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_BACKWARD[loss]
-    )
-    _FUSED[(loss, backend)] = (fwd, bwd)
-
-
-for _loss in ("policy", "value"):
-    _register(_loss, "cpp", cpp_op(f"ppo_{_loss}_loss_fwd"), cpp_op(f"ppo_{_loss}_loss_bwd"))
-    if (_loss, "cpp") in _FUSED:
-        _FUSED[(_loss, "cuda")] = _FUSED[(_loss, "cpp")]  # same ops, dispatched by device
-
-
-# The Triton ops are registered at import (cheap: Triton is not imported until the first run), so
-# that a first call inside torch.compile finds them defined. Their schemas come from these hints.
-def _triton_policy_fwd(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    clip_lo: float, clip_hi: float, dual_clip: float, agg: int, global_count: float, horizon: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from fastalign.kernels.triton import ppo as kernels
-
-    return kernels.ppo_policy_loss_fwd(
-        logprobs, old_logprobs, advantages, mask, clip_lo, clip_hi, dual_clip, agg, global_count, horizon
-    )
-
-
-def _triton_policy_bwd(
-    grad_out: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-    mask: torch.Tensor, row_weight: torch.Tensor, clip_lo: float, clip_hi: float, dual_clip: float,
-) -> torch.Tensor:
-    from fastalign.kernels.triton import ppo as kernels
-
-    return kernels.ppo_policy_loss_bwd(
-        grad_out, logprobs, old_logprobs, advantages, mask, row_weight, clip_lo, clip_hi, dual_clip
-    )
-
-
-def _triton_value_fwd(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-    clip: float, agg: int, global_count: float, horizon: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from fastalign.kernels.triton import ppo as kernels
-
-    return kernels.ppo_value_loss_fwd(values, old_values, returns, mask, clip, agg, global_count, horizon)
-
-
-def _triton_value_bwd(
-    grad_out: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-    mask: torch.Tensor, row_weight: torch.Tensor, clip: float,
-) -> torch.Tensor:
-    from fastalign.kernels.triton import ppo as kernels
-
-    return kernels.ppo_value_loss_bwd(grad_out, values, old_values, returns, mask, row_weight, clip)
-
-
-_register("policy", "triton", triton_op("ppo_policy_loss_fwd", _triton_policy_fwd),
-          triton_op("ppo_policy_loss_bwd", _triton_policy_bwd))
-_register("value", "triton", triton_op("ppo_value_loss_fwd", _triton_value_fwd),
-          triton_op("ppo_value_loss_bwd", _triton_value_bwd))
+# (loss, backend) -> (fwd, bwd): the tests run the raw ops from it
+_FUSED = {(loss, b): k for loss, op in (("policy", PPO_POLICY_LOSS), ("value", PPO_VALUE_LOSS))
+          for b, k in op.table().items()}
 
 
 def _fused_ops(loss: str, backend: str):
@@ -269,7 +250,7 @@ def ppo_policy_loss(
             global_count, horizon,
         )
     (x, old, adv), valid = _prepare((logprobs, old_logprobs.detach(), advantages.detach()), mask, name)
-    fwd, _ = _fused_ops("policy", name)
+    fwd, _ = PPO_POLICY_LOSS.kernels(name)
     out, _ = fwd(
         x, old, adv, valid, 1.0 - clip_low, 1.0 + clip_high,
         0.0 if dual_clip is None else dual_clip, *_agg_args(agg, global_count, horizon),
@@ -314,7 +295,7 @@ def ppo_value_loss(
             values, old_values.detach(), returns.detach(), mask, clip, agg, global_count, horizon
         )
     (v, old, ret), valid = _prepare((values, old_values.detach(), returns.detach()), mask, name)
-    fwd, _ = _fused_ops("value", name)
+    fwd, _ = PPO_VALUE_LOSS.kernels(name)
     out, _ = fwd(v, old, ret, valid, -1.0 if clip is None else clip, *_agg_args(agg, global_count, horizon))
     s = out.detach()
     return out[0], {"vf_clipfrac": s[1], "vpred_mean": s[2], "value_mse": s[3]}

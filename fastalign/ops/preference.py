@@ -1,11 +1,13 @@
 """Preference ops: sequence_logps, dpo_loss (every loss type), dpo_loss_from_tokens, reward_loss.
 
 Backends: torch (kernels/reference.py, the eager ground truth), cpp and cuda (fastalign._C:
-fastalign::{sequence_logps,dpo_loss,dpo_tokens}_{fwd,bwd}), triton (fastalign_triton::...).
+fastalign::{sequence_logps,dpo_loss,dpo_tokens}_{fwd,bwd}), triton (fastalign_triton::...), all from
+the descriptions SEQUENCE_LOGPS, DPO_LOSS and DPO_TOKENS below (fastalign/ops/_fused.py).
 Each fused op is one kernel launch forward and one backward; all math is fp32 for every input
 dtype and every result is fp32; token gradients come back in the token log-probs' dtype.
 
-DPO loss types live in a registry, `DPO_LOSS_TYPES` (name -> DPOLossType). The four built-in
+DPO loss types live in a registry, `DPO_LOSS_TYPES` (name -> DPOLossType, fastalign/ops/
+dpo_loss_types.py). The four built-in
 types (sigmoid, ipo, hinge, robust) have fused kernels; a plugin adds a type with
 `register_dpo_loss_type(name, formula)`, where `formula(delta, beta, label_smoothing)` maps the
 fp32 margin delta = (c - ref_c) - (r - ref_r) [B] to per-pair losses [B] in torch. A plugin type
@@ -18,8 +20,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -27,54 +27,11 @@ from fastalign import _backends
 from fastalign.kernels import reference
 from fastalign.ops._checks import (check_flag, check_float_tensor, check_mask, check_normal_fp32, kernel_mask,
                                    same_device)
-from fastalign.ops._register import cpp_op, register_fused, triton_op
+from fastalign.ops._fused import FusedOp
+from fastalign.ops.dpo_loss_types import DPO_LOSS_TYPES, DPOLossType, register_dpo_loss_type  # noqa: F401
 
 
-
-# ---- the loss-type registry ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DPOLossType:
-    """formula(delta, beta, label_smoothing) -> per-pair losses (torch, differentiable in delta);
-    kernel_id: the fused kernels' id for this type, or None (then every backend runs `formula`)."""
-
-    formula: Callable
-    kernel_id: Optional[int] = None
-
-
-def _builtin(name):
-    return lambda delta, beta, eps: reference.dpo_pair_losses(delta, beta, name, eps)
-
-
-DPO_LOSS_TYPES: dict[str, DPOLossType] = {
-    name: DPOLossType(_builtin(name), kernel_id) for kernel_id, name in enumerate(("sigmoid", "ipo", "hinge", "robust"))
-}
-
-
-def register_dpo_loss_type(name: str, formula: Callable, *, overwrite: bool = False) -> None:
-    """Adds a DPO loss type usable as dpo_loss(..., loss_type=name) on every backend.
-
-    formula(delta, beta, label_smoothing) gets the fp32 margin delta [B] and returns per-pair
-    losses [B]. It runs in torch (autograd gives its gradient) on every backend, including the
-    fused ones, which have kernels only for the built-in types. E.g. SimPO (length-averaged
-    log-probs, no reference: pass zeros as the reference log-probs):
-        register_dpo_loss_type("simpo", lambda d, beta, eps: -F.logsigmoid(beta * d - gamma))
-    """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"register_dpo_loss_type: name must be a non-empty string, got {name!r}")
-    if not callable(formula):
-        raise TypeError(f"register_dpo_loss_type: formula must be callable, got {type(formula).__name__}")
-    if name in DPO_LOSS_TYPES and not overwrite:
-        raise ValueError(f"register_dpo_loss_type: loss_type {name!r} exists; pass overwrite=True to replace it")
-    if name in DPO_LOSS_TYPES and DPO_LOSS_TYPES[name].kernel_id is not None:
-        raise ValueError(f"register_dpo_loss_type: the built-in loss_type {name!r} cannot be replaced")
-    DPO_LOSS_TYPES[name] = DPOLossType(formula, None)
-
-
-# ---- fused op pairs: fakes and autograd, shared by every backend --------------------------------
-
-_SEQ, _DPO, _TOK = {}, {}, {}  # backend -> (fwd, bwd)
+# ---- fused op descriptions: fakes and autograd, shared by every backend -----------------------
 
 
 def _fake_seq_fwd(x, mask, mean):
@@ -149,79 +106,42 @@ def _tok_backward(ctx, bwd, grad_losses, _g_cw, _g_rw, grad_pseq, _g_rseq):
     return g, None, None, None, None, None, None
 
 
-def _register(backend: str, seq, dpo, tok) -> None:
-    for table, ops, fakes, setup, backward in (
-        (_SEQ, seq, (_fake_seq_fwd, _fake_seq_bwd), _seq_setup, _seq_backward),
-        (_DPO, dpo, (_fake_dpo_fwd, _fake_dpo_bwd), _dpo_setup, _dpo_backward),
-        (_TOK, tok, (_fake_tok_fwd, _fake_tok_bwd), _tok_setup, _tok_backward),
-    ):
-        if ops[0] is None:
-            continue
-        register_fused(ops[0], ops[1], fake_fwd=fakes[0], fake_bwd=fakes[1], setup_context=setup, backward=backward)
-        table[backend] = ops
-
-
-def _cpp_ops():
-    try:
-        return cpp_op("sequence_logps_fwd")
-    except AttributeError:  # an _C built before these ops existed
-        return None
-
-
-if _cpp_ops() is not None:
-    _register("cpp", (cpp_op("sequence_logps_fwd"), cpp_op("sequence_logps_bwd")),
-              (cpp_op("dpo_loss_fwd"), cpp_op("dpo_loss_bwd")), (cpp_op("dpo_tokens_fwd"), cpp_op("dpo_tokens_bwd")))
-    for _t in (_SEQ, _DPO, _TOK):
-        _t["cuda"] = _t["cpp"]  # same ops, dispatched by device
-
-
-# Triton launchers: Triton itself is imported on the first run, not at registration.
-def _tk():
-    from fastalign.kernels.triton import preference as tp
-
-    return tp
-
-
-def _triton_seq_fwd(x: torch.Tensor, mask: torch.Tensor, mean: bool) -> torch.Tensor:
-    return _tk().sequence_logps_fwd(x, mask, mean)
-
-
-def _triton_seq_bwd(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, mean: bool) -> torch.Tensor:
-    return _tk().sequence_logps_bwd(grad, x, mask, mean)
-
-
-def _triton_dpo_fwd(
-    c: torch.Tensor, r: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float, loss_type: int, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _tk().dpo_loss_fwd(c, r, rc, rr, beta, loss_type, eps)
-
-
-def _triton_dpo_bwd(
-    grad: torch.Tensor, c: torch.Tensor, r: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
-    loss_type: int, eps: float,
-) -> torch.Tensor:
-    return _tk().dpo_loss_bwd(grad, c, r, rc, rr, beta, loss_type, eps)
-
-
-def _triton_tok_fwd(
-    pol: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, beta: float, loss_type: int, eps: float, mean: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _tk().dpo_tokens_fwd(pol, ref, mask, beta, loss_type, eps, mean)
-
-
-def _triton_tok_bwd(
-    grad: torch.Tensor, grad_seq: Optional[torch.Tensor], pseq: torch.Tensor, rseq: torch.Tensor, pol: torch.Tensor,
-    mask: torch.Tensor, beta: float, loss_type: int, eps: float, mean: bool,
-) -> torch.Tensor:
-    return _tk().dpo_tokens_bwd(grad, grad_seq, pseq, rseq, pol, mask, beta, loss_type, eps, mean)
-
-
-_register(
-    "triton",
-    (triton_op("sequence_logps_fwd", _triton_seq_fwd), triton_op("sequence_logps_bwd", _triton_seq_bwd)),
-    (triton_op("dpo_loss_fwd", _triton_dpo_fwd), triton_op("dpo_loss_bwd", _triton_dpo_bwd)),
-    (triton_op("dpo_tokens_fwd", _triton_tok_fwd), triton_op("dpo_tokens_bwd", _triton_tok_bwd)),
+# Token log-probs [N, T] float32/bfloat16/float16 with a mask (nonzero = valid); mean: divide by
+# the valid count (>= 1). Outputs fp32; token gradients in the input dtype.
+SEQUENCE_LOGPS = FusedOp(
+    name="sequence_logps",
+    fwd_schema="(Tensor token_logps, Tensor mask, bool mean) -> Tensor",
+    bwd_schema="(Tensor grad, Tensor token_logps, Tensor mask, bool mean) -> Tensor",
+    fake_fwd=_fake_seq_fwd, fake_bwd=_fake_seq_bwd, setup_context=_seq_setup, backward=_seq_backward,
+    triton="fastalign.kernels.triton.preference",
 )
+
+# (losses, chosen_rewards, rejected_rewards) [B] fp32; loss_type: the kernel_id of DPO_LOSS_TYPES
+# (0 sigmoid, 1 ipo, 2 hinge, 3 robust). The backward returns grad_losses * dL/ddelta [B].
+DPO_LOSS = FusedOp(
+    name="dpo_loss",
+    fwd_schema="(Tensor chosen, Tensor rejected, Tensor ref_chosen, Tensor ref_rejected, float beta, "
+               "int loss_type, float label_smoothing) -> (Tensor, Tensor, Tensor)",
+    bwd_schema="(Tensor grad_losses, Tensor chosen, Tensor rejected, Tensor ref_chosen, Tensor ref_rejected, "
+               "float beta, int loss_type, float label_smoothing) -> Tensor",
+    fake_fwd=_fake_dpo_fwd, fake_bwd=_fake_dpo_bwd, setup_context=_dpo_setup, backward=_dpo_backward,
+    triton="fastalign.kernels.triton.preference",
+)
+
+# policy, ref [2B, T] = [chosen; rejected]: (losses, chosen_rewards, rejected_rewards [B],
+# policy_seq, ref_seq [2B]); the backward returns the gradient w.r.t. policy [2B, T].
+DPO_TOKENS = FusedOp(
+    name="dpo_tokens",
+    fwd_schema="(Tensor policy, Tensor ref, Tensor mask, float beta, int loss_type, float label_smoothing, "
+               "bool mean) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    bwd_schema="(Tensor grad_losses, Tensor? grad_policy_seq, Tensor policy_seq, Tensor ref_seq, Tensor policy, "
+               "Tensor mask, float beta, int loss_type, float label_smoothing, bool mean) -> Tensor",
+    fake_fwd=_fake_tok_fwd, fake_bwd=_fake_tok_bwd, setup_context=_tok_setup, backward=_tok_backward,
+    triton="fastalign.kernels.triton.preference",
+)
+
+# backend -> (fwd, bwd) per op: the tests run the raw ops from them
+_SEQ, _DPO, _TOK = (op.table() for op in (SEQUENCE_LOGPS, DPO_LOSS, DPO_TOKENS))
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -244,10 +164,6 @@ def _check_reduce(op, reduce) -> bool:
     if reduce not in ("sum", "mean") or not isinstance(reduce, str):
         raise ValueError(f"{op}: reduce must be 'sum' or 'mean', got {reduce!r}")
     return reduce == "mean"
-
-
-def _fused(table, name):
-    return table[name]
 
 
 # ---- public ops -------------------------------------------------------------------------------
@@ -275,7 +191,7 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, *, reduce: str
     lead, steps = token_logps.shape[:-1], token_logps.shape[-1]
     rows = math.prod(lead)
     x = token_logps.reshape(rows, steps).contiguous()
-    out = _fused(_SEQ, name)[0](x, kernel_mask(mask, name).reshape(rows, steps), mean)
+    out = SEQUENCE_LOGPS.kernels(name)[0](x, kernel_mask(mask, name).reshape(rows, steps), mean)
     return out.reshape(lead)
 
 
@@ -351,7 +267,7 @@ def dpo_loss(
         return _torch_dpo(*tensors, beta, loss_type, eps)
     if len({t.dtype for t in tensors}) > 1:  # the kernels take one dtype; fp32 loses nothing
         tensors = tuple(t.float() for t in tensors)
-    losses, cw, rw = _fused(_DPO, name)[0](*(t.contiguous() for t in tensors), beta, kernel_id, eps)
+    losses, cw, rw = DPO_LOSS.kernels(name)[0](*(t.contiguous() for t in tensors), beta, kernel_id, eps)
     return losses, cw.detach(), rw.detach()
 
 
@@ -413,7 +329,7 @@ def dpo_loss_from_tokens(
     else:
         if ref.dtype != pol.dtype:  # the kernels take one dtype; fp32 loses nothing
             pol, ref = pol.float(), ref.float()
-        losses, cw, rw, pseq, rseq = _fused(_TOK, name)[0](
+        losses, cw, rw, pseq, rseq = DPO_TOKENS.kernels(name)[0](
             pol.contiguous(), ref.contiguous(), kernel_mask(mask, name), beta, kernel_id, eps, average_log_prob)
         out = (losses, cw.detach(), rw.detach())
     if return_sequence_logps:

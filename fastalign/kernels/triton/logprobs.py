@@ -1,6 +1,7 @@
 """Triton kernels for gather_logprobs: the ops fastalign_triton::gather_logprobs_{fwd,bwd}.
 
-Same contract as the C++/CUDA ops fastalign::gather_logprobs_{fwd,bwd} (csrc/fastalign.cpp):
+Same contract as the C++/CUDA ops fastalign::gather_logprobs_{fwd,bwd} (schemas in
+fastalign/ops/logprobs.py):
   fwd(logits [N, V] (unit inner stride), labels [N] int64, temperature, ignore_index, with_entropy)
       -> (logprobs fp32 [N], entropy fp32 [N] or [0], row_stats fp32 [N, 2] = (m, log s))
   bwd(grad_logprobs, grad_entropy?, logits, labels, row_stats, entropy?, temperature, ignore_index)
@@ -23,8 +24,6 @@ op rejects such labels before calling) and its gradient row NaN. Offsets are 64-
 cast to int64).
 """
 
-# No `from __future__ import annotations`: torch.library.custom_op infers the op schema from
-# these functions' real type hints.
 import math
 
 import torch
@@ -221,3 +220,7 @@ def backward(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, te
             WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps_for(block),
         )  # fmt: skip
     return grad_logits
+
+
+# The launcher names the op's description (fastalign/ops/logprobs.py, triton=...) looks up.
+gather_logprobs_fwd, gather_logprobs_bwd = forward, backward

@@ -1,6 +1,6 @@
 """Triton kernels for the PPO losses: fastalign_triton::ppo_{policy,value}_loss_{fwd,bwd}.
 
-Same contract as the C++/CUDA ops (csrc/fastalign.cpp, fastalign/ops/ppo.py):
+Same contract as the C++/CUDA ops (schemas in the descriptions of fastalign/ops/ppo.py):
   fwd(x, y, z, mask bool, <params>, agg, global_count, horizon) -> (out fp32 [4], row_weight fp32 [B])
   bwd(grad_out, x, y, z, mask, row_weight, <params>) -> grad w.r.t. x in x's dtype
 

@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from fastalign.errors import ResumeError
 from fastalign.algorithms.context import TrainingDivergedError, derive_seed
+from fastalign.errors import ResumeError
 from fastalign.options import build_config
 from fastalign.trainer import checkpoint as ckpt
 from fastalign.trainer import distributed as D

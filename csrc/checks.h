@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <optional>
 
 namespace fastalign::checks {
 
@@ -23,12 +24,73 @@ inline void mask_dtype(const char* op, const at::Tensor& mask) {
 }
 
 // ---- gather_logprobs ---------------------------------------------------------------------------
+// op: "gather_logprobs" in the forward, "gather_logprobs_bwd" in the backward, on every backend.
 
 // The temperature: finite, > 0, and with 1/T finite and > 0 in fp32 (the kernels scale by it).
 inline void temperature(const char* op, double t) {
   const float inv = static_cast<float>(1.0 / t);
   TORCH_CHECK(t > 0.0 && std::isfinite(t) && std::isfinite(inv) && inv > 0.f, op,
               ": temperature must be finite and > 0, with 1/temperature finite and > 0 in fp32, got ", t);
+}
+
+// logits [N, V] of a float dtype with unit stride along V (rows may be strided), labels [N] int64
+// on the same device, and the temperature.
+inline void logits_labels(const char* op, const at::Tensor& logits, const at::Tensor& labels, double temperature_) {
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, V], got ", logits.sizes());
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) <= 1, op,
+              ": logits must have unit stride in the vocabulary dim, got strides ", logits.strides());
+  TORCH_CHECK(is_float(logits.scalar_type()), op, ": logits must be float32, bfloat16 or float16, got ",
+              logits.scalar_type());
+  TORCH_CHECK(labels.device() == logits.device(), op, ": labels are on ", labels.device(), " but logits on ",
+              logits.device());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), op, ": labels must be [N] = [",
+              logits.size(0), "], got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64 here, got ", labels.scalar_type());
+  temperature(op, temperature_);
+}
+
+// The forward of N > 0 rows needs V > 0 (a row's log-sum-exp over nothing is undefined).
+inline void vocab_nonempty(const char* op, const at::Tensor& logits) {
+  TORCH_CHECK(logits.size(0) == 0 || logits.size(1) > 0, op, ": the vocabulary dim of logits is empty");
+}
+
+// Every label in [0, V) or ignore_index. Only where the labels are host memory (the CPU kernels):
+// both CPU passes index the row at the label (the backward writes there), so this guards memory,
+// not just the result; O(N), negligible next to the O(N V) kernels. (On CUDA the Python wrapper
+// checks, as a check here would need a device sync.)
+inline void label_range(const char* op, const at::Tensor& labels_contiguous, int64_t vocab, int64_t ignore_index) {
+  const int64_t* lab = labels_contiguous.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < labels_contiguous.numel(); ++i) {
+    TORCH_CHECK_INDEX(lab[i] == ignore_index || (lab[i] >= 0 && lab[i] < vocab), op, ": labels[", i, "] = ", lab[i],
+                      " is outside [0, ", vocab, ") and is not ignore_index (", ignore_index, ")");
+  }
+}
+
+// A per-row input of the backward ([N] elements, any float dtype, on the logits' device) as
+// contiguous fp32.
+inline at::Tensor row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits) {
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " is on ", t.device(), " but logits on ",
+              logits.device());
+  TORCH_CHECK(t.numel() == logits.size(0), op, ": ", name, " must have N = ", logits.size(0), " elements, got ",
+              t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ", t.scalar_type());
+  return t.reshape({-1}).to(at::kFloat).contiguous();
+}
+
+// The forward's saved (max, log-sum-exp) per row: fp32 [N, 2] on the logits' device.
+inline void row_stats(const char* op, const at::Tensor& stats, const at::Tensor& logits) {
+  TORCH_CHECK(stats.device() == logits.device() && stats.dim() == 2 && stats.size(0) == logits.size(0) &&
+                  stats.size(1) == 2 && stats.scalar_type() == at::kFloat,
+              op, ": row_stats must be fp32 [N, 2] on the logits' device, got ", stats.scalar_type(), " ",
+              stats.sizes(), " on ", stats.device());
+}
+
+// Whether the entropy output received a gradient; its backward then needs the entropy too.
+inline bool entropy_grad(const char* op, const std::optional<at::Tensor>& grad_entropy,
+                         const std::optional<at::Tensor>& entropy) {
+  const bool used = grad_entropy.has_value() && grad_entropy->defined();
+  TORCH_CHECK(!used || (entropy.has_value() && entropy->defined()), op, ": grad_entropy given without entropy");
+  return used;
 }
 
 // ---- gae ----------------------------------------------------------------------------------------

@@ -13,6 +13,15 @@ namespace fastalign::checks {
 
 inline bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
+// A tensor whose pointer the host hands to the kernels (an incoming gradient, a saved output) must
+// be on their device: the dispatcher routes on the other arguments, and a pointer to another
+// device would be an illegal address, not an error.
+inline void same_device(const char* op, const char* name, const at::Tensor& t, const char* like_name,
+                        const at::Tensor& like) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but ", like_name, " on ",
+              like.device());
+}
+
 // The mask dtypes a device's kernels read (GAE, PPO losses, DPO head): the CPU ones read bool/uint8,
 // int32, int64 and float32 masks as they are (nonzero = valid), so a caller's float or attention
 // mask costs no conversion pass; the CUDA ones take bool (the Python wrappers convert).
@@ -69,8 +78,7 @@ inline void label_range(const char* op, const at::Tensor& labels_contiguous, int
 // A per-row input of the backward ([N] elements, any float dtype, on the logits' device) as
 // contiguous fp32.
 inline at::Tensor row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits) {
-  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " is on ", t.device(), " but logits on ",
-              logits.device());
+  same_device(op, name, t, "logits", logits);
   TORCH_CHECK(t.numel() == logits.size(0), op, ": ", name, " must have N = ", logits.size(0), " elements, got ",
               t.sizes());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ", t.scalar_type());
@@ -147,6 +155,15 @@ inline void value_clip(const char* op, double clip) {
               ": clip must be <= 0 (off) or a finite number > 0 in fp32, got ", clip);
 }
 
+// The backward's incoming loss gradient (out[0] is the one that carries it) and the forward's
+// per-row weights [B], both on the inputs' device.
+inline void ppo_bwd_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_w) {
+  same_device(op, "row_weight", row_w, "the inputs", x);
+  TORCH_CHECK(row_w.numel() == x.size(0), op, ": row weights must be [B]");
+  same_device(op, "grad_out", grad_out, "the inputs", x);
+  TORCH_CHECK(grad_out.numel() >= 1, op, ": grad_out must hold the loss gradient");
+}
+
 // The aggregation's normalisers: global_count < 0 (this call's own count) or >= 0, horizon 0 (T) or > 0.
 inline void agg_args(const char* op, double global_count, double horizon) {
   TORCH_CHECK(std::isfinite(global_count), op, ": global_count must be finite (< 0: this call's own count), got ",
@@ -167,6 +184,13 @@ inline void token_rows(const char* op, const at::Tensor& x, const at::Tensor& ma
               x.scalar_type());
 }
 
+// sequence_logps backward: grad [N] on the log-probs' device.
+inline void sequence_logps_grad(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == x.size(0), "sequence_logps: grad must be [N] = [", x.size(0),
+              "], got ", grad.sizes());
+  same_device("sequence_logps", "grad", grad, "the log-probs", x);
+}
+
 inline void dpo_loss_args(const char* op, double beta, int64_t type, double eps) {
   TORCH_CHECK(beta > 0.0 && std::isfinite(beta), op, ": beta must be a finite number > 0, got ", beta);
   TORCH_CHECK(type >= 0 && type <= 3, op, ": loss_type id must be 0..3 (sigmoid, ipo, hinge, robust), got ", type);
@@ -184,6 +208,12 @@ inline void dpo_pairs(const at::Tensor& c, const at::Tensor& r, const at::Tensor
   }
   TORCH_CHECK(is_float(c.scalar_type()), "dpo_loss: log-probs must be float32, bfloat16 or float16, got ",
               c.scalar_type());
+}
+
+// dpo_loss backward: grad [B] on the log-probs' device.
+inline void dpo_loss_grad(const at::Tensor& grad, const at::Tensor& chosen) {
+  TORCH_CHECK(grad.sizes() == chosen.sizes(), "dpo_loss: grad must be [B], got ", grad.sizes());
+  same_device("dpo_loss", "grad", grad, "the log-probs", chosen);
 }
 
 // dpo_loss_from_tokens forward: policy and reference token log-probs [2B, T] ([chosen; rejected]).
@@ -209,6 +239,11 @@ inline void dpo_tokens_bwd_args(const at::Tensor& grad, const c10::optional<at::
               "dpo_loss_from_tokens: backward shapes do not match the batch");
   TORCH_CHECK(!grad_seq.has_value() || grad_seq->sizes() == pseq.sizes(),
               "dpo_loss_from_tokens: grad of the sequence log-probs must be [2B]");
+  constexpr const char* op = "dpo_loss_from_tokens";
+  same_device(op, "grad", grad, "the log-probs", pol);
+  same_device(op, "policy sequence log-probs", pseq, "the log-probs", pol);
+  same_device(op, "reference sequence log-probs", rseq, "the log-probs", pol);
+  if (grad_seq.has_value()) same_device(op, "grad of the sequence log-probs", *grad_seq, "the log-probs", pol);
 }
 
 }  // namespace fastalign::checks

@@ -88,11 +88,10 @@ at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& log
                                double clip_lo, double clip_hi, double dual_clip) {
   checks::ppo_inputs("ppo_policy_loss_bwd", logprobs_in, old_in, adv_in, mask_in);
   checks::policy_params("ppo_policy_loss_bwd", clip_lo, clip_hi, dual_clip);
+  checks::ppo_bwd_args("ppo_policy_loss_bwd", grad_out, logprobs_in, row_w_in);
   const at::Tensor lp = logprobs_in.contiguous(), old = old_in.contiguous(), adv = adv_in.contiguous(),
                    mask = mask_in.contiguous(), row_w = row_w_in.to(at::kFloat).contiguous();
   const int64_t batch = lp.size(0), steps = lp.size(1);
-  TORCH_CHECK(row_w.numel() == batch, "ppo_policy_loss_bwd: row weights must be [B]");
-  TORCH_CHECK(grad_out.numel() >= 1, "ppo_policy_loss_bwd: grad_out must hold the loss gradient");
   at::Tensor grad = at::empty({batch, steps}, lp.options());
   if (grad.numel() == 0) return grad;
   const float g = grad_out.reshape(-1)[0].item<float>();
@@ -137,11 +136,10 @@ at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_out, const at::Tensor& valu
                               double clip) {
   checks::ppo_inputs("ppo_value_loss_bwd", values_in, old_in, returns_in, mask_in);
   checks::value_clip("ppo_value_loss_bwd", clip);
+  checks::ppo_bwd_args("ppo_value_loss_bwd", grad_out, values_in, row_w_in);
   const at::Tensor v = values_in.contiguous(), old = old_in.contiguous(), ret = returns_in.contiguous(),
                    mask = mask_in.contiguous(), row_w = row_w_in.to(at::kFloat).contiguous();
   const int64_t batch = v.size(0), steps = v.size(1);
-  TORCH_CHECK(row_w.numel() == batch, "ppo_value_loss_bwd: row weights must be [B]");
-  TORCH_CHECK(grad_out.numel() >= 1, "ppo_value_loss_bwd: grad_out must hold the loss gradient");
   at::Tensor grad = at::empty({batch, steps}, v.options());
   if (grad.numel() == 0) return grad;
   const float g = grad_out.reshape(-1)[0].item<float>();

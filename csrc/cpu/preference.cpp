@@ -101,8 +101,7 @@ at::Tensor sequence_logps_fwd(const at::Tensor& x_in, const at::Tensor& mask_in,
 
 at::Tensor sequence_logps_bwd(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& mask_in, bool mean) {
   checks::token_rows("sequence_logps", x, mask_in);
-  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == x.size(0), "sequence_logps: grad must be [N] = [", x.size(0),
-              "], got ", grad_in.sizes());
+  checks::sequence_logps_grad(grad_in, x);
   const at::Tensor grad = grad_in.to(at::kFloat).contiguous(), mask = mask_in.contiguous();
   const int64_t rows = x.size(0), steps = x.size(1);
   at::Tensor gx = at::empty({rows, steps}, x.options());
@@ -149,7 +148,7 @@ at::Tensor dpo_loss_bwd(const at::Tensor& grad_in, const at::Tensor& c_in, const
                         const at::Tensor& rc_in, const at::Tensor& rr_in, double beta, int64_t type, double eps) {
   checks::dpo_pairs(c_in, r_in, rc_in, rr_in);
   checks::dpo_loss_args("dpo_loss", beta, type, eps);
-  TORCH_CHECK(grad_in.sizes() == c_in.sizes(), "dpo_loss: grad must be [B], got ", grad_in.sizes());
+  checks::dpo_loss_grad(grad_in, c_in);
   const at::Tensor c = c_in.contiguous(), r = r_in.contiguous(), rc = rc_in.contiguous(), rr = rr_in.contiguous();
   const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
   const int64_t n = c.size(0);

@@ -3,6 +3,7 @@ instruction set, each with its own flags, and csrc/cpu/dispatch.cpp picks one at
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -28,3 +29,19 @@ def test_avx_objects_define_no_shared_code_outside_their_namespace():
         leaked = [line for line in weak if f"fastalign::cpu::{isa}::" not in line]
         assert weak, f"{obj}: no weak symbols at all (nm output changed?)"
         assert not leaked, f"{obj} defines shared code outside fastalign::cpu::{isa}:\n" + "\n".join(leaked[:20])
+
+
+@pytest.mark.skipif(not OBJECTS or shutil.which("objdump") is None, reason="no per-ISA objects built here, or no objdump")
+def test_avx_objects_run_no_avx_code_at_load():
+    # Static initialisers run when _C loads, before dispatch.cpp has looked at the CPU: those of an
+    # AVX object (today only <iostream>'s, from the headers) must not use AVX instructions.
+    for obj in OBJECTS:
+        if obj.split(os.sep)[-5] == "default":
+            continue
+        asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", obj], capture_output=True, text=True,
+                             check=True).stdout
+        init = [block for block in asm.split("\n\n") if "<_GLOBAL__sub_I" in block]
+        # VEX/EVEX instructions (v-prefixed mnemonics), or AVX registers
+        avx = re.compile(r":\s+v[a-z0-9]+\s|%[yz]mm|%k[0-7]\b")
+        for block in init:
+            assert not avx.search(block), f"{obj}: AVX code at load:\n{block}"

@@ -7,10 +7,20 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <optional>
 
 namespace fastalign::checks {
 
 inline bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+// A tensor whose pointer the host hands to the kernels (an incoming gradient, a saved output) must
+// be on their device: the dispatcher routes on the other arguments, and a pointer to another
+// device would be an illegal address, not an error.
+inline void same_device(const char* op, const char* name, const at::Tensor& t, const char* like_name,
+                        const at::Tensor& like) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but ", like_name, " on ",
+              like.device());
+}
 
 // The mask dtypes a device's kernels read (GAE, PPO losses, DPO head): the CPU ones read bool/uint8,
 // int32, int64 and float32 masks as they are (nonzero = valid), so a caller's float or attention
@@ -23,12 +33,72 @@ inline void mask_dtype(const char* op, const at::Tensor& mask) {
 }
 
 // ---- gather_logprobs ---------------------------------------------------------------------------
+// op: "gather_logprobs" in the forward, "gather_logprobs_bwd" in the backward, on every backend.
 
 // The temperature: finite, > 0, and with 1/T finite and > 0 in fp32 (the kernels scale by it).
 inline void temperature(const char* op, double t) {
   const float inv = static_cast<float>(1.0 / t);
   TORCH_CHECK(t > 0.0 && std::isfinite(t) && std::isfinite(inv) && inv > 0.f, op,
               ": temperature must be finite and > 0, with 1/temperature finite and > 0 in fp32, got ", t);
+}
+
+// logits [N, V] of a float dtype with unit stride along V (rows may be strided), labels [N] int64
+// on the same device, and the temperature.
+inline void logits_labels(const char* op, const at::Tensor& logits, const at::Tensor& labels, double temperature_) {
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, V], got ", logits.sizes());
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) <= 1, op,
+              ": logits must have unit stride in the vocabulary dim, got strides ", logits.strides());
+  TORCH_CHECK(is_float(logits.scalar_type()), op, ": logits must be float32, bfloat16 or float16, got ",
+              logits.scalar_type());
+  TORCH_CHECK(labels.device() == logits.device(), op, ": labels are on ", labels.device(), " but logits on ",
+              logits.device());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), op, ": labels must be [N] = [",
+              logits.size(0), "], got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64 here, got ", labels.scalar_type());
+  temperature(op, temperature_);
+}
+
+// The forward of N > 0 rows needs V > 0 (a row's log-sum-exp over nothing is undefined).
+inline void vocab_nonempty(const char* op, const at::Tensor& logits) {
+  TORCH_CHECK(logits.size(0) == 0 || logits.size(1) > 0, op, ": the vocabulary dim of logits is empty");
+}
+
+// Every label in [0, V) or ignore_index. Only where the labels are host memory (the CPU kernels):
+// both CPU passes index the row at the label (the backward writes there), so this guards memory,
+// not just the result; O(N), negligible next to the O(N V) kernels. (On CUDA the Python wrapper
+// checks, as a check here would need a device sync.)
+inline void label_range(const char* op, const at::Tensor& labels_contiguous, int64_t vocab, int64_t ignore_index) {
+  const int64_t* lab = labels_contiguous.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < labels_contiguous.numel(); ++i) {
+    TORCH_CHECK_INDEX(lab[i] == ignore_index || (lab[i] >= 0 && lab[i] < vocab), op, ": labels[", i, "] = ", lab[i],
+                      " is outside [0, ", vocab, ") and is not ignore_index (", ignore_index, ")");
+  }
+}
+
+// A per-row input of the backward ([N] elements, any float dtype, on the logits' device) as
+// contiguous fp32.
+inline at::Tensor row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits) {
+  same_device(op, name, t, "logits", logits);
+  TORCH_CHECK(t.numel() == logits.size(0), op, ": ", name, " must have N = ", logits.size(0), " elements, got ",
+              t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ", t.scalar_type());
+  return t.reshape({-1}).to(at::kFloat).contiguous();
+}
+
+// The forward's saved (max, log-sum-exp) per row: fp32 [N, 2] on the logits' device.
+inline void row_stats(const char* op, const at::Tensor& stats, const at::Tensor& logits) {
+  TORCH_CHECK(stats.device() == logits.device() && stats.dim() == 2 && stats.size(0) == logits.size(0) &&
+                  stats.size(1) == 2 && stats.scalar_type() == at::kFloat,
+              op, ": row_stats must be fp32 [N, 2] on the logits' device, got ", stats.scalar_type(), " ",
+              stats.sizes(), " on ", stats.device());
+}
+
+// Whether the entropy output received a gradient; its backward then needs the entropy too.
+inline bool entropy_grad(const char* op, const std::optional<at::Tensor>& grad_entropy,
+                         const std::optional<at::Tensor>& entropy) {
+  const bool used = grad_entropy.has_value() && grad_entropy->defined();
+  TORCH_CHECK(!used || (entropy.has_value() && entropy->defined()), op, ": grad_entropy given without entropy");
+  return used;
 }
 
 // ---- gae ----------------------------------------------------------------------------------------
@@ -85,6 +155,15 @@ inline void value_clip(const char* op, double clip) {
               ": clip must be <= 0 (off) or a finite number > 0 in fp32, got ", clip);
 }
 
+// The backward's incoming loss gradient (out[0] is the one that carries it) and the forward's
+// per-row weights [B], both on the inputs' device.
+inline void ppo_bwd_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_w) {
+  same_device(op, "row_weight", row_w, "the inputs", x);
+  TORCH_CHECK(row_w.numel() == x.size(0), op, ": row weights must be [B]");
+  same_device(op, "grad_out", grad_out, "the inputs", x);
+  TORCH_CHECK(grad_out.numel() >= 1, op, ": grad_out must hold the loss gradient");
+}
+
 // The aggregation's normalisers: global_count < 0 (this call's own count) or >= 0, horizon 0 (T) or > 0.
 inline void agg_args(const char* op, double global_count, double horizon) {
   TORCH_CHECK(std::isfinite(global_count), op, ": global_count must be finite (< 0: this call's own count), got ",
@@ -105,6 +184,13 @@ inline void token_rows(const char* op, const at::Tensor& x, const at::Tensor& ma
               x.scalar_type());
 }
 
+// sequence_logps backward: grad [N] on the log-probs' device.
+inline void sequence_logps_grad(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == x.size(0), "sequence_logps: grad must be [N] = [", x.size(0),
+              "], got ", grad.sizes());
+  same_device("sequence_logps", "grad", grad, "the log-probs", x);
+}
+
 inline void dpo_loss_args(const char* op, double beta, int64_t type, double eps) {
   TORCH_CHECK(beta > 0.0 && std::isfinite(beta), op, ": beta must be a finite number > 0, got ", beta);
   TORCH_CHECK(type >= 0 && type <= 3, op, ": loss_type id must be 0..3 (sigmoid, ipo, hinge, robust), got ", type);
@@ -122,6 +208,12 @@ inline void dpo_pairs(const at::Tensor& c, const at::Tensor& r, const at::Tensor
   }
   TORCH_CHECK(is_float(c.scalar_type()), "dpo_loss: log-probs must be float32, bfloat16 or float16, got ",
               c.scalar_type());
+}
+
+// dpo_loss backward: grad [B] on the log-probs' device.
+inline void dpo_loss_grad(const at::Tensor& grad, const at::Tensor& chosen) {
+  TORCH_CHECK(grad.sizes() == chosen.sizes(), "dpo_loss: grad must be [B], got ", grad.sizes());
+  same_device("dpo_loss", "grad", grad, "the log-probs", chosen);
 }
 
 // dpo_loss_from_tokens forward: policy and reference token log-probs [2B, T] ([chosen; rejected]).
@@ -147,6 +239,11 @@ inline void dpo_tokens_bwd_args(const at::Tensor& grad, const c10::optional<at::
               "dpo_loss_from_tokens: backward shapes do not match the batch");
   TORCH_CHECK(!grad_seq.has_value() || grad_seq->sizes() == pseq.sizes(),
               "dpo_loss_from_tokens: grad of the sequence log-probs must be [2B]");
+  constexpr const char* op = "dpo_loss_from_tokens";
+  same_device(op, "grad", grad, "the log-probs", pol);
+  same_device(op, "policy sequence log-probs", pseq, "the log-probs", pol);
+  same_device(op, "reference sequence log-probs", rseq, "the log-probs", pol);
+  if (grad_seq.has_value()) same_device(op, "grad of the sequence log-probs", *grad_seq, "the log-probs", pol);
 }
 
 }  // namespace fastalign::checks

@@ -13,7 +13,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "lanes.h"  // with_mask
+#include "mask.h"
 
 namespace fastalign::cpu {
 namespace {

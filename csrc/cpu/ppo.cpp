@@ -3,15 +3,15 @@
 // Forward: one pass over the tokens, rows in parallel (at::parallel_for over B); each row writes
 // its own partial sums (fp32 vector lanes, added in lane order) into a [B, 5] buffer, which one
 // thread then reduces in row order (in double), so the result does not depend on the number of
-// threads. The per-token math (csrc/cpu/ppo_lanes.h) mirrors kernels/reference.py op by op,
-// including the way autograd splits gradients at ties of max/min (half to each side) and passes
-// them at clamp boundaries (inclusive), so the fused backward equals autograd of the reference.
+// threads. The per-token math (csrc/cpu/isa/ppo_lanes.h, compiled per ISA and reached through the
+// kernel table of dispatch.h) mirrors kernels/reference.py op by op, including the way autograd
+// splits gradients at ties of max/min (half to each side) and passes them at clamp boundaries
+// (inclusive), so the fused backward equals autograd of the reference.
 //
 // Aggregation (see fastalign/ops/ppo.py): loss = sum_b w_b * sum_{t valid} l_bt, with a per-row
 // weight w_b that depends on agg (0 for rows without valid tokens); the forward also returns w_b,
 // so the backward is grad_b,t = g * w_b * dl_bt/dx_bt without any reduction.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -20,51 +20,15 @@
 #include <vector>
 
 #include "../checks.h"
-#include "lanes.h"
+#include "dispatch.h"
+#include "mask.h"
 
 namespace fastalign::cpu {
 namespace {
 
 // agg codes, as fastalign/ops/ppo.py passes them
 enum Agg : int64_t { kTokenMean = 0, kSeqMeanTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSumNorm = 3 };
-constexpr int kParts = 5;  // per-row partials: loss sum, valid count, stat1, stat2, stat3 sums
-
-struct PolicyParams {
-  float lo, hi, dual;  // 1 - clip_low, 1 + clip_high, dual-clip c (used when use_dual)
-  bool use_dual;
-};
-
-struct ValueParams {
-  float clip;  // > 0: clipped loss; <= 0: plain squared error
-};
-
-// The per-token math runs on float vectors with a polynomial exp, because scalar libm expf alone
-// would cost more than the whole eager PyTorch graph. Row tails are padded with masked lanes. All
-// three widths compute the same IEEE operations per token (no FMA contraction: -ffp-contract=off),
-// only the summation order of the partials differs.
-namespace lanes4 {
-constexpr int W = 4;
-#define FA_INLINE FA_INLINE_BASE
-#include "ppo_lanes.h"
-#undef FA_INLINE
-}  // namespace lanes4
-namespace lanes8 {
-constexpr int W = 8;
-#define FA_INLINE FA_INLINE_AVX2
-#include "ppo_lanes.h"
-#undef FA_INLINE
-}  // namespace lanes8
-namespace lanes16 {
-constexpr int W = 16;
-#define FA_INLINE FA_INLINE_AVX512
-#include "ppo_lanes.h"
-#undef FA_INLINE
-}  // namespace lanes16
-
-FA_CLONES_512(policy_fwd)
-FA_CLONES_512(policy_bwd)
-FA_CLONES_512(value_fwd)
-FA_CLONES_512(value_bwd)
+constexpr int kParts = kPpoParts;
 
 // Reduces the [B, kParts] row partials in row order into out = (loss, stat1/N, stat2/N, stat3/N)
 // and the per-row weights w_b (already times `scale`).
@@ -111,15 +75,10 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& logprob
   std::vector<float> parts(batch * kParts, 0.f);
   const PolicyParams p{static_cast<float>(clip_lo), static_cast<float>(clip_hi), static_cast<float>(dual_clip),
                        dual_clip > 0};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lp.scalar_type(), "ppo_policy_loss_fwd", [&] {
-    const scalar_t* x = lp.data_ptr<scalar_t>();
-    const scalar_t* xo = old.data_ptr<scalar_t>();
-    const scalar_t* a = adv.data_ptr<scalar_t>();
-    float* q = parts.data();
-    with_mask(mask, [&](auto m) {
-      at::parallel_for(0, batch, grain_for(steps), [&](int64_t b0, int64_t b1) { policy_fwd(x, xo, a, m, steps, p, q, b0, b1); });
-    });
-  });
+  const TokenInputs in{masked_rows(lp, mask), lp.const_data_ptr(), old.const_data_ptr(), adv.const_data_ptr()};
+  const auto& k = best_kernels();
+  at::parallel_for(0, batch, grain_for(steps),
+                   [&](int64_t b0, int64_t b1) { k.ppo_policy_fwd(in, p, parts.data(), b0, b1); });
   finalize(parts, batch, steps, agg, global_count, horizon, 1.0, out.data_ptr<float>(), row_w.data_ptr<float>());
   return {out, row_w};
 }
@@ -129,26 +88,21 @@ at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& log
                                double clip_lo, double clip_hi, double dual_clip) {
   checks::ppo_inputs("ppo_policy_loss_bwd", logprobs_in, old_in, adv_in, mask_in);
   checks::policy_params("ppo_policy_loss_bwd", clip_lo, clip_hi, dual_clip);
+  checks::ppo_bwd_args("ppo_policy_loss_bwd", grad_out, logprobs_in, row_w_in);
   const at::Tensor lp = logprobs_in.contiguous(), old = old_in.contiguous(), adv = adv_in.contiguous(),
                    mask = mask_in.contiguous(), row_w = row_w_in.to(at::kFloat).contiguous();
   const int64_t batch = lp.size(0), steps = lp.size(1);
-  TORCH_CHECK(row_w.numel() == batch, "ppo_policy_loss_bwd: row weights must be [B]");
-  TORCH_CHECK(grad_out.numel() >= 1, "ppo_policy_loss_bwd: grad_out must hold the loss gradient");
   at::Tensor grad = at::empty({batch, steps}, lp.options());
   if (grad.numel() == 0) return grad;
   const float g = grad_out.reshape(-1)[0].item<float>();
   const PolicyParams p{static_cast<float>(clip_lo), static_cast<float>(clip_hi), static_cast<float>(dual_clip),
                        dual_clip > 0};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lp.scalar_type(), "ppo_policy_loss_bwd", [&] {
-    const scalar_t* x = lp.data_ptr<scalar_t>();
-    const scalar_t* xo = old.data_ptr<scalar_t>();
-    const scalar_t* a = adv.data_ptr<scalar_t>();
-    const float* w = row_w.data_ptr<float>();
-    scalar_t* gx = grad.data_ptr<scalar_t>();
-    with_mask(mask, [&](auto m) {
-      at::parallel_for(0, batch, grain_for(steps), [&](int64_t b0, int64_t b1) { policy_bwd(x, xo, a, m, steps, p, w, g, gx, b0, b1); });
-    });
-  });
+  const TokenInputs in{masked_rows(lp, mask), lp.const_data_ptr(), old.const_data_ptr(), adv.const_data_ptr()};
+  const float* w = row_w.const_data_ptr<float>();
+  void* gx = grad.mutable_data_ptr();
+  const auto& k = best_kernels();
+  at::parallel_for(0, batch, grain_for(steps),
+                   [&](int64_t b0, int64_t b1) { k.ppo_policy_bwd(in, p, w, g, gx, b0, b1); });
   return grad;
 }
 
@@ -168,15 +122,10 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& values_i
   at::Tensor row_w = at::empty({batch}, opts);
   std::vector<float> parts(batch * kParts, 0.f);
   const ValueParams p{static_cast<float>(clip)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "ppo_value_loss_fwd", [&] {
-    const scalar_t* x = v.data_ptr<scalar_t>();
-    const scalar_t* xo = old.data_ptr<scalar_t>();
-    const scalar_t* r = ret.data_ptr<scalar_t>();
-    float* q = parts.data();
-    with_mask(mask, [&](auto m) {
-      at::parallel_for(0, batch, grain_for(steps), [&](int64_t b0, int64_t b1) { value_fwd(x, xo, r, m, steps, p, q, b0, b1); });
-    });
-  });
+  const TokenInputs in{masked_rows(v, mask), v.const_data_ptr(), old.const_data_ptr(), ret.const_data_ptr()};
+  const auto& k = best_kernels();
+  at::parallel_for(0, batch, grain_for(steps),
+                   [&](int64_t b0, int64_t b1) { k.ppo_value_fwd(in, p, parts.data(), b0, b1); });
   // loss = 0.5 * agg(...): the 0.5 rides on the row weights
   finalize(parts, batch, steps, agg, global_count, horizon, 0.5, out.data_ptr<float>(), row_w.data_ptr<float>());
   return {out, row_w};
@@ -187,25 +136,20 @@ at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_out, const at::Tensor& valu
                               double clip) {
   checks::ppo_inputs("ppo_value_loss_bwd", values_in, old_in, returns_in, mask_in);
   checks::value_clip("ppo_value_loss_bwd", clip);
+  checks::ppo_bwd_args("ppo_value_loss_bwd", grad_out, values_in, row_w_in);
   const at::Tensor v = values_in.contiguous(), old = old_in.contiguous(), ret = returns_in.contiguous(),
                    mask = mask_in.contiguous(), row_w = row_w_in.to(at::kFloat).contiguous();
   const int64_t batch = v.size(0), steps = v.size(1);
-  TORCH_CHECK(row_w.numel() == batch, "ppo_value_loss_bwd: row weights must be [B]");
-  TORCH_CHECK(grad_out.numel() >= 1, "ppo_value_loss_bwd: grad_out must hold the loss gradient");
   at::Tensor grad = at::empty({batch, steps}, v.options());
   if (grad.numel() == 0) return grad;
   const float g = grad_out.reshape(-1)[0].item<float>();
   const ValueParams p{static_cast<float>(clip)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "ppo_value_loss_bwd", [&] {
-    const scalar_t* x = v.data_ptr<scalar_t>();
-    const scalar_t* xo = old.data_ptr<scalar_t>();
-    const scalar_t* r = ret.data_ptr<scalar_t>();
-    const float* w = row_w.data_ptr<float>();
-    scalar_t* gx = grad.data_ptr<scalar_t>();
-    with_mask(mask, [&](auto m) {
-      at::parallel_for(0, batch, grain_for(steps), [&](int64_t b0, int64_t b1) { value_bwd(x, xo, r, m, steps, p, w, g, gx, b0, b1); });
-    });
-  });
+  const TokenInputs in{masked_rows(v, mask), v.const_data_ptr(), old.const_data_ptr(), ret.const_data_ptr()};
+  const float* w = row_w.const_data_ptr<float>();
+  void* gx = grad.mutable_data_ptr();
+  const auto& k = best_kernels();
+  at::parallel_for(0, batch, grain_for(steps),
+                   [&](int64_t b0, int64_t b1) { k.ppo_value_bwd(in, p, w, g, gx, b0, b1); });
   return grad;
 }
 

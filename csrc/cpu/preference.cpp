@@ -12,14 +12,16 @@
 // |x| up to 1e4 and beyond gives finite, exact-asymptote results. All math fp32; outputs fp32;
 // gradients w.r.t. token log-probs in their dtype. Masked positions are never read into a sum.
 // The masks may be bool/uint8, int32, int64 or float32 (nonzero = valid): read as they are, so a
-// caller's attention mask costs no conversion pass. The row loops are in preference_lanes.h.
+// caller's attention mask costs no conversion pass. The row loops (masked sums and fills) are in
+// isa/preference_lanes.h, compiled per ISA and reached through the kernel table of dispatch.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "lanes.h"
+#include "dispatch.h"
+#include "mask.h"
 
 #include <algorithm>
 #include <cmath>
@@ -79,22 +81,6 @@ inline float pair_grad(float delta, const PairParams& p) {
   }
 }
 
-namespace lanes4 {
-constexpr int W = 4;
-#define FA_INLINE FA_INLINE_BASE
-#include "preference_lanes.h"
-#undef FA_INLINE
-}  // namespace lanes4
-namespace lanes8 {
-constexpr int W = 8;
-#define FA_INLINE FA_INLINE_AVX2
-#include "preference_lanes.h"
-#undef FA_INLINE
-}  // namespace lanes8
-
-FA_CLONES(masked_sums)
-FA_CLONES(masked_fill)
-
 // Rows per parallel task: about 32 K tokens, so that small batches stay on one thread.
 int64_t row_grain(int64_t steps) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(steps, 1)); }
 
@@ -105,32 +91,25 @@ at::Tensor sequence_logps_fwd(const at::Tensor& x_in, const at::Tensor& mask_in,
   const at::Tensor x = x_in.contiguous(), mask = mask_in.contiguous();
   const int64_t rows = x.size(0), steps = x.size(1);
   at::Tensor out = at::empty({rows}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sequence_logps_fwd", [&] {
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    float* po = out.mutable_data_ptr<float>();
-    with_mask(mask, [&](auto pm) {
-      at::parallel_for(0, rows, row_grain(steps),
-                       [&](int64_t r0, int64_t r1) { masked_sums(px, pm, steps, r0, r1, mean, po); });
-    });
-  });
+  const MaskedRows mr = masked_rows(x, mask);
+  const void* px = x.const_data_ptr();
+  float* po = out.mutable_data_ptr<float>();
+  const auto& k = best_kernels();
+  at::parallel_for(0, rows, row_grain(steps), [&](int64_t r0, int64_t r1) { k.masked_sums(mr, px, mean, po, r0, r1); });
   return out;
 }
 
 at::Tensor sequence_logps_bwd(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& mask_in, bool mean) {
   checks::token_rows("sequence_logps", x, mask_in);
-  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == x.size(0), "sequence_logps: grad must be [N] = [", x.size(0),
-              "], got ", grad_in.sizes());
+  checks::sequence_logps_grad(grad_in, x);
   const at::Tensor grad = grad_in.to(at::kFloat).contiguous(), mask = mask_in.contiguous();
   const int64_t rows = x.size(0), steps = x.size(1);
   at::Tensor gx = at::empty({rows, steps}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sequence_logps_bwd", [&] {
-    scalar_t* pg = gx.mutable_data_ptr<scalar_t>();
-    const float* gr = grad.const_data_ptr<float>();
-    with_mask(mask, [&](auto pm) {
-      at::parallel_for(0, rows, row_grain(steps),
-                       [&](int64_t r0, int64_t r1) { masked_fill(pg, pm, steps, r0, r1, gr, mean); });
-    });
-  });
+  const MaskedRows mr = masked_rows(x, mask);
+  void* pg = gx.mutable_data_ptr();
+  const float* gr = grad.const_data_ptr<float>();
+  const auto& k = best_kernels();
+  at::parallel_for(0, rows, row_grain(steps), [&](int64_t r0, int64_t r1) { k.masked_fill(mr, pg, gr, mean, r0, r1); });
   return gx;
 }
 
@@ -169,7 +148,7 @@ at::Tensor dpo_loss_bwd(const at::Tensor& grad_in, const at::Tensor& c_in, const
                         const at::Tensor& rc_in, const at::Tensor& rr_in, double beta, int64_t type, double eps) {
   checks::dpo_pairs(c_in, r_in, rc_in, rr_in);
   checks::dpo_loss_args("dpo_loss", beta, type, eps);
-  TORCH_CHECK(grad_in.sizes() == c_in.sizes(), "dpo_loss: grad must be [B], got ", grad_in.sizes());
+  checks::dpo_loss_grad(grad_in, c_in);
   const at::Tensor c = c_in.contiguous(), r = r_in.contiguous(), rc = rc_in.contiguous(), rr = rr_in.contiguous();
   const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
   const int64_t n = c.size(0);
@@ -203,25 +182,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_token
   at::Tensor loss = at::empty({pairs}, opts), cw = at::empty({pairs}, opts), rw = at::empty({pairs}, opts);
   at::Tensor pseq = at::empty({rows}, opts), rseq = at::empty({rows}, opts);
   const PairParams p = make_params(beta, type, eps);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pol.scalar_type(), "dpo_tokens_fwd", [&] {
-    const scalar_t *pp = pol.const_data_ptr<scalar_t>(), *pr = ref.const_data_ptr<scalar_t>();
-    float *pl = loss.mutable_data_ptr<float>(), *pcw = cw.mutable_data_ptr<float>(), *prw = rw.mutable_data_ptr<float>();
-    float *pps = pseq.mutable_data_ptr<float>(), *prs = rseq.mutable_data_ptr<float>();
-    with_mask(mask, [&](auto pm) {
-      // a task takes pairs [i0, i1): their chosen rows i and rejected rows i + pairs, both models
-      at::parallel_for(0, pairs, std::max<int64_t>(1, row_grain(steps) / 4), [&](int64_t i0, int64_t i1) {
-        for (const int64_t r0 : {i0, i0 + pairs}) {
-          masked_sums(pp, pm, steps, r0, r0 + (i1 - i0), mean, pps);
-          masked_sums(pr, pm, steps, r0, r0 + (i1 - i0), mean, prs);
-        }
-        for (int64_t i = i0; i < i1; ++i) {
-          const float dc = pps[i] - prs[i], dr = pps[i + pairs] - prs[i + pairs];
-          pl[i] = pair_loss(dc - dr, p);
-          pcw[i] = p.beta * dc;
-          prw[i] = p.beta * dr;
-        }
-      });
-    });
+  const MaskedRows mr = masked_rows(pol, mask);
+  const void *pp = pol.const_data_ptr(), *pr = ref.const_data_ptr();
+  float *pl = loss.mutable_data_ptr<float>(), *pcw = cw.mutable_data_ptr<float>(), *prw = rw.mutable_data_ptr<float>();
+  float *pps = pseq.mutable_data_ptr<float>(), *prs = rseq.mutable_data_ptr<float>();
+  const auto& k = best_kernels();
+  // a task takes pairs [i0, i1): their chosen rows i and rejected rows i + pairs, both models
+  at::parallel_for(0, pairs, std::max<int64_t>(1, row_grain(steps) / 4), [&](int64_t i0, int64_t i1) {
+    for (const int64_t r0 : {i0, i0 + pairs}) {
+      k.masked_sums(mr, pp, mean, pps, r0, r0 + (i1 - i0));
+      k.masked_sums(mr, pr, mean, prs, r0, r0 + (i1 - i0));
+    }
+    for (int64_t i = i0; i < i1; ++i) {
+      const float dc = pps[i] - prs[i], dr = pps[i + pairs] - prs[i + pairs];
+      pl[i] = pair_loss(dc - dr, p);
+      pcw[i] = p.beta * dc;
+      prw[i] = p.beta * dr;
+    }
   });
   return {loss, cw, rw, pseq, rseq};
 }
@@ -255,14 +232,11 @@ at::Tensor dpo_tokens_bwd(const at::Tensor& grad_in, const c10::optional<at::Ten
       row_value[j] = (j < pairs ? g : -g) + (gs != nullptr ? gs[j] : 0.f);
     }
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pol.scalar_type(), "dpo_tokens_bwd", [&] {
-    scalar_t* pg = gx.mutable_data_ptr<scalar_t>();
-    const float* pv = row_value.data();
-    with_mask(mask, [&](auto pm) {
-      at::parallel_for(0, rows, row_grain(steps),
-                       [&](int64_t r0, int64_t r1) { masked_fill(pg, pm, steps, r0, r1, pv, mean); });
-    });
-  });
+  const MaskedRows mr = masked_rows(pol, mask);
+  void* pg = gx.mutable_data_ptr();
+  const float* pv = row_value.data();
+  const auto& k = best_kernels();
+  at::parallel_for(0, rows, row_grain(steps), [&](int64_t r0, int64_t r1) { k.masked_fill(mr, pg, pv, mean, r0, r1); });
   return gx;
 }
 

@@ -244,16 +244,13 @@ at::Tensor bwd_impl(const char* op, const at::Tensor& grad_out, const at::Tensor
                     const at::Tensor& z_in, const at::Tensor& mask_in, const at::Tensor& row_w_in, PolicyParams pp,
                     ValueParams vp) {
   check_inputs(op, x_in, y_in, z_in, mask_in);
-  // .to(kFloat) keeps the device: a CPU row_w would hand the kernel a host pointer
-  TORCH_CHECK(row_w_in.device() == x_in.device(), op, ": row_weight is on ", row_w_in.device(), " but the inputs on ",
-              x_in.device());
+  // (.to(kFloat) keeps the device: a CPU row_w would hand the kernel a host pointer)
+  checks::ppo_bwd_args(op, grad_out, x_in, row_w_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), z = z_in.contiguous(), mask = mask_in.contiguous();
   const at::Tensor row_w = row_w_in.to(at::kFloat).contiguous();
   const at::Tensor g = grad_out.to(at::kFloat).contiguous();
   const int64_t batch = x.size(0), steps = x.size(1);
-  TORCH_CHECK(row_w.numel() == batch, op, ": row weights must be [B]");
-  TORCH_CHECK(g.numel() >= 1 && g.device() == x.device(), op, ": grad_out must hold the loss gradient on x's device");
   at::Tensor grad = at::empty({batch, steps}, x.options());
   if (grad.numel() == 0) return grad;
   const int64_t tiles = (steps + kThreads - 1) / kThreads;

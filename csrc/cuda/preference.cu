@@ -203,14 +203,6 @@ T* mptr(at::Tensor& t) {
   return reinterpret_cast<T*>(t.mutable_data_ptr());
 }
 
-// A float input the host passes to a kernel by pointer (the incoming gradients, the saved
-// sequence log-probs): it must live on the kernels' device; the dispatcher routes on the other
-// arguments, and a CPU or other-GPU pointer here would be an illegal address, not an error.
-void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the log-probs on ",
-              like.device());
-}
-
 unsigned int pair_blocks(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
 
 at::Tensor sequence_logps_fwd(const at::Tensor& x_in, const at::Tensor& mask_in, bool mean) {
@@ -231,8 +223,7 @@ at::Tensor sequence_logps_fwd(const at::Tensor& x_in, const at::Tensor& mask_in,
 
 at::Tensor sequence_logps_bwd(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& mask_in, bool mean) {
   check_rows("sequence_logps", x, mask_in);
-  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == x.size(0), "sequence_logps: grad must be [N]");
-  check_same_device("sequence_logps", "grad", grad_in, x);
+  checks::sequence_logps_grad(grad_in, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor grad = grad_in.to(at::kFloat).contiguous(), mask = mask_in.contiguous();
   const int64_t rows = x.size(0), steps = x.size(1);
@@ -273,8 +264,7 @@ at::Tensor dpo_loss_bwd(const at::Tensor& grad_in, const at::Tensor& c_in, const
                         const at::Tensor& rc_in, const at::Tensor& rr_in, double beta, int64_t type, double eps) {
   checks::dpo_pairs(c_in, r_in, rc_in, rr_in);
   checks::dpo_loss_args("dpo_loss", beta, type, eps);
-  TORCH_CHECK(grad_in.sizes() == c_in.sizes(), "dpo_loss: grad must be [B], got ", grad_in.sizes());
-  check_same_device("dpo_loss", "grad", grad_in, c_in);
+  checks::dpo_loss_grad(grad_in, c_in);
   const c10::cuda::CUDAGuard guard(c_in.device());
   const at::Tensor c = c_in.contiguous(), r = r_in.contiguous(), rc = rc_in.contiguous(), rr = rr_in.contiguous();
   const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
@@ -321,12 +311,6 @@ at::Tensor dpo_tokens_bwd(const at::Tensor& grad_in, const c10::optional<at::Ten
                           const at::Tensor& mask_in, double beta, int64_t type, double eps, bool mean) {
   checks::dpo_tokens_bwd_args(grad_in, grad_seq_in, pseq_in, rseq_in, pol, mask_in, beta, type, eps);
   check_rows("dpo_loss_from_tokens", pol, mask_in);  // the CUDA row limit
-  check_same_device("dpo_loss_from_tokens", "grad", grad_in, pol);
-  check_same_device("dpo_loss_from_tokens", "policy sequence log-probs", pseq_in, pol);
-  check_same_device("dpo_loss_from_tokens", "reference sequence log-probs", rseq_in, pol);
-  if (grad_seq_in.has_value()) {
-    check_same_device("dpo_loss_from_tokens", "grad of the sequence log-probs", *grad_seq_in, pol);
-  }
   const int64_t rows = pol.size(0), pairs = rows / 2, steps = pol.size(1);
   const c10::cuda::CUDAGuard guard(pol.device());
   const at::Tensor grad = grad_in.to(at::kFloat).contiguous(), mask = mask_in.contiguous();

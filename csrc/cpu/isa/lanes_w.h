@@ -1,6 +1,6 @@
-// W-lane float/int vectors and their loads and stores. NOT a normal header: it is included inside a
-// namespace that defines `constexpr int W` (lanes4 / lanes8 / lanes16, see lanes.h), once per width, by the
-// *_lanes.h files. No include guard on purpose.
+// W-lane float/int vectors and their loads and stores. NOT a normal header: ppo_rows.h and
+// preference_rows.h include it inside a namespace that defines `constexpr int W` (see lanes.h), once
+// per family, as the widths of the families may differ. No include guard on purpose.
 
 using vf = float __attribute__((vector_size(W * sizeof(float))));
 using vi = int32_t __attribute__((vector_size(W * sizeof(int32_t))));

@@ -1,5 +1,5 @@
-// The DPO head's row loops on W-lane vectors (see lanes.h). NOT a normal header: csrc/cpu/
-// preference.cpp includes it twice, inside namespaces that define `constexpr int W` (4, 8).
+// The DPO head's row loops on W-lane vectors (see lanes.h). NOT a normal header: preference_rows.h
+// includes it once per ISA object, inside a namespace that defines `constexpr int W` (4 or 8).
 //
 // T: the token log-probs' dtype (float, BFloat16, Half); M: the mask's (bool/uint8, int32, int64,
 // float; nonzero = valid). Masked positions are selected away bit-wise, so NaN there never

@@ -1,6 +1,6 @@
 // The PPO losses' per-token math and row loops on W-lane float vectors (see lanes.h). NOT a normal
-// header: csrc/cpu/ppo.cpp includes it three times, inside namespaces that define `constexpr int W`
-// (lanes4, lanes8, lanes16), after defining PolicyParams, ValueParams and kParts.
+// header: ppo_rows.h includes it once per ISA object, inside a namespace that defines
+// `constexpr int W` (4, 8 or 16 lanes).
 //
 // The math mirrors kernels/reference.py op by op, with torch's NaN-propagating max/min/clamp
 // forward and autograd's half shares at ties and inclusive clamp bounds backward.
@@ -123,7 +123,7 @@ template <typename T, typename M>
 FA_INLINE void policy_fwd_rows(const T* x, const T* y, const T* z, const M* m, int64_t steps, PolicyParams p,
                                float* parts, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
-    vf acc[kParts] = {};
+    vf acc[kPpoParts] = {};
     const int64_t base = b * steps;  // 64-bit offsets
     int64_t t = 0;
     for (; t + W <= steps; t += W) {
@@ -134,7 +134,7 @@ FA_INLINE void policy_fwd_rows(const T* x, const T* y, const T* z, const M* m, i
       const Pad<T, M> q(x, y, z, m, base + t, steps - t);
       policy_acc(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, acc);
     }
-    for (int k = 0; k < kParts; ++k) parts[b * kParts + k] = hsum(acc[k]);
+    for (int k = 0; k < kPpoParts; ++k) parts[b * kPpoParts + k] = hsum(acc[k]);
   }
 }
 
@@ -160,7 +160,7 @@ template <typename T, typename M>
 FA_INLINE void value_fwd_rows(const T* x, const T* y, const T* z, const M* m, int64_t steps, ValueParams p,
                               float* parts, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
-    vf acc[kParts] = {};
+    vf acc[kPpoParts] = {};
     const int64_t base = b * steps;
     int64_t t = 0;
     for (; t + W <= steps; t += W) {
@@ -171,7 +171,7 @@ FA_INLINE void value_fwd_rows(const T* x, const T* y, const T* z, const M* m, in
       const Pad<T, M> q(x, y, z, m, base + t, steps - t);
       value_acc(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, acc);
     }
-    for (int k = 0; k < kParts; ++k) parts[b * kParts + k] = hsum(acc[k]);
+    for (int k = 0; k < kPpoParts; ++k) parts[b * kPpoParts + k] = hsum(acc[k]);
   }
 }
 

@@ -1,5 +1,5 @@
 // Token log-probabilities and entropy, one row (token) at a time, vectorised with at::vec.
-// Included by kernels_all.h once per CPU capability; see capability.h.
+// Included by kernels.cpp, which setup.py compiles once per CPU capability; see ../dispatch.h.
 //
 // Math, for one row with tempered logits z_j = x_j / T and label y:
 //   lse = log sum_j exp(z_j),   logp_y = z_y - lse,   p_j = exp(z_j - lse)
@@ -21,6 +21,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include "../dispatch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -240,7 +242,7 @@ inline void logprobs_fwd_rows(const LogprobsFwdArgs& a, int64_t begin, int64_t e
     case c10::ScalarType::Half:
       return ent ? logprobs_fwd_typed<c10::Half, true>(a, begin, end) : logprobs_fwd_typed<c10::Half, false>(a, begin, end);
     default:
-      TORCH_CHECK(false, "gather_logprobs: unsupported logits dtype ", a.dtype);
+      unsupported_dtype("gather_logprobs", a.dtype);
   }
 }
 
@@ -249,7 +251,7 @@ inline void logprobs_bwd_rows(const LogprobsBwdArgs& a, int64_t begin, int64_t e
     case c10::ScalarType::Float: return logprobs_bwd_typed<float>(a, begin, end);
     case c10::ScalarType::BFloat16: return logprobs_bwd_typed<c10::BFloat16>(a, begin, end);
     case c10::ScalarType::Half: return logprobs_bwd_typed<c10::Half>(a, begin, end);
-    default: TORCH_CHECK(false, "gather_logprobs: unsupported logits dtype ", a.dtype);
+    default: unsupported_dtype("gather_logprobs_bwd", a.dtype);
   }
 }
 

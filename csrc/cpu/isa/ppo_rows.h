@@ -1,0 +1,57 @@
+// The PPO losses' table entries in one ISA object: the plain-data arguments (kernel_args.h) to
+// the typed W-lane row loops of ppo_lanes.h, at kPpoLanes lanes (lanes.h).
+#pragma once
+
+#include "lanes.h"
+
+namespace fastalign::cpu {
+namespace CPU_CAPABILITY {
+
+// The per-token math runs on float vectors with a polynomial exp, because scalar libm expf alone
+// would cost more than the whole eager PyTorch graph. Row tails are padded with masked lanes.
+namespace ppo_lanes {
+constexpr int W = kPpoLanes;
+#include "ppo_lanes.h"
+}  // namespace ppo_lanes
+
+// Calls f(x, y, z, mask) with the inputs as typed pointers.
+template <typename F>
+FA_INLINE void with_typed_inputs(const TokenInputs& in, const char* kernel, F&& f) {
+  with_row_types(in.rows, kernel, [&](auto t, auto m) {
+    using T = typename decltype(t)::type;
+    using M = typename decltype(m)::type;
+    f(static_cast<const T*>(in.x), static_cast<const T*>(in.y), static_cast<const T*>(in.z),
+      static_cast<const M*>(in.rows.mask));
+  });
+}
+
+inline void ppo_policy_fwd(const TokenInputs& in, const PolicyParams& p, float* parts, int64_t b0, int64_t b1) {
+  with_typed_inputs(in, "ppo_policy_loss", [&](auto x, auto y, auto z, auto m) {
+    ppo_lanes::policy_fwd_rows(x, y, z, m, in.rows.steps, p, parts, b0, b1);
+  });
+}
+
+inline void ppo_policy_bwd(const TokenInputs& in, const PolicyParams& p, const float* row_w, float g, void* grad,
+                           int64_t b0, int64_t b1) {
+  with_typed_inputs(in, "ppo_policy_loss_bwd", [&](auto x, auto y, auto z, auto m) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
+    ppo_lanes::policy_bwd_rows(x, y, z, m, in.rows.steps, p, row_w, g, static_cast<T*>(grad), b0, b1);
+  });
+}
+
+inline void ppo_value_fwd(const TokenInputs& in, const ValueParams& p, float* parts, int64_t b0, int64_t b1) {
+  with_typed_inputs(in, "ppo_value_loss", [&](auto x, auto y, auto z, auto m) {
+    ppo_lanes::value_fwd_rows(x, y, z, m, in.rows.steps, p, parts, b0, b1);
+  });
+}
+
+inline void ppo_value_bwd(const TokenInputs& in, const ValueParams& p, const float* row_w, float g, void* grad,
+                          int64_t b0, int64_t b1) {
+  with_typed_inputs(in, "ppo_value_loss_bwd", [&](auto x, auto y, auto z, auto m) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
+    ppo_lanes::value_bwd_rows(x, y, z, m, in.rows.steps, p, row_w, g, static_cast<T*>(grad), b0, b1);
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastalign::cpu

@@ -9,7 +9,7 @@
 // signature against its schema when both are present.
 #include <Python.h>
 
-#include "cpu/capability.h"
+#include "cpu/dispatch.h"
 
 // A real (empty) Python module, so `import fastalign._C` loads the library and runs the kernel
 // registrations of csrc/cpu and csrc/cuda. Build facts live in fastalign/_build_info.py, readable without loading.

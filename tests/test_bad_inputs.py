@@ -305,7 +305,7 @@ def test_dpo_plugin_formula_of_the_wrong_shape_or_type(backend, device):
 def test_label_on_a_minus_inf_logit_has_the_reference_gradient(backend, device):
     # A label whose logit is -inf (a masked vocabulary entry): logprob -inf, and d logp_y / dz_y =
     # 1 - p_y = 1. The cpp backward used to compute the one-hot term g_H p_y (log p_y + H) without
-    # the clamp it uses elsewhere: 0 * -inf = NaN (csrc/cpu/logprobs_kernel.h, logprobs_bwd_typed).
+    # the clamp it uses elsewhere: 0 * -inf = NaN (csrc/cpu/isa/logprobs_rows.h, logprobs_bwd_typed).
     x = torch.tensor([[0.0, -float("inf"), 1.0]], requires_grad=True)
     fastalign.gather_logprobs(x, torch.tensor([1]), backend=backend).sum().backward()
     # fp64 reference; the -inf entry adds exp(-inf) = 0 exactly, so the finite entries are the

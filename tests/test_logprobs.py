@@ -39,9 +39,9 @@ TINY = 2 * torch.finfo(torch.float32).tiny
 def rescales(backend, vocab, dtype=torch.float32, block=None):
     """How often one term of a row's exp-sum can be rescaled by an online log-sum-exp (each time
     by exp(m_old - m_new), one exp and one multiply): torch's log_softmax takes the max first
-    (none); cpp sweeps blocks of kBlock = 2048 (logprobs_kernel.h); Triton tiles of `block` or
+    (none); cpp sweeps blocks of kBlock = 2048 (csrc/cpu/isa/logprobs_rows.h); Triton tiles of `block` or
     row_block(V, 4096 fp32 / 8192 16-bit); CUDA one scalar element, then chunks of >= 16 elements
-    per thread with >= 32 threads, then 2 x 5 levels of shuffle merges (logprobs.cu)."""
+    per thread with >= 32 threads, then 2 x 5 levels of shuffle merges (csrc/cuda/logprobs_fwd.cu)."""
     if backend == "torch":
         return 0
     if backend == "cpp":

@@ -3,7 +3,7 @@
 
 Backends: torch (eager reference, kernels/reference.py), cpp and cuda (fastalign._C:
 fastalign::ppo_{policy,value}_loss_{fwd,bwd}), triton (fastalign_triton::ppo_{policy,value}_loss_{fwd,bwd}).
-cpp: rows in parallel, per-token math on 4- or 8-lane (AVX2) float vectors (csrc/cpu/ppo_lanes.h);
+cpp: rows in parallel, per-token math on 4-, 8- or 16-lane float vectors (csrc/cpu/isa/ppo_lanes.h);
 cuda: a block per row, then one block reduces the row partials (no atomics); triton: a program per
 row, then one program reduces. Every backend's reduction has a fixed order (deterministic).
 

@@ -7,7 +7,7 @@ fastalign/ops/logprobs.py):
   bwd(grad_logprobs, grad_entropy?, logits, labels, row_stats, entropy?, temperature, ignore_index)
       -> grad_logits [N, V] in the logits' dtype
 
-Math, per row, with z_j = x_j / T and label y (as csrc/cpu/logprobs_kernel.h):
+Math, per row, with z_j = x_j / T and label y (as csrc/cpu/isa/logprobs_rows.h):
   m = max_j z_j,  s = sum_j exp(z_j - m),  t = sum_j exp(z_j - m) (z_j - m)
   logp_y = (z_y - m) - log s,   H = -sum_j p_j log p_j = log s - t / s
 The forward is one program per row sweeping the vocabulary in BLOCK_V tiles with an online

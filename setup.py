@@ -85,7 +85,7 @@ def _extensions():
     # round every operation alike at 4, 8 and 16 lanes, whatever FMA the ISA object's flags allow
     # (FMAs are only where the code asks).
     cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp", "-ffp-contract=off"]
-    # -g0 after Python's own "-g": no debug info in _C (23 MB -> ~2 MB, the wheel 7.2 MB -> <1 MB);
+    # -g0 after Python's own "-g": no debug info in _C (a tenth of the size; benchmarks/RESULTS.md);
     # FASTALIGN_DEBUG=1 keeps it.
     if os.environ.get("FASTALIGN_DEBUG", "") != "1":
         cxx_flags.append("-g0")

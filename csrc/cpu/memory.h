@@ -1,7 +1,8 @@
 // Large fresh CPU outputs: ask Linux for transparent huge pages before the first touch.
 //
-// A fresh 500 MB gradient costs ~128k page faults at 4 KiB (measured ~120 ms on the dev box,
-// as much as the kernel itself); with 2 MiB pages the kernel's first write is nearly free.
+// A fresh 500 MB gradient costs ~128k page faults at 4 KiB, as much time as the kernel itself
+// (benchmarks/RESULTS.md, "Measured figures moved out of code comments"); with 2 MiB pages the
+// kernel's first write is nearly free.
 // Only a hint: a no-op where THP is disabled or not Linux.
 #pragma once
 #include <cstddef>

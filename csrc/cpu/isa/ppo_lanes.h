@@ -117,78 +117,63 @@ FA_INLINE vf value_grad(vf v, vf vo, vf r, vi valid, const ValueParams& p, float
   return sel(valid, gv);
 }
 
-// ---- row loops ------------------------------------------------------------------------------------
+// ---- row loops, shared by both losses ------------------------------------------------------------
+// A loss is a struct with its Params type and two per-token functions on W-lane vectors:
+//   acc(x, y, z, valid, p, acc[kPpoParts])  adds the token's loss and statistics to acc;
+//   grad(x, y, z, valid, p, g)              g * d(token loss)/dx at valid tokens, 0 elsewhere.
+// A new loss of this shape (three [B, T] inputs, a mask, scalar parameters) is those two only.
 
-template <typename T, typename M>
-FA_INLINE void policy_fwd_rows(const T* x, const T* y, const T* z, const M* m, int64_t steps, PolicyParams p,
-                               float* parts, int64_t b0, int64_t b1) {
+struct PolicyLoss {
+  using Params = PolicyParams;
+  static FA_INLINE void acc(vf x, vf y, vf z, vi valid, const Params& p, vf* a) { policy_acc(x, y, z, valid, p, a); }
+  static FA_INLINE vf grad(vf x, vf y, vf z, vi valid, const Params& p, float g) {
+    return policy_grad(x, y, z, valid, p, g);
+  }
+};
+
+struct ValueLoss {
+  using Params = ValueParams;
+  static FA_INLINE void acc(vf x, vf y, vf z, vi valid, const Params& p, vf* a) { value_acc(x, y, z, valid, p, a); }
+  static FA_INLINE vf grad(vf x, vf y, vf z, vi valid, const Params& p, float g) {
+    return value_grad(x, y, z, valid, p, g);
+  }
+};
+
+// parts[b, k] = row b's sum of acc[k] over its valid tokens, for rows [b0, b1).
+template <typename Loss, typename T, typename M>
+FA_INLINE void fwd_rows(const T* x, const T* y, const T* z, const M* m, int64_t steps, typename Loss::Params p,
+                        float* parts, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     vf acc[kPpoParts] = {};
     const int64_t base = b * steps;  // 64-bit offsets
     int64_t t = 0;
     for (; t + W <= steps; t += W) {
       const int64_t i = base + t;
-      policy_acc(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, acc);
+      Loss::acc(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, acc);
     }
     if (t < steps) {
       const Pad<T, M> q(x, y, z, m, base + t, steps - t);
-      policy_acc(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, acc);
+      Loss::acc(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, acc);
     }
     for (int k = 0; k < kPpoParts; ++k) parts[b * kPpoParts + k] = hsum(acc[k]);
   }
 }
 
-template <typename T, typename M>
-FA_INLINE void policy_bwd_rows(const T* x, const T* y, const T* z, const M* m, int64_t steps, PolicyParams p,
-                               const float* w, float g, T* gx, int64_t b0, int64_t b1) {
+// gx[b, t] = g * w[b] * d(token loss)/dx for rows [b0, b1), 0 at masked tokens.
+template <typename Loss, typename T, typename M>
+FA_INLINE void bwd_rows(const T* x, const T* y, const T* z, const M* m, int64_t steps, typename Loss::Params p,
+                        const float* w, float g, T* gx, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     const float gb = g * w[b];
     const int64_t base = b * steps;
     int64_t t = 0;
     for (; t + W <= steps; t += W) {
       const int64_t i = base + t;
-      vstore(gx + i, policy_grad(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, gb), W);
+      vstore(gx + i, Loss::grad(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, gb), W);
     }
     if (t < steps) {
       const Pad<T, M> q(x, y, z, m, base + t, steps - t);
-      vstore(gx + base + t, policy_grad(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, gb), steps - t);
-    }
-  }
-}
-
-template <typename T, typename M>
-FA_INLINE void value_fwd_rows(const T* x, const T* y, const T* z, const M* m, int64_t steps, ValueParams p,
-                              float* parts, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    vf acc[kPpoParts] = {};
-    const int64_t base = b * steps;
-    int64_t t = 0;
-    for (; t + W <= steps; t += W) {
-      const int64_t i = base + t;
-      value_acc(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, acc);
-    }
-    if (t < steps) {
-      const Pad<T, M> q(x, y, z, m, base + t, steps - t);
-      value_acc(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, acc);
-    }
-    for (int k = 0; k < kPpoParts; ++k) parts[b * kPpoParts + k] = hsum(acc[k]);
-  }
-}
-
-template <typename T, typename M>
-FA_INLINE void value_bwd_rows(const T* x, const T* y, const T* z, const M* m, int64_t steps, ValueParams p,
-                              const float* w, float g, T* gx, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const float gb = g * w[b];
-    const int64_t base = b * steps;
-    int64_t t = 0;
-    for (; t + W <= steps; t += W) {
-      const int64_t i = base + t;
-      vstore(gx + i, value_grad(vload(x + i), vload(y + i), vload(z + i), load_mask(m + i), p, gb), W);
-    }
-    if (t < steps) {
-      const Pad<T, M> q(x, y, z, m, base + t, steps - t);
-      vstore(gx + base + t, value_grad(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, gb), steps - t);
+      vstore(gx + base + t, Loss::grad(vload(q.x), vload(q.y), vload(q.z), load_mask(q.m), p, gb), steps - t);
     }
   }
 }

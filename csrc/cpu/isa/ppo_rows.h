@@ -27,7 +27,7 @@ FA_INLINE void with_typed_inputs(const TokenInputs& in, const char* kernel, F&& 
 
 inline void ppo_policy_fwd(const TokenInputs& in, const PolicyParams& p, float* parts, int64_t b0, int64_t b1) {
   with_typed_inputs(in, "ppo_policy_loss", [&](auto x, auto y, auto z, auto m) {
-    ppo_lanes::policy_fwd_rows(x, y, z, m, in.rows.steps, p, parts, b0, b1);
+    ppo_lanes::fwd_rows<ppo_lanes::PolicyLoss>(x, y, z, m, in.rows.steps, p, parts, b0, b1);
   });
 }
 
@@ -35,13 +35,13 @@ inline void ppo_policy_bwd(const TokenInputs& in, const PolicyParams& p, const f
                            int64_t b0, int64_t b1) {
   with_typed_inputs(in, "ppo_policy_loss_bwd", [&](auto x, auto y, auto z, auto m) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
-    ppo_lanes::policy_bwd_rows(x, y, z, m, in.rows.steps, p, row_w, g, static_cast<T*>(grad), b0, b1);
+    ppo_lanes::bwd_rows<ppo_lanes::PolicyLoss>(x, y, z, m, in.rows.steps, p, row_w, g, static_cast<T*>(grad), b0, b1);
   });
 }
 
 inline void ppo_value_fwd(const TokenInputs& in, const ValueParams& p, float* parts, int64_t b0, int64_t b1) {
   with_typed_inputs(in, "ppo_value_loss", [&](auto x, auto y, auto z, auto m) {
-    ppo_lanes::value_fwd_rows(x, y, z, m, in.rows.steps, p, parts, b0, b1);
+    ppo_lanes::fwd_rows<ppo_lanes::ValueLoss>(x, y, z, m, in.rows.steps, p, parts, b0, b1);
   });
 }
 
@@ -49,7 +49,7 @@ inline void ppo_value_bwd(const TokenInputs& in, const ValueParams& p, const flo
                           int64_t b0, int64_t b1) {
   with_typed_inputs(in, "ppo_value_loss_bwd", [&](auto x, auto y, auto z, auto m) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
-    ppo_lanes::value_bwd_rows(x, y, z, m, in.rows.steps, p, row_w, g, static_cast<T*>(grad), b0, b1);
+    ppo_lanes::bwd_rows<ppo_lanes::ValueLoss>(x, y, z, m, in.rows.steps, p, row_w, g, static_cast<T*>(grad), b0, b1);
   });
 }
 

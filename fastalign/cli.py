@@ -15,13 +15,12 @@ import os
 import sys
 
 from fastalign import commands
+from fastalign.errors import UserError, message
 
 USAGE_ERROR = 2  # argparse's status for a bad command line; a bad config is the same kind of mistake
 
 
 def is_user_error(exc: BaseException) -> bool:
-    from fastalign.errors import UserError
-
     return isinstance(exc, UserError)
 
 
@@ -75,7 +74,5 @@ def main(argv=None) -> int:
     except Exception as e:
         if not is_user_error(e) or os.environ.get("FASTALIGN_DEBUG", "") == "1":
             raise
-        from fastalign.errors import message
-
         print(f"fastalign: error: {message(e)}", file=sys.stderr)
         return USAGE_ERROR

@@ -37,6 +37,9 @@ from typing import Callable
 
 import torch
 
+import fastalign
+from fastalign import _backends
+
 
 class Skip(Exception):
     """A contender (or case) cannot run here; the message says why."""
@@ -87,8 +90,6 @@ def peer(module: str, attr: str | None = None):
 
 def fastalign_backend(backend: str, device: str):
     """Raise Skip unless the fastalign backend can serve `device` here."""
-    from fastalign import _backends
-
     reason = _backends.unavailable_reason(backend, torch.device(device).type)
     if reason is not None:
         raise Skip(reason)
@@ -96,8 +97,6 @@ def fastalign_backend(backend: str, device: str):
 
 def fastalign_op(name: str):
     """fastalign.<name>, or Skip if that op has not landed yet."""
-    import fastalign
-
     fn = getattr(fastalign, name, None)
     if fn is None:
         raise Skip(f"fastalign.{name} does not exist yet")

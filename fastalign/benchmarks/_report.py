@@ -11,6 +11,8 @@ from collections import defaultdict
 
 import torch
 
+import fastalign
+from fastalign import _backends
 from fastalign.benchmarks._common import fmt_bytes, fmt_time
 
 
@@ -71,17 +73,10 @@ def machine_info(device: str) -> dict:
                 info["host_cpu"] = line.split(":", 1)[1].strip()
     except Exception:
         pass
-    try:
-        import fastalign
-
-        info["fastalign"] = fastalign.__version__
-        info["backends"] = {k: (v["usable"], v["reason"]) for k, v in fastalign.backends().items()}
-        from fastalign import _backends
-
-        ext = _backends.extension()
-        info["cpu_isa"] = ext.cpu_capability() if ext is not None and hasattr(ext, "cpu_capability") else None
-    except Exception as exc:
-        info["fastalign"] = f"import failed: {exc}"
+    info["fastalign"] = fastalign.__version__
+    info["backends"] = {k: (v["usable"], v["reason"]) for k, v in fastalign.backends().items()}
+    ext = _backends.extension()
+    info["cpu_isa"] = ext.cpu_capability() if ext is not None else None
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info

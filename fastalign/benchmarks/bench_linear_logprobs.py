@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+import fastalign
 from fastalign.benchmarks import _peers
 from fastalign.benchmarks._common import (
     DTYPES, Case, compiled, fastalign_backend, fastalign_backends, fastalign_op, grad_of, no_grad,
@@ -60,8 +61,6 @@ def _fa(backend):
 def _matmul_fa(backend):
     def build(inp):
         fastalign_backend(backend, inp["device"])
-        import fastalign
-
         return _runner(inp, lambda h, w, l: fastalign.gather_logprobs(h @ w.T, l, backend=backend))
 
     return build

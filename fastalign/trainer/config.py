@@ -67,6 +67,8 @@ class TrainerConfig:
     save_total_limit: int = option(2, "step checkpoints kept (oldest deleted first)", ge=1)
     save_final: bool = option(True, "checkpoint at the end of training")
     resume_from: str | None = option(None, "a checkpoint directory, or 'latest' (output_dir's newest)")
+    report_to: list = option(default_factory=list, help="also send the metrics to: tensorboard, wandb "
+                                                         "(metrics.jsonl and the plot are always written)")
     progress: bool = option(True, "tqdm progress bar")
     plot: bool = option(True, "metrics.png next to metrics.jsonl")
     handle_sigint: bool = option(True, "Ctrl-C: checkpoint at the step boundary, then stop cleanly")

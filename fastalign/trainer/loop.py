@@ -23,6 +23,7 @@ update is the single-process update of that global batch. Rank 0 logs and writes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -41,6 +42,7 @@ from fastalign.trainer.config import TrainerConfig
 from fastalign.trainer.context import TrainerContext
 from fastalign.trainer.devices import autocast_dtype, resolve_device
 from fastalign.trainer.metrics import MetricsLog, plot_metrics
+from fastalign.trainer.reporting import check_report_to, open_reporters
 
 __all__ = ["Trainer", "TrainingDivergedError", "resolve_device"]
 
@@ -112,7 +114,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, optimization.lr_lambda(cfg, self.max_steps))
         self.step, self.epoch, self.pos = 0, 0, 0
         self._perm = None
+        report_to = check_report_to(cfg.report_to)  # a bad name fails here, before any training
         self.log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"))
+        self._report_to = report_to if self.is_main else ()
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         self.last_checkpoint: str | None = None
         self.last_metrics: dict = {}
@@ -254,6 +258,7 @@ class Trainer:
         old_handler = None
         if cfg.handle_sigint and threading.current_thread() is threading.main_thread():
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        self.log.reporters = open_reporters(self._report_to, cfg.output_dir, dataclasses.asdict(cfg))
         bar = None
         if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
@@ -299,6 +304,7 @@ class Trainer:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
             self._stop_requested = False
+            self.log.close()
         plot = None
         if cfg.plot and self.is_main and os.path.exists(self.log.path):
             plot = plot_metrics(self.log.path, title=f"{self.algorithm.name} ({cfg.output_dir})")

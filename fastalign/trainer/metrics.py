@@ -8,8 +8,11 @@ import os
 
 
 class MetricsLog:
-    def __init__(self, path: str):
+    """metrics.jsonl, plus the experiment trackers of `reporters` (reporting.py) for every record."""
+
+    def __init__(self, path: str, reporters=()):
         self.path = path
+        self.reporters = list(reporters)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def truncate_after(self, step: int) -> None:
@@ -26,6 +29,13 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(_clean(record)) + "\n")
+        for r in self.reporters:
+            r.write(record)
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()
+        self.reporters = []
 
 
 def _clean(r):

@@ -122,7 +122,7 @@ def _train(algo, out, *overrides):
 
 
 @pytest.mark.slow
-def test_cli_trains_smollm2_with_sft_reward_dpo_and_grpo(tmp_path):
+def test_cli_trains_smollm2_with_sft_reward_dpo_ppo_and_grpo(tmp_path):
     """The packaged SmolLM2 configs (configs/*_smollm2.yaml) each take a few steps on the real
     model from the command line; the losses move and the saved policy (or reward model) loads
     back as the trained model, not the base."""
@@ -135,11 +135,13 @@ def test_cli_trains_smollm2_with_sft_reward_dpo_and_grpo(tmp_path):
     rm_dir = tmp_path / "rm" / "checkpoints" / "step-000002" / "reward"
     grpo = _train("grpo", tmp_path / "grpo", "trainer.max_steps=2", f"model.reward={rm_dir}", "algo.group_size=2",
                   "algo.max_new_tokens=8", "data.train_size=8", "data.eval_size=2")
-    for name, losses in (("sft", sft), ("dpo", dpo), ("reward", rm), ("grpo", grpo)):
+    ppo = _train("ppo", tmp_path / "ppo", "trainer.max_steps=2", f"model.reward={rm_dir}", "algo.max_new_tokens=8",
+                 "data.train_size=8", "data.eval_size=2")
+    for name, losses in (("sft", sft), ("dpo", dpo), ("reward", rm), ("grpo", grpo), ("ppo", ppo)):
         assert len(losses) >= 2 and all(map(torch.isfinite, torch.tensor(losses))), (name, losses)
         assert len(set(losses)) > 1, (name, losses)  # the losses move
     assert isinstance(loading.load_model(str(rm_dir)), loading.ScalarHeadModel)
-    for run in ("sft", "dpo", "grpo"):
+    for run in ("sft", "dpo", "grpo", "ppo"):
         ckpts = sorted(os.listdir(tmp_path / run / "checkpoints"))
         trained = loading.load_model(str(tmp_path / run / "checkpoints" / ckpts[-1] / "policy"))
         assert trained.config.vocab_size == 49152

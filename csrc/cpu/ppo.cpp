@@ -57,6 +57,42 @@ void finalize(const std::vector<float>& parts, int64_t batch, int64_t steps, int
 
 int64_t grain_for(int64_t steps) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(steps, 1)); }
 
+// The forward both losses share, once their arguments are checked: the kernel table's row kernel
+// `rows` over [B, T] rows in parallel, then finalize (row order). `scale` multiplies the loss.
+template <typename Params, typename Rows>
+std::tuple<at::Tensor, at::Tensor> run_fwd(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& z_in,
+                                           const at::Tensor& mask_in, const Params& p, Rows rows, int64_t agg,
+                                           double global_count, double horizon, double scale) {
+  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), z = z_in.contiguous(), mask = mask_in.contiguous();
+  const int64_t batch = x.size(0), steps = x.size(1);
+  auto opts = x.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({4}, opts);
+  at::Tensor row_w = at::empty({batch}, opts);
+  std::vector<float> parts(batch * kParts, 0.f);
+  const TokenInputs in{masked_rows(x, mask), x.const_data_ptr(), y.const_data_ptr(), z.const_data_ptr()};
+  at::parallel_for(0, batch, grain_for(steps), [&](int64_t b0, int64_t b1) { rows(in, p, parts.data(), b0, b1); });
+  finalize(parts, batch, steps, agg, global_count, horizon, scale, out.data_ptr<float>(), row_w.data_ptr<float>());
+  return {out, row_w};
+}
+
+// The backward both losses share: grad[b, t] = grad_out[0] * row_w[b] * dl_bt/dx_bt, by the row
+// kernel `rows`, in x's dtype.
+template <typename Params, typename Rows>
+at::Tensor run_bwd(const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& z_in,
+                   const at::Tensor& mask_in, const at::Tensor& row_w_in, const Params& p, Rows rows) {
+  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), z = z_in.contiguous(), mask = mask_in.contiguous(),
+                   row_w = row_w_in.to(at::kFloat).contiguous();
+  const int64_t batch = x.size(0), steps = x.size(1);
+  at::Tensor grad = at::empty({batch, steps}, x.options());
+  if (grad.numel() == 0) return grad;
+  const float g = grad_out.reshape(-1)[0].item<float>();
+  const TokenInputs in{masked_rows(x, mask), x.const_data_ptr(), y.const_data_ptr(), z.const_data_ptr()};
+  const float* w = row_w.const_data_ptr<float>();
+  void* gx = grad.mutable_data_ptr();
+  at::parallel_for(0, batch, grain_for(steps), [&](int64_t b0, int64_t b1) { rows(in, p, w, g, gx, b0, b1); });
+  return grad;
+}
+
 // ---- policy loss ------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& logprobs_in, const at::Tensor& old_in,
@@ -66,21 +102,10 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& logprob
   checks::ppo_inputs("ppo_policy_loss", logprobs_in, old_in, adv_in, mask_in, agg);
   checks::policy_params("ppo_policy_loss", clip_lo, clip_hi, dual_clip);
   checks::agg_args("ppo_policy_loss", global_count, horizon);
-  const at::Tensor lp = logprobs_in.contiguous(), old = old_in.contiguous(), adv = adv_in.contiguous(),
-                   mask = mask_in.contiguous();
-  const int64_t batch = lp.size(0), steps = lp.size(1);
-  auto opts = lp.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({4}, opts);
-  at::Tensor row_w = at::empty({batch}, opts);
-  std::vector<float> parts(batch * kParts, 0.f);
   const PolicyParams p{static_cast<float>(clip_lo), static_cast<float>(clip_hi), static_cast<float>(dual_clip),
                        dual_clip > 0};
-  const TokenInputs in{masked_rows(lp, mask), lp.const_data_ptr(), old.const_data_ptr(), adv.const_data_ptr()};
-  const auto& k = best_kernels();
-  at::parallel_for(0, batch, grain_for(steps),
-                   [&](int64_t b0, int64_t b1) { k.ppo_policy_fwd(in, p, parts.data(), b0, b1); });
-  finalize(parts, batch, steps, agg, global_count, horizon, 1.0, out.data_ptr<float>(), row_w.data_ptr<float>());
-  return {out, row_w};
+  return run_fwd(logprobs_in, old_in, adv_in, mask_in, p, best_kernels().ppo_policy_fwd, agg, global_count, horizon,
+                 1.0);
 }
 
 at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& logprobs_in, const at::Tensor& old_in,
@@ -89,21 +114,9 @@ at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& log
   checks::ppo_inputs("ppo_policy_loss_bwd", logprobs_in, old_in, adv_in, mask_in);
   checks::policy_params("ppo_policy_loss_bwd", clip_lo, clip_hi, dual_clip);
   checks::ppo_bwd_args("ppo_policy_loss_bwd", grad_out, logprobs_in, row_w_in);
-  const at::Tensor lp = logprobs_in.contiguous(), old = old_in.contiguous(), adv = adv_in.contiguous(),
-                   mask = mask_in.contiguous(), row_w = row_w_in.to(at::kFloat).contiguous();
-  const int64_t batch = lp.size(0), steps = lp.size(1);
-  at::Tensor grad = at::empty({batch, steps}, lp.options());
-  if (grad.numel() == 0) return grad;
-  const float g = grad_out.reshape(-1)[0].item<float>();
   const PolicyParams p{static_cast<float>(clip_lo), static_cast<float>(clip_hi), static_cast<float>(dual_clip),
                        dual_clip > 0};
-  const TokenInputs in{masked_rows(lp, mask), lp.const_data_ptr(), old.const_data_ptr(), adv.const_data_ptr()};
-  const float* w = row_w.const_data_ptr<float>();
-  void* gx = grad.mutable_data_ptr();
-  const auto& k = best_kernels();
-  at::parallel_for(0, batch, grain_for(steps),
-                   [&](int64_t b0, int64_t b1) { k.ppo_policy_bwd(in, p, w, g, gx, b0, b1); });
-  return grad;
+  return run_bwd(grad_out, logprobs_in, old_in, adv_in, mask_in, row_w_in, p, best_kernels().ppo_policy_bwd);
 }
 
 // ---- value loss -------------------------------------------------------------------------------
@@ -114,21 +127,9 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& values_i
   checks::ppo_inputs("ppo_value_loss", values_in, old_in, returns_in, mask_in, agg);
   checks::value_clip("ppo_value_loss", clip);
   checks::agg_args("ppo_value_loss", global_count, horizon);
-  const at::Tensor v = values_in.contiguous(), old = old_in.contiguous(), ret = returns_in.contiguous(),
-                   mask = mask_in.contiguous();
-  const int64_t batch = v.size(0), steps = v.size(1);
-  auto opts = v.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({4}, opts);
-  at::Tensor row_w = at::empty({batch}, opts);
-  std::vector<float> parts(batch * kParts, 0.f);
-  const ValueParams p{static_cast<float>(clip)};
-  const TokenInputs in{masked_rows(v, mask), v.const_data_ptr(), old.const_data_ptr(), ret.const_data_ptr()};
-  const auto& k = best_kernels();
-  at::parallel_for(0, batch, grain_for(steps),
-                   [&](int64_t b0, int64_t b1) { k.ppo_value_fwd(in, p, parts.data(), b0, b1); });
   // loss = 0.5 * agg(...): the 0.5 rides on the row weights
-  finalize(parts, batch, steps, agg, global_count, horizon, 0.5, out.data_ptr<float>(), row_w.data_ptr<float>());
-  return {out, row_w};
+  return run_fwd(values_in, old_in, returns_in, mask_in, ValueParams{static_cast<float>(clip)},
+                 best_kernels().ppo_value_fwd, agg, global_count, horizon, 0.5);
 }
 
 at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_out, const at::Tensor& values_in, const at::Tensor& old_in,
@@ -137,20 +138,8 @@ at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_out, const at::Tensor& valu
   checks::ppo_inputs("ppo_value_loss_bwd", values_in, old_in, returns_in, mask_in);
   checks::value_clip("ppo_value_loss_bwd", clip);
   checks::ppo_bwd_args("ppo_value_loss_bwd", grad_out, values_in, row_w_in);
-  const at::Tensor v = values_in.contiguous(), old = old_in.contiguous(), ret = returns_in.contiguous(),
-                   mask = mask_in.contiguous(), row_w = row_w_in.to(at::kFloat).contiguous();
-  const int64_t batch = v.size(0), steps = v.size(1);
-  at::Tensor grad = at::empty({batch, steps}, v.options());
-  if (grad.numel() == 0) return grad;
-  const float g = grad_out.reshape(-1)[0].item<float>();
-  const ValueParams p{static_cast<float>(clip)};
-  const TokenInputs in{masked_rows(v, mask), v.const_data_ptr(), old.const_data_ptr(), ret.const_data_ptr()};
-  const float* w = row_w.const_data_ptr<float>();
-  void* gx = grad.mutable_data_ptr();
-  const auto& k = best_kernels();
-  at::parallel_for(0, batch, grain_for(steps),
-                   [&](int64_t b0, int64_t b1) { k.ppo_value_bwd(in, p, w, g, gx, b0, b1); });
-  return grad;
+  return run_bwd(grad_out, values_in, old_in, returns_in, mask_in, row_w_in, ValueParams{static_cast<float>(clip)},
+                 best_kernels().ppo_value_bwd);
 }
 
 }  // namespace

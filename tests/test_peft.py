@@ -259,3 +259,53 @@ def test_fsdp_with_adapters_is_refused(tok, tmp_path):
     train = _demos(tok, 8)
     with pytest.raises(ConfigError, match="trainer.distributed=fsdp does not support LoRA adapters"):
         Trainer(alg, _models(alg, tok, train), tok, train, None, _cfg(tmp_path, distributed="fsdp"))
+
+
+# ---- DDP: adapters replicated, the reference through the plain policy ------------------------------
+
+
+def _ddp_trainer(out, mode, grad_accum):
+    tok = tiny_tokenizer()
+    alg = get_algorithm("dpo")({"beta": 0.5})  # the reference runs every step (no precomputation)
+    train = _pairs(tok)
+    return Trainer(alg, _models(alg, tok, train), tok, train, None,
+                   _cfg(out, max_steps=3, batch_size=2, grad_accum=grad_accum, distributed=mode))
+
+
+def test_ddp_with_adapters_matches_a_single_process(tmp_path):
+    """2 gloo processes x 1 micro-batch of 2 pairs against one process x 2 micro-batches: the
+    same per-micro-batch gradients, summed once (g0 + g1) either way, so losses and adapter
+    weights agree bit for bit (the argument of tests/test_distributed.py's exact cases)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.abspath(__file__), "--ddp-worker", str(tmp_path / "ddp")], env=env, cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers
+    try:
+        _ddp_trainer(tmp_path / "single", "none", 2).fit()
+    finally:
+        torch.set_num_threads(threads)
+    assert _losses(tmp_path / "ddp") == _losses(tmp_path / "single")
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / run / "checkpoints" / "step-000003" / "policy" / adapters.ADAPTER_WEIGHTS))
+            for run in ("ddp", "single"))
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+
+
+if __name__ == "__main__":  # the torchrun worker of test_ddp_with_adapters_matches_a_single_process
+    import sys
+
+    if sys.argv[1:2] == ["--ddp-worker"]:
+        from fastalign.trainer import distributed as D
+
+        torch.set_num_threads(1)
+        _ddp_trainer(sys.argv[2], "ddp", 1).fit()
+        D.shutdown()

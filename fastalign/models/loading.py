@@ -32,6 +32,10 @@ def check_model_name(name, option: str = "model") -> None:
     if not isinstance(name, str) or not name:
         raise ModelNotFoundError(f"{option}: {name!r} is not a model name; accepted: {ACCEPTED}")
     path = os.path.expanduser(name)
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelNotFoundError(f"{option}: {name} holds LoRA adapters only, not a model; train with "
+                                 "model.merge_adapters=true to get a loadable model under the checkpoint's "
+                                 "merged/<role> directory")
     if os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path)):
         return
     if path.endswith(".gguf") or os.path.isabs(path) or path.startswith(".") or not _HUB_ID.match(name):

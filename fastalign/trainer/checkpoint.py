@@ -3,7 +3,10 @@
 Layout of `<output_dir>/checkpoints/step-000123/`:
     <role>/                    every trainable model via save_pretrained (safetensors weights +
                                config, and the tokenizer), so a stage's output loads directly
-                               into the next one
+                               into the next one; with LoRA adapters (model.peft) the adapters
+                               only, in peft's format (adapter_config.json, adapter_model.safetensors)
+    merged/<role>/             with adapters and merge_adapters: the model with its adapters
+                               merged, a plain model directory (not read on resume)
     optimizer.json/.safetensors  optimizer state_dict: structure and scalars as JSON, tensors
     scheduler.json             LR scheduler state_dict
     rng.json/.safetensors      torch CPU/CUDA, Python and NumPy RNG states (rng-rank<r>.* per rank)
@@ -34,11 +37,13 @@ import numpy as np
 import torch
 
 from fastalign.errors import UserError
+from fastalign.models import adapters
 from fastalign.models.heads import HEAD_FILE, HEAD_META, ScalarHeadModel
 from fastalign.trainer import distributed as D
 from fastalign.trainer import manifest, state_files
 
 STATE_FILE = "trainer_state.json"
+MERGED_DIR = "merged"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -79,7 +84,14 @@ def _tensors(f):
 
 def load_weights(model, path: str, *, sharded: bool = False) -> None:
     """Loads weights saved by save_pretrained into an existing model, in place (exact). With
-    sharded=True the model is FSDP2-sharded: every rank reads the full weights and keeps its shard."""
+    sharded=True the model is FSDP2-sharded: every rank reads the full weights and keeps its shard.
+    A peft model reads its adapters (adapter_model.safetensors) and keeps its base weights."""
+    if adapters.is_peft_model(model) and not sharded:
+        if not os.path.exists(os.path.join(path, adapters.ADAPTER_WEIGHTS)):
+            raise CheckpointError(f"{path} holds no LoRA adapters ({adapters.ADAPTER_WEIGHTS}), but the model has "
+                                  "them: was this checkpoint trained with the same model.peft?")
+        adapters.load_adapter_weights(model, path, _tensors)
+        return
     if isinstance(model, ScalarHeadModel) and not sharded:
         load_weights(model.lm, path)
         model.head.load_state_dict(_tensors(os.path.join(path, HEAD_FILE)))
@@ -126,14 +138,15 @@ def set_rng_state(s: dict) -> None:
 
 def save_checkpoint(root: str, step: int, *, models: dict, optimizer, scheduler, state: dict, tokenizer=None,
                     keep: int | None = None, model_states: dict | None = None, optimizer_state: dict | None = None,
-                    distributed: bool = False) -> str:
+                    distributed: bool = False, merged: bool = False) -> str:
     """Writes checkpoint `root/step-{step:06d}` atomically and returns its path.
 
     distributed=True (every rank calls it): rank 0 writes the models, optimizer, scheduler and
     state, every other rank only its RNG state (rng-rank<r>.pt); all return once the checkpoint
     is in place, and a failure on any rank raises on all of them. `model_states` (role -> full
     state dict) and `optimizer_state` replace the modules' and optimizer's own state dicts when
-    they are sharded (FSDP2: gathered on rank 0 by the caller)."""
+    they are sharded (FSDP2: gathered on rank 0 by the caller). merged=True: every model with LoRA
+    adapters is also written merged, as a plain model directory under merged/<role>."""
     multi = distributed and D.is_initialized()
     main = not multi or D.is_main()
     name = f"step-{step:06d}"
@@ -166,6 +179,11 @@ def save_checkpoint(root: str, step: int, *, models: dict, optimizer, scheduler,
                 _save_model(model, d, None if model_states is None else model_states[role])
                 if tokenizer is not None:
                     tokenizer.save_pretrained(d)
+                if merged and adapters.has_adapters(model):
+                    d = os.path.join(tmp, MERGED_DIR, role)
+                    adapters.save_merged(model, d)
+                    if tokenizer is not None:
+                        tokenizer.save_pretrained(d)
             state_files.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
                              os.path.join(tmp, "optimizer"))
             state_files.save(scheduler.state_dict(), os.path.join(tmp, "scheduler"))

@@ -20,6 +20,11 @@ class ModelConfig:
     tokenizer: str | None = option(None, "the tokenizer; default: the policy's")
     tiny: dict = option(default_factory=dict, help="the tiny model's shape: hidden_size, num_layers, num_heads, "
                                                    "intermediate_size")
+    peft: dict | None = option(None, "LoRA adapters on the trained models: {r, alpha, dropout, target_modules, "
+                                     "bias, use_rslora, modules_to_save}; the reference is then the policy with "
+                                     "its adapters disabled (no second copy); null: full fine-tuning")
+    merge_adapters: bool = option(False, "with peft: each checkpoint also holds merged/<role>, a plain model "
+                                         "directory (adapters merged into the weights) loadable as a model name")
 
 
 @dataclass
@@ -55,8 +60,10 @@ class TrainerConfig:
     max_grad_norm: float | None = option(1.0, "gradient clipping by global norm (null: no clipping)", gt=0)
     gradient_checkpointing: bool = option(False, "recompute the trained models' layer activations in the "
                                                  "backward instead of keeping them (less memory, ~1/3 more compute)")
-    precision: str = option("auto", "auto (bf16 autocast on CUDA with bf16, else fp32) | fp32 | bf16",
-                            choices=("auto", "fp32", "bf16"))
+    precision: str = option("auto", "auto (bf16 autocast on CUDA with bf16, else fp32) | fp32 | bf16 (autocast) | "
+                                    "bf16-weights (weights in bf16, fp32 master weights in the optimizer, "
+                                    "gradients accumulated in fp32; single process)",
+                            choices=("auto", "fp32", "bf16", "bf16-weights"))
     device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")
     distributed: str = option("auto", "auto (ddp when WORLD_SIZE > 1) | ddp | fsdp | none",
                               choices=("auto", "ddp", "fsdp", "none"))

@@ -34,13 +34,15 @@ import torch
 
 from fastalign.algorithms.context import TrainingDivergedError, derive_seed
 from fastalign.errors import ConfigError, ResumeError
+from fastalign.models import adapters
 from fastalign.options import build_config
 from fastalign.trainer import checkpoint as ckpt
 from fastalign.trainer import distributed as D
 from fastalign.trainer import evaluation, optimization
 from fastalign.trainer.config import TrainerConfig
 from fastalign.trainer.context import TrainerContext
-from fastalign.trainer.devices import autocast_dtype, resolve_device
+from fastalign.trainer.devices import autocast_dtype, check_bf16_weights, resolve_device
+from fastalign.trainer.master_weights import MasterWeights
 from fastalign.trainer.metrics import MetricsLog, plot_metrics
 from fastalign.trainer.reporting import check_report_to, open_reporters
 
@@ -61,9 +63,21 @@ def _checkpoint_activations(role: str, model) -> None:
         raise ConfigError(f"trainer.gradient_checkpointing: the {role} model ({type(lm).__name__}) does not support it")
 
 
+def _check_precision_and_adapters(cfg: TrainerConfig, mode: str, models: dict) -> None:
+    """What the distributed modes do not support yet, refused before any process group is joined."""
+    if cfg.precision == "bf16-weights" and mode != "none":
+        raise ConfigError(f"trainer.precision=bf16-weights runs in a single process for now (trainer.distributed is "
+                          f"{mode}); under torchrun use precision bf16 (autocast) or fp32")
+    if mode == "fsdp" and any(adapters.has_adapters(m) for m in models.values()):
+        raise ConfigError("trainer.distributed=fsdp does not support LoRA adapters (model.peft) yet; use "
+                          "trainer.distributed=ddp (the adapters are small, so replicating them costs little)")
+
+
 class Trainer:
     def __init__(self, algorithm, models: dict, tokenizer, train_data: list, eval_data: list | None = None,
-                 config: TrainerConfig | dict | None = None, callbacks=()):
+                 config: TrainerConfig | dict | None = None, callbacks=(), *, merge_adapters: bool = False):
+        """merge_adapters: each checkpoint also holds merged/<role>, the trained models with their
+        LoRA adapters merged (model.merge_adapters)."""
         self.config = cfg = build_config(TrainerConfig, config)
         if cfg.batch_size < 1 or cfg.grad_accum < 1:
             raise ValueError(f"batch_size and grad_accum must be >= 1, got {cfg.batch_size}, {cfg.grad_accum}")
@@ -77,6 +91,8 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.callbacks = list(callbacks)
         self.dist_mode = D.resolve_mode(cfg.distributed)
+        _check_precision_and_adapters(cfg, self.dist_mode, models)
+        self.merge_adapters = merge_adapters
         if self.dist_mode == "none":
             self.device = resolve_device(cfg.device)
             self.rank, self.world = 0, 1
@@ -87,6 +103,9 @@ class Trainer:
         self.is_main = self.rank == 0
         self.dtype = autocast_dtype(cfg.precision, self.device)
         self.models = {k: m.to(self.device) for k, m in models.items()}
+        if cfg.precision == "bf16-weights":
+            check_bf16_weights(self.device)
+            self.models = {k: m.to(torch.bfloat16) for k, m in self.models.items()}
         if cfg.gradient_checkpointing:
             for role in algorithm.trainable:
                 if role in self.models:
@@ -100,7 +119,11 @@ class Trainer:
         # DDP views of the trainable models (see train_models); FSDP2 shards self.models in place
         self._views = D.wrap_models(self.models, algorithm.trainable, self.dist_mode, self.device)
         self.trainable = {r: self.models[r] for r in algorithm.trainable if r in self.models}
-        self.params = [p for m in self.trainable.values() for p in m.parameters() if p.requires_grad]
+        self.params = list({id(p): p for m in self.trainable.values() for p in m.parameters() if p.requires_grad}.values())
+        # bf16-weights: the optimizer holds (and clipping reads) the fp32 masters (master_weights.py)
+        self.master_weights = MasterWeights(self.params) if cfg.precision == "bf16-weights" else None
+        if self.master_weights is not None:
+            self.params = self.master_weights.masters
         self.optimizer = optimization.build_optimizer(self.params, cfg)
         if self.world > 1:  # every rank must hold the same data (it draws the same permutation)
             hi, neg_lo = D.all_reduce([len(train_data), -len(train_data)], "max")
@@ -198,9 +221,19 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "pos": self.pos, "algorithm": self.algorithm.name,
                 "max_steps": self.max_steps, "algorithm_state": self.algorithm.state_dict()}
 
+    def _masters_in_models(self):
+        """bf16-weights: checkpoints write and read the fp32 master weights."""
+        if self.master_weights is None:
+            return contextlib.nullcontext()
+        return self.master_weights.masters_in_models()
+
     def save_checkpoint(self) -> str:
         """Every rank calls it under distribution (FSDP2 gathers the full weights and optimizer
         state onto rank 0, which writes)."""
+        with self._masters_in_models():
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> str:
         model_states = optimizer_state = None
         if self.dist_mode == "fsdp":
             model_states = {r: D.full_model_state(m) for r, m in self.trainable.items()}
@@ -208,7 +241,8 @@ class Trainer:
         self.last_checkpoint = ckpt.save_checkpoint(
             self.ckpt_root, self.step, models=self.trainable, optimizer=self.optimizer, scheduler=self.scheduler,
             state=self.state(), tokenizer=self.tokenizer, keep=self.config.save_total_limit,
-            model_states=model_states, optimizer_state=optimizer_state, distributed=self.dist_mode != "none")
+            model_states=model_states, optimizer_state=optimizer_state, distributed=self.dist_mode != "none",
+            merged=self.merge_adapters)
         return self.last_checkpoint
 
     def load_checkpoint(self, path: str) -> None:
@@ -216,8 +250,9 @@ class Trainer:
             path = ckpt.resolve_checkpoint(path, self.config.output_dir)
         except FileNotFoundError as e:  # no checkpoint where the user pointed: their mistake, not a bug
             raise ResumeError(f"trainer.resume_from: {e}") from None
-        st = ckpt.load_checkpoint(path, models=self.trainable, optimizer=self.optimizer, scheduler=self.scheduler,
-                                  sharded=self.dist_mode == "fsdp")
+        with self._masters_in_models():
+            st = ckpt.load_checkpoint(path, models=self.trainable, optimizer=self.optimizer, scheduler=self.scheduler,
+                                      sharded=self.dist_mode == "fsdp")
         if st.get("algorithm") not in (None, self.algorithm.name):
             raise ValueError(f"checkpoint {path} is from algorithm {st['algorithm']!r}, not {self.algorithm.name!r}")
         self.step, self.epoch, self.pos = st["step"], st["epoch"], st["pos"]
@@ -228,10 +263,12 @@ class Trainer:
             self.log.truncate_after(self.step)
 
     def model_dir(self, role: str = "policy") -> str:
-        """The directory of `role` in the last checkpoint (loadable with from_pretrained)."""
+        """The directory of `role` in the last checkpoint that loads as a model: merged/<role>
+        when the adapters were merged, else <role> (with LoRA adapters and no merge: the adapters)."""
         if self.last_checkpoint is None:
             raise RuntimeError("no checkpoint has been written yet")
-        return os.path.join(self.last_checkpoint, role)
+        merged = os.path.join(self.last_checkpoint, ckpt.MERGED_DIR, role)
+        return merged if os.path.isdir(merged) else os.path.join(self.last_checkpoint, role)
 
     # ---- the loop ------------------------------------------------------------------------------
 

@@ -116,6 +116,8 @@ def optimize(trainer, micro_batches: list[dict], *, loss_fn=None, units_fn=None)
         raise TrainingDivergedError(f"step {trainer.step + 1}: gradient norm is {float(grad_norm)}; the step was not applied")
     lr = trainer.optimizer.param_groups[0]["lr"]
     trainer.optimizer.step()
+    if trainer.master_weights is not None:  # bf16-weights: round the updated fp32 masters into the model
+        trainer.master_weights.copy_to_model()
     trainer.optimizer.zero_grad(set_to_none=True)
     out.update(grad_norm=float(grad_norm), lr=lr)
     return out

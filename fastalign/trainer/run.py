@@ -26,7 +26,7 @@ from fastalign.algorithms import get_algorithm
 from fastalign.data.formats import describe as describe_stats, kind_of, load_records
 from fastalign.data.synthetic import Oracle, SyntheticTask
 from fastalign.errors import ConfigError
-from fastalign.models import load_tokenizer
+from fastalign.models import adapters, load_tokenizer
 from fastalign.models.loading import check_model_name
 from fastalign.options import build_config, describe
 from fastalign.trainer.config import DataConfig, ModelConfig, TrainerConfig
@@ -111,7 +111,30 @@ def resolve_config(algorithm: str, cfg: dict) -> dict:
         out[section] = build_config(cls, values, prefix=section)
     for role in ("policy", "reference", "reward", "value", "tokenizer"):
         check_model_name(getattr(out["model"], role), f"model.{role}")
+    adapters.check_options(out["model"].peft)
+    if out["model"].merge_adapters and out["model"].peft is None:
+        raise ConfigError("model.merge_adapters=true needs LoRA adapters to merge (model.peft); without them every "
+                          "checkpoint already holds the full model")
     return out
+
+
+def _build_models(alg, m: ModelConfig, tok, seed: int, train: list) -> dict:
+    """The algorithm's models by role; with model.peft, LoRA adapters on the trained ones and (no
+    model.reference given) the reference as the policy with its adapters disabled -- not loaded."""
+    extra = {k: getattr(m, k) for k in ("reward", "value") if getattr(m, k)}  # the online algorithms' extra roles
+    opts = adapters.check_options(m.peft)
+    share = opts is not None and m.reference is None and "policy" in alg.trainable and "reference" in alg.models
+    roles = alg.models
+    if share:  # the reference comes from the policy below: do not load a second copy of the weights
+        alg.models = tuple(r for r in roles if r != "reference")
+    try:
+        models = alg.build_models(m.policy, tok, reference=m.reference, seed=seed, tiny_kwargs=m.tiny or None, **extra)
+    finally:
+        alg.models = roles
+    if opts is None:
+        return models
+    share = share and "reference" in alg.required_models(train)
+    return adapters.attach(models, alg.trainable, opts, seed=seed, shared_reference=share)
 
 
 def format_config(algorithm: str, cfg: dict) -> str:
@@ -173,9 +196,8 @@ def run_training(algorithm: str, cfg: dict) -> dict:
     stats = Counter()
     train = _load_split(alg, d, "train", tok, stats)
     evald = _load_split(alg, d, "eval", tok, stats)
-    extra = {k: getattr(m, k) for k in ("reward", "value") if getattr(m, k)}  # the online algorithms' extra roles
-    models = alg.build_models(m.policy, tok, reference=m.reference, seed=t.seed, tiny_kwargs=m.tiny or None, **extra)
-    trainer = Trainer(alg, models, tok, train, evald, t)
+    models = _build_models(alg, m, tok, t.seed, train)
+    trainer = Trainer(alg, models, tok, train, evald, t, merge_adapters=m.merge_adapters)
     if trainer.is_main:  # under torchrun every rank runs this; rank 0 writes
         os.makedirs(t.output_dir, exist_ok=True)
         with open(os.path.join(t.output_dir, "config.json"), "w") as f:  # the resolved config: every option

@@ -1,6 +1,6 @@
 """The data every contender of the end-to-end benchmark trains on: the same records, written once
-as JSONL for fastalign's trainer (formats chat / preference / prompts) and read back for TRL's
-trainers (conversational datasets: messages / prompt+chosen+rejected / prompt), so both sides
+as JSONL for fastalign's trainer (formats chat / preference / prompts) and given to TRL's
+trainers as conversational datasets (prompt+completion / prompt+chosen+rejected / prompt), so both sides
 render the same text through the same chat template.
 
 Texts are random common English words (seeded). SFT and DPO texts are longer than the sequence
@@ -90,8 +90,9 @@ def trl_dataset(algo: str, records: list[dict]):
     """The records as the `datasets.Dataset` TRL's trainer for `algo` reads (conversational)."""
     import datasets
 
-    if algo == "sft":
-        return datasets.Dataset.from_dict({"messages": [r["messages"] for r in records]})
+    if algo == "sft":  # prompt / completion: TRL's loss on the completion only, as fastalign's SFT
+        return datasets.Dataset.from_dict({"prompt": [r["messages"][:-1] for r in records],
+                                           "completion": [r["messages"][-1:] for r in records]})
     if algo == "dpo":
         return datasets.Dataset.from_dict({k: [r[k] for r in records] for k in ("prompt", "chosen", "rejected")})
     return datasets.Dataset.from_dict({"prompt": [r["prompt"] for r in records]})

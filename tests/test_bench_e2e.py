@@ -43,7 +43,7 @@ def test_plan_selects_cases_and_runs_each_once():
     quick = _args("--e2e-quick", "--variants", "none", "--contenders", "trl")
     qruns = e2e.plan(quick, e2e.settings_of(quick), "cpu")
     # without fastalign among the contenders no variant baseline is needed when there are no variants
-    assert {r["id"] for r in qruns if r["spec"]["kind"] == "train"} == {f"{a} bf16 trl" for a in e2e.ALGOS}
+    assert {r["id"] for r in qruns if r["spec"]["kind"] == "train"} == {f"{a} fp32 trl" for a in e2e.ALGOS}
     assert all(r["spec"]["seq_len"] == 64 and r["spec"]["steps"] == 1 for r in qruns)
 
 
@@ -159,11 +159,11 @@ def test_quick_mode_on_smollm2(tmp_path):
     assert e2e.main(["--e2e-quick", "--out", str(out), "--threads", "2"]) == 0
     res = json.load(open(out / "e2e.json"))
     train = [r for r in res["runs"] if r["kind"] == "train"]
-    assert {r["group"] for r in train} >= {"sft bf16", "dpo bf16", "grpo bf16"}
+    assert {r["group"] for r in train} == {"sft fp32", "dpo fp32", "grpo fp32"} and len(train) == 9
     for r in train:
         assert "error" not in r and (r.get("tokens_per_s") or r.get("note", "").startswith("not available")), r
     log2 = float(torch.tensor(2.0).log())
     for c in e2e.CONTENDERS:
-        dpo = next(r for r in train if r["id"] == f"dpo bf16 {c}")
+        dpo = next(r for r in train if r["id"] == f"dpo fp32 {c}")
         assert len(dpo["losses"]) == 2 and dpo["losses"][0] == log2, dpo["losses"]
     assert len(res["targets"]) == 7 and "Losses, TRL stock vs TRL + patch_trl" in open(out / "e2e.md").read()

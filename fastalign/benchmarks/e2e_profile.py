@@ -1,5 +1,6 @@
 """Where does a training step's time go? torch.profiler over one optimizer step of one contender
-of the end-to-end benchmark (after its warm-up steps), top ops by self CPU time:
+of the end-to-end benchmark (after its warm-up steps), top ops by self CPU time (then the same
+by input shapes):
 
     python -m fastalign.benchmarks.e2e_profile --algo dpo --contender trl --precision bf16 \
         [--seq-len 512] [--batch 4] [--model smollm2-135m-instruct] [--top 20] [--out FILE.txt]
@@ -71,6 +72,9 @@ def main(argv=None) -> int:
             res = _e2e_trl.run(spec, data, patched=args.contender == "trl+patch")
     step = res["log"].step_seconds(args.warmup)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60)
+    # the same by input shapes: which copies / matmuls (the head's [tokens, vocab] ones, the casts)
+    table += "\nby input shapes:\n" + prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40, max_shapes_column_width=70)
     head = (f"{args.contender} {args.algo} {args.precision}, batch {args.batch} x {args.seq_len} tokens, "
             f"{torch.get_num_threads()} threads: profiled step {step[0]:.2f} s (profiler overhead included)\n")
     print(head + table)

@@ -73,12 +73,22 @@ def test_data_is_truncated_to_seq_len_and_prompts_fit():
     assert max(lengths) <= 24 and g["prompt_tokens"] == min(lengths) and min(lengths) > 12
 
 
-def test_summary_median_tokens_per_second_and_targets():
+def test_summary_median_rounds_and_targets():
     run = {"id": "dpo bf16 trl", "group": "dpo bf16",
            "spec": {"kind": "train", "algo": "dpo", "precision": "bf16", "contender": "trl", "overrides": []}}
     rec = e2e.summarize(run, {"step_seconds": [4.0, 1.0, 2.0, 8.0], "tokens_per_step": 4096, "peak_rss_bytes": 1000,
                               "losses": [0.7]})
     assert rec["median_step_s"] == 3.0 and rec["tokens_per_s"] == 4096 / 3.0 and rec["peak_bytes"] == 1000
+
+    # rounds: the steps pooled (median over all), the lowest peak, an error in any round kept
+    merged = e2e.merge(e2e.merge(None, {"step_seconds": [4.0, 1.0], "tokens_per_step": 4096, "peak_rss_bytes": 1000,
+                                        "losses": [0.7]}),
+                       {"step_seconds": [2.0, 8.0], "tokens_per_step": 4096, "peak_rss_bytes": 990, "losses": [0.6]})
+    assert e2e.summarize(run, merged)["median_step_s"] == 3.0 and merged["peak_rss_bytes"] == 990
+    assert merged["losses"] == [0.7] and "error" in e2e.merge(merged, {"error": "boom"})
+    ro = e2e.merge({"rollout": {"g": {"tokens_per_s": 5.0, "all_tokens_per_s": [5.0, 9.0]}}},
+                   {"rollout": {"g": {"tokens_per_s": 1.0, "all_tokens_per_s": [1.0, 2.0, 3.0]}}})
+    assert ro["rollout"]["g"]["tokens_per_s"] == 3.0 and ro["rollout"]["g"]["all_tokens_per_s"] == [1.0, 2.0, 3.0, 5.0, 9.0]
 
     def rec_of(group, contender, tps, peak):
         return {"kind": "train", "group": group, "contender": contender, "variant": None, "tokens_per_s": tps,

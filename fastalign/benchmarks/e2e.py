@@ -118,6 +118,31 @@ def _child(run: dict, workdir: str, log_dir: str, timeout_s: float) -> dict:
     return res
 
 
+def merge(old: dict | None, new: dict) -> dict:
+    """One run's results over rounds: all measured steps pooled (the median is over them), the
+    lowest peak memory (the same work each round; the lowest has the least allocator noise), the
+    first round's losses; an error in any round is kept."""
+    if old is None:
+        return dict(new)
+    out = dict(old)
+    if "error" in new:
+        out["error"] = new["error"]
+    if "step_seconds" in new:
+        out["step_seconds"] = old.get("step_seconds", []) + new["step_seconds"]
+    for k in ("peak_rss_bytes", "peak_cuda_bytes"):
+        if k in new:
+            out[k] = min(new[k], old.get(k, new[k]))
+    if "rollout" in new:
+        out["rollout"] = {}
+        for n, v in new["rollout"].items():
+            prev = (old.get("rollout") or {}).get(n, {})
+            if "all_tokens_per_s" in v and "all_tokens_per_s" in prev:
+                pooled = sorted(prev["all_tokens_per_s"] + v["all_tokens_per_s"])
+                v = dict(v, all_tokens_per_s=pooled, tokens_per_s=pooled[len(pooled) // 2])
+            out["rollout"][n] = v
+    return out
+
+
 def summarize(run: dict, res: dict) -> dict:
     """The record of one run: its median step time, tokens/s and peak memory (or its note)."""
     rec = {k: run[k] for k in ("id", "group") if k in run}
@@ -156,9 +181,14 @@ def _args(argv):
     p.add_argument("--steps", type=int, default=None, help="measured steps per run (default 2; quick 1)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512; quick 64)")
     p.add_argument("--rollout-batches", default=None, help="comma separated batch sizes (default 16,64; quick 4)")
+    p.add_argument("--rounds", type=int, default=1, help="run everything this many times, interleaved (a shared "
+                                                        "machine's load drift then hits every contender alike); "
+                                                        "medians over all rounds' steps")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every child (default: torch's)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run (default 3600; quick 900)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds: at least 1")
     args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     bad = [c for c in args.contenders if c not in CONTENDERS]
     if bad:
@@ -207,18 +237,21 @@ def main(argv=None) -> int:
     runs = plan(args, settings, device)
     meta = {"quick": args.e2e_quick, "model": args.model, "settings": settings, "argv": sys.argv[1:],
             "machine": machine_info(device), "method": __doc__.split("\n\n", 1)[1]}
-    records, t_start = [], time.time()
-    print(f"== e2e: {len(runs)} runs on {device} ({args.model}); logs in {log_dir}", flush=True)
+    records, results, t_start = [], {}, time.time()  # run id -> merged raw result over the rounds
+    print(f"== e2e: {len(runs)} runs x {args.rounds} round(s) on {device} ({args.model}); logs in {log_dir}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fastalign_e2e_") as workdir:
-        for run in runs:
-            spec = run["spec"]
-            reason = (_e2e_fastalign.check_overrides(spec["algo"], spec["overrides"])
-                      if spec["kind"] == "train" and spec["overrides"] else None)
-            res = {"note": reason} if reason else _child(run, workdir, log_dir, timeout_s)
-            rec = summarize(run, res)
-            records.append(rec)
-            print("  " + _e2e_report.one_line(rec), flush=True)
-            _e2e_report.write(args.out, meta, records, [], partial=True)  # a run cut short keeps what it has
+        for rnd in range(args.rounds):  # rounds: every run once per round, so load drift hits all alike
+            for run in runs:
+                spec = run["spec"]
+                reason = (_e2e_fastalign.check_overrides(spec["algo"], spec["overrides"])
+                          if spec["kind"] == "train" and spec["overrides"] else None)
+                if reason and rnd:
+                    continue
+                res = {"note": reason} if reason else _child(run, workdir, log_dir, timeout_s)
+                results[run["id"]] = merge(results.get(run["id"]), res)
+                records = [summarize(r, results[r["id"]]) for r in runs if r["id"] in results]
+                print(f"  [{rnd + 1}/{args.rounds}] " + _e2e_report.one_line(summarize(run, res)), flush=True)
+                _e2e_report.write(args.out, meta, records, [], partial=True)  # a run cut short keeps what it has
     targets = _e2e_report.targets(records, args.e2e_quick)
     meta["wall_s"] = time.time() - t_start
     _e2e_report.write(args.out, meta, records, targets)

@@ -195,7 +195,9 @@ def plot(out_dir, records) -> str | None:
         ax.set_yticklabels(labels, fontsize=6)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=9)
-        ax.grid(True, axis="x", alpha=0.3)
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        if key == "tokens_per_s":
+            ax.set_xscale("log")  # GRPO's tokens/s (sampling included) is far below SFT's and DPO's
     names, vals = [], []
     for r in ro:
         for n, v in r["rollout"].items():

@@ -113,6 +113,9 @@ def markdown(meta, records, targets_) -> str:
              f"new tokens to a prompt of <= {st['prompt_len']}); {st['warmup']} warm-up step(s), median of "
              f"{st['steps']} measured step(s); memory: "
              + ("max_memory_allocated" if m["device"].startswith("cuda") else "peak RSS of the contender's own process"),
+             "- a GRPO step, every contender: sampling (`generate`, exactly the new tokens above), the same Python "
+             "reward, one update; fastalign also runs a no-grad forward for the old log-probs (TRL, num_iterations=1, "
+             "reuses the update's)",
              "- speed = fastalign tokens/s / the other's (same run); mem = fastalign peak / the other's", ""]
     if targets_:
         lines += ["## Targets", "", "| target | measured | need | status |", "|---|---|---|---|"]

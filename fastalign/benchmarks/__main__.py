@@ -1,5 +1,6 @@
 """The benchmark runner: `fastalign bench [--quick] [--out DIR] [--only FAMILY[,FAMILY]]`
-(also `python -m benchmarks ...` in a clone).
+(also `python -m benchmarks ...` in a clone). `fastalign bench --e2e` / `--e2e-quick` runs the
+end-to-end training benchmark instead (fastalign/benchmarks/e2e.py, its own options).
 
 Runs every suite (fastalign/benchmarks/bench_<family>.py), each case's contenders interleaved (CPU) or with
 triton.testing.do_bench (CUDA), then the CPU peak-memory pass in a child process, and writes to
@@ -137,6 +138,11 @@ def run_family(family: str, args, device: str, ctx: dict, notes: list, checkpoin
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--e2e" in argv or "--e2e-quick" in argv:  # the end-to-end benchmark has its own options
+        from fastalign.benchmarks.e2e import main as e2e
+
+        return e2e(argv)
     p = argparse.ArgumentParser(prog="fastalign bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes, few rounds: the CI smoke run (its time: benchmarks/RESULTS.md)")
@@ -152,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-timing", action="store_true", help="peak memory only (CPU: the child-process pass)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
+    p.add_argument("--e2e", action="store_true", help="run the end-to-end training benchmark instead (fastalign vs "
+                                                      "TRL on SmolLM2-135M; see fastalign bench --e2e --help)")
+    p.add_argument("--e2e-quick", action="store_true", help="its smoke run (a few minutes)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

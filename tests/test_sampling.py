@@ -83,24 +83,24 @@ def _generate(model, tok, prompts, max_batch, max_new_tokens, eos):
 
 def test_greedy_equals_generate_token_for_token(model, tok):
     prompts = _prompts(tok, [1, 2, 5, 9, 16, 3, 7, 12])
-    free = _generate(model, tok, prompts, 3, 24, eos=tok.eos_token_id)
+    free = _generate(model, tok, prompts, 3, 16, eos=tok.eos_token_id)
     # as EOS, the token whose first occurrences spread the rows' stops most (some never stop)
     def stops_of(t):
-        return [r.index(t) + 1 if t in r else 24 for r in free]
-    eos = max({t for r in free for t in r}, key=lambda t: (24 in stops_of(t), len(set(stops_of(t)))))
-    ref = _generate(model, tok, prompts, 3, 24, eos=eos)
+        return [r.index(t) + 1 if t in r else 16 for r in free]
+    eos = max({t for r in free for t in r}, key=lambda t: (16 in stops_of(t), len(set(stops_of(t)))))
+    ref = _generate(model, tok, prompts, 3, 16, eos=eos)
     stops = [len(r) for r in ref]
-    assert min(stops) < 24 and max(stops) == 24 and len(set(stops)) > 2, stops  # the case is exercised
-    out = FastSampler(model, tok, max_batch=3, eos_token_id=eos).sample(prompts, max_new_tokens=24, do_sample=False)
+    assert min(stops) < 16 and max(stops) == 16 and len(set(stops)) > 2, stops  # the case is exercised
+    out = FastSampler(model, tok, max_batch=3, eos_token_id=eos).sample(prompts, max_new_tokens=16, do_sample=False)
     assert out.token_ids == ref
     assert out.truncated == sum(eos not in r for r in ref)
     assert [len(x) for x in out.logprobs] == stops == [len(x) for x in out.entropies]
     # one big batch (no chunking) gives the same tokens
     assert FastSampler(model, tok, max_batch=64, eos_token_id=eos).sample(
-        prompts, max_new_tokens=24, do_sample=False).token_ids == ref
+        prompts, max_new_tokens=16, do_sample=False).token_ids == ref
     # the transformers engine is generate itself
     assert TransformersEngine(model, tok, max_batch=3, eos_token_id=eos).sample(
-        prompts, max_new_tokens=24, do_sample=False).token_ids == ref
+        prompts, max_new_tokens=16, do_sample=False).token_ids == ref
 
 
 def test_seeded_sampling_is_deterministic_and_seed_dependent(model, tok):
@@ -230,58 +230,64 @@ def test_logprobs_are_gather_logprobs_of_the_logits_seen(model, tok):
 
 
 def _first_order_bounds(model, input_ids, labels, temperature):
-    """Per-token bound [B, T-1] of one fp32 evaluation of the log-probs (module docstring)."""
+    """Per-token bound [B, T-1] of one fp32 evaluation of the log-probs (module docstring). The
+    matmul operand perturbation is written on each Linear's output, gamma(k) |x| |W|^T (Higham
+    3.5), so that every perturbation is per row and one backward per position serves all rows."""
     cfg = model.config
     hd = cfg.hidden_size // cfg.num_attention_heads
     K = max(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, input_ids.shape[1])
     gk = gamma(K)
     m64 = tiny_model(tiny_tokenizer(), **TINY).double()
     m64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-    acts, hooks, qkv = [], [], {}
+    acts, hooks, qkv = [], [], {}  # (tensor whose gradient is taken, its perturbation size)
+
+    def linear_hook(mod, args, out, name):
+        x = args[0]
+        x.retain_grad()
+        out.retain_grad()
+        acts.append((x, gk * x.detach().abs(), name))  # the rounding of what produced the input
+        acts.append((out, gk * (x.detach().abs() @ mod.weight.detach().abs().T), None))
+        if name.split(".")[-1] in ("q_proj", "k_proj", "v_proj"):
+            qkv[name] = out.detach()
+
     for name, mod in m64.named_modules():
         if isinstance(mod, torch.nn.Linear):
-            def pre(mod, args, name=name):
-                x = args[0]
-                x.retain_grad()
-                acts.append((name, x))
-            hooks.append(mod.register_forward_pre_hook(pre))
-            if name.split(".")[-1] in ("q_proj", "k_proj", "v_proj"):
-                hooks.append(mod.register_forward_hook(lambda m, a, o, name=name: qkv.__setitem__(name, o)))
+            hooks.append(mod.register_forward_hook(lambda m, a, o, name=name: linear_hook(m, a, o, name)))
     for layer in m64.model.layers:
         def post(mod, args, out):
             h = out[0] if isinstance(out, tuple) else out
             h.retain_grad()
-            acts.append(("residual", h))
+            acts.append((h, gk * h.detach().abs(), None))
         hooks.append(layer.register_forward_hook(post))
     try:
         logits = m64(input_ids=input_ids).logits
-        lab = labels[:, 1:]
-        lp = (logits[:, :-1] / temperature).log_softmax(-1).gather(-1, lab.clamp(min=0)[..., None])[..., 0]
     finally:
         for h in hooks:
             h.remove()
-    # the attention outputs' perturbation size, per row and channel (o_proj's input)
-    att = {}
-    for name, x in acts:
-        if name.endswith("o_proj"):
+    lab = labels[:, 1:]
+    lp = (logits[:, :-1] / temperature).log_softmax(-1).gather(-1, lab.clamp(min=0)[..., None])[..., 0]
+    for i, (x, size, name) in enumerate(acts):  # the attention outputs (o_proj's input) get their own size
+        if name is not None and name.endswith("o_proj"):
             pre_ = name[: -len("o_proj")]
             B, T = x.shape[:2]
-            q, k, v = (qkv[pre_ + s].detach().view(B, T, -1, hd) for s in ("q_proj", "k_proj", "v_proj"))
+            q, k, v = (qkv[pre_ + s].view(B, T, -1, hd) for s in ("q_proj", "k_proj", "v_proj"))
             # |q.k| error <= gamma(hd) sum|q_i||k_i| <= gamma(hd) ||q|| ||k||, and the rotary embedding
             # keeps the norms; the largest key of the row bounds every score of a query
             score_err = hd ** -0.5 * gamma(hd) * q.norm(dim=-1) * k.norm(dim=-1).amax(1, keepdim=True)
-            att[name] = ((3 * gk + 2 * score_err)[..., None] * v.abs().amax(1, keepdim=True)).reshape(B, T, -1)
-    params = [p for p in m64.parameters()]
+            acts[i] = (x, ((3 * gk + 2 * score_err)[..., None] * v.abs().amax(1, keepdim=True)).reshape(B, T, -1),
+                       name)
     bound = torch.zeros(lp.shape, dtype=torch.float64)
-    for b, t in (labels[:, 1:] != -100).nonzero().tolist():
-        grads = torch.autograd.grad(lp[b, t], params + [x for _, x in acts], retain_graph=True, allow_unused=True)
-        total = sum((g.abs() * p.abs()).sum() * gk for g, p in zip(grads, params) if g is not None)
-        for (name, x), g in zip(acts, grads[len(params):]):
-            if g is None:
-                continue
-            size = att[name] if name in att else gk * x.detach().abs()
-            total = total + (g.abs() * size).sum()
-        bound[b, t] = total + logp_error(logits[b, t].detach() / temperature)[labels[b, t + 1]]
+    head = logp_error(logits[:, :-1].detach() / temperature).gather(-1, lab.clamp(min=0)[..., None])[..., 0]
+    for t in range(lp.shape[1]):
+        on = lab[:, t] != -100
+        if not on.any():
+            continue
+        grads = torch.autograd.grad(lp[on, t].sum(), [x for x, _, _ in acts], retain_graph=True, allow_unused=True)
+        total = torch.zeros(lp.shape[0], dtype=torch.float64)
+        for (x, size, _), g in zip(acts, grads):
+            if g is not None:  # rows are independent: row b's gradient is its own log-prob's
+                total += (g.abs() * size).flatten(1).sum(1)
+        bound[:, t] = torch.where(on, total + head[:, t], 0.0)
     return bound
 
 
@@ -347,3 +353,98 @@ def test_bad_engine_arguments_are_refused(model, tok):
     assert isinstance(make_engine("auto", model, tok), FastSampler)
     assert isinstance(make_engine("auto", model, tok, sharded=True), TransformersEngine)
     assert isinstance(make_engine("transformers", model, tok), TransformersEngine)
+
+
+# ---- the trainer: trainer.sampler and algo.old_logps ------------------------------------------------------
+
+def _grpo_run(tok, tmp_path, *, old_logps, sampler, policy_state):
+    from collections import Counter
+
+    from fastalign.algorithms import get_algorithm
+    from fastalign.data.synthetic import SyntheticTask
+    from fastalign.trainer.loop import Trainer
+
+    alg = get_algorithm("grpo")({"group_size": 4, "max_new_tokens": 6, "beta": 0.0, "temperature": 0.9,
+                                 "old_logps": old_logps}, reward_fn=lambda p, r: float(len(set(r))))
+    policy = tiny_model(tok, **TINY)
+    policy.load_state_dict(policy_state)
+    seen, loss = [], alg.loss
+
+    def spy(models, batch):
+        seen.append({k: batch[k].detach().clone() for k in ("input_ids", "labels", "old_logps", "advantages")})
+        return loss(models, batch)
+
+    alg.loss = spy
+    prompts = alg.encode(SyntheticTask().sample(4, seed=0), tok, 64, Counter())
+    cfg = dict(output_dir=str(tmp_path / f"{old_logps}-{sampler}"), max_steps=1, batch_size=4, lr=1e-3,
+               progress=False, plot=False, sampler=sampler)
+    metrics = Trainer(alg, {"policy": policy}, tok, prompts, None, cfg).fit()["train"]
+    return seen, metrics
+
+
+def test_old_logps_from_the_sampler_agree_with_the_recompute(tok, tmp_path):
+    state = tiny_model(tok, seed=5, **TINY).state_dict()
+    rec, m_rec = _grpo_run(tok, tmp_path, old_logps="recompute", sampler="fastalign", policy_state=state)
+    smp, m_smp = _grpo_run(tok, tmp_path, old_logps="sampler", sampler="fastalign", policy_state=state)
+    policy0 = tiny_model(tok, **TINY)
+    policy0.load_state_dict(state)
+    worst = 0.0
+    for a, b in zip(rec, smp):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["advantages"], b["advantages"])
+        mask = a["labels"][:, 1:] != -100
+        bound = 2 * _first_order_bounds(policy0, a["input_ids"], a["labels"], 0.9)
+        assert_within(b["old_logps"][mask], a["old_logps"][mask], bound[mask], "old log-probs")
+        assert (b["old_logps"][~mask] == 0).all()
+        worst = max(worst, float(bound[mask].max()))  # noqa: the bound is fp64 without gradients
+    # the loss: token-mean of max(-A r, -A clip(r)), r = exp(new - old); only old differs, by <= worst,
+    # so each term moves by <= |A| e^worst (e^worst - 1) (clipping is 1-Lipschitz in r), plus each
+    # run's rounding of the mean (gamma(n) of the terms' magnitudes); GRPO's advantages are z-scores
+    # within a group of 4: |A| <= (4 - 1) / sqrt(4)
+    a_max, n = 1.5, sum(int((x["labels"][:, 1:] != -100).sum()) for x in rec)
+    r_max = math.exp(worst)
+    loss_bound = a_max * r_max * (r_max - 1) + 2 * gamma(n) * a_max * r_max
+    assert abs(m_smp["loss"] - m_rec["loss"]) <= loss_bound
+
+
+def test_old_logps_sampler_falls_back_to_the_recompute_with_transformers(tok, tmp_path):
+    state = tiny_model(tok, seed=5, **TINY).state_dict()
+    rec, m_rec = _grpo_run(tok, tmp_path, old_logps="recompute", sampler="transformers", policy_state=state)
+    smp, m_smp = _grpo_run(tok, tmp_path, old_logps="sampler", sampler="transformers", policy_state=state)
+    assert all(torch.equal(a["old_logps"], b["old_logps"]) for a, b in zip(rec, smp))
+    assert m_rec["loss"] == m_smp["loss"]
+
+
+def test_trainer_sampler_option_is_checked(tok, tmp_path):
+    from fastalign.algorithms import get_algorithm
+    from fastalign.errors import ConfigError
+    from fastalign.trainer.loop import Trainer
+
+    from collections import Counter
+
+    from fastalign.data.synthetic import SyntheticTask
+
+    alg = get_algorithm("grpo")({"beta": 0.0}, reward_fn=lambda p, r: 0.0)
+    cfg = dict(output_dir=str(tmp_path), max_steps=1, progress=False, plot=False)
+    data = alg.encode(SyntheticTask().sample(2, seed=0), tok, 64, Counter())
+    with pytest.raises(ConfigError, match="sampler must be one of auto, fastalign, transformers"):
+        Trainer(alg, {"policy": tiny_model(tok, **TINY)}, tok, data, None, {**cfg, "sampler": "vllm"})
+    with pytest.raises(ConfigError, match="trainer.sampler: 'fastalign' cannot sample from this policy: model type"):
+        Trainer(alg, {"policy": tiny_model(tok, arch="gpt2", **TINY)}, tok, data, None, {**cfg, "sampler": "fastalign"})
+    with pytest.raises(ConfigError, match="old_logps"):
+        get_algorithm("grpo")({"old_logps": "cached"}, reward_fn=lambda p, r: 0.0)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_generate():
+    pytest.importorskip("gguf")
+    from fastalign.data import collate as C
+    from fastalign.models import load_model, load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct", tokenizer=tok).eval()
+    questions = ["What is the capital of France?", "Name three primary colors.", "Write one sentence about cats."]
+    prompts = [tok(C.prompt_text(tok, q), add_special_tokens=False)["input_ids"] for q in questions]
+    ref = _generate(model, tok, prompts, 3, 20, eos=tok.eos_token_id)
+    out = FastSampler(model, tok, max_batch=3).sample(prompts, max_new_tokens=20, do_sample=False)
+    assert out.token_ids == ref
+    assert "Paris" in tok.decode(out.token_ids[0])

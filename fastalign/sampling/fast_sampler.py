@@ -42,7 +42,8 @@ class FastSampler(RolloutEngine):
         if compile not in ("auto", True, False):
             raise ValueError(f"FastSampler: compile must be 'auto', True or False, got {compile!r}")
         device = next(model.parameters()).device
-        # torch.compile pays on CUDA (launch overhead); on the CPU it did not (benchmarks/RESULTS.md)
+        # torch.compile is for CUDA (launch overhead); on the CPU it compiled for minutes and is not
+        # measured to pay (benchmarks/RESULTS.md)
         compile_step = device.type == "cuda" if compile == "auto" else compile
         self.decoder = StaticDecoder(model, compile_step=compile_step)
         self.model, self.tokenizer, self.max_batch, self.device = model, tokenizer, max_batch, device

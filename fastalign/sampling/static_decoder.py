@@ -83,8 +83,8 @@ class StaticDecoder:
         """Feeds one token per row [B]; returns the logits [B, V] of the next one."""
         if self.length >= self.capacity:
             raise RuntimeError("StaticDecoder: the cache is full (more steps than max_new_tokens)")
-        slot = self.length
-        self.valid[:, slot] = True
+        slot = torch.tensor([self.length], device=tokens.device)  # a tensor: one compiled graph for all steps
+        self.valid[:, self.length] = True
         positions = self.next_pos[:, None]
         self.next_pos = self.next_pos + 1
         self.length += 1
@@ -125,8 +125,8 @@ class StaticDecoder:
                 self.values[i][:, :, :T] = v
                 keys, values = k, v
             else:
-                self.keys[i][:, :, slot] = k[:, :, 0]
-                self.values[i][:, :, slot] = v[:, :, 0]
+                self.keys[i].index_copy_(2, slot, k.to(self.keys[i].dtype))
+                self.values[i].index_copy_(2, slot, v.to(self.values[i].dtype))
                 keys, values = self.keys[i][:, :, :width], self.values[i][:, :, :width]
             o = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                                scale=attn.scaling, enable_gqa=True)

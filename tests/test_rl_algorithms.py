@@ -62,7 +62,9 @@ def _trainer(alg, models, tok, out, train, evald=None, **kw):
 
 
 def test_ppo_step_logs_losses_and_monitors(tok, tmp_path):
-    alg = get_algorithm("ppo")({"max_new_tokens": 6, "ppo_epochs": 2, "mini_batches": 2},
+    # 24 new tokens: enough that some of the 32 responses end at an EOS (the tiny model's EOS has
+    # probability ~1% a step), so lengths vary whatever the sampler's random stream
+    alg = get_algorithm("ppo")({"max_new_tokens": 24, "ppo_epochs": 2, "mini_batches": 2},
                                reward_fn=lambda p, r: float(len(r)), oracle_fn=Oracle.score)
     tr = _trainer(alg, _ppo_models(tok), tok, tmp_path, _prompts(alg, tok, 32, 0), max_steps=1)
     m = tr.fit()["train"]

@@ -42,16 +42,30 @@ class Rollout:
     entropy: torch.Tensor | None = None    # [N, L-1] its per-token entropy
     ref_logps: torch.Tensor | None = None  # [N, L-1] of the reference (None without one)
     seq_kl: torch.Tensor | None = None     # [N] sum of old_logps - ref_logps per response (k1)
+    # the sampler's own log-probs and entropies laid out as old_logps ([N, L-1], 0 off the
+    # response), when sample(with_logprobs=True) was asked and the engine gave them:
+    sampler_logps: torch.Tensor | None = None
+    sampler_entropy: torch.Tensor | None = None
 
     def __len__(self):
         return len(self.texts)
 
 
-def sample(context, prompts, *, temperature: float, max_new_tokens: int, seed: int) -> Rollout:
+def sample(context, prompts, *, temperature: float, max_new_tokens: int, seed: int,
+           with_logprobs: bool = False) -> Rollout:
     """Samples one response per entry of `prompts` from context.models["policy"] (seeded: a
-    resumed run samples what the uninterrupted one did)."""
+    resumed run samples what the uninterrupted one did). with_logprobs: keep the sampler's
+    per-token log-probs and entropies (Rollout.sampler_logps / sampler_entropy; None when the
+    engine gives none)."""
     tok = context.tokenizer
-    texts, ids, truncated = context.generate(prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    if with_logprobs:
+        texts, ids, truncated, lps, ents = context.generate(prompts, temperature=temperature,
+                                                            max_new_tokens=max_new_tokens, seed=seed,
+                                                            return_logprobs=True)
+    else:
+        texts, ids, truncated = context.generate(prompts, temperature=temperature, max_new_tokens=max_new_tokens,
+                                                 seed=seed)
+        lps = ents = None
     exs = []
     for i, (p, r) in enumerate(zip(prompts, ids)):
         if not r:  # nothing but padding came out: score the EOS alone rather than an empty response
@@ -59,7 +73,21 @@ def sample(context, prompts, *, temperature: float, max_new_tokens: int, seed: i
         pid = tok(C.prompt_text(tok, p), add_special_tokens=False)["input_ids"]
         exs.append({"input_ids": pid + list(r), "labels": [C.IGNORE] * len(pid) + list(r)})
     batch = context.to_device(C.collate_lm(exs, tok.pad_token_id))
-    return Rollout(list(prompts), texts, ids, truncated, batch, batch["labels"][:, 1:] != C.IGNORE)
+    rollout = Rollout(list(prompts), texts, ids, truncated, batch, batch["labels"][:, 1:] != C.IGNORE)
+    rollout.sampler_logps = _on_response(rollout.mask, lps)
+    rollout.sampler_entropy = _on_response(rollout.mask, ents)
+    return rollout
+
+
+def _on_response(mask: torch.Tensor, per_response: list | None) -> torch.Tensor | None:
+    """Per-response value tensors laid out on the response positions of mask [N, L-1] (0
+    elsewhere); None when there are none or a response's count does not match its positions."""
+    if per_response is None or [len(x) for x in per_response] != mask.sum(1).tolist():
+        return None
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if per_response:
+        out[mask] = torch.cat([x.float() for x in per_response]).to(mask.device)  # row-major, as mask is
+    return out
 
 
 @torch.no_grad()

@@ -19,9 +19,12 @@ implementation is fastalign/trainer/context.py; a test may write its own.
     optimize(micro_batches, loss_fn=None, units_fn=None) -> metrics
                      one optimizer step, the summed loss divided by the loss units of all the
                      micro-batches (and of every rank); callable several times per train_step
-    generate(prompts, temperature=, max_new_tokens=, seed=) -> (texts, ids, truncated)
-                     responses sampled from models["policy"] (the same forward count on every
-                     rank when the model is sharded)
+    generate(prompts, temperature=, max_new_tokens=, seed=, return_logprobs=False)
+                     -> (texts, ids, truncated) responses sampled from models["policy"] (the same
+                     forward count on every rank when the model is sharded); with
+                     return_logprobs=True also (logprobs, entropies): per response fp32 tensors of
+                     log_softmax(logits / temperature)[token] and the entropy at each step, as
+                     the sampler computed them, or (None, None) when its engine gives none
     any_rank(flag), all_reduce(values, op), reduce_weighted(sums, weights)
                      collectives over the run's processes (plain values with one process)
 
@@ -74,9 +77,11 @@ class TrainingContext:
         and the loss's own, unit-weighted)."""
         raise NotImplementedError
 
-    def generate(self, prompts: list, *, temperature: float, max_new_tokens: int, seed: int):
+    def generate(self, prompts: list, *, temperature: float, max_new_tokens: int, seed: int,
+                 return_logprobs: bool = False):
         """(texts, response token ids with EOS kept when emitted, count of responses cut at
-        max_new_tokens) of one sampled response per prompt from models["policy"]."""
+        max_new_tokens) of one sampled response per prompt from models["policy"]; with
+        return_logprobs, also (logprobs, entropies) of the sampler, or (None, None)."""
         raise NotImplementedError
 
     def any_rank(self, flag: bool) -> bool:

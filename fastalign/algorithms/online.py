@@ -14,7 +14,8 @@ In detail, `train_step(context, micro_batches)`:
   2. scores them: `reward_fn(prompt, response)`, or the reward model's score of prompt + response;
      non-finite scores stop the run before any update (TrainingDivergedError);
   3. fills the Rollout (fastalign/algorithms/_rollout.py) with the scores, the sampling policy's
-     per-token log-probs and entropy and, when a reference model is given, its log-probs and the
+     per-token log-probs and entropy (a no-grad forward, or with `old_logps: sampler` the ones
+     the sampler computed while sampling, from the same weights) and, when a reference model is given, its log-probs and the
      per-response KL estimate sum(logp - ref);
   4. calls `advantages`, and optimises `loss` over input_ids / attention_mask / labels /
      old_logps (/ ref_logps) + what advantages returned: `ppo_epochs` passes of `mini_batches`
@@ -52,6 +53,10 @@ class OnlineConfig(AlgorithmConfig):
     mini_batches: int = option(1, "optimizer steps per epoch", ge=1)
     clip: float = option(0.2, "policy ratio clip", gt=0, lt=1)
     target_kl: float | None = option(None, "stop the epochs early when approx-KL > 1.5 * target_kl", gt=0)
+    old_logps: str = option("recompute", "the sampling policy's log-probs: recompute (a no-grad forward of the "
+                                         "policy in the run's precision) or sampler (the ones the sampler "
+                                         "computed while sampling; needs trainer.sampler fastalign/auto on a "
+                                         "supported model, else recomputed)", choices=("recompute", "sampler"))
 
 
 class OnlineAlgorithm(Algorithm):
@@ -108,11 +113,16 @@ class OnlineAlgorithm(Algorithm):
         k = self.samples_per_prompt
         prompts = [r["prompt"] for mb in micro_batches for r in mb["records"] for _ in range(k)]
         seed = R.step_seed(context)
-        rollout = R.sample(context, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
+        from_sampler = cfg.old_logps == "sampler"
+        rollout = R.sample(context, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed,
+                           with_logprobs=from_sampler)
         b, mask = rollout.batch, rollout.mask
         rollout.scores = R.scores(context, rollout, self.reward_fn)
-        rollout.old_logps, rollout.entropy = R.logps_of(context, context.models["policy"], b, cfg.temperature,
-                                                        entropy=True)
+        if from_sampler and rollout.sampler_logps is not None:  # the same weights sampled: no second forward
+            rollout.old_logps, rollout.entropy = rollout.sampler_logps, rollout.sampler_entropy
+        else:
+            rollout.old_logps, rollout.entropy = R.logps_of(context, context.models["policy"], b, cfg.temperature,
+                                                            entropy=True)
         data = {**{key: b[key] for key in ("input_ids", "attention_mask", "labels")}, "old_logps": rollout.old_logps}
         if "reference" in context.models:
             rollout.ref_logps = data["ref_logps"] = R.logps_of(context, context.models["reference"], b, cfg.temperature)

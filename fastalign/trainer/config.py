@@ -68,6 +68,10 @@ class TrainerConfig:
     distributed: str = option("auto", "auto (ddp when WORLD_SIZE > 1) | ddp | fsdp | none",
                               choices=("auto", "ddp", "fsdp", "none"))
     seed: int = option(0, "seed of initialisation, shuffling and sampling")
+    sampler: str = option("auto", "rollout and evaluation sampling: fastalign (static KV cache, log-probs from "
+                                  "the same pass; plain Llama-family models), transformers (generate), auto "
+                                  "(fastalign where it supports the model, else transformers)",
+                          choices=("auto", "fastalign", "transformers"))
     log_every: int = option(1, "log training metrics every N steps", ge=1)
     eval_every: int = option(0, "evaluate every N steps (0: only at the end, if there is eval data)", ge=0)
     save_every: int = option(0, "checkpoint every N steps (0: only at the end and on Ctrl-C)", ge=0)

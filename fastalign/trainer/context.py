@@ -53,9 +53,11 @@ class TrainerContext(TrainingContext):
     def optimize(self, micro_batches: list[dict], *, loss_fn=None, units_fn=None) -> dict:
         return self._trainer.optimize(micro_batches, loss_fn=loss_fn, units_fn=units_fn)
 
-    def generate(self, prompts: list, *, temperature: float, max_new_tokens: int, seed: int):
+    def generate(self, prompts: list, *, temperature: float, max_new_tokens: int, seed: int,
+                 return_logprobs: bool = False):
         return generate(self.models["policy"], self.tokenizer, prompts, temperature=temperature,
-                        max_new_tokens=max_new_tokens, seed=seed, device=self.device)
+                        max_new_tokens=max_new_tokens, seed=seed, device=self.device,
+                        sampler=self._trainer.config.sampler, return_logprobs=return_logprobs)
 
     def any_rank(self, flag: bool) -> bool:
         return D.any_rank(flag)

@@ -1,8 +1,10 @@
-"""Sampling from a causal LM for evaluation and rollouts (transformers `generate`, KV cache).
+"""Sampling from a causal LM for evaluation and rollouts, through a rollout engine
+(fastalign/sampling: `trainer.sampler` = auto | fastalign | transformers).
 
 `generate` returns, per prompt, the response token ids (cut at the first EOS, which is kept) and
-their text; `response_logps` scores given responses under a model with gather_logprobs (the
-per-token log-probs PPO and the KL estimates need, at the sampling temperature).
+their text (and, on request, the sampler's per-token log-probs and entropies);
+`response_logps` scores given responses under a model with gather_logprobs (the per-token
+log-probs PPO and the KL estimates need, at the sampling temperature).
 """
 
 from __future__ import annotations
@@ -12,50 +14,27 @@ import torch
 from fastalign.data import collate as C
 from fastalign.ops.logprobs import gather_logprobs
 from fastalign.ops.preference import sequence_logps
+from fastalign.sampling import make_engine
 from fastalign.trainer import distributed as D
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens=32, temperature=1.0, do_sample=True, batch_size=128,
-             device=None, seed=None):
+             device=None, seed=None, sampler="auto", return_logprobs=False):
     """prompts: strings or message lists. Returns (responses: list[str], response_ids:
-    list[list[int]], truncated: int) -- truncated counts responses that never emitted EOS."""
-    device = device or next(model.parameters()).device
-    gen = None
-    if seed is not None:
-        gen = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-        gen.__enter__()
-        torch.manual_seed(seed)
-    try:
-        was_training = model.training
-        model.eval()
-        texts, all_ids, truncated = [], [], 0
-        eos = tokenizer.eos_token_id
-        sharded = D.is_sharded(model)
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i: i + batch_size]
-            ids = [tokenizer(C.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in chunk]
-            batch = C.collate_prompts([{"prompt_ids": x} for x in ids], tokenizer.pad_token_id)
-            input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
-            if sharded:  # every step is a collective: ranks whose responses all ended keep stepping
-                kw["synced_gpus"] = True
-            out = model.generate(input_ids=input_ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **kw)
-            for row in out[:, input_ids.shape[1]:].tolist():
-                if eos in row:
-                    row = row[: row.index(eos) + 1]
-                else:
-                    truncated += 1
-                    row = [t for t in row if t != tokenizer.pad_token_id]
-                all_ids.append(row)
-                texts.append(tokenizer.decode(row, skip_special_tokens=True))
-        if was_training:
-            model.train()
-        return texts, all_ids, truncated
-    finally:
-        if gen is not None:
-            gen.__exit__(None, None, None)
+    list[list[int]], truncated: int) -- truncated counts responses that never emitted EOS; with
+    return_logprobs, also (logprobs, entropies): lists of fp32 [len(response)] tensors of
+    log_softmax(logits / temperature) of each sampled token and the entropy at each step, or
+    (None, None) when the engine gives none (transformers' generate)."""
+    ids = [tokenizer(C.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    if not ids:
+        return ([], [], 0, None, None) if return_logprobs else ([], [], 0)
+    engine = make_engine(sampler, model, tokenizer, max_batch=batch_size, sharded=D.is_sharded(model))
+    out = engine.sample(ids, max_new_tokens=max_new_tokens, temperature=temperature, do_sample=do_sample, seed=seed)
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out.token_ids]
+    if return_logprobs:
+        return texts, out.token_ids, out.truncated, out.logprobs, out.entropies
+    return texts, out.token_ids, out.truncated
 
 
 @torch.no_grad()
@@ -82,3 +61,4 @@ def response_logps(model, tokenizer, prompts, response_ids, *, temperature=1.0, 
     if return_entropy:
         return lps, torch.cat(ents) if ents else torch.zeros(0)
     return lps
+

@@ -36,6 +36,7 @@ from fastalign.algorithms.context import TrainingDivergedError, derive_seed
 from fastalign.errors import ConfigError, ResumeError
 from fastalign.models import adapters
 from fastalign.options import build_config
+from fastalign.sampling.static_decoder import unsupported_reason
 from fastalign.trainer import checkpoint as ckpt
 from fastalign.trainer import distributed as D
 from fastalign.trainer import evaluation, optimization
@@ -119,6 +120,12 @@ class Trainer:
         # DDP views of the trainable models (see train_models); FSDP2 shards self.models in place
         self._views = D.wrap_models(self.models, algorithm.trainable, self.dist_mode, self.device)
         self.trainable = {r: self.models[r] for r in algorithm.trainable if r in self.models}
+        if cfg.sampler == "fastalign" and "policy" in self.models:
+            why = "the model is sharded (FSDP2)" if D.is_sharded(self.models["policy"]) \
+                else unsupported_reason(self.models["policy"])
+            if why is not None:
+                raise ConfigError(f"trainer.sampler: 'fastalign' cannot sample from this policy: {why}; use auto "
+                                  "(falls back to transformers' generate) or transformers")
         self.params = list({id(p): p for m in self.trainable.values() for p in m.parameters() if p.requires_grad}.values())
         # bf16-weights: the optimizer holds (and clipping reads) the fp32 masters (master_weights.py)
         self.master_weights = MasterWeights(self.params) if cfg.precision == "bf16-weights" else None

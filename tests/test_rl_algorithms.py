@@ -235,6 +235,23 @@ def test_grpo_step(tok, tmp_path, agg):
     assert get_algorithm("grpo")({"beta": 0.0}, reward_fn=lambda p, r: 0.0).models == ("policy",)
 
 
+@pytest.mark.parametrize("micro", [None, 16, 3])
+def test_online_micro_batch_size(tok, tmp_path, micro):
+    """algo.micro_batch_size sets the rows of each forward/backward of the update (default:
+    trainer.batch_size), independently of the prompts per step: 4 prompts x group 4 = 16 rows."""
+    cfg = {"group_size": 4, "max_new_tokens": 4, "beta": 0.0}
+    if micro is not None:
+        cfg["micro_batch_size"] = micro
+    alg = get_algorithm("grpo")(cfg, reward_fn=lambda p, r: float(len(r)))
+    rows, loss = [], alg.loss
+    alg.loss = lambda models, batch: (rows.append(batch["input_ids"].shape[0]), loss(models, batch))[1]
+    tr = _trainer(alg, {"policy": tiny_model(tok, seed=0, **TINY)}, tok, tmp_path, _prompts(alg, tok, 16, 0),
+                  max_steps=1, batch_size=4)
+    tr.fit()
+    expect = {None: [4, 4, 4, 4], 16: [16], 3: [3, 3, 3, 3, 3, 1]}[micro]
+    assert rows == expect
+
+
 # ---- learning (slow: SFT first, then RL on the oracle's score) -------------------------------------
 
 

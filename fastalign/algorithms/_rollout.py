@@ -155,16 +155,17 @@ def select(tensors: dict, idx: list[int], micro: int) -> list[dict]:
 
 def optimize_epochs(context, alg, data: dict, n: int, seed: int):
     """alg.config.ppo_epochs passes over `n` rollout rows in alg.config.mini_batches seeded
-    mini-batches, one context.optimize step each (micro-batches of context.batch_size rows,
-    alg.loss / alg.loss_units). Stops early when a step's approx-KL exceeds 1.5 *
+    mini-batches, one context.optimize step each (micro-batches of alg.config.micro_batch_size
+    rows, default context.batch_size; alg.loss / alg.loss_units). Stops early when a step's approx-KL exceeds 1.5 *
     alg.config.target_kl: that step is applied, the remaining ones are skipped. Returns (the
     metrics averaged over the steps taken, the number of steps, whether it stopped early)."""
     cfg = alg.config
     gen = torch.Generator().manual_seed(seed)
+    micro = cfg.micro_batch_size or context.batch_size
     steps, sums = 0, {}
     for _epoch in range(cfg.ppo_epochs):
         for idx in minibatches(n, cfg.mini_batches, gen):
-            out = context.optimize(select(data, idx, context.batch_size), loss_fn=alg.loss, units_fn=alg.loss_units)
+            out = context.optimize(select(data, idx, micro), loss_fn=alg.loss, units_fn=alg.loss_units)
             steps += 1
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v

@@ -51,6 +51,9 @@ class OnlineConfig(AlgorithmConfig):
     max_new_tokens: int = option(32, "response length limit when sampling", ge=1)
     ppo_epochs: int = option(1, "passes over each rollout batch", ge=1)
     mini_batches: int = option(1, "optimizer steps per epoch", ge=1)
+    micro_batch_size: int | None = option(None, "rollout rows per forward/backward in the update (gradients "
+                                                "accumulate over a mini-batch's micro-batches); default: "
+                                                "trainer.batch_size", ge=1)
     clip: float = option(0.2, "policy ratio clip", gt=0, lt=1)
     target_kl: float | None = option(None, "stop the epochs early when approx-KL > 1.5 * target_kl", gt=0)
     old_logps: str = option("recompute", "the sampling policy's log-probs: recompute (a no-grad forward of the "

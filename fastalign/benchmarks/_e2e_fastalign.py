@@ -26,11 +26,14 @@ def config(spec: dict, data_path: str, data_format: str) -> tuple[dict, list[str
     data = {"format": data_format, "train": data_path, "max_length": spec["seq_len"]}
     algo_cfg = {}
     if algo == "grpo":
-        # one prompt per step, group_size samples of it: batch = group_size sequences
+        # one prompt per step, group_size samples of it: batch = group_size sequences, updated as
+        # one micro-batch (as TRL does); the old log-probs come from the sampler's pass, where it
+        # gives them (TRL with num_iterations=1 reuses the update's detached log-probs: no forward)
         trainer["batch_size"] = 1
         data["max_length"] = spec["seq_len"] + spec["new_tokens"]
         algo_cfg = {"group_size": spec["batch"], "max_new_tokens": spec["new_tokens"], "beta": 0.0,
-                    "temperature": 1.0, "ppo_epochs": 1, "mini_batches": 1}
+                    "temperature": 1.0, "ppo_epochs": 1, "mini_batches": 1,
+                    "micro_batch_size": spec["batch"], "old_logps": "sampler"}
     else:
         trainer["batch_size"] = spec["batch"]
         if algo == "dpo":

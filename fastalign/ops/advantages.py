@@ -186,7 +186,9 @@ def advantages(kind: str, rewards: torch.Tensor, response_mask: torch.Tensor, *,
     if response_mask.dtype.is_complex or response_mask.dim() != 2:
         raise ValueError(f"advantages: response_mask must be a 2-D [B, T] bool or real tensor, "
                          f"got {response_mask.dtype} of shape {tuple(response_mask.shape)}")
-    mask = response_mask.detach() != 0
+    mask = response_mask.detach()
+    if mask.dtype != torch.bool:  # a bool mask is used as it is (no [B, T] pass)
+        mask = mask != 0
     token_rewards = _token_rewards(rewards, mask)
     group = None
     if entry.needs_index:

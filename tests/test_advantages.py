@@ -370,6 +370,19 @@ def test_deterministic_and_order_of_index_values_irrelevant():
     assert torch.equal(a[0], c[0])
 
 
+def test_empty_batches_dtypes_and_int32_index():
+    for kind in GROUP_KINDS:
+        adv, ret = fastalign.advantages(kind, torch.zeros(0, 5), torch.zeros(0, 5), index=torch.zeros(0, dtype=torch.long))
+        assert adv.shape == ret.shape == (0, 5)
+    adv, _ = fastalign.advantages("reinforce_plus_plus", torch.zeros(3, 0), torch.zeros(3, 0))
+    assert adv.shape == (3, 0)
+    rewards, mask, index = _inputs(13)
+    want = fastalign.advantages("grpo", rewards.bfloat16().float(), mask, index=index)
+    got = fastalign.advantages("grpo", rewards.bfloat16(), mask.float(), index=index.int())
+    assert got[0].dtype == torch.float32
+    assert torch.equal(got[0], want[0])  # bf16 is upcast exactly; the mask dtype and index width change nothing
+
+
 # ---- registry and bad inputs ----------------------------------------------------------------------
 
 
@@ -446,11 +459,11 @@ def test_bad_inputs_name_the_argument(call, error, match):
 # ---- torch.compile --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(set(ADVANTAGE_ESTIMATORS) - {"gae"}))
+@pytest.mark.parametrize("kind", sorted(ADVANTAGE_ESTIMATORS))
 def test_torch_compile_fullgraph(kind):
     torch._dynamo.reset()
     rewards, mask, index = _inputs(12, batch=16, steps=8, min_group=2)
-    opts = {"reward_baselines": torch.randn(16)} if kind == "remax" else {}
+    opts = {"remax": {"reward_baselines": torch.randn(16)}, "gae": {"values": torch.randn(16, 8)}}.get(kind, {})
     if ADVANTAGE_ESTIMATORS[kind].needs_index:
         opts["index"] = index
 

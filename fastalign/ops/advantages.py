@@ -11,8 +11,8 @@ response i, G(i) its group, n its size, m the response mask:
   grpo      A_i = (s_i - mean_G s) / (std_G s + epsilon), std unbiased, epsilon outside the root
             (GRPO, arXiv 2402.03300); norm_adv_by_std_in_grpo=False: A_i = s_i - mean_G s
             (Dr. GRPO, arXiv 2503.20783). verl: a group of one has mean 0, std 1 (A = s/(1+eps)).
-            epsilon defaults to verl's 1e-6; TRL uses 1e-4 and OpenRLHF 1e-9, and TRL's
-            group of one gives NaN (std of one sample).
+            epsilon defaults to verl's 1e-6; TRL uses 1e-4 and OpenRLHF 1e-9, and both group
+            contiguous blocks of a fixed size (no index tensor), so groups of one do not arise.
   rloo      A_i = s_i - (sum_G s - s_i) / (n - 1) = n/(n-1) (s_i - mean_G s)  (arXiv 2402.14740);
             verl leaves the score of a group of one unchanged (A = s_i).
   reinforce_plus_plus_baseline

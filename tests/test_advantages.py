@@ -436,6 +436,7 @@ def test_registry_refusals():
     (lambda r, m, i: fastalign.advantages("grpo", r, m, index=i.tolist()), TypeError, "index must be an integer"),
     (lambda r, m, i: fastalign.advantages("grpo", r, m, index=i[:-1]), ValueError, "index must have shape"),
     (lambda r, m, i: fastalign.advantages("grpo", r.long(), m, index=i), TypeError, "rewards must be float"),
+    (lambda r, m, i: fastalign.advantages("reinforce_plus_plus", r, m, index=i[:3]), ValueError, "index must have"),
     (lambda r, m, i: fastalign.advantages("grpo", r[:, :-1], m, index=i), ValueError, "rewards must have shape"),
     (lambda r, m, i: fastalign.advantages("grpo", r[None], m, index=i), ValueError, "rewards must be"),
     (lambda r, m, i: fastalign.advantages("grpo", r, m[0], index=i), ValueError, "response_mask must be a 2-D"),

@@ -173,7 +173,7 @@ def advantages(kind: str, rewards: torch.Tensor, response_mask: torch.Tensor, *,
     response_mask: `[B, T]`, bool or any real dtype (nonzero = a response token).
     index: integer tensor `[B]` of group (prompt) ids, required by grpo, rloo,
       reinforce_plus_plus_baseline, opo, grpo_passk (and plugins registered with needs_index);
-      any values in any order (map string uids to integers first).
+      any values in any order (map string uids to integers first); checked whenever given.
     options, per kind: epsilon (grpo, grpo_passk; default 1e-6), norm_adv_by_std_in_grpo (grpo,
       grpo_passk; default True), gamma (reinforce_plus_plus, gae; default 1.0), lam, values and
       whiten (gae), reward_baselines `[B]` (remax). An option a kind does not take is refused.
@@ -191,14 +191,15 @@ def advantages(kind: str, rewards: torch.Tensor, response_mask: torch.Tensor, *,
         mask = mask != 0
     token_rewards = _token_rewards(rewards, mask)
     group = None
-    if entry.needs_index:
-        if index is None:
-            raise TypeError(f"advantages: kind={kind!r} needs index=[B] (the group id of each response)")
+    if entry.needs_index and index is None:
+        raise TypeError(f"advantages: kind={kind!r} needs index=[B] (the group id of each response)")
+    if index is not None:  # checked even where unused: a wrong index is a mistake worth naming
         if not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype.is_complex \
                 or index.dtype == torch.bool:
             what = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
             raise TypeError(f"advantages: index must be an integer tensor [B] of group ids, got {what}")
         _check_tensor_like("index", index, mask.shape[:1], mask.device)
+    if entry.needs_index:
         group = est.dense_group_ids(index.detach())
     options = dict(options)
     _check_options(kind, options)

@@ -8,6 +8,7 @@ so `import fastalign` for the kernels stays light.
 import importlib
 
 from fastalign._backends import backends
+from fastalign.ops.advantages import advantages, register_advantage_estimator
 from fastalign.ops.gae import gae
 from fastalign.ops.grpo import group_advantages
 from fastalign.ops.kl import kl_penalty, masked_whiten
@@ -52,6 +53,8 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "group_advantages",
+    "advantages",
+    "register_advantage_estimator",
     # preference
     "sequence_logps",
     "dpo_loss",

@@ -1,0 +1,482 @@
+"""fastalign.advantages: every built-in estimator against (a) its eager per-group reference
+(fastalign/kernels/reference_advantages.py) and (b) verl's formula as written in verl's source,
+verl/trainer/ppo/core_algos.py (the functions named in each `_verl_*` below), re-derived here with
+verl's Python loop over samples and its dict of groups; plus bad inputs, the registry and
+torch.compile.
+
+Error bounds (tests/numerics.py's model, computed in fp64 from the test's actual inputs): both
+sides are fp32 evaluations of the same formula, so they may differ by the sum of their errors
+against the exact result (the factor 2 below). Scores s = sum_t r_t are the same torch op on the
+same tensor on both sides (bit-identical), so the errors start at the group statistics:
+  * a group mean of n scores: e_mu = gamma(n) sum|s| / n; a deviation d = s - mean:
+    e_d = e_mu + u (|d| + e_mu);
+  * the unbiased std of a group: its deviations' errors move it by at most max e_d sqrt(n/(n-1))
+    (the triangle inequality for the 2-norm), the sum of n squares, the division and sqrt by
+    gamma(n + 3) of it; dividing by (std + eps) then costs e_d / den + |A| (e_std / den + u);
+  * rloo: A = n/(n-1) d (or s minus the mean of the others): n/(n-1) e_d + gamma(3) |A|
+    + gamma(n) sum|s| / (n-1) (the leave-one-out sum);
+  * opo: the baseline sum(|y| s) / sum|y| of n products: gamma(n + 2) sum |y||s| / sum|y|;
+  * the discounted returns: the sequential loop and the doubling scan both sum the same terms
+    gamma^(s-t) r_s with T roundings at most (and coefficient products of at most 2 log2 T
+    roundings): gamma(3 T) D_t, D_t the same sum of |terms| (REMAX: gamma(T) D_t);
+  * the batch whitening of reinforce_plus_plus(_baseline): tests/test_kl_whiten.py's derivation
+    with the inputs' own errors e_x added to the mean's (see _whiten_error).
+Results whose intermediates are exact (all-equal integer scores, the same code on the same
+inputs) are compared bit for bit.
+"""
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+import fastalign
+from fastalign.kernels import reference_advantages as ref
+from fastalign.ops.advantages import ADVANTAGE_ESTIMATORS
+from tests.numerics import EXP_ULPS, assert_within, gamma, unit_roundoff
+
+U = unit_roundoff(torch.float32)
+GROUP_KINDS = ["grpo", "rloo", "reinforce_plus_plus_baseline", "opo", "grpo_passk"]
+
+
+# ---- verl's formulas, re-derived from verl/trainer/ppo/core_algos.py ---------------------------
+
+
+def _verl_whiten(values, mask):
+    """verl/utils/torch_functional.py masked_whiten: masked mean, unbiased masked variance,
+    (values - mean) * rsqrt(var + 1e-8)."""
+    mean = (values * mask).sum() / mask.sum()
+    centered = values - mean
+    var = (centered**2 * mask).sum() / mask.sum() * (mask.sum() / (mask.sum() - 1))
+    return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+def _verl_groups(scores, index, extra=None):
+    id2score, id2extra = defaultdict(list), defaultdict(list)
+    for i in range(scores.shape[0]):
+        id2score[int(index[i])].append(scores[i])
+        if extra is not None:
+            id2extra[int(index[i])].append(extra[i])
+    return id2score, id2extra
+
+
+def _verl_grpo(r, mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
+    """compute_grpo_outcome_advantage."""
+    scores = r.sum(-1)
+    id2score, _ = _verl_groups(scores, index)
+    id2mean, id2std = {}, {}
+    for g, vals in id2score.items():
+        if len(vals) == 1:
+            id2mean[g], id2std[g] = torch.tensor(0.0), torch.tensor(1.0)
+        else:
+            id2mean[g], id2std[g] = torch.mean(torch.stack(vals)), torch.std(torch.stack(vals))
+    for i in range(scores.shape[0]):
+        g = int(index[i])
+        scores[i] = (scores[i] - id2mean[g]) / (id2std[g] + epsilon) if norm_adv_by_std_in_grpo \
+            else scores[i] - id2mean[g]
+    out = scores.unsqueeze(-1) * mask
+    return out, out
+
+
+def _verl_rloo(r, mask, index):
+    """compute_rloo_outcome_advantage."""
+    scores = r.sum(-1)
+    id2score, _ = _verl_groups(scores, index)
+    id2mean = {g: torch.mean(torch.stack(v)) if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
+    for i in range(scores.shape[0]):
+        n = len(id2score[int(index[i])])
+        if n > 1:
+            scores[i] = scores[i] * n / (n - 1) - id2mean[int(index[i])] * n / (n - 1)
+    out = scores.unsqueeze(-1) * mask
+    return out, out
+
+
+def _verl_reinforce_plus_plus_baseline(r, mask, index):
+    """compute_reinforce_plus_plus_baseline_outcome_advantage."""
+    scores = r.sum(-1)
+    id2score, _ = _verl_groups(scores, index)
+    id2mean = {g: torch.mean(torch.stack(v)) if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
+    for i in range(scores.shape[0]):
+        scores[i] = scores[i] - id2mean[int(index[i])]
+    m = mask.float()
+    scores = scores.unsqueeze(-1).tile([1, r.shape[1]]) * m
+    out = _verl_whiten(scores, m) * m
+    return out, out
+
+
+def _verl_opo(r, mask, index):
+    """compute_opo_outcome_advantage."""
+    lengths, scores = mask.float().sum(-1), r.sum(-1)
+    id2score, id2len = _verl_groups(scores, index, lengths)
+    bsl = {g: (torch.stack(id2len[g]) * torch.stack(v)).sum() / torch.stack(id2len[g]).sum()
+           if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
+    for i in range(scores.shape[0]):
+        scores[i] = scores[i] - bsl[int(index[i])]
+    out = scores.unsqueeze(-1) * mask
+    return out, out
+
+
+def _verl_grpo_passk(r, mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
+    """compute_grpo_passk_outcome_advantage."""
+    scores = r.sum(-1)
+    adv = torch.zeros_like(scores)
+    id2score, id2pos = _verl_groups(scores, index, list(range(scores.shape[0])))
+    for g, vals in id2score.items():
+        rewards = torch.stack(vals)
+        topk, topk_idx = torch.topk(rewards, 2)
+        a = topk[0] - topk[1]
+        if norm_adv_by_std_in_grpo:
+            a = a / (torch.std(rewards) + epsilon)
+        adv[id2pos[g][topk_idx[0].item()]] = a
+    out = adv.unsqueeze(-1) * mask
+    return out, out
+
+
+def _verl_reinforce_plus_plus(r, mask, gamma_):
+    """compute_reinforce_plus_plus_outcome_advantage."""
+    m = mask.float()
+    returns = torch.zeros_like(r)
+    running = 0
+    for t in reversed(range(r.shape[1])):
+        running = r[:, t] + gamma_ * running
+        returns[:, t] = running
+        running = running * m[:, t]
+    return _verl_whiten(returns, m) * m, returns
+
+
+def _verl_remax(r, mask, baselines):
+    """compute_remax_outcome_advantage."""
+    m = mask.float()
+    returns = (r * m).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
+    return returns - baselines.unsqueeze(-1) * m, returns
+
+
+VERL = {"grpo": _verl_grpo, "rloo": _verl_rloo, "reinforce_plus_plus_baseline": _verl_reinforce_plus_plus_baseline,
+        "opo": _verl_opo, "grpo_passk": _verl_grpo_passk}
+
+
+# ---- inputs and bounds ---------------------------------------------------------------------------
+
+
+def _inputs(seed, batch=40, steps=9, min_group=1):
+    """Token-level rewards (a random score on the last response token plus small per-token shaping),
+    a prefix mask with some empty responses, and unordered, non-consecutive (negative too) group ids
+    with groups of min_group..6 members, always one group of 3 whose scores are all equal (exactly
+    1) and, for min_group=1, one group of one."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [3] if min_group > 1 else [3, 1]
+    total = sum(sizes)
+    while total < batch:
+        size = min(int(torch.randint(min_group, 7, (1,), generator=g)), batch - total)
+        if size < min_group:
+            sizes[-1] += size
+        else:
+            sizes.append(size)
+        total += size
+    ids = torch.randperm(10_000, generator=g)[: len(sizes)] - 5_000
+    index = torch.cat([torch.full((s,), int(i)) for s, i in zip(sizes, ids)])
+    index = index[torch.randperm(batch, generator=g)]
+    lengths = torch.randint(0, steps + 1, (batch,), generator=g)
+    lengths[0] = steps
+    mask = torch.arange(steps) < lengths.unsqueeze(-1)
+    rewards = 0.1 * torch.randn(batch, steps, generator=g) * mask
+    rewards[:, -1] += torch.randn(batch, generator=g)
+    same = index == int(ids[0])  # the group of three: every score exactly 1 (exact sums)
+    rewards[same] = 0.0
+    rewards[same, 0] = 1.0
+    return rewards, mask, index
+
+
+def _group_stats(scores, index):
+    """fp64 per-sample (n, mean, sum|s|, std) of each sample's group."""
+    s = scores.double()
+    same = index.unsqueeze(0) == index.unsqueeze(1)
+    n = same.sum(-1).double()
+    mean = (same * s).sum(-1) / n
+    abs_sum = (same * s.abs()).sum(-1)
+    var = (same * (s.unsqueeze(0) - mean.unsqueeze(-1)) ** 2).sum(-1) / (n - 1).clamp(min=1)
+    return n, mean, abs_sum, var.sqrt(), same
+
+
+def _std_division_error(d, e_d, n, std, same, eps):
+    """Error of d / (std + eps) with d's error e_d and the group std's own error."""
+    max_e = (same * e_d.unsqueeze(0)).amax(-1)
+    e_std = max_e * (n / (n - 1).clamp(min=1)).sqrt() + torch.tensor([gamma(int(k) + 3) for k in n]) * std
+    den = std + eps
+    a = d.abs() / den
+    return e_d / den + a * (e_std / den + U)
+
+
+def _whiten_error(x, e_x, mask, eps=1e-8):
+    """Bound of fp32 masked whitening of x (fp64 exact values, own errors e_x) times the mask,
+    tests/test_kl_whiten.py's _whiten_bounds with e_x added to the centred values' error."""
+    valid = mask.bool()
+    n = int(valid.sum())
+    xv = torch.where(valid, x, 0.0)
+    mu = xv.sum() / n
+    c = x - mu
+    dm = torch.where(valid, c, 0.0)
+    ssq = (dm * dm).sum()
+    var = ssq / (n - 1)
+    s = (var + eps).rsqrt()
+    e_mu = gamma(n) * xv.abs().sum() / n + torch.where(valid, e_x, 0.0).amax()
+    e_c = e_x + e_mu + gamma(1) * (c.abs() + e_mu)
+    e_cmax = torch.where(valid, e_c, 0.0).amax()
+    e_var = (gamma(n + 3) * (ssq + n * e_cmax**2) + 2 * e_cmax * dm.abs().sum() + n * e_cmax**2) / (n - 1)
+    rho = (e_var + gamma(2) * (var + eps)) / (var + eps)
+    rel_s = rho + EXP_ULPS * U
+    e_out = s * ((1 + rel_s) * (1 + U) * e_c + c.abs() * (U + rel_s * (1 + U)))
+    return torch.where(valid, e_out, 0.0)
+
+
+def _outcome_bound(kind, rewards, mask, index, eps=1e-6, norm=True):
+    """Per-element [B, T] bound on |fp32 result - exact| for the outcome estimators."""
+    s = rewards.double().sum(-1)
+    n, mean, abs_sum, std, same = _group_stats(s, index)
+    single = n < 2
+    d = s - torch.where(single, 0.0, mean)
+    e_mu = torch.where(single, 0.0, torch.tensor([gamma(int(k)) for k in n]) * abs_sum / n)
+    e_d = e_mu + U * (d.abs() + e_mu)
+    if kind == "grpo":
+        e = _std_division_error(d, e_d, n, torch.where(single, 1.0, std), same, eps) if norm else e_d
+    elif kind == "rloo":
+        k = n / (n - 1).clamp(min=1)
+        e = torch.where(single, 0.0, k * e_d + gamma(3) * (k * d).abs()
+                        + torch.tensor([gamma(int(j)) for j in n]) * abs_sum / (n - 1).clamp(min=1))
+    elif kind == "opo":
+        lengths = mask.double().sum(-1)
+        total = (same * lengths).sum(-1)
+        e = torch.where(single | (total == 0), 0.0, torch.tensor([gamma(int(j) + 2) for j in n])
+                        * (same * (lengths * s).abs()).sum(-1) / total.clamp(min=1))
+        e = e + U * (s.abs() + e)
+    elif kind == "grpo_passk":
+        top = torch.where(same, s.unsqueeze(0), -torch.inf).topk(2, dim=-1).values
+        gap = top[:, 0] - top[:, 1]
+        e = _std_division_error(gap, U * gap.abs(), n, std, same, eps) if norm else U * gap.abs()
+    elif kind == "reinforce_plus_plus_baseline":
+        m = mask.double()
+        return _whiten_error(d.unsqueeze(-1) * m, e_d.unsqueeze(-1) * m, m)
+    return e.unsqueeze(-1) * mask
+
+
+def _check_both(kind, got, rewards, mask, index, bound, **opts):
+    want_ref = getattr(ref, kind)(rewards, mask, index, **opts)
+    want_verl = VERL[kind](rewards.clone(), mask, index, **opts)
+    for name, w in (("reference", want_ref), ("verl", want_verl)):
+        assert_within(got[0], w[0], 2 * bound, f"{kind} advantages vs {name}")
+        assert_within(got[1], w[1], 2 * bound, f"{kind} returns vs {name}")
+
+
+# ---- estimators against the references -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["grpo", "rloo", "reinforce_plus_plus_baseline", "opo"])
+def test_group_estimators_match_reference_and_verl(kind, seed):
+    rewards, mask, index = _inputs(seed)
+    counts = torch.unique(index, return_counts=True)[1]
+    assert (counts == 1).any() and (counts > 2).any()  # the inputs have the cases named in _inputs
+    got = fastalign.advantages(kind, rewards, mask, index=index)
+    _check_both(kind, got, rewards, mask, index, _outcome_bound(kind, rewards, mask, index))
+    same = (rewards.sum(-1) == 1) & ((rewards != 0).sum(-1) == 1)  # the all-equal group: 0, bit for bit
+    assert same.sum() >= 3
+    if kind != "reinforce_plus_plus_baseline":
+        assert torch.equal(got[0][same], torch.zeros_like(got[0][same]))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_grpo_without_std_is_dr_grpo_and_epsilon(norm):
+    rewards, mask, index = _inputs(3)
+    got = fastalign.advantages("grpo", rewards, mask, index=index, epsilon=1e-3, norm_adv_by_std_in_grpo=norm)
+    bound = _outcome_bound("grpo", rewards, mask, index, eps=1e-3, norm=norm)
+    _check_both("grpo", got, rewards, mask, index, bound, epsilon=1e-3, norm_adv_by_std_in_grpo=norm)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grpo_passk(seed, norm):
+    rewards, mask, index = _inputs(seed, min_group=2)
+    got = fastalign.advantages("grpo_passk", rewards, mask, index=index, norm_adv_by_std_in_grpo=norm)
+    bound = _outcome_bound("grpo_passk", rewards, mask, index, norm=norm)
+    _check_both("grpo_passk", got, rewards, mask, index, bound, norm_adv_by_std_in_grpo=norm)
+    winners = (got[0].abs().sum(-1) > 0).sum()
+    assert winners <= len(torch.unique(index)) - 1  # one per group at most, none in the tied group
+
+
+def _discounted_abs(rewards, mask, gamma_):
+    """fp64 D_t: the sum of |terms| of each return (the sequential loop on |r|)."""
+    return ref.reinforce_plus_plus(rewards.double().abs(), mask, gamma_)[1]
+
+
+@pytest.mark.parametrize("gamma_", [1.0, 0.9, 0.0])
+@pytest.mark.parametrize("holes", [False, True])
+def test_reinforce_plus_plus(gamma_, holes):
+    rewards, mask, _ = _inputs(4, steps=37)
+    if holes:  # masked steps inside responses (multi-turn): the return restarts after each
+        mask = mask & (torch.rand(mask.shape, generator=torch.Generator().manual_seed(5)) > 0.2)
+    got = fastalign.advantages("reinforce_plus_plus", rewards, mask, gamma=gamma_)
+    e_ret = gamma(3 * rewards.shape[1]) * _discounted_abs(rewards, mask, gamma_)
+    want_ret = ref.reinforce_plus_plus(rewards.double(), mask, gamma_)[1]
+    e_adv = _whiten_error(want_ret, e_ret, mask.double())
+    for name, want in (("reference", ref.reinforce_plus_plus(rewards, mask, gamma_)),
+                       ("verl", _verl_reinforce_plus_plus(rewards, mask, gamma_))):
+        assert_within(got[1], want[1], 2 * e_ret, f"returns vs {name}")
+        assert_within(got[0], want[0], 2 * e_adv, f"advantages vs {name}")
+
+
+def test_remax():
+    rewards, mask, _ = _inputs(6, steps=23)
+    baselines = torch.randn(rewards.shape[0])
+    got = fastalign.advantages("remax", rewards, mask, reward_baselines=baselines)
+    e_ret = gamma(rewards.shape[1]) * _discounted_abs(rewards, mask, 1.0)
+    for name, want in (("reference", ref.remax(rewards, mask, baselines)),
+                       ("verl", _verl_remax(rewards, mask, baselines))):
+        assert_within(got[1], want[1], 2 * e_ret, f"returns vs {name}")
+        assert_within(got[0], want[0], 2 * e_ret + U * want[0].abs(), f"advantages vs {name}")
+
+
+def test_gae_delegates_to_fastalign_gae():
+    rewards, mask, _ = _inputs(7)
+    values = torch.randn(rewards.shape)
+    adv, ret = fastalign.advantages("gae", rewards, mask, values=values, gamma=0.9, lam=0.8)
+    want_adv, want_ret = fastalign.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert torch.equal(ret, want_ret)
+    assert torch.equal(adv, fastalign.masked_whiten(want_adv, mask))  # the same code: bit for bit
+    raw, _ = fastalign.advantages("gae", rewards, mask, values=values, gamma=0.9, lam=0.8, whiten=False)
+    assert torch.equal(raw, want_adv)
+
+
+def test_outcome_scores_go_on_the_last_response_token():
+    rewards, mask, index = _inputs(8)
+    scores = torch.randn(rewards.shape[0])
+    token = torch.zeros_like(rewards)
+    lengths = mask.sum(-1)
+    rows = (lengths > 0).nonzero().flatten()
+    token[rows, lengths[rows] - 1] = scores[rows]
+    for kind in ("grpo", "reinforce_plus_plus"):
+        opts = {"index": index} if kind == "grpo" else {}
+        a = fastalign.advantages(kind, scores, mask, **opts)
+        b = fastalign.advantages(kind, token, mask, **opts)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_deterministic_and_order_of_index_values_irrelevant():
+    rewards, mask, index = _inputs(9)
+    a = fastalign.advantages("grpo", rewards, mask, index=index)
+    b = fastalign.advantages("grpo", rewards, mask, index=index)
+    assert torch.equal(a[0], b[0])
+    # another labelling of the same groups, in another order: each group's members are still summed
+    # in batch order, so the result is the same bit for bit
+    relabelled = (index * 7919) % 10_007 - 4_000
+    c = fastalign.advantages("grpo", rewards, mask, index=relabelled)
+    assert torch.equal(a[0], c[0])
+
+
+def test_empty_batches_dtypes_and_int32_index():
+    for kind in GROUP_KINDS:
+        empty_index = torch.zeros(0, dtype=torch.long)
+        adv, ret = fastalign.advantages(kind, torch.zeros(0, 5), torch.zeros(0, 5), index=empty_index)
+        assert adv.shape == ret.shape == (0, 5)
+    adv, _ = fastalign.advantages("reinforce_plus_plus", torch.zeros(3, 0), torch.zeros(3, 0))
+    assert adv.shape == (3, 0)
+    rewards, mask, index = _inputs(13)
+    want = fastalign.advantages("grpo", rewards.bfloat16().float(), mask, index=index)
+    got = fastalign.advantages("grpo", rewards.bfloat16(), mask.float(), index=index.int())
+    assert got[0].dtype == torch.float32
+    assert torch.equal(got[0], want[0])  # bf16 is upcast exactly; the mask dtype and index width change nothing
+
+
+# ---- registry and bad inputs ----------------------------------------------------------------------
+
+
+def test_custom_estimator_registered_and_used():
+    from fastalign.ops.advantage_estimators import group_count
+
+    def group_max_baseline(rewards, mask, group, *, scale=1.0):
+        scores = rewards.sum(-1)
+        top = torch.full_like(scores, -torch.inf).scatter_reduce(0, group, scores, "amax")[group]
+        adv = scale * (scores - top) / group_count(group)
+        return adv.unsqueeze(-1) * mask, adv.unsqueeze(-1) * mask
+
+    try:
+        fastalign.register_advantage_estimator("test_group_max", group_max_baseline)
+        rewards, mask, index = _inputs(10)
+        adv, _ = fastalign.advantages("test_group_max", rewards, mask, index=index, scale=2.0)
+        s = rewards.sum(-1)
+        want = torch.stack([2.0 * (s[i] - s[index == index[i]].max()) / (index == index[i]).sum()
+                            for i in range(len(s))])
+        # the same correctly rounded element-wise ops in the same order: equal bit for bit
+        assert torch.equal(adv, want.unsqueeze(-1) * mask)
+        with pytest.raises(ValueError, match="test_group_max.*overwrite"):
+            fastalign.register_advantage_estimator("test_group_max", group_max_baseline)
+        fastalign.register_advantage_estimator("test_group_max", group_max_baseline, overwrite=True)
+        with pytest.raises(TypeError, match="index"):
+            fastalign.advantages("test_group_max", rewards, mask)
+    finally:
+        ADVANTAGE_ESTIMATORS.pop("test_group_max", None)
+
+
+def test_registry_refusals():
+    with pytest.raises(ValueError, match="built-in estimator 'grpo'"):
+        fastalign.register_advantage_estimator("grpo", lambda *a: a, overwrite=True)
+    with pytest.raises(TypeError, match="fn must be callable"):
+        fastalign.register_advantage_estimator("x", 3)
+    with pytest.raises(TypeError, match="name"):
+        fastalign.register_advantage_estimator("", lambda *a: a)
+    try:
+        fastalign.register_advantage_estimator("test_bad_shape", lambda r, m, g: (r[:, :1], r))
+        with pytest.raises(RuntimeError, match="advantages of shape"):
+            fastalign.advantages("test_bad_shape", torch.zeros(2, 3), torch.ones(2, 3), index=torch.arange(2))
+    finally:
+        ADVANTAGE_ESTIMATORS.pop("test_bad_shape", None)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda r, m, i: fastalign.advantages("nope", r, m, index=i), ValueError, "unknown kind 'nope'"),
+    (lambda r, m, i: fastalign.advantages("grpo", r, m), TypeError, "needs index"),
+    (lambda r, m, i: fastalign.advantages("grpo", r, m, index=i.float()), TypeError, "index must be an integer"),
+    (lambda r, m, i: fastalign.advantages("grpo", r, m, index=i.tolist()), TypeError, "index must be an integer"),
+    (lambda r, m, i: fastalign.advantages("grpo", r, m, index=i[:-1]), ValueError, "index must have shape"),
+    (lambda r, m, i: fastalign.advantages("grpo", r.long(), m, index=i), TypeError, "rewards must be float"),
+    (lambda r, m, i: fastalign.advantages("reinforce_plus_plus", r, m, index=i[:3]), ValueError, "index must have"),
+    (lambda r, m, i: fastalign.advantages("grpo", r[:, :-1], m, index=i), ValueError, "rewards must have shape"),
+    (lambda r, m, i: fastalign.advantages("grpo", r[None], m, index=i), ValueError, "rewards must be"),
+    (lambda r, m, i: fastalign.advantages("grpo", r, m[0], index=i), ValueError, "response_mask must be a 2-D"),
+    (lambda r, m, i: fastalign.advantages("grpo", r, m.tolist(), index=i), TypeError, "response_mask must be a tensor"),
+    (lambda r, m, i: fastalign.advantages("grpo", r, m, index=i, epsilon=0.0), ValueError, "epsilon"),
+    (lambda r, m, i: fastalign.advantages("grpo", r, m, index=i, norm_adv_by_std_in_grpo="no"), TypeError,
+     "norm_adv_by_std_in_grpo"),
+    (lambda r, m, i: fastalign.advantages("grpo", r, m, index=i, gamma=0.9), TypeError, "does not take"),
+    (lambda r, m, i: fastalign.advantages("reinforce_plus_plus", r, m, gamma=1.5), ValueError, "gamma"),
+    (lambda r, m, i: fastalign.advantages("remax", r, m), TypeError, "reward_baselines"),
+    (lambda r, m, i: fastalign.advantages("remax", r, m, reward_baselines=torch.zeros(3)), ValueError,
+     "reward_baselines must have shape"),
+    (lambda r, m, i: fastalign.advantages("gae", r, m), TypeError, "values"),
+    (lambda r, m, i: fastalign.advantages("gae", r, m, values=r[:, :-1]), ValueError, "values must have"),
+    (lambda r, m, i: fastalign.advantages("grpo_passk", r, m, index=i), ValueError, "at least 2"),
+])
+def test_bad_inputs_name_the_argument(call, error, match):
+    rewards, mask, index = _inputs(11)
+    index[0] = 123_456  # a group of one (grpo_passk refuses it)
+    with pytest.raises(error, match=match):
+        call(rewards, mask, index)
+
+
+# ---- torch.compile --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(ADVANTAGE_ESTIMATORS))
+def test_torch_compile_fullgraph(kind):
+    torch._dynamo.reset()
+    rewards, mask, index = _inputs(12, batch=16, steps=8, min_group=2)
+    opts = {"remax": {"reward_baselines": torch.randn(16)}, "gae": {"values": torch.randn(16, 8)}}.get(kind, {})
+    if ADVANTAGE_ESTIMATORS[kind].needs_index:
+        opts["index"] = index
+
+    def step(r, m, **kw):
+        return fastalign.advantages(kind, r, m, **kw)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, want = compiled(rewards, mask, **opts), step(rewards, mask, **opts)
+    # aot_eager runs the same torch kernels in the same order: equal bit for bit
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -110,12 +110,13 @@ class OnlineAlgorithm(Algorithm):
         seed = R.step_seed(context)
         rollout = R.sample(context, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
         b, mask = rollout.batch, rollout.mask
-        rollout.scores = R.scores(context, rollout, self.reward_fn)
+        rollout.scores = R.scores(context, rollout, self.reward_fn, packed=self.packing)
         rollout.old_logps, rollout.entropy = R.logps_of(context, context.models["policy"], b, cfg.temperature,
-                                                        entropy=True)
+                                                        entropy=True, packed=self.packing)
         data = {**{key: b[key] for key in ("input_ids", "attention_mask", "labels")}, "old_logps": rollout.old_logps}
         if "reference" in context.models:
-            rollout.ref_logps = data["ref_logps"] = R.logps_of(context, context.models["reference"], b, cfg.temperature)
+            rollout.ref_logps = data["ref_logps"] = R.logps_of(context, context.models["reference"], b, cfg.temperature,
+                                                                    packed=self.packing)
             rollout.seq_kl = (rollout.old_logps - rollout.ref_logps).mul(mask).sum(1)  # k1 per response
         data.update(self.advantages(context, rollout))
 

@@ -153,7 +153,9 @@ def token_logps(model, batch, *, temperature: float = 1.0, return_entropy: bool 
 def _packed_token_logps(model, batch, temperature, return_entropy) -> tuple:
     rows = P.pack_rows(batch["input_ids"], batch["attention_mask"])
 
-    def forward(input_ids, position_ids):  # no attention mask: the positions delimit the sequences
+    def forward(input_ids, position_ids):
+        # no attention mask: the positions delimit the sequences; use_cache=False because
+        # transformers looks for packed sequences only when no KV cache is passed or created
         return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
     P.check_no_leak(model, forward, vocab_size=model.config.vocab_size, device=rows.input_ids.device)

@@ -84,7 +84,7 @@ def test_pack_rows_layout_and_round_trip():
     x = torch.randn(n, length, 3, generator=g)
     back = rows.scatter(rows.gather(x))
     assert torch.equal(back, x * mask[..., None])  # real tokens exactly, 0 at the padding
-    assert torch.equal(rows.scatter(rows.gather(x[..., 0])[None], fill=-1.0)[mask == 0], torch.full((int((mask == 0).sum()),), -1.0))
+    assert torch.equal(rows.scatter(rows.gather(x[..., 0]), fill=-1.0)[mask == 0], torch.full((int((mask == 0).sum()),), -1.0))
     labels = torch.tensor([[C.IGNORE, 7, 8], [C.IGNORE, 9, C.IGNORE]])
     assert next_token_targets(labels).tolist() == [[7, 8, C.IGNORE], [9, C.IGNORE, C.IGNORE]]
     w = torch.randn(int(lengths.sum()), requires_grad=True)
@@ -104,7 +104,7 @@ def test_pack_rows_refuses_what_it_cannot_pack():
         pack_rows(ids, torch.ones(2, 4))
     with pytest.raises(ValueError, match="no tokens"):
         pack_rows(ids, torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="expected 6 packed entries"):
+    with pytest.raises(ValueError, match="expected 6 packed entries, got shape \\(5,\\)"):
         pack_rows(ids, torch.ones(2, 3)).scatter(torch.zeros(5))
 
 

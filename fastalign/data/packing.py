@@ -51,11 +51,9 @@ class PackedRows:
         return x.reshape(n * length, *x.shape[2:]).index_select(0, self.index)
 
     def scatter(self, x: torch.Tensor, fill: float = 0) -> torch.Tensor:
-        """x [T, ...] (or [1, T, ...]) -> [N, L, ...], `fill` at the padding; differentiable."""
-        if x.dim() >= 2 and x.shape[0] == 1 and x.shape[1] == self.num_tokens:
-            x = x[0]
-        if x.shape[0] != self.num_tokens:
-            raise ValueError(f"PackedRows.scatter: expected {self.num_tokens} packed entries, got {x.shape[0]}")
+        """x [T, ...] -> [N, L, ...], `fill` at the padding; differentiable."""
+        if x.dim() == 0 or x.shape[0] != self.num_tokens:
+            raise ValueError(f"PackedRows.scatter: expected {self.num_tokens} packed entries, got shape {tuple(x.shape)}")
         n, length = self.shape
         out = x.new_full((n * length, *x.shape[1:]), fill)
         return out.index_copy(0, self.index, x).view(n, length, *x.shape[1:])  # out of place: autograd works

@@ -55,7 +55,7 @@ class ScalarHeadModel(nn.Module):
             return self._scalars(input_ids=ids, position_ids=position_ids, use_cache=False)
 
         P.check_no_leak(self, forward, vocab_size=self.config.vocab_size, device=rows.input_ids.device)
-        return rows.scatter(forward(rows.input_ids, rows.position_ids))
+        return rows.scatter(forward(rows.input_ids, rows.position_ids)[0])
 
     def _scalars(self, **inputs):
         out = _base(self.lm)(**inputs)

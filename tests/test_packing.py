@@ -254,10 +254,20 @@ def test_models_that_cannot_pack_are_refused(tok, wrapper, message):
     token_logps(model, batch)  # padded forwards still work
 
 
-def test_packing_options_are_checked(tmp_path):
+def test_packing_options_are_checked(tmp_path, monkeypatch):
+    from fastalign.data import packing
     from fastalign.trainer.run import load_config, run_training
 
-    common = ["data.train_size=8", "data.eval_size=0", "trainer.max_steps=1", f"trainer.output_dir={tmp_path}"]
+    common = ["data.train_size=8", "data.eval_size=0", "trainer.max_steps=1", f"trainer.output_dir={tmp_path}",
+              "trainer.batch_size=4", "trainer.progress=false", "trainer.plot=false", "model.tiny.hidden_size=32",
+              "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64"]
+    calls = []
+    real_pack_rows = packing.pack_rows
+    monkeypatch.setattr(packing, "pack_rows", lambda *a: calls.append(1) or real_pack_rows(*a))
+    run_training("sft", load_config(None, common))
+    assert not calls  # off by default
+    run_training("sft", load_config(None, common + ["data.packing=true"]))
+    assert calls  # the run's config reached the algorithm's forwards
     with pytest.raises(ConfigError, match="data.packing and algo.packing"):
         run_training("sft", load_config(None, common + ["data.packing=true", "algo.packing=true"]))
     with pytest.raises(ConfigError, match="data.packing must be true or false"):

@@ -91,17 +91,17 @@ def _on_response(mask: torch.Tensor, per_response: list | None) -> torch.Tensor 
 
 
 @torch.no_grad()
-def scores(context, rollout: Rollout, reward_fn=None) -> torch.Tensor:
+def scores(context, rollout: Rollout, reward_fn=None, *, packed: bool = False) -> torch.Tensor:
     """[N] fp32 scores: reward_fn(prompt, response) when given, else the reward model's score of
     prompt + response (context.models["reward"]). Non-finite scores raise TrainingDivergedError
-    before anything is updated."""
+    before anything is updated. packed: the reward model's forward runs padding-free (data.packing)."""
     if reward_fn is not None:
         s = torch.tensor([float(reward_fn(p, r)) for p, r in zip(rollout.prompts, rollout.texts)],
                          dtype=torch.float32, device=context.device)
     elif "reward" in context.models:
         b = rollout.batch
         with context.autocast():
-            s = context.models["reward"].score(b["input_ids"], b["attention_mask"]).float()
+            s = context.models["reward"].score(b["input_ids"], b["attention_mask"], packed=packed).float()
     else:
         raise RuntimeError("no reward: give the algorithm a reward_fn or the trainer a 'reward' model")
     bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
@@ -118,11 +118,12 @@ def scores(context, rollout: Rollout, reward_fn=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logps_of(context, model, batch, temperature: float, *, entropy: bool = False):
+def logps_of(context, model, batch, temperature: float, *, entropy: bool = False, packed: bool = False):
     """Per-token log-probs [N, L-1] (fp32, 0 off the response) of the rollout under `model`, in
-    the run's precision, without gradients; with entropy=True also the per-token entropy."""
+    the run's precision, without gradients; with entropy=True also the per-token entropy;
+    packed: padding-free (data.packing)."""
     with context.autocast():
-        out = token_logps(model, batch, temperature=temperature, return_entropy=entropy)
+        out = token_logps(model, batch, temperature=temperature, return_entropy=entropy, packed=packed)
     return out[:-1] if entropy else out[0]
 
 
@@ -213,7 +214,7 @@ def eval_rollout(alg, context, batch):
     prompts = [r["prompt"] for r in batch["records"]]
     rollout = sample(context, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                      seed=context.seed + EVAL_SEED_OFFSET)
-    score = scores(context, rollout, alg.reward_fn)
+    score = scores(context, rollout, alg.reward_fn, packed=alg.packing)
     metrics = {"score": float(score.mean()), "length": sum(map(len, rollout.response_ids)) / len(rollout)}
     if alg.oracle_fn is not None:
         metrics["oracle"] = sum(alg.oracle_fn(p, r) for p, r in zip(prompts, rollout.texts)) / len(rollout)

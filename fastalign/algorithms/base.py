@@ -10,6 +10,7 @@ An algorithm declares
   * `precompute_roles()` / `precompute(context, examples)`: frozen models whose outputs are
     computed once before training and written into the examples, after which the trainer frees
     those models (DPO's precompute_ref_logps),
+  * `packing`: whether its forwards run padding-free (data.packing; token_logps(packed=...)),
   * `loss(models, batch)`: the summed loss of a micro-batch and its metrics, built from the
     fastalign ops, plus `loss_units(batch)`: how many units (tokens, pairs) that sum is over.
 
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.data import collate as C
+from fastalign.data import packing as P
 from fastalign.models import load_model
 from fastalign.ops.logprobs import gather_logprobs
 from fastalign.options import build_config
@@ -53,6 +55,9 @@ class Algorithm:
     data_kind = "demonstrations"
     models: tuple = ("policy",)
     trainable: tuple = ("policy",)
+    # data.packing (set by the run from its config): every model forward of the step runs
+    # padding-free -- token_logps(..., packed=True), the scalar heads' packed=True
+    packing: bool = False
 
     def __init__(self, config=None):
         self.config = build_config(self.config_class, config)
@@ -128,13 +133,33 @@ class Algorithm:
         return float(loss_sum), self.loss_units(batch), metrics
 
 
-def token_logps(model, batch, *, temperature: float = 1.0, return_entropy: bool = False):
+def token_logps(model, batch, *, temperature: float = 1.0, return_entropy: bool = False, packed: bool = False):
     """Per-token log-probs of batch["labels"] under `model`, via gather_logprobs (no full
     log_softmax): returns (logps [B, T-1], mask [B, T-1]) where position t scores labels[t+1]
-    from logits[t]; masked positions are 0. With return_entropy, (logps, entropy, mask)."""
-    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}  # packed rows
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+    from logits[t]; masked positions are 0. With return_entropy, (logps, entropy, mask).
+    packed=True (data.packing): one padding-free forward of the batch's real tokens
+    (fastalign.data.packing), results scattered back to this layout, 0 at the padding."""
     labels = batch["labels"][:, 1:]
-    out = gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy)
     mask = labels != C.IGNORE
+    if packed:
+        out = _packed_token_logps(model, batch, temperature, return_entropy)
+        return (*out, mask) if return_entropy else (out[0], mask)
+    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}  # SFT's packed rows
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+    out = gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy)
     return (*out, mask) if return_entropy else (out, mask)
+
+
+def _packed_token_logps(model, batch, temperature, return_entropy) -> tuple:
+    rows = P.pack_rows(batch["input_ids"], batch["attention_mask"])
+
+    def forward(input_ids, position_ids):
+        # no attention mask: the positions delimit the sequences; use_cache=False because
+        # transformers looks for packed sequences only when no KV cache is passed or created
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    P.check_no_leak(model, forward, vocab_size=model.config.vocab_size, device=rows.input_ids.device)
+    logits = forward(rows.input_ids, rows.position_ids)[0]
+    targets = rows.gather(P.next_token_targets(batch["labels"]))
+    out = gather_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy)
+    return tuple(rows.scatter(o)[:, :-1] for o in (out if return_entropy else (out,)))

@@ -120,15 +120,16 @@ class OnlineAlgorithm(Algorithm):
         rollout = R.sample(context, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed,
                            with_logprobs=from_sampler)
         b, mask = rollout.batch, rollout.mask
-        rollout.scores = R.scores(context, rollout, self.reward_fn)
+        rollout.scores = R.scores(context, rollout, self.reward_fn, packed=self.packing)
         if from_sampler and rollout.sampler_logps is not None:  # the same weights sampled: no second forward
             rollout.old_logps, rollout.entropy = rollout.sampler_logps, rollout.sampler_entropy
         else:
             rollout.old_logps, rollout.entropy = R.logps_of(context, context.models["policy"], b, cfg.temperature,
-                                                            entropy=True)
+                                                            entropy=True, packed=self.packing)
         data = {**{key: b[key] for key in ("input_ids", "attention_mask", "labels")}, "old_logps": rollout.old_logps}
         if "reference" in context.models:
-            rollout.ref_logps = data["ref_logps"] = R.logps_of(context, context.models["reference"], b, cfg.temperature)
+            rollout.ref_logps = data["ref_logps"] = R.logps_of(context, context.models["reference"], b, cfg.temperature,
+                                                                    packed=self.packing)
             rollout.seq_kl = (rollout.old_logps - rollout.ref_logps).mul(mask).sum(1)  # k1 per response
         data.update(self.advantages(context, rollout))
 

@@ -97,7 +97,7 @@ class PPO(OnlineAlgorithm):
         cfg = self.config
         b, mask = rollout.batch, rollout.mask
         with torch.no_grad(), context.autocast():
-            old_values = context.models["value"](b["input_ids"], b["attention_mask"])[:, :-1].float()
+            old_values = context.models["value"](b["input_ids"], b["attention_mask"], packed=self.packing)[:, :-1].float()
         old_values = old_values * mask
         kl = kl_penalty(rollout.old_logps, rollout.ref_logps, kind=cfg.kl_estimator) * mask
         score = rollout.scores
@@ -118,10 +118,11 @@ class PPO(OnlineAlgorithm):
     def loss(self, models, batch):
         """Summed PPO loss of one rollout micro-batch (see the module docstring)."""
         cfg = self.config
-        logps, entropy, mask = token_logps(models["policy"], batch, temperature=cfg.temperature, return_entropy=True)
+        logps, entropy, mask = token_logps(models["policy"], batch, temperature=cfg.temperature, return_entropy=True,
+                                           packed=self.packing)
         pl, ps = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_low=cfg.clip,
                                  dual_clip=cfg.dual_clip, global_count=1.0)  # global_count 1: the sum
-        values = models["value"](batch["input_ids"], batch["attention_mask"])[:, :-1]
+        values = models["value"](batch["input_ids"], batch["attention_mask"], packed=self.packing)[:, :-1]
         vl, vs = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, clip=cfg.vf_clip,
                                 global_count=1.0)
         ent = (entropy * mask).sum()

@@ -32,7 +32,7 @@ class RewardModel(Algorithm):
         return batch["input_ids"].shape[0] // 2  # pairs
 
     def loss(self, models, batch):
-        scores = models["reward"].score(batch["input_ids"], batch["attention_mask"])
+        scores = models["reward"].score(batch["input_ids"], batch["attention_mask"], packed=self.packing)
         b = scores.shape[0] // 2
         chosen, rejected = scores[:b], scores[b:]
         margin = self.config.margin

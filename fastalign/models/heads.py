@@ -14,6 +14,8 @@ import os
 import torch
 from torch import nn
 
+from fastalign.data import packing as P
+
 HEAD_FILE = "score_head.safetensors"
 HEAD_META = "fastalign_head.json"
 
@@ -44,15 +46,27 @@ class ScalarHeadModel(nn.Module):
     def config(self):
         return self.lm.config
 
-    def forward(self, input_ids, attention_mask=None):
-        """Per-token scalars [B, T] in fp32."""
-        out = _base(self.lm)(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, input_ids, attention_mask=None, *, packed: bool = False):
+        """Per-token scalars [B, T] in fp32. packed=True (data.packing): one padding-free forward
+        of the real tokens of the right-padded batch (fastalign.data.packing); 0 at the padding."""
+        if not packed:
+            return self._scalars(input_ids=input_ids, attention_mask=attention_mask)
+        rows = P.pack_rows(input_ids, attention_mask)
+
+        def forward(ids, position_ids):  # no attention mask: the positions delimit the sequences
+            return self._scalars(input_ids=ids, position_ids=position_ids, use_cache=False)
+
+        P.check_no_leak(self, forward, vocab_size=self.config.vocab_size, device=rows.input_ids.device)
+        return rows.scatter(forward(rows.input_ids, rows.position_ids)[0])
+
+    def _scalars(self, **inputs):
+        out = _base(self.lm)(**inputs)
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
 
-    def score(self, input_ids, attention_mask):
+    def score(self, input_ids, attention_mask, *, packed: bool = False):
         """One score per sequence: the scalar at the last non-padding token (right padding)."""
-        values = self(input_ids, attention_mask)
+        values = self(input_ids, attention_mask, packed=packed)
         last = attention_mask.long().sum(-1).clamp(min=1) - 1
         return values.gather(1, last[:, None]).squeeze(1)
 

@@ -40,6 +40,8 @@ class DataConfig:
     eval_size: int = option(200, "synthetic: evaluation examples generated (0: no evaluation)", ge=0)
     seed: int = option(0, "synthetic: the generator's seed (eval uses seed + 1)")
     noise: float = option(0.0, "synthetic preferences: the oracle's label noise", ge=0, le=1)
+    packing: bool = option(False, "padding-free forwards: each micro-batch's sequences run as one row, "
+                                  "positions restarting per sequence, attention kept inside each (same losses)")
 
 
 @dataclass

@@ -192,6 +192,12 @@ def run_training(algorithm: str, cfg: dict) -> dict:
     resolved = resolve_config(algorithm, cfg)
     m, d, t = resolved["model"], resolved["data"], resolved["trainer"]
     alg = get_algorithm(algorithm)(resolved["algo"])
+    if d.packing:
+        if getattr(resolved["algo"], "packing", False):
+            raise ConfigError("data.packing and algo.packing are two ways to pack: algo.packing fills rows of "
+                              "data.max_length with a block-diagonal mask, data.packing runs each micro-batch "
+                              "padding-free; set one of them to false")
+        alg.packing = True
     tok = load_tokenizer(m.tokenizer or m.policy)
     stats = Counter()
     train = _load_split(alg, d, "train", tok, stats)

@@ -6,13 +6,15 @@ Why these stages. A pretrained 135M chat model does not know the task's terse co
 3 1 4"): it answers with prose and scores ~0.04. So the recipe is
 
 1. SFT on demonstrations (a fraction with one mistake, as in the tiny demo): teaches the answer
-   format and most of the task in a few dozen steps at a pretrained-model learning rate;
+   format and much of the task in 10 steps of 16 (oracle 0.02 -> 0.50, README);
 2. GRPO with the oracle as the reward (a verifiable reward, as in RLVR): the policy's own
    samples, scored by the very oracle the evaluation uses, group-normalised. On this budget it is
    the stage that turns compute into oracle score most directly: DPO would first need a labelling
    pass over several samples per prompt and a reference pass over every pair, and a learned
    reward model trained on a few hundred pairs is too weak to steer a 135M model (the tiny demo
-   shows PPO limited by exactly that);
+   shows PPO limited by exactly that). The default 4 steps of 16 samples fit the time budget but
+   their gain is within noise (+0.03 ± 0.03); `--set grpo_steps=16 --set grpo_prompts_per_step=8`
+   trains it 8x longer;
 3. evaluation of the base model, the SFT model and the GRPO model on the same held-out prompts:
    oracle score sampled (with its standard error) and greedy, win rate against the base model,
    KL to the base model, entropy, length; and each stage's gain over the previous one with the
@@ -56,18 +58,18 @@ class PretrainedDemoConfig:
     max_new_tokens: int = 16
     # SFT
     sft_examples: int = 1024
-    sft_steps: int = 24
+    sft_steps: int = 10
     sft_batch_size: int = 16
     sft_lr: float = 1e-4
     demo_error_rate: float = 0.3
     # GRPO against the oracle
-    grpo_steps: int = 16
-    grpo_prompts_per_step: int = 8
+    grpo_steps: int = 4
+    grpo_prompts_per_step: int = 4
     grpo_group_size: int = 4
     grpo_lr: float = 2e-5
     grpo_beta: float = 0.0  # k3 KL to the SFT model (0: no reference model is held)
     # evaluation
-    eval_prompts: int = 200
+    eval_prompts: int = 96
     stages: tuple = ("sft", "grpo")  # "sft" alone stops after SFT
 
 

@@ -188,6 +188,8 @@ def test_smollm2_demo_sft_lifts_the_oracle_score_and_grpo_trains(tmp_path):
     pytest.importorskip("gguf")
     from fastalign.recipes.pretrained_demo import PretrainedDemoConfig, run_pretrained_demo
 
+    # 4.5 min on the 2-core dev box (AMD EPYC, load average 1-3.5 from other jobs), 2026-12-07
+
     cfg = PretrainedDemoConfig(output_dir=str(tmp_path), progress=False, sft_steps=6, sft_batch_size=8,
                                grpo_steps=1, grpo_prompts_per_step=2, grpo_group_size=4, eval_prompts=32)
     s = run_pretrained_demo(cfg, log=lambda *a: None)

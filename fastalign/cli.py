@@ -41,13 +41,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the resolved config (every option, default and help) and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. trainer.max_steps=20")
     p.set_defaults(func=commands.train)
-    p = sub.add_parser("demo", help="SFT -> reward model -> DPO and PPO on the bundled task, judged by its oracle")
-    p.add_argument("--output-dir", default="runs/demo")
+    p = sub.add_parser("demo", help="SFT -> reward model -> DPO and PPO on the bundled task, judged by its oracle; "
+                                    "--model NAME: SFT -> GRPO on a pretrained chat model")
+    p.add_argument("--model", default="tiny",
+                   help="tiny (the bundled 0.3M model, trained from scratch), or a pretrained chat model: "
+                        "smollm2-135m-instruct, a local model directory or a .gguf file (the recipe of "
+                        "fastalign/recipes/pretrained_demo.py)")
+    p.add_argument("--output-dir", default=None, help="default: runs/demo (tiny), runs/demo_pretrained (--model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any DemoConfig field (fastalign/recipes/demo.py), e.g. --set ppo_kl_coef=0 "
-                        "--set stages=[ppo]; repeatable")
+                        "--set stages=[ppo], or with --model a PretrainedDemoConfig field "
+                        "(fastalign/recipes/pretrained_demo.py), e.g. --set grpo_steps=10; repeatable")
     p.set_defaults(func=commands.demo)
     return parser
 

@@ -93,11 +93,22 @@ def demo(args) -> int:
     import yaml
 
     from fastalign.errors import ConfigError
+    from fastalign.models.loading import check_model_name
     from fastalign.options import build_config
-    from fastalign.recipes.demo import DemoConfig, run_demo
+    from fastalign.recipes import demo as tiny_demo
+    from fastalign.recipes import pretrained_demo
 
-    known = {f.name for f in dataclasses.fields(DemoConfig)}
-    values = dict(output_dir=args.output_dir, seed=args.seed, device=args.device)
+    if args.model == "tiny":
+        config_class, run = tiny_demo.DemoConfig, tiny_demo.run_demo
+    else:  # a pretrained chat model: its own recipe and defaults
+        check_model_name(args.model, "demo --model")
+        config_class, run = pretrained_demo.PretrainedDemoConfig, pretrained_demo.run_pretrained_demo
+    known = {f.name for f in dataclasses.fields(config_class)} - {"model"}
+    values = dict(seed=args.seed, device=args.device)
+    if args.model != "tiny":
+        values["model"] = args.model
+    if args.output_dir is not None:
+        values["output_dir"] = args.output_dir
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
@@ -105,5 +116,5 @@ def demo(args) -> int:
         values[key] = yaml.safe_load(value)
         if key == "stages" and not isinstance(values[key], list):
             values[key] = [values[key]]
-    run_demo(build_config(DemoConfig, values))
+    run(build_config(config_class, values))
     return 0

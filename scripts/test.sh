@@ -3,7 +3,8 @@
 # with nvcc (sm_80, sm_90; no GPU needed), run pytest without the slow tests, the kernel
 # comparisons once more at the narrowest ISA on one thread, then the slow
 # tests (the >2^31-offset kernel test, the compiled-wheel round trip, the whole demo pipeline
-# judged by its oracle, PPO and GRPO raising the oracle score), then the benchmark smoke run.
+# judged by its oracle, PPO and GRPO raising the oracle score, SmolLM2 and its shortened demo
+# recipe), then the benchmark smoke run.
 # Extra args go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,6 @@ MKL_CBWR=COMPATIBLE FASTALIGN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=default
   tests/test_logprobs.py tests/test_linear_logprobs.py tests/test_ppo.py tests/test_gae.py tests/test_kl_whiten.py \
   tests/test_preference.py tests/test_peer_numerics.py
 python -m pytest -q --timeout=1200 -m slow tests/test_logprobs.py tests/test_wheel.py tests/test_trainer.py tests/test_rl_algorithms.py tests/test_sampling.py \
-  tests/test_pretrained.py tests/test_bench_e2e.py
+  tests/test_pretrained.py tests/test_demo_pretrained.py
 # the benchmark suite's one-minute smoke run: every case's code path, every target printed
 python -m benchmarks --quick --out bench_out/ci

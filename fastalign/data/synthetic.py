@@ -14,11 +14,19 @@ scores into pairwise preferences the way a labeller would, with the biases the f
 about, each configurable: a noise rate (a random fraction of labels flipped), a length bias
 (longer responses look better) and a style bias (responses ending in "!" look better).
 The evaluation metric is always the unbiased `score`.
+
+Reading a response (chat models add text; `response_items`, `response_count`): the answer must be
+the response itself, but its formatting is not judged: items may be separated by spaces or commas,
+and the whole may sit in brackets and end with a period ("[4, 1, 3]." reads as 4 1 3). Words
+around a list are not removed: they are items, so they cost credit like wrong items. A count is
+the response's only number ("3", "The answer is 3."); a response with no number or with several
+("2 or 3") gets no credit, so hedging does not pay.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 TASKS = ("reverse", "sort", "repeat", "count")
@@ -124,6 +132,29 @@ def solve(prompt: str) -> str:
     raise ValueError(f"synthetic task: cannot parse prompt {prompt!r}")
 
 
+def response_items(response: str) -> list[str]:
+    """The items of a list answer: split on whitespace and commas, after removing a final period
+    and brackets around the whole."""
+    text = response.strip()
+    if text.endswith("."):
+        text = text[:-1].rstrip()
+    if len(text) >= 2 and text[0] + text[-1] in ("[]", "()"):
+        text = text[1:-1]
+    return text.replace(",", " ").split()
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def response_count(response: str) -> int | None:
+    """The count a response gives: its only number, if that is an integer; None otherwise (no
+    number, several numbers, or a fraction)."""
+    numbers = _NUMBER.findall(response)
+    if len(numbers) != 1 or "." in numbers[0]:
+        return None
+    return int(numbers[0])
+
+
 class Oracle:
     """Scores responses and labels preference pairs for the synthetic task.
 
@@ -140,15 +171,16 @@ class Oracle:
 
     @staticmethod
     def score(prompt: str, response: str) -> float:
-        """Graded correctness in [0, 1] (the unbiased ground truth)."""
+        """Graded correctness in [0, 1] (the unbiased ground truth): position-wise matches of the
+        response's items over the longer of answer and response; for a count, 1 if exact, 1/2
+        if off by one. How a response is read: the module docstring."""
         answer = solve(prompt)
         if prompt.startswith("count "):
-            try:
-                got = int(response.strip())
-            except ValueError:
+            got = response_count(response)
+            if got is None:
                 return 0.0
             return {0: 1.0, 1: 0.5}.get(abs(got - int(answer)), 0.0)
-        want, got = answer.split(), response.split()
+        want, got = answer.split(), response_items(response)
         if not got:
             return 0.0
         hits = sum(a == b for a, b in zip(want, got))

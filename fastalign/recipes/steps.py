@@ -61,10 +61,12 @@ def judge(ctx, policies: dict, reference, reward_model, prompts: list, oracle, m
             with torch.no_grad():
                 rm_score = float(reward_model_scores(reward_model, tok, prompts, texts, device).mean())
         scores = [oracle.score(p, r) for p, r in zip(prompts, texts)]
-        outputs[name] = (texts, scores)
+        greedy_scores = [oracle.score(p, r) for p, r in zip(prompts, greedy)]
+        outputs[name] = (texts, scores, greedy_scores)
         results[name] = {
             "oracle score": sum(scores) / len(scores),
-            "oracle score (greedy)": sum(oracle.score(p, r) for p, r in zip(prompts, greedy)) / len(greedy),
+            "oracle SE": mean_and_se(scores)[1],
+            "oracle score (greedy)": sum(greedy_scores) / len(greedy_scores),
             "KL to ref": float((lp - lp_ref).mean()),
             "entropy": float(ent.mean()),
             "mean length": sum(len(x) for x in ids) / len(ids),
@@ -78,6 +80,32 @@ def judge(ctx, policies: dict, reference, reward_model, prompts: list, oracle, m
         results[name][f"win rate vs {baseline}"] = sum(1.0 if a > b else 0.5 if a == b else 0.0
                                                        for a, b in zip(sc, base_scores)) / len(sc)
     return results, outputs
+
+
+def mean_and_se(values) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n); NaN for n < 2)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, (var / n) ** 0.5
+
+
+def paired_gains(outputs: dict) -> list[dict]:
+    """Each policy of `judge`'s outputs against the one before it (in order): the mean per-prompt
+    difference of oracle scores, sampled and greedy, with the standard error of that paired
+    difference (same prompts and sampling seed, so prompt difficulty cancels out). A gain is
+    beyond noise when it is several standard errors from 0."""
+    names = list(outputs)
+    out = []
+    for prev, name in zip(names, names[1:]):
+        row = {"model": name, "vs": prev}
+        for key, i in (("", 1), ("greedy_", 2)):
+            d = [a - b for a, b in zip(outputs[name][i], outputs[prev][i], strict=True)]
+            row[key + "gain"], row[key + "se"] = mean_and_se(d)
+        out.append(row)
+    return out
 
 
 def reward_model_scores(rm, tok, prompts, responses, device):
@@ -94,10 +122,15 @@ def reward_model_scores(rm, tok, prompts, responses, device):
 
 
 def format_table(results: dict, baseline: str = "SFT") -> str:
+    """`judge`'s results as a table; the oracle score with its standard error; the reward-model
+    column only when some policy has a reward-model score."""
     cols = ["oracle score", "oracle score (greedy)", f"win rate vs {baseline}", "KL to ref", "entropy",
             "mean length", "reward model"]
+    if all(r["reward model"] != r["reward model"] for r in results.values()):  # all NaN: no reward model
+        cols.remove("reward model")
     head = f"{'model':6s} " + " ".join(f"{c:>22s}" for c in cols)
     lines = [head, "-" * len(head)]
     for name, r in results.items():
-        lines.append(f"{name:6s} " + " ".join(f"{r[c]:>22.3f}" for c in cols))
+        cells = [f"{r[c]:.3f} ± {r['oracle SE']:.3f}" if c == "oracle score" else f"{r[c]:.3f}" for c in cols]
+        lines.append(f"{name:6s} " + " ".join(f"{c:>22s}" for c in cells))
     return "\n".join(lines)

@@ -55,6 +55,22 @@ class RolloutEngine:
     name = "engine"
     gives_logprobs = False  # whether sample() fills SampleOutput.logprobs
 
+    def __init__(self, model, tokenizer, *, max_batch: int = 64, eos_token_id=None):
+        """What the built-in engines share: prompts are sampled `max_batch` at a time, left-padded
+        with the tokenizer's pad id (else the smallest EOS id), and stop at any id of eos_set."""
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise ValueError(f"{type(self).__name__}: max_batch must be an int >= 1, got {max_batch!r}")
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.eos = eos_set(tokenizer, eos_token_id)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos)
+
+    def left_pad(self, prompts: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk of prompts as left-padded ids [B, width] and a bool mask of the real tokens."""
+        width = max(map(len, prompts))
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+        mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
+        return ids, mask
+
     def sample(self, prompt_ids: list, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, do_sample: bool = True, seed: int | None = None) -> SampleOutput:
         raise NotImplementedError

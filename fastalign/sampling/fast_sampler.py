@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from fastalign.ops.logprobs import gather_logprobs
-from fastalign.sampling.engine import RolloutEngine, SampleOutput, as_generator, check_sample_args, eos_set
+from fastalign.sampling.engine import RolloutEngine, SampleOutput, as_generator, check_sample_args
 from fastalign.sampling.static_decoder import StaticDecoder
 from fastalign.sampling.token_choice import choose_tokens
 
@@ -37,8 +37,7 @@ class FastSampler(RolloutEngine):
     gives_logprobs = True
 
     def __init__(self, model, tokenizer, *, max_batch: int = 64, compile: bool | str = "auto", eos_token_id=None):
-        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-            raise ValueError(f"FastSampler: max_batch must be an int >= 1, got {max_batch!r}")
+        super().__init__(model, tokenizer, max_batch=max_batch, eos_token_id=eos_token_id)
         if compile not in ("auto", True, False):
             raise ValueError(f"FastSampler: compile must be 'auto', True or False, got {compile!r}")
         device = next(model.parameters()).device
@@ -46,9 +45,7 @@ class FastSampler(RolloutEngine):
         # measured to pay (benchmarks/RESULTS.md)
         compile_step = device.type == "cuda" if compile == "auto" else compile
         self.decoder = StaticDecoder(model, compile_step=compile_step)
-        self.model, self.tokenizer, self.max_batch, self.device = model, tokenizer, max_batch, device
-        self.eos = eos_set(tokenizer, eos_token_id)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos)
+        self.device = device
 
     @torch.no_grad()
     def sample(self, prompt_ids, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, do_sample=True, seed=None):
@@ -72,9 +69,9 @@ class FastSampler(RolloutEngine):
         return SampleOutput(tokens, logps, truncated, ents)
 
     def _chunk(self, prompts, max_new_tokens, temperature, top_k, top_p, do_sample, generator) -> SampleOutput:
-        B, width, dev = len(prompts), max(map(len, prompts)), self.device
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=dev)
-        mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=dev)
+        dev = self.device
+        ids, mask = self.left_pad(prompts, dev)
+        B, width = ids.shape
         eos = torch.tensor(sorted(self.eos), device=dev)
         out_tok = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
         out_lp = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)

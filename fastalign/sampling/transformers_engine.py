@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastalign.sampling.engine import RolloutEngine, SampleOutput, check_sample_args, cut_at_eos, eos_set
+from fastalign.sampling.engine import RolloutEngine, SampleOutput, check_sample_args, cut_at_eos
 
 
 class TransformersEngine(RolloutEngine):
@@ -17,11 +17,8 @@ class TransformersEngine(RolloutEngine):
     gives_logprobs = False
 
     def __init__(self, model, tokenizer, *, max_batch: int = 64, synced_gpus: bool = False, eos_token_id=None):
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"TransformersEngine: max_batch must be an int >= 1, got {max_batch!r}")
-        self.model, self.tokenizer, self.max_batch, self.synced_gpus = model, tokenizer, max_batch, synced_gpus
-        self.eos = eos_set(tokenizer, eos_token_id)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos)
+        super().__init__(model, tokenizer, max_batch=max_batch, eos_token_id=eos_token_id)
+        self.synced_gpus = synced_gpus
 
     @torch.no_grad()
     def sample(self, prompt_ids, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, do_sample=True, seed=None):
@@ -39,13 +36,10 @@ class TransformersEngine(RolloutEngine):
             if seed is not None:
                 torch.manual_seed(seed)
             for i in range(0, len(prompt_ids), self.max_batch):
-                chunk = prompt_ids[i: i + self.max_batch]
-                width = max(map(len, chunk))
-                ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in chunk], device=device)
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                ids, mask = self.left_pad(prompt_ids[i: i + self.max_batch], device)
+                out = self.model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=max_new_tokens,
                                           pad_token_id=self.pad_id, eos_token_id=sorted(self.eos), **kw)
-                rows += out[:, width:].tolist()
+                rows += out[:, ids.shape[1]:].tolist()
         if was_training:
             self.model.train()
         rows, ended = cut_at_eos(rows, self.eos)

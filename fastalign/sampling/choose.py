@@ -17,11 +17,16 @@ from fastalign.sampling.transformers_engine import TransformersEngine
 SAMPLERS = ("auto", "fastalign", "transformers")
 
 
+def fastalign_refusal(model, *, sharded: bool = False) -> str | None:
+    """Why FastSampler cannot run `model` (None: it can)."""
+    return "the model is sharded (FSDP2)" if sharded else unsupported_reason(model)
+
+
 def make_engine(kind: str, model, tokenizer, *, max_batch: int = 64, sharded: bool = False) -> RolloutEngine:
     """The engine `kind` names for `model` (sharded: its forwards are collectives)."""
     if kind not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
-    reason = "the model is sharded (FSDP2)" if sharded else unsupported_reason(model)
+    reason = fastalign_refusal(model, sharded=sharded)
     if kind == "fastalign" and reason is not None:
         raise ValueError(f"sampler 'fastalign' cannot run this model: {reason}; use 'auto' or 'transformers'")
     if kind == "transformers" or reason is not None:

@@ -36,7 +36,7 @@ from fastalign.algorithms.context import TrainingDivergedError, derive_seed
 from fastalign.errors import ConfigError, ResumeError
 from fastalign.models import adapters
 from fastalign.options import build_config
-from fastalign.sampling.static_decoder import unsupported_reason
+from fastalign.sampling.choose import fastalign_refusal
 from fastalign.trainer import checkpoint as ckpt
 from fastalign.trainer import distributed as D
 from fastalign.trainer import evaluation, optimization
@@ -121,8 +121,7 @@ class Trainer:
         self._views = D.wrap_models(self.models, algorithm.trainable, self.dist_mode, self.device)
         self.trainable = {r: self.models[r] for r in algorithm.trainable if r in self.models}
         if cfg.sampler == "fastalign" and "policy" in self.models:
-            why = "the model is sharded (FSDP2)" if D.is_sharded(self.models["policy"]) \
-                else unsupported_reason(self.models["policy"])
+            why = fastalign_refusal(self.models["policy"], sharded=D.is_sharded(self.models["policy"]))
             if why is not None:
                 raise ConfigError(f"trainer.sampler: 'fastalign' cannot sample from this policy: {why}; use auto "
                                   "(falls back to transformers' generate) or transformers")

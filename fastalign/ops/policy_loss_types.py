@@ -70,9 +70,11 @@ def _check_ppo(p):
 
 
 def _check_cispo(p):
-    out = _clip_params("cispo", p, low_optional=True)
-    if out["clip_high"] is None:
-        raise ValueError("policy_loss: loss_type='cispo': clip_high must be a number in (0, inf), got None")
+    # the weight's cap is 1 + clip_high > 0: TRL's cispo caps at epsilon_high itself (clip_high =
+    # epsilon_high - 1), and TRL's default epsilon_high = epsilon = 0.2 is a cap below 1
+    out = dict(p)
+    out["clip_low"] = number("cispo", "clip_low", p["clip_low"], low=0, high=1, optional=True)
+    out["clip_high"] = number("cispo", "clip_high", p["clip_high"], low=-1)
     return out
 
 

@@ -71,7 +71,7 @@ def _split_params(loss_type, entry, loss_params):
     params = {**entry.params, **loss_params}
     if entry.check is not None:
         checked = entry.check(params)
-        if checked is not None:
+        if isinstance(checked, dict):  # a normalised dict; any other return value is ignored
             params = dict(checked)
     return params
 

@@ -129,7 +129,8 @@ def register_policy_loss(name: str, formula: Callable, *, params: Optional[Mappi
       stats (approx_kl always).
     params: {name: default} of the parameters the type accepts (float, str or None values);
       any other keyword is refused by policy_loss, naming the type and these.
-    check(params) -> None or a normalised dict: raise ValueError for a bad value (the helper
+    check(params): raise ValueError for a bad value; a dict it returns replaces the parameters
+      (normalised values), any other return value is ignored (the helper
       fastalign.ops.policy_loss_types.number checks a number against an interval).
     compilable: False when the formula cannot be traced by torch.compile(fullgraph=True).
     The built-in types cannot be replaced; a registered one only with overwrite=True.

@@ -230,29 +230,35 @@ def _whiten_error(x, e_x, mask, eps=1e-8):
 
 
 def _outcome_bound(kind, rewards, mask, index, eps=1e-6, norm=True):
-    """Per-element [B, T] bound on |fp32 result - exact| for the outcome estimators."""
+    """Per-element [B, T] bound on |fp32 result - exact| for the outcome estimators. The scores
+    are fp32 sums of K = T terms in a backend's own order (torch's vectorised sum, the fused
+    kernels' lanes or tiles): e_s = gamma(K) sum_k |r_k| each, carried into the group mean (its
+    average over the group) and every deviation."""
     s = rewards.double().sum(-1)
+    e_s = gamma(max(rewards.shape[1], 1)) * rewards.double().abs().sum(-1)
     n, mean, abs_sum, std, same = _group_stats(s, index)
     single = n < 2
     d = s - torch.where(single, 0.0, mean)
-    e_mu = torch.where(single, 0.0, torch.tensor([gamma(int(k)) for k in n]) * abs_sum / n)
-    e_d = e_mu + U * (d.abs() + e_mu)
+    e_mu = torch.where(single, 0.0, torch.tensor([gamma(int(k)) for k in n]) * abs_sum / n + (same * e_s).sum(-1) / n)
+    e_d = e_mu + e_s + U * (d.abs() + e_mu + e_s)
     if kind == "grpo":
         e = _std_division_error(d, e_d, n, torch.where(single, 1.0, std), same, eps) if norm else e_d
     elif kind == "rloo":
         k = n / (n - 1).clamp(min=1)
-        e = torch.where(single, 0.0, k * e_d + gamma(3) * (k * d).abs()
+        e = torch.where(single, e_s, k * e_d + gamma(3) * (k * d).abs()
                         + torch.tensor([gamma(int(j)) for j in n]) * abs_sum / (n - 1).clamp(min=1))
     elif kind == "opo":
         lengths = mask.double().sum(-1)
         total = (same * lengths).sum(-1)
         e = torch.where(single | (total == 0), 0.0, torch.tensor([gamma(int(j) + 2) for j in n])
-                        * (same * (lengths * s).abs()).sum(-1) / total.clamp(min=1))
-        e = e + U * (s.abs() + e)
+                        * (same * (lengths * s).abs()).sum(-1) / total.clamp(min=1)
+                        + (same * lengths * e_s).sum(-1) / total.clamp(min=1))
+        e = e + e_s + U * (s.abs() + e + e_s)
     elif kind == "grpo_passk":
         top = torch.where(same, s.unsqueeze(0), -torch.inf).topk(2, dim=-1).values
         gap = top[:, 0] - top[:, 1]
-        e = _std_division_error(gap, U * gap.abs(), n, std, same, eps) if norm else U * gap.abs()
+        e_gap = U * gap.abs() + 2 * (same * e_s).amax(-1)  # the two scores' own errors
+        e = _std_division_error(gap, e_gap, n, std, same, eps) if norm else e_gap
     elif kind == "reinforce_plus_plus_baseline":
         m = mask.double()
         return _whiten_error(d.unsqueeze(-1) * m, e_d.unsqueeze(-1) * m, m)

@@ -41,9 +41,16 @@ The outcome estimators return (A_i m_t, A_i m_t), as verl does. rewards may also
 scores: they are placed on the last response token (what verl's reward managers do) for the
 token-level estimators, and summed identically for the outcome ones.
 
-These are torch implementations (torch.compile(fullgraph=True) traces them); fused
-C++/CUDA/Triton kernels come later. No gradient: the inputs are rollout data, so the inputs are
-detached. Deterministic on the CPU (see advantage_estimators.py for CUDA).
+Backends (`backend=`, as the other ops): "torch" runs the vectorised torch compositions of
+fastalign/ops/advantage_estimators.py (index_add over the dense group ids); "cpp", "cuda" and
+"triton" run the fused ops of fastalign/ops/advantage_ops.py (one row pass, one per-group pass
+with each group reduced in batch order, one broadcast pass: deterministic on every device) for
+grpo, rloo, opo, grpo_passk, reinforce_plus_plus(_baseline) and remax, and fastalign.gae's own
+kernels for gae. "auto" picks cpp on the CPU and cuda (then triton) on a GPU. Plugin estimators
+are torch code: they take "auto" or "torch" only. torch.compile(fullgraph=True) traces every
+path (the fused ops are custom ops with fake implementations).
+No gradient: the inputs are rollout data, so the inputs are detached and the fused ops have no
+backward (forward only).
 """
 
 from __future__ import annotations
@@ -54,7 +61,9 @@ from typing import Callable
 
 import torch
 
+from fastalign import _backends
 from fastalign.ops import advantage_estimators as est
+from fastalign.ops import advantage_ops
 from fastalign.ops._checks import check_flag, check_float_tensor, check_normal_fp32
 from fastalign.ops.gae import gae as _gae
 from fastalign.ops.kl import masked_whiten
@@ -69,13 +78,13 @@ class AdvantageEstimator:
     needs_index: bool
 
 
-def _gae_estimator(rewards, mask, group, *, values, gamma=1.0, lam=1.0, whiten=True):
+def _gae_estimator(rewards, mask, group, *, values, gamma=1.0, lam=1.0, whiten=True, backend="torch"):
     del group
     check_float_tensor("advantages", "values", values)
     if values.shape != rewards.shape:
         raise ValueError(f"advantages: values must have the shape of rewards {tuple(rewards.shape)}, "
                          f"got {tuple(values.shape)}")
-    adv, returns = _gae(rewards, values.detach(), mask, gamma=gamma, lam=lam)
+    adv, returns = _gae(rewards, values.detach(), mask, gamma=gamma, lam=lam, backend=backend)
     if check_flag("advantages", "whiten", whiten):
         adv = masked_whiten(adv, mask)
     return adv, returns
@@ -126,12 +135,13 @@ def _check_tensor_like(name, t, shape, device):
         raise ValueError(f"advantages: {name} is on {t.device} but response_mask on {device}")
 
 
-def _token_rewards(rewards, mask):
-    """rewards as fp32 [B, T]; [B] scores go on each row's last response token."""
+def _token_rewards(rewards, mask, keep_dtype=False):
+    """rewards as fp32 [B, T] (their own dtype with keep_dtype: the fused kernels read bf16/fp16);
+    [B] scores go on each row's last response token."""
     check_float_tensor("advantages", "rewards", rewards)
     if rewards.dim() == 2:
         _check_tensor_like("rewards", rewards, mask.shape, mask.device)
-        return rewards.detach().float()
+        return rewards.detach() if keep_dtype else rewards.detach().float()
     if rewards.dim() != 1:
         raise ValueError(f"advantages: rewards must be [B, T] token-level rewards or [B] scores, "
                          f"got shape {tuple(rewards.shape)}")
@@ -166,7 +176,7 @@ def _check_options(kind, options):
 
 
 def advantages(kind: str, rewards: torch.Tensor, response_mask: torch.Tensor, *, index=None,
-               **options) -> tuple[torch.Tensor, torch.Tensor]:
+               backend: str = "auto", **options) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 `(advantages, returns)`, each `[B, T]`, of the estimator `kind` (formulas: module doc).
 
     rewards: `[B, T]` token-level rewards or `[B]` outcome scores, float32/bfloat16/float16.
@@ -177,6 +187,7 @@ def advantages(kind: str, rewards: torch.Tensor, response_mask: torch.Tensor, *,
     options, per kind: epsilon (grpo, grpo_passk; default 1e-6), norm_adv_by_std_in_grpo (grpo,
       grpo_passk; default True), gamma (reinforce_plus_plus, gae; default 1.0), lam, values and
       whiten (gae), reward_baselines `[B]` (remax). An option a kind does not take is refused.
+    backend: "auto", "torch", "cpp", "cuda" or "triton" (module doc); plugin kinds run as torch.
     """
     if kind not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"advantages: unknown kind {kind!r}; known: {sorted(ADVANTAGE_ESTIMATORS)}")
@@ -189,7 +200,16 @@ def advantages(kind: str, rewards: torch.Tensor, response_mask: torch.Tensor, *,
     mask = response_mask.detach()
     if mask.dtype != torch.bool:  # a bool mask is used as it is (no [B, T] pass)
         mask = mask != 0
-    token_rewards = _token_rewards(rewards, mask)
+    fused = advantage_ops.FUSED.get(kind) if kind in _BUILTIN else None
+    name = _backends.resolve(backend, mask.device, op="advantages",
+                             supported=_backends.BACKENDS if kind in _BUILTIN else ("torch",))
+    if fused is not None and name != "torch" and fused[1] and isinstance(rewards, torch.Tensor) \
+            and rewards.dim() == 1:
+        check_float_tensor("advantages", "rewards", rewards)  # [B] scores go to the kernel as they are
+        _check_tensor_like("rewards", rewards, mask.shape[:1], mask.device)
+        token_rewards = rewards.detach()
+    else:
+        token_rewards = _token_rewards(rewards, mask, keep_dtype=fused is not None and name != "torch")
     group = None
     if entry.needs_index and index is None:
         raise TypeError(f"advantages: kind={kind!r} needs index=[B] (the group id of each response)")
@@ -209,8 +229,13 @@ def advantages(kind: str, rewards: torch.Tensor, response_mask: torch.Tensor, *,
     if kind == "grpo_passk" and not torch.compiler.is_compiling() and group.numel() \
             and int(est.group_count(group).min()) < 2:
         raise ValueError("advantages: kind='grpo_passk' needs at least 2 responses per index value")
+    if kind == "gae":
+        options["backend"] = name
     try:
-        adv, returns = entry.fn(token_rewards, mask, group, **options)
+        if fused is not None and name != "torch":
+            adv, returns = fused[0](token_rewards, mask, group, name, **options)
+        else:
+            adv, returns = entry.fn(token_rewards, mask, group, **options)
     except TypeError as e:
         if "unexpected keyword argument" in str(e):
             raise TypeError(f"advantages: kind={kind!r} does not take that option ({e})") from None

@@ -471,8 +471,9 @@ def test_bad_inputs_name_the_argument(call, error, match):
 # ---- torch.compile --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])  # the torch composition, and the fused op here
 @pytest.mark.parametrize("kind", sorted(ADVANTAGE_ESTIMATORS))
-def test_torch_compile_fullgraph(kind):
+def test_torch_compile_fullgraph(kind, backend):
     torch._dynamo.reset()
     rewards, mask, index = _inputs(12, batch=16, steps=8, min_group=2)
     opts = {"remax": {"reward_baselines": torch.randn(16)}, "gae": {"values": torch.randn(16, 8)}}.get(kind, {})
@@ -480,7 +481,7 @@ def test_torch_compile_fullgraph(kind):
         opts["index"] = index
 
     def step(r, m, **kw):
-        return fastalign.advantages(kind, r, m, **kw)
+        return fastalign.advantages(kind, r, m, backend=backend, **kw)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got, want = compiled(rewards, mask, **opts), step(rewards, mask, **opts)

@@ -7,9 +7,10 @@ Group statistics are index_add / scatter_reduce over B buckets (a bucket per pos
 every shape is static: no torch.unique, no host synchronisation, torch.compile(fullgraph=True)
 traces it). The peers (verl, OpenRLHF) build a dict of lists in a Python loop over samples.
 
-These are torch compositions on every device; fused C++/CUDA/Triton kernels are planned. On the
-CPU index_add is deterministic; on CUDA it uses float atomics (run-to-run bit equality there
-needs torch.use_deterministic_algorithms(True)).
+These are the "torch" backend of fastalign.advantages (the fused cpp/cuda/triton ops are in
+fastalign/ops/advantage_ops.py). On the CPU index_add is deterministic; on CUDA it uses float
+atomics (run-to-run bit equality there needs torch.use_deterministic_algorithms(True); the fused
+ops are deterministic without it).
 """
 
 from __future__ import annotations

@@ -128,12 +128,13 @@ def test_scores_bf16_and_mask_dtypes(backend, device):
 
 @pytest.mark.parametrize("backend,device", FUSED)
 def test_deterministic_across_runs_and_threads(backend, device):
-    rewards, mask, index = _big_group_inputs(9, steps=300)
+    # cpp: rows long enough for several lanes and tasks; Triton (interpreted here): shorter rows
+    rewards, mask, index = _big_group_inputs(9, steps=300 if backend == "cpp" else 40)
     rewards, mask, index = rewards.to(device), mask.to(device), index.to(device)
     threads = torch.get_num_threads()
     results = []
     try:
-        for n in (1, max(2, threads), 1):
+        for n in (1, max(2, threads)) if backend != "cpp" else (1, max(2, threads), 1):
             torch.set_num_threads(n)
             results.append([fastalign.advantages(k, rewards, mask, index=index, backend=backend)[0]
                             for k in ("grpo", "rloo", "opo", "reinforce_plus_plus_baseline")]
@@ -172,7 +173,8 @@ def test_opcheck(backend, device):
     rewards, mask, group = _raw_args(backend, device)
     outcome = advantage_ops.OUTCOME_ADVANTAGE.kernels(backend)[0]
     returns = advantage_ops.RETURN_ADVANTAGE.kernels(backend)[0]
-    for kind in range(5):
+    # every kind on cpp; on the (slow) interpreted Triton the kinds with their own code paths
+    for kind in range(5) if backend != "triton" or device != "cpu" else (0, 3, 4):
         torch.library.opcheck(outcome, (rewards, mask, group, kind, 1e-6, True))
     torch.library.opcheck(outcome, (rewards[:, :1], mask, group, 0, 1e-6, False))  # [B, 1] scores
     torch.library.opcheck(returns, (rewards, mask, None, 0.9, 0))

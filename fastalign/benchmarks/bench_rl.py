@@ -208,7 +208,7 @@ def _policy_cases(quick, fa):
         conts.update({"eager": _eager_policy(name, False), "torch.compile": _eager_policy(name, True)})
         out.append(Case(FAMILY, f"policy_loss[{name}]", "fwd+bwd", {"B": b, "T": t, "dtype": "fp32"}, b * t, "B x T",
                         _policy_inputs(b, t), conts, tuple(f"fastalign[{x}]" for x in fa),
-                        group=f"policy_loss fwd+bwd fp32"))
+                        group="policy_loss fwd+bwd fp32"))
     return out
 
 

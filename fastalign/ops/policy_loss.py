@@ -31,7 +31,8 @@ def _check_correction(c, rollout_logprobs, like):
     if c["rollout_rs"] is not None and c["rollout_rs"] not in R.ROLLOUT_RS_LEVELS:
         raise ValueError(f"{_OP}: rollout_rs must be None or one of {R.ROLLOUT_RS_LEVELS}, got {c['rollout_rs']!r}")
     if (c["rollout_is"] is not None or c["rollout_rs"] is not None) and rollout_logprobs is None:
-        raise ValueError(f"{_OP}: rollout_is / rollout_rs need rollout_logprobs ([B, T], the rollout engine's log-probs)")
+        raise ValueError(f"{_OP}: rollout_is / rollout_rs need rollout_logprobs "
+                         f"([B, T], the rollout engine's log-probs)")
     out = dict(c)
 
     def num(name, *, low_open=True, optional=False):
@@ -45,7 +46,8 @@ def _check_correction(c, rollout_logprobs, like):
 
     out["rollout_is_threshold"] = num("rollout_is_threshold")
     out["rollout_is_threshold_lower"] = num("rollout_is_threshold_lower", low_open=False, optional=True)
-    if out["rollout_is_threshold_lower"] is not None and out["rollout_is_threshold_lower"] >= out["rollout_is_threshold"]:
+    if out["rollout_is_threshold_lower"] is not None \
+            and out["rollout_is_threshold_lower"] >= out["rollout_is_threshold"]:
         raise ValueError(f"{_OP}: rollout_is_threshold_lower must be < rollout_is_threshold "
                          f"({out['rollout_is_threshold']}), got {out['rollout_is_threshold_lower']}")
     out["rollout_rs_threshold"] = num("rollout_rs_threshold", optional=True)

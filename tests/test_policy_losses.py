@@ -182,7 +182,27 @@ def _v_kl_cov(old, logp, adv, m, ratio_, coef):
     return pg
 
 
-# the op's parameters for each type and verl's token-loss function with the same parameters
+def _trl_gspo_tok(old, logp, adv, m, cl, ch):
+    """TRL's GRPO loss at importance_sampling_level="sequence" (GSPO, sequence form): coef_1 =
+    exp(sum(d m) / max(sum m, 1)) per row, -min(coef_1 A, clamp(coef_1, 1-cl, 1+ch) A) per token."""
+    coef_1 = torch.exp(((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_2 = torch.clamp(coef_1, 1 - cl, 1 + ch)
+    return -torch.min(coef_1 * adv, coef_2 * adv)
+
+
+def _geo_mean_tok(old, logp, adv, m, cl, ch):
+    """verl's compute_policy_loss_geo_mean row loss -Abar_b R_b, on every token of the row (the
+    per-token form policy_loss aggregates)."""
+    nakl = logp - old
+    sgn = torch.sign(adv)
+    nakl_min = sgn * torch.min(sgn * nakl, sgn * torch.clamp(nakl, -cl, ch))
+    msum = m.sum(-1)
+    ratio = torch.exp((nakl_min * m).sum(-1) / (msum + 1e-8))
+    advantage = (adv * m).sum(-1) / (msum + 1e-8)
+    return (-advantage * ratio).unsqueeze(-1).expand_as(adv)
+
+
+# the op's parameters for each type and the peer's token-loss function with the same parameters
 VERL_CASES = {
     "ppo": (dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0), lambda o, lp, a, m: _v_vanilla(o, lp, a, m, 0.2, 0.28)),
     "gspo_token": (dict(clip_low=0.05, clip_high=0.08), lambda o, lp, a, m: _v_gspo(o, lp, a, m, 0.05, 0.08)),
@@ -190,6 +210,8 @@ VERL_CASES = {
     "sapo": (dict(tau_pos=1.0, tau_neg=1.05), lambda o, lp, a, m: _v_sapo(o, lp, a, m, 1.0, 1.05)),
     "gpg": ({}, _v_gpg),
     "reinforce": ({}, _v_gpg),  # verl's compute_policy_loss_reinforce without weights: -A logp
+    "gspo": (dict(clip_low=0.05, clip_high=0.08), lambda o, lp, a, m: _trl_gspo_tok(o, lp, a, m, 0.05, 0.08)),
+    "geo_mean": (dict(clip_low=0.1, clip_high=0.15), lambda o, lp, a, m: _geo_mean_tok(o, lp, a, m, 0.1, 0.15)),
 }
 
 
@@ -321,7 +343,8 @@ def test_ppo_with_rollout_correction_matches_reference(backend, device, agg, cor
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("use_global", [False, True])
 def test_matches_verl_formula(loss_type, agg, dtype, use_global):
-    """policy_loss(loss_type) against verl's compute_policy_loss_* token loss + agg_loss, float64."""
+    """policy_loss(loss_type) against the peer's token loss (verl's compute_policy_loss_*; TRL's
+    sequence-level GRPO for gspo) + verl's agg_loss, float64."""
     shape = (6, 11)
     logp, old, adv, mask = _inputs(shape, dtype)
     params, verl_tok = VERL_CASES[loss_type]
@@ -331,7 +354,7 @@ def test_matches_verl_formula(loss_type, agg, dtype, use_global):
     ref, ref_g = _run64(lambda o, lp, a, mm: _v_agg(verl_tok(o, lp, a, m), m, agg, **verl_kw), logp, old, adv, mask)
     with torch.no_grad():
         tok = verl_tok(old.double(), logp.double(), adv.double(), m).abs()
-        if loss_type == "gspo_token":  # the sequence ratio's error scales with |A| s
+        if loss_type in ("gspo", "gspo_token", "geo_mean"):  # the sequence ratio's error scales with |A| s
             tok = tok + adv.double().abs() * torch.exp((torch.where(mask, logp.double() - old.double(), 0.0)).sum(-1)
                                                        .clamp(max=10) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
         size = _v_agg(tok, m, agg, **verl_kw)
@@ -374,12 +397,12 @@ def test_gspo_sequence_and_token_forms():
 
 
 @pytest.mark.parametrize("loss_type", ["clip_cov", "kl_cov"])
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("agg", AGGS)
 def test_cov_losses_match_verl(loss_type, agg):
     """verl's compute_policy_loss_clip_cov / _kl_cov in fp32 (the same selection; clip_cov's random
     choice from the same torch.randperm draw), ratios large enough to select several tokens."""
     shape = (8, 16)
-    logp, old, adv, mask = _inputs(shape, spread=0.1)
+    logp, old, adv, mask = _inputs(shape, spread=0.3)  # some tokens clipped: excluded from clip_cov's choice
     adv = adv * 3
     if loss_type == "clip_cov":
         params = dict(clip_low=0.2, clip_high=0.28, clip_cov_ratio=0.05, clip_cov_lb=0.5, clip_cov_ub=3.0)
@@ -388,15 +411,16 @@ def test_cov_losses_match_verl(loss_type, agg):
         params = dict(kl_cov_ratio=0.1, ppo_kl_coef=0.5)
         fn = lambda o, lp, a, m: _v_kl_cov(o, lp, a, m, 0.1, 0.5)  # noqa: E731
     torch.manual_seed(11)
-    loss, stats, g = _run(loss_type, logp, old, adv, mask, agg=agg, **params)
+    ours_kw, verl_kw = _agg_kwargs(agg, shape[1], False, mask)
+    loss, stats, g = _run(loss_type, logp, old, adv, mask, agg=agg, **ours_kw, **params)
     torch.manual_seed(11)
     x = logp.clone().requires_grad_()
     m = mask.float()
     tok = fn(old, x, adv, m)
-    ref = _v_agg(tok, m, agg)
+    ref = _v_agg(tok, m, agg, **verl_kw)
     (rg,) = torch.autograd.grad(ref, x)
     assert stats["covfrac"] > 0
-    size = _v_agg(tok.detach().abs(), m, agg)
+    size = _v_agg(tok.detach().abs(), m, agg, **verl_kw)
     f = 2 * _factor(shape)
     assert_within(loss, ref, f * size, "loss")
     near = _near_bounds("clip_cov" if loss_type == "clip_cov" else "gpg", logp, old, adv, mask, params)

@@ -860,3 +860,72 @@ def test_torch_compile_fullgraph_ppo_fused(backend, device):
     assert_within(loss, ref, f * (ref.abs() + 1), "compiled loss")
     assert_within(s, ref_s, f * (ref_s.abs() + 1), "compiled stats")
     assert_within(a.grad, b.grad, f * b.grad.abs().max(), "compiled gradient")
+
+
+# ---- the fused CPU kernel of reinforce / gpg, cispo, sapo (fastalign/ops/policy_loss_fused.py) -------
+
+from fastalign.ops import policy_loss_fused as PF  # noqa: E402
+
+needs_pg_kernel = pytest.mark.skipif(not PF.available(), reason="the loaded fastalign._C has no pg_policy_loss kernel")
+PG_CASES = [("reinforce", {}), ("gpg", {}), ("cispo", {}), ("cispo", dict(clip_low=0.2, clip_high=0.28)),
+            ("sapo", {}), ("sapo", dict(tau_pos=2.0, tau_neg=0.5))]
+
+
+@needs_pg_kernel
+@pytest.mark.parametrize("loss_type,params", PG_CASES)
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("correction", [{}, dict(rollout_is="sequence", rollout_rs="token", rollout_rs_threshold=1.4)])
+def test_fused_pg_kernel_matches_reference(loss_type, params, agg, dtype, correction):
+    """cpp kernel against the eager reference: two fp32 evaluations, each within the module's
+    bound; sapo's sigmoid clamps z to [-20, 20] (< 2.1e-9 off, times 4/tau |A| per token)."""
+    shape = (6, 37)  # rows longer than 16 lanes, with a tail
+    logp, old, adv, mask = _inputs(shape, dtype, spread=0.5)
+    rollout = (old.float() + torch.randn(shape) * 0.2).to(dtype)
+    rk = dict(rollout_logprobs=rollout, **correction) if correction else {}
+    loss, stats, g = _run(loss_type, logp, old, adv, mask, agg=agg, backend="cpp", **rk, **params)
+    entry = PT.POLICY_LOSS_TYPES[loss_type]
+    full = {**entry.params, **params}
+    x = logp.clone().requires_grad_()
+    corr = {**fastalign.ops.policy_loss.CORRECTION_DEFAULTS, **correction}
+    ref, rstats = R.policy_loss(entry.formula, x, old, adv, mask, full, agg,
+                                rollout_logprobs=rollout if correction else None, correction=corr)
+    (rg,) = torch.autograd.grad(ref, x)
+    valid = mask
+    weight, keep = None, valid
+    if correction:
+        weight, keep, _ = R.rollout_correction(torch.where(valid, old.float(), 0.0), torch.where(valid, rollout.float(), 0.0),
+                                               valid, **correction)
+    w = torch.ones(shape) if weight is None else weight
+    a64 = torch.where(keep, adv.double(), 0.0).abs() * w.double()
+    ratio = torch.exp((logp.double() - old.double()).clamp(-20, 20))
+    tok = a64 * (logp.double().abs() * ratio.clamp(max=5.0) + 4.0 / 0.5)  # >= |token loss| for every type here
+    size = R.ppo_agg(tok, keep, agg)
+    f = 2 * _factor(shape)
+    assert_within(loss, ref, f * size + 1e-8 * R.ppo_agg(a64 * 8.0, keep, agg), f"{loss_type} loss")
+    near = torch.zeros_like(mask)
+    if loss_type == "cispo":
+        lo = 0.0 if full["clip_low"] is None else 1 - full["clip_low"]
+        near = ((ratio - lo).abs() <= 1e-5) | ((ratio - 1 - full["clip_high"]).abs() <= 1e-5 * (1 + full["clip_high"]))
+    gb = f * rg.abs().max() + 1e-8 * rg.abs().max() + (unit_roundoff(dtype) * 2 * rg.abs() if dtype != torch.float32 else 0)
+    assert_within(g, rg, torch.where(near, torch.inf, gb), f"{loss_type} gradient")
+    assert set(stats) == set(rstats)
+    for k in stats:
+        # the same decisions on the same fp32 values (ratio within its exp error of a clip bound
+        # excluded above), sums in another order: a few roundings of the mean
+        assert_within(stats[k], rstats[k], f * (rstats[k].abs() + 1e-6) + (1e-6 if k == "approx_kl" else 0), k)
+
+
+@needs_pg_kernel
+def test_fused_pg_kernel_opcheck_and_dispatch():
+    shape = (3, 21)
+    logp, old, adv, mask = _inputs(shape)
+    fwd, bwd = PF.PG_POLICY_LOSS.kernels("cpp")
+    x = logp.clone().requires_grad_()
+    for kind, a, b in ((0, 0.0, 0.0), (1, 0.0, 5.0), (2, 1.0, 1.05)):
+        torch.library.opcheck(fwd, (x, old, adv, mask, kind, a, b, 0, -1.0, 0.0))
+        torch.library.opcheck(bwd, (torch.randn(4), x.detach(), old, adv, mask, torch.rand(shape[0]), kind, a, b))
+    with pytest.raises(RuntimeError, match="kind must be"):
+        fwd(logp, old, adv, mask, 7, 0.0, 0.0, 0, -1.0, 0.0)
+    with pytest.raises(RuntimeError, match="sapo needs"):
+        fwd(logp, old, adv, mask, 2, 0.0, 1.0, 0, -1.0, 0.0)

@@ -929,3 +929,46 @@ def test_fused_pg_kernel_opcheck_and_dispatch():
         fwd(logp, old, adv, mask, 7, 0.0, 0.0, 0, -1.0, 0.0)
     with pytest.raises(RuntimeError, match="sapo needs"):
         fwd(logp, old, adv, mask, 2, 0.0, 1.0, 0, -1.0, 0.0)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "torch"])
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("correction", [{}, dict(rollout_is="token", rollout_rs="token", rollout_rs_threshold=1.4)])
+def test_gspo_token_on_the_ppo_kernels_matches_reference(backend, device, agg, dtype, correction):
+    """gspo_token through the ppo kernels (ratio exp(x - o) with o = sg(x) - log s) against its
+    eager formula: two evaluations, each within the module's bound, plus the rounding of x - o
+    (u (|x| + |log s|) in the log of the ratio). A row whose mean log-ratio exceeds 10 (row 0)
+    gets no gradient on both."""
+    shape = (6, 37)
+    logp, old, adv, mask = _inputs(shape, dtype)
+    old[0] = (logp[0].float() - 11.0).to(dtype)  # s = exp(min(11, 10)): clamped, no gradient
+    rollout = (old.float() + torch.randn(shape) * 0.2).to(dtype)
+    params = dict(clip_low=0.05, clip_high=0.08)
+    rk = dict(rollout_logprobs=rollout.to(device), **correction) if correction else {}
+    dev = [t.to(device) for t in (logp, old, adv, mask)]
+    loss, stats, g = _run("gspo_token", *dev, agg=agg, backend=backend, **rk, **params)
+    x = logp.clone().requires_grad_()
+    corr = {**fastalign.ops.policy_loss.CORRECTION_DEFAULTS, **correction}
+    ref, rstats = R.policy_loss(R.gspo_token, x, old, adv, mask, params, agg,
+                                rollout_logprobs=rollout if correction else None, correction=corr)
+    (rg,) = torch.autograd.grad(ref, x)
+    assert not g[0].any() and not rg[0].any()
+    keep = mask
+    if correction:
+        keep = R.rollout_correction(torch.where(mask, old.float(), 0.0), torch.where(mask, rollout.float(), 0.0), mask,
+                                    **correction)[1]
+    d = torch.where(keep, logp.double() - old.double(), 0.0)
+    log_s = (d.sum(-1) / keep.sum(-1).clamp(min=1)).clamp(max=10).unsqueeze(-1)
+    s = torch.exp(log_s)
+    w = 2.0 if correction else 1.0  # the token TIS weight is at most its threshold, 2
+    tok = w * torch.where(keep, adv.double(), 0.0).abs() * s
+    extra = U * (logp.double().abs() + log_s.abs())  # the rounding of x - o, relative in the ratio
+    f = 2 * _factor(shape)
+    assert_within(loss.cpu(), ref, R.ppo_agg(tok * (f + 2 * extra), keep, agg), "loss")
+    near = _near_bounds("gspo_token", logp, old, adv, keep, params)
+    gb = (f + 2 * extra.max()) * rg.abs().max() + (unit_roundoff(dtype) * 2 * rg.abs() if dtype != torch.float32 else 0)
+    assert_within(g.cpu(), rg, torch.where(near, torch.inf, gb), "gradient")
+    assert set(stats) == set(rstats)
+    for k in stats:
+        assert_within(stats[k].cpu(), rstats[k], f * (rstats[k].abs() + 1e-6) + 1e-6, k)

@@ -1,7 +1,8 @@
 """policy_loss: the policy-gradient loss family behind one call, with a registry
 (fastalign/ops/policy_loss_types.py) and rollout-mismatch correction (TIS / MIS) in the same call.
 
-loss_type="ppo" runs the fused ppo_policy_loss kernels on every backend, and reinforce / gpg,
+loss_type="ppo" runs the fused ppo_policy_loss kernels on every backend (gspo_token too, on
+shifted inputs: _gspo_token), and reinforce / gpg,
 cispo and sapo a fused CPU kernel on the cpp backend (policy_loss_fused.py); the rollout weights
 fold into them exactly (_fold_correction). Everything else runs its torch formula
 (fastalign/kernels/reference_policy_losses.py) on every backend. Formulas, statistics per type and the peers' differences: docs/policy_losses.md.
@@ -128,6 +129,35 @@ def _ppo(name, logprobs, old, adv, mask, params, agg, global_count, horizon, rol
     return loss, {k: v.detach().float() for k, v in stats.items()}
 
 
+def _gspo_token(name, logprobs, old, adv, mask, params, agg, global_count, horizon, rollout_logprobs, correction):
+    """gspo_token on the fused ppo kernels of any backend: its token ratio s_bt = exp(min(sg(L_b) +
+    x_bt - sg(x_bt), 10)), L_b the row mean of the log-ratio over the kept tokens, is ppo's ratio
+    exp(x_bt - o_bt) for o_bt = sg(x_bt) - min(L_b, 10): the same value (up to the rounding of
+    x - o) and the same gradient s_bt. A row with L_b > 10 gets no gradient (its clamp blocks it):
+    its logprobs enter detached. ppo without dual clip; approx_kl, ratio_* and clipfrac_low/high
+    are one detached torch pass (the kernel's approx_kl would be of o)."""
+    adv, mask, rstats = _fold_correction(old, adv, mask, rollout_logprobs, correction)
+    keep = mask != 0
+    zero = torch.zeros((), device=logprobs.device)
+    with torch.no_grad():
+        d = torch.where(keep, logprobs.detach().float() - old.detach().float(), zero)
+        row = d.sum(-1) / keep.sum(-1).clamp(min=1)
+        over = row > R.GSPO_LOG_RATIO_MAX
+        log_s = torch.clamp(row, max=R.GSPO_LOG_RATIO_MAX).unsqueeze(-1)
+    x = torch.where(over.unsqueeze(-1), logprobs.detach(), logprobs)
+    shifted = x.detach().float() - log_s
+    loss, stats = P.ppo_policy_loss(x, shifted, adv, mask, clip_low=params["clip_low"], clip_high=params["clip_high"],
+                                    agg=agg, global_count=global_count, horizon=horizon, backend=name)
+    with torch.no_grad():
+        adv_f = torch.where(keep, adv.detach().float(), zero)
+        extras = R._clipped_surrogate(torch.exp(log_s).expand_as(adv_f), adv_f, params["clip_low"],
+                                      params["clip_high"])[1]
+        logp_f, old_f = (torch.where(keep, t.detach().float(), zero) for t in (logprobs, old))
+        extra = R.summarize({k: extras[k] for k in ("ratio", "clipfrac_low", "clipfrac_high")}, logp_f, old_f, keep)
+    stats = {"clipfrac": stats["clipfrac"], **extra, **rstats}
+    return loss, {k: v.detach().float() for k, v in stats.items()}
+
+
 def _pg(loss_type, logprobs, old, adv, mask, params, agg, global_count, horizon, rollout_logprobs, correction):
     """reinforce / gpg, cispo, sapo on the fused CPU kernel (fastalign/ops/policy_loss_fused.py)."""
     adv, mask, rstats = _fold_correction(old, adv, mask, rollout_logprobs, correction)
@@ -206,7 +236,8 @@ def policy_loss(
     clipfrac_high (A > 0, high bound) for ppo, gspo, gspo_token, cispo, geo_mean, clip_cov;
     clipfrac_lower (the dual-clip cap binding) for ppo; covfrac for clip_cov / kl_cov.
 
-    backend: "ppo" runs the fused kernels of that backend ("auto": the fastest here);
+    backend: "ppo" and "gspo_token" run the fused ppo kernels of that backend ("auto": the
+    fastest here; "torch": the eager formula);
     reinforce, gpg, cispo and sapo a fused kernel on "cpp" (CPU); every other type, and those on
     the other backends, run their torch formula (the backend is checked all the same).
     """
@@ -226,6 +257,9 @@ def policy_loss(
             and PF.available():
         return _pg(loss_type, logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon,
                    rollout_logprobs, correction)
+    if loss_type == "gspo_token" and entry.formula is R.gspo_token and name != "torch":
+        return _gspo_token(name, logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon,
+                           rollout_logprobs, correction)
     if loss_type == "ppo" and entry.formula is R.ppo:
         return _ppo(name, logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon,
                     rollout_logprobs, correction)

@@ -839,12 +839,16 @@ def test_register_user_loss():
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "torch"])
-def test_torch_compile_fullgraph_ppo_fused(backend, device):
-    """ppo on the fused kernels, with TIS folded into the advantages and the torch stats pass."""
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo_token", "cispo", "sapo"])
+def test_torch_compile_fullgraph_fused(backend, device, loss_type):
+    """The fused paths (ppo and gspo_token on the ppo kernels, cispo / sapo on the cpp pg kernel),
+    with TIS folded into the advantages and the torch stats pass."""
+    params = {"ppo": dict(clip_high=0.28), "gspo_token": dict(clip_low=0.05)}.get(loss_type, {})
+
     def step(logp, old, adv, mask, rollout):
-        loss, stats = fastalign.policy_loss(logp, old, adv, mask, loss_type="ppo", clip_high=0.28,
-                                            rollout_logprobs=rollout, rollout_is="token", backend=backend)
-        return loss, stats["ratio_mean"] + stats["clipfrac"]
+        loss, stats = fastalign.policy_loss(logp, old, adv, mask, loss_type=loss_type, rollout_logprobs=rollout,
+                                            rollout_is="token", backend=backend, **params)
+        return loss, stats["ratio_mean"] + stats["approx_kl"]
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")

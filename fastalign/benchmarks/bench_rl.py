@@ -10,8 +10,8 @@ GAE loops live in fastalign/benchmarks/_peers.py, shared with tests/test_gae.py)
 - verl compute_policy_loss (vanilla, with dual clip) and compute_value_loss, "token-mean".
 policy_loss (loss types sapo, cispo, gspo_token, and ppo with token TIS) fwd+bwd against the
 eager reference (fastalign/kernels/reference_policy_losses.py) and torch.compile of it; on the
-CPU sapo and cispo run the fused pg_policy_loss kernel, gspo_token its torch formula (no fused
-kernel for the sequence types yet).
+CPU sapo and cispo run the fused pg_policy_loss kernel, gspo_token the ppo kernels on shifted
+inputs.
 torch.compile of the GAE loops is not measured: it unrolls T steps into one graph (minutes of
 compilation at T = 2048), which nobody ships.
 """

@@ -13,8 +13,6 @@ torch formula when the loaded extension predates this op.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from fastalign.ops import ppo as P
@@ -35,16 +33,15 @@ PG_POLICY_LOSS = FusedOp(
 KINDS = {"reinforce": 0, "gpg": 0, "cispo": 1, "sapo": 2}
 
 
-@functools.cache
-def _available() -> bool:
-    return PG_POLICY_LOSS.kernels("cpp") is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastalign::pg_policy_loss_fwd", "CPU")
+# Whether the loaded extension has the CPU kernel (an older build has only the schema): asked once,
+# here, so that policy_loss reads a Python constant (Dynamo cannot trace the dispatcher query, and
+# torch.compiler's decorators would import Dynamo at `import fastalign`).
+_AVAILABLE = PG_POLICY_LOSS.kernels("cpp") is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fastalign::pg_policy_loss_fwd", "CPU")
 
 
-@torch.compiler.assume_constant_result  # (a constant of the process; Dynamo cannot trace the query)
 def available() -> bool:
-    """Whether the loaded extension has the CPU kernel (an older build has only the schema)."""
-    return _available()
+    return _AVAILABLE
 
 
 def kernel_args(loss_type: str, params: dict) -> tuple:

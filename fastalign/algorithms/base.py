@@ -169,17 +169,23 @@ def token_logps(model, batch, *, temperature: float = 1.0, return_entropy: bool 
 def _packed_token_logps(model, batch, temperature, return_entropy, fused) -> tuple:
     rows = P.pack_rows(batch["input_ids"], batch["attention_mask"])
 
-    def forward(input_ids, position_ids):
+    def forward(input_ids, position_ids, targets=None, entropy=True):
         # no attention mask: the positions delimit the sequences; use_cache=False because
         # transformers looks for packed sequences only when no KV cache is passed or created
-        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+        if not fused:
+            return model(**inputs).logits
+        # fused: the log-probs of `targets` (the leak probe: of the input ids), stacked with the
+        # entropies [1, T, 2] when asked; no logits
+        got = head_logps(model, inputs, input_ids if targets is None else targets, temperature=temperature,
+                         ignore_index=C.IGNORE, return_entropy=entropy)
+        return torch.stack(got, -1) if entropy else got[0]
 
     P.check_no_leak(model, forward, vocab_size=model.config.vocab_size, device=rows.input_ids.device)
     targets = rows.gather(P.next_token_targets(batch["labels"]))
     if fused:
-        inputs = {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "use_cache": False}
-        out = tuple(o[0] for o in head_logps(model, inputs, targets[None], temperature=temperature,
-                                             ignore_index=C.IGNORE, return_entropy=return_entropy))
+        got = forward(rows.input_ids, rows.position_ids, targets[None], return_entropy)[0]
+        out = got.unbind(-1) if return_entropy else (got,)
     else:
         logits = forward(rows.input_ids, rows.position_ids)[0]
         out = gather_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy)

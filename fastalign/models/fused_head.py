@@ -68,11 +68,9 @@ def causal_lm(model):
 
 
 def _fusable_class(lm):
-    import transformers
-
-    for name in FUSABLE:
-        cls = getattr(transformers, name, None)
-        if cls is not None and isinstance(lm, cls):
+    """The FUSABLE transformers class `lm` is an instance of (by its MRO: nothing is imported)."""
+    for cls in type(lm).__mro__:
+        if cls.__name__ in FUSABLE and cls.__module__.startswith("transformers.models."):
             return cls
     return None
 

@@ -7,7 +7,8 @@
 `head_logps` runs the model's own forward, `model(**inputs)`, with its LM head's forward replaced
 for that one call: instead of `logits = lm_head(hidden)` [.., V] the head returns
 `linear_gather_logprobs(hidden, lm_head.weight, targets, bias=lm_head.bias)` [..] (stacked with
-the entropy when asked), and the output's `logits` field carries that. Going through the model's
+the entropy when asked), and the output's `logits` field carries that. Only the positions that
+have a target go through the op (a DPO or RL batch's prompt positions have none). Going through the model's
 forward, rather than calling its backbone and then the op, keeps every wrapper the trainer puts
 around a model working unchanged:
   * DDP (fastalign.trainer.distributed.DDPModel): the call goes through DistributedDataParallel's
@@ -104,6 +105,29 @@ def fused_head_refusal(model) -> str | None:
     return None
 
 
+def _scored_positions_only(hidden, weight, bias, targets, temperature, ignore_index, return_entropy) -> tuple:
+    """linear_gather_logprobs on the positions that have a target only (a DPO or RL batch's
+    prompt and padding positions have none: 3/4 of the e2e DPO batch), 0 elsewhere, as the op
+    itself gives there; gradients reach the scored positions' hidden states only, as in the op."""
+    n, size = targets.numel(), hidden.shape[-1]
+    flat_t = targets.reshape(n)
+    rows = hidden.reshape(n, size)
+    scored = flat_t != ignore_index
+    with torch.autocast(hidden.device.type, enabled=False):
+        if bool(scored.all()):
+            res = linear_gather_logprobs(rows, weight, flat_t, bias=bias, temperature=temperature,
+                                         ignore_index=ignore_index, return_entropy=return_entropy)
+            res = res if return_entropy else (res,)
+        else:
+            idx = scored.nonzero().squeeze(1)
+            got = linear_gather_logprobs(rows.index_select(0, idx), weight, flat_t.index_select(0, idx), bias=bias,
+                                         temperature=temperature, ignore_index=ignore_index,
+                                         return_entropy=return_entropy)
+            got = got if return_entropy else (got,)
+            res = tuple(g.new_zeros(n).index_copy(0, idx, g) for g in got)  # out of place: differentiable
+    return tuple(r.view(targets.shape) for r in res)
+
+
 @contextlib.contextmanager
 def _forward_replaced(module: nn.Module, forward):
     module.forward = forward  # an instance attribute: nn.Module.__call__ looks up self.forward
@@ -130,16 +154,15 @@ def head_logps(model, inputs: dict, targets: torch.Tensor, *, temperature: float
             logits = nn.functional.linear(hidden, weight, bias)
             res = gather_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
                                   return_entropy=return_entropy)
+            res = res if return_entropy else (res,)
         else:
             if torch.is_autocast_enabled(dev):  # the operands the eager head's GEMM would get
                 dtype = torch.get_autocast_dtype(dev)
                 hidden, weight = hidden.to(dtype), weight.to(dtype)
                 bias = None if bias is None else bias.to(dtype)
-            with torch.autocast(dev, enabled=False):
-                res = linear_gather_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                             ignore_index=ignore_index, return_entropy=return_entropy)
+            res = _scored_positions_only(hidden, weight, bias, targets, temperature, ignore_index, return_entropy)
         # one output tensor (FSDP2 hooks the backward's unsharding onto the forward's outputs)
-        return torch.stack(res, -1) if return_entropy else res
+        return torch.stack(res, -1) if return_entropy else res[0]
 
     with _forward_replaced(head, fused):
         out = model(**inputs).logits

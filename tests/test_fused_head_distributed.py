@@ -5,7 +5,7 @@ the log-probs, entropies and synchronised gradients equal the single-process fus
 BIT: every rank computes the same batch with the same shapes as the single process (one thread
 each, so the same GEMM blocking), and the gradient average of two identical per-rank gradients,
 (g + g) / 2 or g / 2 + g / 2, is exact in binary. Padded and packed forwards, SFT-style
-(log-probs only) and RL-style (with the entropy)."""
+(log-probs only) and RL-style (with the entropy). A DTensor head weight outside FSDP2 is refused."""
 
 from __future__ import annotations
 
@@ -67,6 +67,17 @@ def _worker(path):
             return D.wrap_models({"policy": m}, ("policy",), mode, torch.device("cpu")).get("policy", m)
 
         results[mode] = _compute(wrap)
+    # a DTensor head weight outside FSDP2 (e.g. tensor parallel): refused, the logits path is used
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fastalign.models import tiny_model, tiny_tokenizer
+    from fastalign.models.fused_head import fused_head_refusal
+
+    m = tiny_model(tiny_tokenizer(), seed=0, **TINY)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    m.lm_head.weight = torch.nn.Parameter(distribute_tensor(m.lm_head.weight.detach().clone(), mesh, [Shard(0)]))
+    results["dtensor refusal"] = fused_head_refusal(m)
     if dist.get_rank() == 0:
         torch.save(results, path)
     dist.barrier()
@@ -90,6 +101,7 @@ def test_fused_head_under_ddp_and_fsdp2_matches_single_process(tmp_path):
     results = torch.load(path)
     # padded, the packed-leak probe (2 forwards), packed: the fused op each time, on full weights
     assert single_seen == ["Parameter"] * 4
+    assert "DTensor outside an FSDP2-sharded model" in results["dtensor refusal"]
     for mode in ("ddp", "fsdp"):
         got, seen = results[mode]
         assert seen == ["Parameter"] * 4, (mode, seen)

@@ -43,7 +43,6 @@ from torch import nn
 
 from fastalign.models.adapters import AdapterFreeReference, is_peft_model
 from fastalign.ops.linear_logprobs import linear_gather_logprobs
-from fastalign.ops.logprobs import gather_logprobs
 
 # transformers classes whose forward is `logits = self.lm_head(hidden_states)` and returns those
 # logits untouched (read in transformers 5.25; tests/test_fused_head.py re-checks the source)
@@ -102,7 +101,21 @@ def fused_head_refusal(model) -> str | None:
         return "global module forward hooks are registered"
     if head.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"{name}'s lm_head weight is {head.weight.dtype}"
+    if not _plain(head.weight) and not _fsdp_root(lm):  # FSDP2's root forward all-gathers it (module docstring)
+        return f"{name}'s lm_head weight is a {type(head.weight).__name__} outside an FSDP2-sharded model"
     return None
+
+
+def _plain(weight) -> bool:
+    return type(weight) in (torch.Tensor, nn.Parameter)
+
+
+def _fsdp_root(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _scored_positions_only(hidden, weight, bias, targets, temperature, ignore_index, return_entropy) -> tuple:
@@ -150,17 +163,14 @@ def head_logps(model, inputs: dict, targets: torch.Tensor, *, temperature: float
         called.append(True)
         weight, bias = head.weight, head.bias
         dev = hidden.device.type
-        if type(weight) not in (torch.Tensor, nn.Parameter):  # e.g. a DTensor (tensor parallel): eager logits
-            logits = nn.functional.linear(hidden, weight, bias)
-            res = gather_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                                  return_entropy=return_entropy)
-            res = res if return_entropy else (res,)
-        else:
-            if torch.is_autocast_enabled(dev):  # the operands the eager head's GEMM would get
-                dtype = torch.get_autocast_dtype(dev)
-                hidden, weight = hidden.to(dtype), weight.to(dtype)
-                bias = None if bias is None else bias.to(dtype)
-            res = _scored_positions_only(hidden, weight, bias, targets, temperature, ignore_index, return_entropy)
+        if not _plain(weight):  # fused_head_refusal lets a DTensor through only for FSDP2, which unshards it
+            raise RuntimeError(f"the fused head got a {type(weight).__name__} weight, not the full one; "
+                               "set model.fused_head=off")
+        if torch.is_autocast_enabled(dev):  # the operands the eager head's GEMM would get
+            dtype = torch.get_autocast_dtype(dev)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        res = _scored_positions_only(hidden, weight, bias, targets, temperature, ignore_index, return_entropy)
         # one output tensor (FSDP2 hooks the backward's unsharding onto the forward's outputs)
         return torch.stack(res, -1) if return_entropy else res[0]
 

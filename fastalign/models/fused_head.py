@@ -8,9 +8,9 @@
 for that one call: instead of `logits = lm_head(hidden)` [.., V] the head returns
 `linear_gather_logprobs(hidden, lm_head.weight, targets, bias=lm_head.bias)` [..] (stacked with
 the entropy when asked), and the output's `logits` field carries that. Only the positions that
-have a target go through the op (a DPO or RL batch's prompt positions have none). Going through the model's
-forward, rather than calling its backbone and then the op, keeps every wrapper the trainer puts
-around a model working unchanged:
+have a target go through the op (a DPO or RL batch's prompt positions have none). Going through
+the model's forward, rather than calling its backbone and then the op, keeps every wrapper the
+trainer puts around a model working unchanged:
   * DDP (fastalign.trainer.distributed.DDPModel): the call goes through DistributedDataParallel's
     forward, so the gradients are synchronised as for any forward;
   * FSDP2 (`fully_shard`): the root module's forward hooks all-gather its parameters (the head,

@@ -82,7 +82,8 @@ def fused_head_refusal(model) -> str | None:
     name = type(lm).__name__
     cls = _fusable_class(lm)
     if cls is None:
-        return f"{name} is not one of the causal LMs whose head is known to be a plain projection ({', '.join(FUSABLE)})"
+        return (f"{name} is not one of the causal LMs whose head is known to be a plain projection "
+                f"({', '.join(FUSABLE)})")
     if type(lm).forward is not cls.forward:
         return f"{name} overrides {cls.__name__}.forward"
     config = getattr(lm, "config", None)

@@ -405,3 +405,34 @@ def test_model_fused_head_config_switch(tmp_path, monkeypatch):
     assert losses["auto"][0] == pytest.approx(losses["off"][0], abs=1e-4)
     for mode in ("auto", "off"):
         assert abs(losses[mode][-1] - losses[mode][0]) > 1e-3  # both train
+
+
+def test_response_logps_builds_no_logits(tok, monkeypatch):
+    """fastalign.trainer.generation.response_logps (the recipes' evaluation) scores through
+    token_logps' fused head: it runs with the LM head's nn.Linear.forward forbidden and gives the
+    full-logits path's sums within the bounds above, summed (each row's token bounds plus a sum of
+    T terms in any order)."""
+    from fastalign.trainer.generation import response_logps
+    from tests.numerics import sum_bound
+
+    model = _model(tok).eval()
+    prompts = ["ab", "hello there", "x"]
+    responses = [[10, 11, 12], [20, 21], [30, 31, 32, 33, 2]]
+    exs = []
+    for p, r in zip(prompts, responses):
+        pid = tok(C.prompt_text(tok, p), add_special_tokens=False)["input_ids"]
+        exs.append({"input_ids": pid + r, "labels": [C.IGNORE] * len(pid) + r})
+    batch = C.collate_lm(exs, tok.pad_token_id)
+    with torch.no_grad():
+        want, mask = token_logps(model, batch, temperature=0.9, fused_head=False)
+        lp_b, _ = _forward_bounds(model, batch, False, 0.9)
+    head, linear_forward = model.get_output_embeddings(), torch.nn.Linear.forward
+
+    def guarded(self, x):
+        assert self is not head, "the LM head's forward ran: full logits"
+        return linear_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", guarded)
+    got = response_logps(model, tok, prompts, responses, temperature=0.9)
+    bound = (lp_b * mask).sum(-1) + sum_bound(want.abs().sum(-1), mask.shape[1])
+    assert_within(got, want.sum(-1), bound, "response log-probs")

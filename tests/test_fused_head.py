@@ -367,13 +367,13 @@ def test_refused_models_use_the_logits(tok):
 
 
 def test_model_fused_head_config_switch(tmp_path, monkeypatch):
-    """model.fused_head: auto (default) takes the fused path and off the full logits, through
+    """model.fused_head: true (default) takes the fused path and false the full logits, through
     `fastalign train`'s run_training; both train. Their first losses (before any update: the same
     weights) agree within fp32 rounding: the DPO loss is a 1-Lipschitz function of beta times a
     sum of ~100 log-prob differences per pair, each within ~1e-6 of its counterpart (the bounds
     above), so 1e-4 absolute is ~100x the worst case; later steps are not compared (AdamW
     amplifies rounding in gradients near 0, see tests/test_distributed.py). A bad value is a
-    ConfigError naming the option."""
+    ConfigError naming the option; YAML's `off` reads as false."""
     import json
 
     import fastalign.models.fused_head as FH
@@ -381,7 +381,7 @@ def test_model_fused_head_config_switch(tmp_path, monkeypatch):
     from fastalign.trainer.run import resolve_config, run_training
 
     def cfg(mode):
-        return {"model": {"policy": "tiny", "tiny": TINY, "fused_head": mode},
+        return {"model": {"policy": "tiny", "tiny": TINY, "fused_head": mode == "on"},
                 "data": {"train_size": 16, "eval_size": 0, "max_length": 48},
                 "algo": {"beta": 0.2},
                 "trainer": {"output_dir": str(tmp_path / mode), "max_steps": 3, "batch_size": 4, "lr": 1e-3,
@@ -389,21 +389,24 @@ def test_model_fused_head_config_switch(tmp_path, monkeypatch):
                             "device": "cpu"}}
 
     with pytest.raises(ConfigError, match="model.fused_head"):
-        resolve_config("dpo", cfg("sometimes"))
+        resolve_config("dpo", {"model": {"fused_head": "sometimes"}})
+    from fastalign.trainer.run import load_config
+
+    assert resolve_config("dpo", load_config(None, ["model.fused_head=off"]))["model"].fused_head is False
     calls, original = [], FH.head_logps
     monkeypatch.setattr("fastalign.algorithms.base.head_logps",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     losses, fused_calls = {}, {}
-    for mode in ("auto", "off"):
+    for mode in ("on", "off"):
         calls.clear()
         run_training("dpo", cfg(mode))
         fused_calls[mode] = len(calls)
         with open(tmp_path / mode / "metrics.jsonl") as f:
             losses[mode] = [r["loss"] for r in map(json.loads, f) if "loss" in r]
-    assert fused_calls["auto"] >= 6 and fused_calls["off"] == 0  # policy + reference per step
-    assert len(losses["auto"]) == len(losses["off"]) == 3
-    assert losses["auto"][0] == pytest.approx(losses["off"][0], abs=1e-4)
-    for mode in ("auto", "off"):
+    assert fused_calls["on"] >= 6 and fused_calls["off"] == 0  # policy + reference per step
+    assert len(losses["on"]) == len(losses["off"]) == 3
+    assert losses["on"][0] == pytest.approx(losses["off"][0], abs=1e-4)
+    for mode in ("on", "off"):
         assert abs(losses[mode][-1] - losses[mode][0]) > 1e-3  # both train
 
 

@@ -166,7 +166,7 @@ def head_logps(model, inputs: dict, targets: torch.Tensor, *, temperature: float
         dev = hidden.device.type
         if not _plain(weight):  # fused_head_refusal lets a DTensor through only for FSDP2, which unshards it
             raise RuntimeError(f"the fused head got a {type(weight).__name__} weight, not the full one; "
-                               "set model.fused_head=off")
+                               "set model.fused_head=false")
         if torch.is_autocast_enabled(dev):  # the operands the eager head's GEMM would get
             dtype = torch.get_autocast_dtype(dev)
             hidden, weight = hidden.to(dtype), weight.to(dtype)

@@ -199,7 +199,7 @@ def run_training(algorithm: str, cfg: dict) -> dict:
                               "data.max_length with a block-diagonal mask, data.packing runs each micro-batch "
                               "padding-free; set one of them to false")
         alg.packing = True
-    alg.fused_head = m.fused_head != "off"
+    alg.fused_head = m.fused_head
     tok = load_tokenizer(m.tokenizer or m.policy)
     stats = Counter()
     train = _load_split(alg, d, "train", tok, stats)

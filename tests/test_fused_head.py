@@ -378,7 +378,7 @@ def test_model_fused_head_config_switch(tmp_path, monkeypatch):
 
     import fastalign.models.fused_head as FH
     from fastalign.errors import ConfigError
-    from fastalign.trainer.run import resolve_config, run_training
+    from fastalign.trainer.run import load_config, resolve_config, run_training
 
     def cfg(mode):
         return {"model": {"policy": "tiny", "tiny": TINY, "fused_head": mode == "on"},
@@ -390,8 +390,6 @@ def test_model_fused_head_config_switch(tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError, match="model.fused_head"):
         resolve_config("dpo", {"model": {"fused_head": "sometimes"}})
-    from fastalign.trainer.run import load_config
-
     assert resolve_config("dpo", load_config(None, ["model.fused_head=off"]))["model"].fused_head is False
     calls, original = [], FH.head_logps
     monkeypatch.setattr("fastalign.algorithms.base.head_logps",

@@ -28,7 +28,7 @@ from fastalign.algorithms import Algorithm, get_algorithm, list_algorithms, regi
 from fastalign.algorithms import registry
 from fastalign.data import collate as C
 from fastalign.data.synthetic import SyntheticTask
-from tests.numerics import EXP_ULPS, assert_within, f64, logp_error, sum_bound, unit_roundoff
+from tests.numerics import EXP_ULPS, assert_within, f64, logp_error, matmul_bound, sum_bound, unit_roundoff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_SRC = os.path.join(ROOT, "tests", "example_plugin")
@@ -39,14 +39,19 @@ U32 = unit_roundoff(torch.float32)
 FN = 2 * EXP_ULPS * U32  # one exp/log/log1p: EXP_ULPS ulps, and one ulp of x is at most 2 u |x|
 
 
-def token_logps64(logits, labels):
+def token_logps64(logits, labels, gemm=None):
     """(log p [B, T-1] in fp64, the bound of one fp32 evaluation of each, mask): position t scores
-    labels[t + 1] from logits[t]; masked positions are 0 with bound 0."""
+    labels[t + 1] from logits[t]; masked positions are 0 with bound 0. `gemm` [B, T, V]: the bound
+    on the fp32 logits' own error when `logits` are the exact ones (_capture_logits): log p_j moves
+    by at most gemm_j + max_k gemm_k (LSE is 1-Lipschitz in the max norm)."""
     z, lab = logits[:, :-1].detach(), labels[:, 1:]
     mask = lab != -100
     at = lab.clamp(min=0)[..., None]
     lp = z.double().log_softmax(-1).gather(-1, at)[..., 0]
     err = logp_error(z).gather(-1, at)[..., 0]
+    if gemm is not None:
+        g = gemm[:, :-1]
+        err = err + g.gather(-1, at)[..., 0] + g.amax(-1)
     return torch.where(mask, lp, 0.0), torch.where(mask, err, 0.0), mask
 
 
@@ -69,9 +74,19 @@ def softplus_error(y):
 
 
 def _capture_logits(model):
-    """The logits of the model's last forward, via a forward hook: (store, handle)."""
+    """The exact (fp64) logits of the model's last forward, from the last hidden states (a forward
+    hook on its decoder, not on lm_head: the trainer's fused head computes no logits and a hooked
+    head would be refused, see fastalign/models/fused_head.py), and the bound of their fp32 GEMM
+    (one evaluation: gamma(H) |h| |W|, tests/numerics.py): (store {"z", "gemm"}, handle)."""
     store = {}
-    return store, model.register_forward_hook(lambda mod, args, out: store.__setitem__("z", out.logits))
+    head = model.get_output_embeddings()
+
+    def hook(mod, args, out):
+        h, w = out.last_hidden_state.detach().double(), head.weight.detach().double()
+        store["z"] = h @ w.T
+        store["gemm"] = matmul_bound(h, w.T) / 2
+
+    return store, model.get_decoder().register_forward_hook(hook)
 
 
 
@@ -216,7 +231,7 @@ def test_sft_loss_is_completion_only_cross_entropy(tok):
     loss_sum, metrics = sft.loss({"policy": model}, batch)
     hook.remove()
     # cross-entropy over the completion labels, in fp64 from the logits the loss saw
-    lp, err, mask = token_logps64(store["z"], batch["labels"])
+    lp, err, mask = token_logps64(store["z"], batch["labels"], store["gemm"])
     ref = -lp.sum()
     n = int(mask.sum())
     # fastalign: N fp32 log-probs (their errors) summed in fp32 in some order
@@ -277,8 +292,8 @@ def test_dpo_loss_matches_formula(tok, loss_type):
 
     # sequence log-probs in fp64 from the logits each model's forward produced, with the bound of
     # fastalign's fp32 evaluation
-    p, p_err = seq_logps64(*token_logps64(ps["z"], batch["labels"]), mean=loss_type == "ipo")
-    r, r_err = seq_logps64(*token_logps64(rs["z"], batch["labels"]), mean=loss_type == "ipo")
+    p, p_err = seq_logps64(*token_logps64(ps["z"], batch["labels"], ps["gemm"]), mean=loss_type == "ipo")
+    r, r_err = seq_logps64(*token_logps64(rs["z"], batch["labels"], rs["gemm"]), mean=loss_type == "ipo")
     b = len(exs)
     d = (p[:b] - r[:b]) - (p[b:] - r[b:])
     # the margin: four inputs' errors, three subtractions (any grouping: each result is at most

@@ -6,7 +6,8 @@ TrainingContext (context.py): sampling, precision, collectives, the optimizer st
 A rollout batch holds prompt + response rows, right-padded ([N, L]); position t of the
 per-token tensors ([N, L-1]) is the action that produced token t+1, so `mask` is True exactly
 on the response tokens (token_logps' convention). Every per-token log-prob goes through
-gather_logprobs at the sampling temperature (never a full log_softmax).
+token_logps at the sampling temperature (never a full log_softmax; no logits where the model
+allows, see fastalign/models/fused_head.py).
 """
 
 from __future__ import annotations
@@ -118,12 +119,14 @@ def scores(context, rollout: Rollout, reward_fn=None, *, packed: bool = False) -
 
 
 @torch.no_grad()
-def logps_of(context, model, batch, temperature: float, *, entropy: bool = False, packed: bool = False):
+def logps_of(context, model, batch, temperature: float, *, entropy: bool = False, packed: bool = False,
+             fused_head: bool = True):
     """Per-token log-probs [N, L-1] (fp32, 0 off the response) of the rollout under `model`, in
     the run's precision, without gradients; with entropy=True also the per-token entropy;
-    packed: padding-free (data.packing)."""
+    packed: padding-free (data.packing); fused_head: from the hidden states (token_logps)."""
     with context.autocast():
-        out = token_logps(model, batch, temperature=temperature, return_entropy=entropy, packed=packed)
+        out = token_logps(model, batch, temperature=temperature, return_entropy=entropy, packed=packed,
+                          fused_head=fused_head)
     return out[:-1] if entropy else out[0]
 
 

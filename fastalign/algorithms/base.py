@@ -38,6 +38,7 @@ import torch
 from fastalign.data import collate as C
 from fastalign.data import packing as P
 from fastalign.models import load_model
+from fastalign.models.fused_head import fused_head_refusal, head_logps
 from fastalign.ops.logprobs import gather_logprobs
 from fastalign.options import build_config
 
@@ -58,6 +59,9 @@ class Algorithm:
     # data.packing (set by the run from its config): every model forward of the step runs
     # padding-free -- token_logps(..., packed=True), the scalar heads' packed=True
     packing: bool = False
+    # model.fused_head (set by the run): token_logps(..., fused_head=) -- log-probs straight from
+    # the hidden states where the model allows it (False: always the full logits)
+    fused_head: bool = True
 
     def __init__(self, config=None):
         self.config = build_config(self.config_class, config)
@@ -133,33 +137,57 @@ class Algorithm:
         return float(loss_sum), self.loss_units(batch), metrics
 
 
-def token_logps(model, batch, *, temperature: float = 1.0, return_entropy: bool = False, packed: bool = False):
-    """Per-token log-probs of batch["labels"] under `model`, via gather_logprobs (no full
-    log_softmax): returns (logps [B, T-1], mask [B, T-1]) where position t scores labels[t+1]
-    from logits[t]; masked positions are 0. With return_entropy, (logps, entropy, mask).
+def token_logps(model, batch, *, temperature: float = 1.0, return_entropy: bool = False, packed: bool = False,
+                fused_head: bool = True):
+    """Per-token log-probs of batch["labels"] under `model`: returns (logps [B, T-1], mask
+    [B, T-1]) where position t scores labels[t+1] from the hidden state / logits at t; masked
+    positions are 0. With return_entropy, (logps, entropy, mask).
+    fused_head (model.fused_head, default on): straight from the last hidden states with
+    linear_gather_logprobs, the [tokens, V] logits never built (fastalign/models/fused_head.py),
+    for every model fused_head_refusal accepts; otherwise the full logits then gather_logprobs
+    (no full log_softmax either way).
     packed=True (data.packing): one padding-free forward of the batch's real tokens
     (fastalign.data.packing), results scattered back to this layout, 0 at the padding."""
     labels = batch["labels"][:, 1:]
     mask = labels != C.IGNORE
+    fused = fused_head and fused_head_refusal(model) is None
     if packed:
-        out = _packed_token_logps(model, batch, temperature, return_entropy)
+        out = _packed_token_logps(model, batch, temperature, return_entropy, fused)
         return (*out, mask) if return_entropy else (out[0], mask)
     extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}  # SFT's packed rows
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **extra}
+    if fused:
+        out = head_logps(model, inputs, P.next_token_targets(batch["labels"]), temperature=temperature,
+                         ignore_index=C.IGNORE, return_entropy=return_entropy)
+        out = tuple(o[:, :-1] for o in out)  # the last position predicts nothing
+        return (*out, mask) if return_entropy else (out[0], mask)
+    logits = model(**inputs).logits
     out = gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy)
     return (*out, mask) if return_entropy else (out, mask)
 
 
-def _packed_token_logps(model, batch, temperature, return_entropy) -> tuple:
+def _packed_token_logps(model, batch, temperature, return_entropy, fused) -> tuple:
     rows = P.pack_rows(batch["input_ids"], batch["attention_mask"])
 
-    def forward(input_ids, position_ids):
+    def forward(input_ids, position_ids, targets=None, entropy=True):
         # no attention mask: the positions delimit the sequences; use_cache=False because
         # transformers looks for packed sequences only when no KV cache is passed or created
-        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+        if not fused:
+            return model(**inputs).logits
+        # fused: the log-probs of `targets` (the leak probe: of the input ids), stacked with the
+        # entropies [1, T, 2] when asked; no logits
+        got = head_logps(model, inputs, input_ids if targets is None else targets, temperature=temperature,
+                         ignore_index=C.IGNORE, return_entropy=entropy)
+        return torch.stack(got, -1) if entropy else got[0]
 
     P.check_no_leak(model, forward, vocab_size=model.config.vocab_size, device=rows.input_ids.device)
-    logits = forward(rows.input_ids, rows.position_ids)[0]
     targets = rows.gather(P.next_token_targets(batch["labels"]))
-    out = gather_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy)
-    return tuple(rows.scatter(o)[:, :-1] for o in (out if return_entropy else (out,)))
+    if fused:
+        got = forward(rows.input_ids, rows.position_ids, targets[None], return_entropy)[0]
+        out = got.unbind(-1) if return_entropy else (got,)
+    else:
+        logits = forward(rows.input_ids, rows.position_ids)[0]
+        out = gather_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy)
+        out = out if return_entropy else (out,)
+    return tuple(rows.scatter(o)[:, :-1] for o in out)

@@ -45,7 +45,7 @@ class CriticFreeAlgorithm(OnlineAlgorithm):
     def loss(self, models, batch):
         cfg = self.config
         logps, entropy, mask = token_logps(models["policy"], batch, temperature=cfg.temperature, return_entropy=True,
-                                           packed=self.packing)
+                                           packed=self.packing, fused_head=self.fused_head)
         pl, ps = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_low=cfg.clip,
                                  agg=cfg.agg, global_count=1.0)  # the sum over tokens / responses
         loss = pl

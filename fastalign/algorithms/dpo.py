@@ -79,7 +79,7 @@ class DPO(Algorithm):
     # ---- log-probs ----------------------------------------------------------------------------
 
     def sequence_logps(self, model, batch):
-        logps, mask = token_logps(model, batch, packed=self.packing)
+        logps, mask = token_logps(model, batch, packed=self.packing, fused_head=self.fused_head)
         seq = preference.sequence_logps(logps, mask, reduce=self.logp_reduce)
         return seq, logps, mask
 

@@ -125,11 +125,11 @@ class OnlineAlgorithm(Algorithm):
             rollout.old_logps, rollout.entropy = rollout.sampler_logps, rollout.sampler_entropy
         else:
             rollout.old_logps, rollout.entropy = R.logps_of(context, context.models["policy"], b, cfg.temperature,
-                                                            entropy=True, packed=self.packing)
+                                                            entropy=True, packed=self.packing, fused_head=self.fused_head)
         data = {**{key: b[key] for key in ("input_ids", "attention_mask", "labels")}, "old_logps": rollout.old_logps}
         if "reference" in context.models:
             rollout.ref_logps = data["ref_logps"] = R.logps_of(context, context.models["reference"], b, cfg.temperature,
-                                                                    packed=self.packing)
+                                                                    packed=self.packing, fused_head=self.fused_head)
             rollout.seq_kl = (rollout.old_logps - rollout.ref_logps).mul(mask).sum(1)  # k1 per response
         data.update(self.advantages(context, rollout))
 

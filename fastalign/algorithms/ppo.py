@@ -119,7 +119,7 @@ class PPO(OnlineAlgorithm):
         """Summed PPO loss of one rollout micro-batch (see the module docstring)."""
         cfg = self.config
         logps, entropy, mask = token_logps(models["policy"], batch, temperature=cfg.temperature, return_entropy=True,
-                                           packed=self.packing)
+                                           packed=self.packing, fused_head=self.fused_head)
         pl, ps = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_low=cfg.clip,
                                  dual_clip=cfg.dual_clip, global_count=1.0)  # global_count 1: the sum
         values = models["value"](batch["input_ids"], batch["attention_mask"], packed=self.packing)[:, :-1]

@@ -71,7 +71,7 @@ class SFT(Algorithm):
         return int((batch["labels"][:, 1:] != C.IGNORE).sum())
 
     def loss(self, models, batch):
-        logps, mask = token_logps(models["policy"], batch, packed=self.packing)
+        logps, mask = token_logps(models["policy"], batch, packed=self.packing, fused_head=self.fused_head)
         n = mask.sum().clamp(min=1)
         loss_sum = -logps.sum()  # masked positions are exactly 0
         seq_nll = sequence_logps(logps.detach(), mask, reduce="sum")

@@ -45,6 +45,7 @@ VARIANTS = {  # fastalign's trainer with and without each (the last two are othe
     "LoRA (model.peft)": ["model.peft={r: 16, alpha: 32, dropout: 0.0, target_modules: [q_proj, k_proj, v_proj, o_proj]}"],
     "packing (data.packing)": ["data.packing=true"],
     "bf16 weights": ["trainer.precision=bf16-weights"],
+    "full logits (model.fused_head=false)": ["model.fused_head=false"],
 }
 FULL = dict(batch=4, seq_len=512, prompt_len=384, new_tokens=128, warmup=1, steps=2, rollout_batches=(16, 64),
             rollout_new_tokens=128, rollout_prompt_len=64, rollout_steps=2, precisions=PRECISIONS)

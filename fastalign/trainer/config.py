@@ -25,6 +25,9 @@ class ModelConfig:
                                      "its adapters disabled (no second copy); null: full fine-tuning")
     merge_adapters: bool = option(False, "with peft: each checkpoint also holds merged/<role>, a plain model "
                                          "directory (adapters merged into the weights) loadable as a model name")
+    fused_head: bool = option(True, "per-token log-probs straight from the hidden states, the [tokens, vocab] "
+                                    "logits never built, where the model's head is a plain projection "
+                                    "(docs/fused_head.md); false: always the full logits (for debugging)")
 
 
 @dataclass

@@ -3,16 +3,16 @@
 
 `generate` returns, per prompt, the response token ids (cut at the first EOS, which is kept) and
 their text (and, on request, the sampler's per-token log-probs and entropies);
-`response_logps` scores given responses under a model with gather_logprobs (the per-token
-log-probs PPO and the KL estimates need, at the sampling temperature).
+`response_logps` scores given responses under a model with token_logps (from the hidden states
+where the model allows, else gather_logprobs on the logits; at the sampling temperature).
 """
 
 from __future__ import annotations
 
 import torch
 
+from fastalign.algorithms.base import token_logps
 from fastalign.data import collate as C
-from fastalign.ops.logprobs import gather_logprobs
 from fastalign.ops.preference import sequence_logps
 from fastalign.sampling import make_engine
 from fastalign.trainer import distributed as D
@@ -50,13 +50,10 @@ def response_logps(model, tokenizer, prompts, response_ids, *, temperature=1.0, 
             pid = tokenizer(C.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]
             exs.append({"input_ids": pid + list(r), "labels": [C.IGNORE] * len(pid) + list(r)})
         b = {k: v.to(device) for k, v in C.collate_lm(exs, tokenizer.pad_token_id).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        labels = b["labels"][:, 1:]
-        got = gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy)
-        lp = got[0] if return_entropy else got
-        out.append(lp.sum(-1).float().cpu())  # masked positions are 0
+        got = token_logps(model, b, temperature=temperature, return_entropy=return_entropy)
+        out.append(got[0].sum(-1).float().cpu())  # masked positions are 0
         if return_entropy:
-            ents.append(sequence_logps(got[1], labels != C.IGNORE, reduce="mean").cpu())
+            ents.append(sequence_logps(got[1], got[2], reduce="mean").cpu())
     lps = torch.cat(out) if out else torch.zeros(0)
     if return_entropy:
         return lps, torch.cat(ents) if ents else torch.zeros(0)

@@ -27,6 +27,7 @@ from fastalign.data.formats import describe as describe_stats, kind_of, load_rec
 from fastalign.data.synthetic import Oracle, SyntheticTask
 from fastalign.errors import ConfigError
 from fastalign.models import adapters, load_tokenizer
+from fastalign.models.fused_head import fused_head_refusal
 from fastalign.models.loading import check_model_name
 from fastalign.options import build_config, describe
 from fastalign.trainer.config import DataConfig, ModelConfig, TrainerConfig
@@ -198,11 +199,16 @@ def run_training(algorithm: str, cfg: dict) -> dict:
                               "data.max_length with a block-diagonal mask, data.packing runs each micro-batch "
                               "padding-free; set one of them to false")
         alg.packing = True
+    alg.fused_head = m.fused_head
     tok = load_tokenizer(m.tokenizer or m.policy)
     stats = Counter()
     train = _load_split(alg, d, "train", tok, stats)
     evald = _load_split(alg, d, "eval", tok, stats)
     models = _build_models(alg, m, tok, t.seed, train)
+    if alg.fused_head and is_main() and "policy" in models:
+        reason = fused_head_refusal(models["policy"])
+        if reason is not None:
+            print(f"model.fused_head: the policy's log-probs go through its full logits: {reason}")
     trainer = Trainer(alg, models, tok, train, evald, t, merge_adapters=m.merge_adapters)
     if trainer.is_main:  # under torchrun every rank runs this; rank 0 writes
         os.makedirs(t.output_dir, exist_ok=True)

@@ -103,7 +103,9 @@ class GRPO(CriticFreeAlgorithm):
         if cfg.advantage_estimator == "remax":
             params["reward_baselines"] = baselines
         index = torch.arange(scores.shape[0], device=scores.device) // k
-        return advantages(cfg.advantage_estimator, scores, mask, index=index, **params)[0]
+        # masked: the token-level estimators (remax's returns) carry values back over the prompt
+        # positions of this [N, L-1] layout, which verl's response-only tensors do not have
+        return advantages(cfg.advantage_estimator, scores, mask, index=index, **params)[0] * mask
 
     def advantages(self, context, rollout):
         out = {"advantages": self._estimate(rollout.scores, rollout.mask, rollout.baseline_scores)}

@@ -50,20 +50,20 @@ _TOKEN_AGGS = ("token-mean",)  # normalised by tokens; the others by responses
 
 
 def _family():
-    """(fastalign.policy_loss, its loss types) when this build has the policy-loss family, else
-    (None, ("ppo",)): then loss_type "ppo" runs through ppo_policy_loss (the same values)."""
-    import fastalign
-
-    fn = getattr(fastalign, "policy_loss", None)
-    if fn is None:
-        return None, ("ppo",)
-    names = getattr(fastalign, "policy_loss_types", None)
-    return fn, tuple(sorted(names() if callable(names) else names))
+    """(fastalign.policy_loss, its registry {loss type: entry}) when this build has the policy-loss
+    family, else (None, {"ppo": None}): then loss_type "ppo" runs through ppo_policy_loss, which
+    gives the same values."""
+    try:
+        from fastalign.ops.policy_loss import policy_loss as fn
+        from fastalign.ops.policy_loss_types import POLICY_LOSS_TYPES
+    except ImportError:
+        return None, {"ppo": None}
+    return fn, POLICY_LOSS_TYPES
 
 
 def loss_types() -> tuple:
     """The policy loss types `algo.loss_type` accepts (fastalign.policy_loss's registry)."""
-    return _family()[1]
+    return tuple(sorted(_family()[1]))
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo", agg="token-mean", global_count=None,
@@ -122,14 +122,26 @@ class CriticFreeAlgorithm(OnlineAlgorithm):
         for name in ("loss_params", "rollout_correction"):
             if not isinstance(getattr(cfg, name), dict):
                 raise ConfigError(f"algo.{name} must be a mapping of options, got {getattr(cfg, name)!r}")
-        taken = {"clip_low", "clip_high", "dual_clip", "agg", "global_count", "horizon", "loss_type",
-                 "rollout_logprobs", "backend"}
+        if cfg.loss_type != "ppo" and (cfg.clip_high is not None or cfg.dual_clip is not None):
+            raise ConfigError(f"algo.clip_high / algo.dual_clip belong to the ppo loss; loss_type {cfg.loss_type!r} "
+                              "takes its parameters from algo.loss_params")
+        taken = {"agg", "global_count", "horizon", "loss_type", "rollout_logprobs", "backend"}
+        if cfg.loss_type == "ppo":
+            taken |= {"clip_low", "clip_high", "dual_clip"}
         clash = sorted(taken & set(cfg.loss_params))
         if clash:
-            raise ConfigError(f"algo.loss_params: {clash} are set by the trainer (use algo.clip / clip_high / "
-                              "dual_clip / agg)")
+            raise ConfigError(f"algo.loss_params: {clash} are set by the trainer (algo.clip / clip_high / dual_clip / "
+                              "agg for ppo)")
         if cfg.rollout_correction and _family()[0] is None:
             raise ConfigError("algo.rollout_correction needs fastalign.policy_loss, which this build lacks")
+        try:  # the loss parameters and correction options checked by the loss itself, on a dummy batch
+            x = torch.zeros(1, 2)
+            policy_loss(x, x, x, torch.ones(1, 2, dtype=torch.bool), loss_type=cfg.loss_type,
+                        rollout_logprobs=x if cfg.rollout_correction else None,
+                        rollout_correction=cfg.rollout_correction or None, **self.loss_kwargs())
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"algo.loss_params / algo.rollout_correction for loss_type {cfg.loss_type!r}: {e}") \
+                from None
 
     def uses_model(self, role: str) -> bool:
         return super().uses_model(role) and not (role == "reference" and self.config.beta == 0)

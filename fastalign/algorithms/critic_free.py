@@ -162,20 +162,41 @@ class CriticFreeAlgorithm(OnlineAlgorithm):
 
     def make_rollout(self, context, micro_batches, seed):
         rollout = super().make_rollout(context, micro_batches, seed)
-        rollout.scores = rollout.scores + self.overlong_penalty(rollout)
+        if self.config.overlong_buffer:
+            rollout.scores = rollout.scores + self.overlong_penalty(rollout)
         return rollout
 
     def loss_data(self, rollout) -> dict:
         """The per-token tensors of the rollout the loss reads besides the advantages: loss_mask
-        (mask_truncated) and rollout_logps (rollout_correction)."""
+        (mask_truncated; MIS) and rollout_logps (rollout_correction)."""
+        cfg = self.config
+        keep = rollout.mask
+        if cfg.mask_truncated:
+            keep = keep & ~rollout.truncated_rows[:, None]
         out = {}
-        if self.config.mask_truncated:
-            out["loss_mask"] = rollout.mask & ~rollout.truncated_rows[:, None]
-        if self.config.rollout_correction:
+        if cfg.rollout_correction:
             if rollout.sampler_logps is None:
                 raise ConfigError("algo.rollout_correction needs the sampler's log-probs, and this run's sampler gave "
                                   "none: set trainer.sampler: fastalign (a model FastSampler supports)")
             out["rollout_logps"] = rollout.sampler_logps
+            rs = {k: v for k, v in cfg.rollout_correction.items() if k.startswith("rollout_rs")}
+            if rs.get("rollout_rs") is not None:
+                # MIS here, once per step, not in the loss: its rejected tokens must leave the
+                # loss units (counted before any forward) as they leave the loss
+                from fastalign.kernels.reference_policy_losses import rollout_correction
+
+                self._mis_base = int(keep.sum())
+                keep = rollout_correction(rollout.old_logps, rollout.sampler_logps, keep, **rs)[1]
+        if keep is not rollout.mask:
+            out["loss_mask"] = keep
+        return out
+
+    def step_metrics(self, rollout, data) -> dict:
+        out = super().step_metrics(rollout, data)
+        if self.config.mask_truncated:
+            out["masked_truncated"] = float(rollout.truncated_rows.float().mean())
+        if self.config.rollout_correction.get("rollout_rs") is not None:  # the loss's own stat, moved here
+            out["rollout_rs_masked_frac"] = 1.0 - int(data["loss_mask"].sum()) / max(self._mis_base, 1)
         return out
 
     # ---- the loss ------------------------------------------------------------------------------
@@ -188,6 +209,11 @@ class CriticFreeAlgorithm(OnlineAlgorithm):
     def loss_units(self, batch) -> int:
         mask = self._mask(batch)
         return int(mask.sum()) if self.config.agg in _TOKEN_AGGS else int(mask.any(1).sum())
+
+    def _loss_correction(self) -> dict | None:
+        """The correction options the loss applies: TIS (MIS is in loss_mask already: loss_data)."""
+        c = {k: v for k, v in self.config.rollout_correction.items() if not k.startswith("rollout_rs")}
+        return c or None
 
     def loss_kwargs(self) -> dict:
         """The loss-type parameters: algo.clip / clip_high / dual_clip for ppo, plus loss_params."""
@@ -206,7 +232,7 @@ class CriticFreeAlgorithm(OnlineAlgorithm):
         pl, ps = policy_loss(logps, batch["old_logps"], batch["advantages"], mask, loss_type=cfg.loss_type,
                              agg=cfg.agg, global_count=1.0, horizon=horizon,  # the sum over tokens / responses
                              rollout_logprobs=batch.get("rollout_logps"),
-                             rollout_correction=cfg.rollout_correction or None, **self.loss_kwargs())
+                             rollout_correction=self._loss_correction(), **self.loss_kwargs())
         loss = pl
         n_tok = max(int(mask.sum()), 1)
         metrics = {"policy_loss": float(pl.detach()) / max(self.loss_units(batch), 1),

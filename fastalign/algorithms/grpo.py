@@ -108,9 +108,7 @@ class GRPO(CriticFreeAlgorithm):
         return advantages(cfg.advantage_estimator, scores, mask, index=index, **params)[0] * mask
 
     def advantages(self, context, rollout):
-        out = {"advantages": self._estimate(rollout.scores, rollout.mask, rollout.baseline_scores)}
-        out.update(self.loss_data(rollout))
-        return out
+        return {"advantages": self._estimate(rollout.scores, rollout.mask, rollout.baseline_scores)}
 
     # ---- sampling: ReMax's greedy baselines, dynamic sampling ------------------------------------
 
@@ -122,7 +120,9 @@ class GRPO(CriticFreeAlgorithm):
             k = self.samples_per_prompt
             greedy = R.sample(context, rollout.prompts[::k], temperature=cfg.temperature,
                               max_new_tokens=cfg.max_new_tokens, seed=seed, do_sample=False)
-            base = R.scores(context, greedy, self.reward_fn, packed=self.packing) + self.overlong_penalty(greedy)
+            base = R.scores(context, greedy, self.reward_fn, packed=self.packing)
+            if cfg.overlong_buffer:
+                base = base + self.overlong_penalty(greedy)
             rollout.baseline_scores = base.repeat_interleave(k)
         return rollout
 
@@ -158,10 +158,9 @@ class GRPO(CriticFreeAlgorithm):
         groups = rollout.scores.view(-1, self.samples_per_prompt)
         # groups whose samples all scored the same carry no learning signal
         constant = groups.amax(1) == groups.amin(1)
-        out = {"score": float(rollout.scores.mean()), "zero_std_groups": float(constant.float().mean())}
+        out = super().step_metrics(rollout, data)
+        out["zero_std_groups"] = float(constant.float().mean())
         if self.config.overlong_buffer:
             out["overlong_penalty"] = float(self.overlong_penalty(rollout).mean())
-        if self.config.mask_truncated:
-            out["masked_truncated"] = float(rollout.truncated_rows.float().mean())
         out.update(getattr(self, "_sampling", {}))
         return out

@@ -102,6 +102,11 @@ class OnlineAlgorithm(Algorithm):
         "advantages" (0 off the response)."""
         raise NotImplementedError
 
+    def loss_data(self, rollout: R.Rollout) -> dict:
+        """{name: [N, L-1] tensor} more per-token tensors for the loss, besides the advantages
+        (the critic-free family: loss_mask, rollout_logps)."""
+        return {}
+
     def step_metrics(self, rollout: R.Rollout, data: dict) -> dict:
         """Metrics of this step's rollout, logged beside the optimiser's."""
         return {"score": float(rollout.scores.mean())}
@@ -143,6 +148,7 @@ class OnlineAlgorithm(Algorithm):
                                                                     packed=self.packing)
             rollout.seq_kl = (rollout.old_logps - rollout.ref_logps).mul(mask).sum(1)  # k1 per response
         data.update(self.advantages(context, rollout))
+        data.update(self.loss_data(rollout))
 
         metrics, steps, stopped = R.optimize_epochs(context, self, data, len(rollout), seed=seed + 1)
         metrics.update(self.step_metrics(rollout, data))

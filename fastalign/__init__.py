@@ -14,6 +14,8 @@ from fastalign.ops.grpo import group_advantages
 from fastalign.ops.kl import kl_penalty, masked_whiten
 from fastalign.ops.linear_logprobs import linear_gather_logprobs
 from fastalign.ops.logprobs import gather_logprobs
+from fastalign.ops.policy_loss import policy_loss
+from fastalign.ops.policy_loss_types import register_policy_loss
 from fastalign.ops.ppo import ppo_policy_loss, ppo_value_loss
 from fastalign.ops.preference import (
     dpo_loss,
@@ -52,6 +54,8 @@ __all__ = [
     "kl_penalty",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "policy_loss",
+    "register_policy_loss",
     "group_advantages",
     "advantages",
     "register_advantage_estimator",

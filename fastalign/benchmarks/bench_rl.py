@@ -8,6 +8,9 @@ GAE loops live in fastalign/benchmarks/_peers.py, shared with tests/test_gae.py)
 - verl compute_gae_advantage_return: the reverse loop carrying value and advantage through
   masked steps (multi-turn);
 - verl compute_policy_loss (vanilla, with dual clip) and compute_value_loss, "token-mean".
+policy_loss (loss types sapo, cispo, gspo_token, and ppo with token TIS) fwd+bwd against the
+eager reference (fastalign/kernels/reference_policy_losses.py) and torch.compile of it; the types
+other than ppo run that torch formula inside fastalign too (no fused kernel yet).
 torch.compile of the GAE loops is not measured: it unrolls T steps into one graph (minutes of
 compilation at T = 2048), which nobody ships.
 """
@@ -144,6 +147,71 @@ def _eager_loss(op_name, compile_it):
     return build
 
 
+POLICY_LOSS_CASES = {  # name -> (loss_type, extra policy_loss kwargs)
+    "sapo": ("sapo", {}), "cispo": ("cispo", {}), "gspo_token": ("gspo_token", {}),
+    "ppo+tis": ("ppo", {"rollout_is": "token", "clip_high": 0.28}),
+}
+
+
+def _policy_inputs(batch, steps):
+    def make(device):
+        inp = _loss_inputs(batch, steps, "fp32", True)(device)
+        g = torch.Generator().manual_seed(1)
+        inp["rollout"] = inp["old"] + (torch.randn(batch, steps, generator=g) * 0.1).to(device)
+        return inp
+
+    return make
+
+
+def _fa_policy(name, backend):
+    def build(inp):
+        fastalign_backend(backend, inp["device"])
+        op = fastalign_op("policy_loss")
+        loss_type, kw = POLICY_LOSS_CASES[name]
+        x, old, adv, mask, roll = inp["x"], inp["old"], inp["other"], inp["mask"], inp["rollout"]
+        rk = {"rollout_logprobs": roll} if "rollout_is" in kw else {}
+        return _loss_runner(inp, lambda: op(x, old, adv, mask, loss_type=loss_type, backend=backend, **rk, **kw))
+
+    return build
+
+
+def _eager_policy(name, compile_it):
+    def build(inp):
+        from fastalign.kernels import reference_policy_losses as R
+        from fastalign.ops.policy_loss import CORRECTION_DEFAULTS
+
+        loss_type, kw = POLICY_LOSS_CASES[name]
+        kw = dict(kw)
+        corr = {k: kw.pop(k) for k in list(kw) if k in CORRECTION_DEFAULTS}
+        formula = getattr(R, loss_type)
+        x, old, adv, mask, roll = inp["x"], inp["old"], inp["other"], inp["mask"], inp["rollout"]
+
+        def fn(x, old, adv, mask, roll):
+            return R.policy_loss(formula, x, old, adv, mask, kw, rollout_logprobs=roll if corr else None,
+                                 correction={**CORRECTION_DEFAULTS, **corr})
+
+        f = compiled(fn) if compile_it else fn
+        return _loss_runner(inp, lambda: f(x, old, adv, mask, roll))
+
+    return build
+
+
+def _policy_cases(quick, fa):
+    out = []
+    try:
+        fastalign_op("policy_loss")
+    except Exception:
+        return out
+    b, t = (4, 64) if quick else (64, 2048)
+    for name in POLICY_LOSS_CASES:
+        conts = {f"fastalign[{x}]": _fa_policy(name, x) for x in fa}
+        conts.update({"eager": _eager_policy(name, False), "torch.compile": _eager_policy(name, True)})
+        out.append(Case(FAMILY, f"policy_loss[{name}]", "fwd+bwd", {"B": b, "T": t, "dtype": "fp32"}, b * t, "B x T",
+                        _policy_inputs(b, t), conts, tuple(f"fastalign[{x}]" for x in fa),
+                        group=f"policy_loss fwd+bwd fp32"))
+    return out
+
+
 def cases(quick: bool, device: str) -> list[Case]:
     fastalign_op("gae")
     out = []
@@ -172,7 +240,7 @@ def cases(quick: bool, device: str) -> list[Case]:
                 out.append(Case(FAMILY, op_name, mode, {"B": b, "T": t, "dtype": dtype}, b * t, "B x T",
                                 _loss_inputs(b, t, dtype, mode == "fwd+bwd"), conts,
                                 tuple(f"fastalign[{x}]" for x in fa), group=f"{op_name} {mode} {dtype}"))
-    return out
+    return out + _policy_cases(quick, fa)
 
 
 # ---- targets (issue 3 on the CPU, issue 8 on the GPU) -----------------------------------------------

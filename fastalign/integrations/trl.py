@@ -36,8 +36,9 @@ from __future__ import annotations
 import torch
 
 import fastalign
+from fastalign.integrations.trl_grpo_loss import grpo_loss  # noqa: F401  (part of this adapter)
 
-__all__ = ["compute_gae", "dpo_losses", "entropy_from_logits", "grpo_advantages", "masked_whiten",
+__all__ = ["compute_gae", "dpo_losses", "entropy_from_logits", "grpo_advantages", "grpo_loss", "masked_whiten",
            "selective_log_softmax", "selective_log_softmax_and_entropy", "patch_trl", "unpatch_trl", "unpatch",
            "use_fastalign", "is_patched", "call_counts"]
 

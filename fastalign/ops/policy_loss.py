@@ -1,0 +1,192 @@
+"""policy_loss: the policy-gradient loss family behind one call, with a registry
+(fastalign/ops/policy_loss_types.py) and rollout-mismatch correction (TIS / MIS) in the same call.
+
+loss_type="ppo" runs the fused ppo_policy_loss kernels on every backend (the rollout weights fold
+into them exactly, see _ppo); the other types run their torch formula
+(fastalign/kernels/reference_policy_losses.py) on every backend, so `backend` only selects the
+ppo kernels. Formulas, statistics per type and the peers' differences: docs/policy_losses.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastalign import _backends
+from fastalign.kernels import reference_policy_losses as R
+from fastalign.ops import ppo as P
+from fastalign.ops.policy_loss_types import POLICY_LOSS_TYPES
+
+# the rollout-correction keywords, with their defaults (verl's rollout_correction names)
+CORRECTION_DEFAULTS = {
+    "rollout_is": None, "rollout_is_threshold": 2.0, "rollout_is_threshold_lower": None,
+    "rollout_rs": None, "rollout_rs_threshold": None, "rollout_rs_threshold_lower": None,
+}
+_OP = "policy_loss"
+
+
+def _check_correction(c, rollout_logprobs, like):
+    """Normalised correction keywords; errors name the argument."""
+    if c["rollout_is"] is not None and c["rollout_is"] not in R.ROLLOUT_IS_LEVELS:
+        raise ValueError(f"{_OP}: rollout_is must be None or one of {R.ROLLOUT_IS_LEVELS}, got {c['rollout_is']!r}")
+    if c["rollout_rs"] is not None and c["rollout_rs"] not in R.ROLLOUT_RS_LEVELS:
+        raise ValueError(f"{_OP}: rollout_rs must be None or one of {R.ROLLOUT_RS_LEVELS}, got {c['rollout_rs']!r}")
+    if (c["rollout_is"] is not None or c["rollout_rs"] is not None) and rollout_logprobs is None:
+        raise ValueError(f"{_OP}: rollout_is / rollout_rs need rollout_logprobs ([B, T], the rollout engine's log-probs)")
+    out = dict(c)
+
+    def num(name, *, low_open=True, optional=False):
+        x = c[name]
+        if x is None and optional:
+            return None
+        if not (P._is_number(x) and (x > 0 if low_open else x >= 0)):
+            raise ValueError(f"{_OP}: {name} must be {'None or ' if optional else ''}a finite number "
+                             f"{'> 0' if low_open else '>= 0'}, got {x!r}")
+        return float(x)
+
+    out["rollout_is_threshold"] = num("rollout_is_threshold")
+    out["rollout_is_threshold_lower"] = num("rollout_is_threshold_lower", low_open=False, optional=True)
+    if out["rollout_is_threshold_lower"] is not None and out["rollout_is_threshold_lower"] >= out["rollout_is_threshold"]:
+        raise ValueError(f"{_OP}: rollout_is_threshold_lower must be < rollout_is_threshold "
+                         f"({out['rollout_is_threshold']}), got {out['rollout_is_threshold_lower']}")
+    out["rollout_rs_threshold"] = num("rollout_rs_threshold", optional=True)
+    out["rollout_rs_threshold_lower"] = num("rollout_rs_threshold_lower", low_open=False, optional=True)
+    if c["rollout_rs"] is not None and out["rollout_rs_threshold"] is None:
+        raise ValueError(f"{_OP}: rollout_rs={c['rollout_rs']!r} needs rollout_rs_threshold (the upper bound of the "
+                         f"importance ratio; the lower bound defaults to its inverse)")
+    if out["rollout_rs_threshold_lower"] is not None and out["rollout_rs_threshold"] is not None \
+            and out["rollout_rs_threshold_lower"] >= out["rollout_rs_threshold"]:
+        raise ValueError(f"{_OP}: rollout_rs_threshold_lower must be < rollout_rs_threshold "
+                         f"({out['rollout_rs_threshold']}), got {out['rollout_rs_threshold_lower']}")
+    if rollout_logprobs is not None:
+        P._check_tensors(_OP, ("logprobs", "rollout_logprobs"), (like, rollout_logprobs), like)
+    return out
+
+
+def _split_params(loss_type, entry, loss_params):
+    unknown = sorted(set(loss_params) - set(entry.params))
+    if unknown:
+        raise TypeError(f"{_OP}: loss_type={loss_type!r} takes no parameter {', '.join(map(repr, unknown))}; "
+                        f"its parameters are {sorted(entry.params) or 'none'} (rollout correction: "
+                        f"rollout_logprobs, {', '.join(CORRECTION_DEFAULTS)})")
+    params = {**entry.params, **loss_params}
+    if entry.check is not None:
+        checked = entry.check(params)
+        if isinstance(checked, dict):  # a normalised dict; any other return value is ignored
+            params = dict(checked)
+    return params
+
+
+def _ppo(name, logprobs, old, adv, mask, params, agg, global_count, horizon, rollout_logprobs, correction):
+    """ppo on the fused kernels. The rollout correction folds in exactly: a TIS weight w > 0 (stop-
+    gradient, per token or per row) scales the token loss, and max/min commute with a positive
+    factor, so w l(A) = l(w A), the same loss on advantages w A; MIS drops tokens from the mask.
+    Without correction the call is ppo_policy_loss's, bit for bit. ratio_mean / ratio_max and
+    clipfrac_low / clipfrac_high are one detached torch pass (not the kernel's)."""
+    rstats = {}
+    if rollout_logprobs is not None:
+        valid = mask != 0
+        zero = torch.zeros((), device=logprobs.device)
+        weight, keep, rstats = R.rollout_correction(
+            torch.where(valid, old.detach().float(), zero), torch.where(valid, rollout_logprobs.detach().float(), zero),
+            valid, **correction)
+        if weight is not None:
+            adv = adv.detach().float() * weight
+        mask = keep
+    loss, stats = P.ppo_policy_loss(logprobs, old, adv, mask, clip_low=params["clip_low"],
+                                    clip_high=params["clip_high"], dual_clip=params["dual_clip"], agg=agg,
+                                    global_count=global_count, horizon=horizon, backend=name)
+    with torch.no_grad():
+        keep = mask != 0
+        zero = torch.zeros((), device=logprobs.device)
+        logp_f, old_f, adv_f = (torch.where(keep, t.detach().float(), zero) for t in (logprobs, old, adv))
+        high = params["clip_low"] if params["clip_high"] is None else params["clip_high"]
+        _, extras = R._clipped_surrogate(R._ratio(logp_f, old_f), adv_f, params["clip_low"], high)
+        extra = R.summarize({k: extras[k] for k in ("ratio", "clipfrac_low", "clipfrac_high")},
+                            logp_f, old_f, keep)
+    del extra["approx_kl"]  # the kernel's
+    stats = {**stats, **extra, **rstats}
+    return loss, {k: v.detach().float() for k, v in stats.items()}
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "ppo",
+    agg: str = "token-mean",
+    global_count: float | None = None,
+    horizon: float | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    rollout_is: str | None = None,
+    rollout_is_threshold: float = 2.0,
+    rollout_is_threshold_lower: float | None = None,
+    rollout_rs: str | None = None,
+    rollout_rs_threshold: float | None = None,
+    rollout_rs_threshold_lower: float | None = None,
+    backend: str = "auto",
+    **loss_params,
+) -> tuple[torch.Tensor, dict]:
+    """A policy-gradient loss of the registered `loss_type`. Returns `(loss, stats)`: a fp32
+    0-dim loss and a dict of detached fp32 0-dim tensors.
+
+    Inputs `[B, T]`: logprobs (the policy being trained; the only input that gets a gradient, in
+    its dtype), old_logprobs (the policy that the PPO ratio is taken against), advantages
+    (float32/bfloat16/float16; math in fp32), mask (bool or real, nonzero = a response token).
+
+    loss_type and its parameters (**loss_params; defaults in brackets; formulas in
+    docs/policy_losses.md and fastalign/kernels/reference_policy_losses.py):
+      ppo        clip_low [0.2], clip_high [= clip_low], dual_clip [None]   (fused kernels)
+      gspo       clip_low [3e-4], clip_high [4e-4]   sequence ratio, gradient through every token
+      gspo_token clip_low [3e-4], clip_high [4e-4]   verl's "gspo": stop-gradient token form
+      cispo      clip_low [None: no lower bound], clip_high [4.0]: weight sg(clamp(r, 1-lo, 1+hi))
+      sapo       tau_pos [1.0], tau_neg [1.05]
+      geo_mean   clip_low [0.4], clip_high [0.4] (log-space bounds, GMPO)
+      gpg, reinforce   no parameters: -A logp
+      clip_cov   clip_low, clip_high, clip_cov_ratio [2e-4], clip_cov_lb [1.0], clip_cov_ub [5.0]
+      kl_cov     kl_cov_ratio [2e-4], ppo_kl_coef [0.1]
+    plus any type added with fastalign.register_policy_loss. An unknown keyword is a TypeError
+    naming the type and its parameters.
+
+    Rollout-mismatch correction (verl's rollout_correction names; TRL's vllm_importance_sampling_*
+    in brackets), from rollout_logprobs `[B, T]` (the inference engine's log-probs of the same
+    tokens) and w = exp(old_logprobs - rollout_logprobs):
+      rollout_is "token" | "sequence" [token_truncate | sequence_truncate]: TIS, the per-token
+        loss times the stop-gradient weight min(w, rollout_is_threshold [2.0; TRL clip_max 3.0]),
+        floored at rollout_is_threshold_lower [clip_min] when given; "sequence" uses the row's
+        product of w.
+      rollout_rs "token" | "sequence" | "geometric" [token_mask | sequence_mask | -]: MIS, tokens
+        (rows) whose ratio (token w, the row's product, the row's geometric mean) lies outside
+        [rollout_rs_threshold_lower (default 1 / rollout_rs_threshold), rollout_rs_threshold]
+        leave the loss and its counts (verl's semantics; TRL keeps them in the count at weight 0).
+    Stats with rollout_logprobs: rollout_kl_k1, rollout_kl_k3 (KL(rollout || old) estimates),
+    rollout_is_weight_mean, rollout_is_truncated_frac, rollout_rs_masked_frac (over the valid
+    tokens).
+
+    stats of the loss (means over the tokens in the loss): approx_kl (old - logp) for every type;
+    ratio_mean, ratio_max (the ratio the loss uses: token ratio, or sequence ratio for gspo,
+    gspo_token, geo_mean) for all but gpg/reinforce; clipfrac, clipfrac_low (A < 0, low bound),
+    clipfrac_high (A > 0, high bound) for ppo, gspo, gspo_token, cispo, geo_mean, clip_cov;
+    clipfrac_lower (the dual-clip cap binding) for ppo; covfrac for clip_cov / kl_cov.
+
+    backend: "ppo" runs the fused kernels of that backend ("auto": the fastest here); the other
+    types run their torch formula whatever the backend (checked all the same).
+    """
+    if not isinstance(loss_type, str) or loss_type not in POLICY_LOSS_TYPES:
+        raise ValueError(f"{_OP}: unknown loss_type {loss_type!r}; known: {sorted(POLICY_LOSS_TYPES)}")
+    entry = POLICY_LOSS_TYPES[loss_type]
+    P._check_tensors(_OP, ("logprobs", "old_logprobs", "advantages"), (logprobs, old_logprobs, advantages), mask)
+    correction = _check_correction(
+        {"rollout_is": rollout_is, "rollout_is_threshold": rollout_is_threshold,
+         "rollout_is_threshold_lower": rollout_is_threshold_lower, "rollout_rs": rollout_rs,
+         "rollout_rs_threshold": rollout_rs_threshold, "rollout_rs_threshold_lower": rollout_rs_threshold_lower},
+        rollout_logprobs, logprobs)
+    params = _split_params(loss_type, entry, loss_params)
+    P._check_agg(_OP, agg, global_count, horizon)
+    name = _backends.resolve(backend, logprobs.device, op=_OP)
+    if loss_type == "ppo" and entry.formula is R.ppo:
+        return _ppo(name, logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon,
+                    rollout_logprobs, correction)
+    return R.policy_loss(entry.formula, logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon,
+                         rollout_logprobs, correction)

@@ -375,6 +375,90 @@ def test_micro_batch_losses_add_up_to_the_batch_loss(tok, agg):
     assert_within(torch.tensor(got, dtype=torch.float64), want.double(), bound, agg)
 
 
+# ---- each policy loss type, and the rollout-mismatch correction, through the trainer -----------------
+
+LOSS_CASES = [("ppo", {}), ("gspo", {}), ("gspo", {"clip_low": 1e-3, "clip_high": 2e-3}), ("gspo_token", {}),
+              ("cispo", {}), ("sapo", {"tau_pos": 2.0, "tau_neg": 3.0}), ("geo_mean", {}), ("gpg", {}),
+              ("reinforce", {}), ("clip_cov", {}), ("kl_cov", {})]
+
+
+@pytest.mark.parametrize("loss_type,params", LOSS_CASES)
+def test_each_loss_type_through_the_trainer(tok, tmp_path, loss_type, params):
+    """2 epochs x 2 mini-batches (the second epoch's ratio is not 1): every micro-batch's loss is
+    fastalign.policy_loss of that micro-batch with the config's type and parameters (the same
+    computation: equal), summed (global_count=1.0), and the policy moves."""
+    alg = get_algorithm("grpo")({"group_size": 4, "max_new_tokens": 5, "beta": 0.0, "loss_type": loss_type,
+                                 "loss_params": params, "ppo_epochs": 2, "mini_batches": 2},
+                                reward_fn=_text_reward)
+    pairs, inner = [], alg.loss
+
+    def loss(models, batch):
+        out = inner(models, batch)
+        with torch.no_grad():
+            logps, mask = token_logps(models["policy"], batch)
+        kw = {"clip_low": 0.2, "clip_high": None, "dual_clip": None} if loss_type == "ppo" else dict(params)
+        want, _ = fastalign.policy_loss(logps, batch["old_logps"], batch["advantages"], mask, loss_type=loss_type,
+                                        agg="token-mean", global_count=1.0, **kw)
+        pairs.append((out[0].detach(), want))
+        return out
+
+    alg.loss = loss
+    models = _models(alg, tok)
+    before = [p.detach().clone() for p in models["policy"].parameters()]
+    m = _trainer(alg, models, tok, tmp_path, _prompts(alg, tok, 16, 0)).fit()["train"]
+    assert m["optimizer_steps"] == 4 and math.isfinite(m["loss"]) and "approx_kl" in m
+    assert len(pairs) == 8 and all(torch.equal(a, b) for a, b in pairs)
+    assert any(not torch.equal(a, b) for a, b in zip(before, models["policy"].parameters()))
+
+
+def test_rollout_correction_through_the_trainer(tok, tmp_path):
+    """The sampler's log-probs travel as rollout_logps (perturbed here: a simulated engine
+    mismatch); MIS's rejected tokens leave the loss mask before the loss (so the normaliser counts
+    only the kept ones), by hand; each micro-batch's loss is fastalign.policy_loss with the
+    correction on that mask."""
+    corr = {"rollout_is": "token", "rollout_is_threshold": 1.5, "rollout_rs": "token", "rollout_rs_threshold": 2.0}
+    alg = get_algorithm("grpo")({"group_size": 4, "max_new_tokens": 5, "beta": 0.0, "rollout_correction": corr},
+                                reward_fn=_text_reward)
+    assert alg.sampler_logps_needed()
+    make = alg.make_rollout
+
+    def make_rollout(context, micro_batches, seed):
+        r = make(context, micro_batches, seed)
+        assert r.sampler_logps is not None  # trainer.sampler fastalign gives them
+        g = torch.Generator().manual_seed(7)
+        r.sampler_logps = r.sampler_logps + torch.randn(r.mask.shape, generator=g) * 0.5 * r.mask
+        return r
+
+    alg.make_rollout = make_rollout
+    seen = _capture(alg)
+    pairs, inner = [], alg.loss
+
+    def loss(models, batch):
+        out = inner(models, batch)
+        with torch.no_grad():
+            logps, mask = token_logps(models["policy"], batch)
+        tis = {k: v for k, v in corr.items() if k.startswith("rollout_is")}  # MIS: in loss_mask already
+        want, _ = fastalign.policy_loss(logps, batch["old_logps"], batch["advantages"], mask & batch["loss_mask"],
+                                        rollout_logprobs=batch["rollout_logps"], global_count=1.0, clip_low=0.2,
+                                        **tis)
+        pairs.append((out[0].detach(), want))
+        return out
+
+    alg.loss = loss
+    m = _trainer(alg, _models(alg, tok), tok, tmp_path, _prompts(alg, tok, 16, 0), sampler="fastalign").fit()["train"]
+    (rollout, _, _), = seen
+    assert pairs and all(torch.equal(a, b) for a, b in pairs)
+    for k in ("rollout_kl_k1", "rollout_kl_k3", "rollout_is_weight_mean", "rollout_is_truncated_frac"):
+        assert k in m, k
+    assert 0 < m["rollout_rs_masked_frac"] < 1  # some tokens rejected, not all
+    # by hand: token ratio w = exp(old - rollout) outside [1/2, 2] leaves the loss
+    lw = torch.where(rollout.mask, rollout.old_logps - rollout.sampler_logps, 0.0)
+    w = torch.exp(lw.clamp(-20, 20))
+    keep = rollout.mask & (w >= 0.5) & (w <= 2.0)
+    data = alg.loss_data(rollout)
+    assert torch.equal(data["loss_mask"], keep) and torch.equal(data["rollout_logps"], rollout.sampler_logps)
+
+
 # ---- bad configs --------------------------------------------------------------------------------------
 
 
@@ -394,6 +478,11 @@ def test_micro_batch_losses_add_up_to_the_batch_loss(tok, agg):
     ("dapo", {"max_sampling_rounds": -1}, "max_sampling_rounds must be"),
     ("rloo", {"group_size": 1}, "group_size must be >= 2"),
     ("grpo", {"dual_clip": 0.5}, "dual_clip must be"),
+    ("grpo", {"loss_type": "gspo", "clip_high": 0.3}, "belong to the ppo loss"),
+    ("grpo", {"loss_type": "sapo", "loss_params": {"tau": 1.0}}, "algo.loss_params .*'sapo'.*tau"),
+    ("grpo", {"loss_type": "cispo", "loss_params": {"clip_high": -1.0}}, "algo.loss_params"),
+    ("grpo", {"rollout_correction": {"rollout_is": "row"}}, "algo.rollout_correction.*rollout_is"),
+    ("grpo", {"rollout_correction": {"rollout_rs": "token"}}, "rollout_rs_threshold"),
 ])
 def test_config_errors(name, bad, match):
     with pytest.raises(ConfigError, match=match):

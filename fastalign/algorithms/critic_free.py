@@ -32,7 +32,7 @@ on-policy case) the ratio is 1 and the clip is inactive. A subclass chooses only
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -40,8 +40,10 @@ from fastalign.algorithms.base import token_logps
 from fastalign.algorithms.online import OnlineAlgorithm, OnlineConfig
 from fastalign.data import collate as C
 from fastalign.errors import ConfigError
+from fastalign.kernels import reference_policy_losses as RPL
 from fastalign.ops.kl import kl_penalty
-from fastalign.ops.ppo import ppo_policy_loss
+from fastalign.ops.policy_loss import policy_loss as _policy_loss
+from fastalign.ops.policy_loss_types import POLICY_LOSS_TYPES
 from fastalign.options import option
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -49,36 +51,19 @@ _TOKEN_AGGS = ("token-mean",)  # normalised by tokens; the others by responses
 
 
 
-def _family():
-    """(fastalign.policy_loss, its registry {loss type: entry}) when this build has the policy-loss
-    family, else (None, {"ppo": None}): then loss_type "ppo" runs through ppo_policy_loss, which
-    gives the same values."""
-    try:
-        from fastalign.ops.policy_loss import policy_loss as fn
-        from fastalign.ops.policy_loss_types import POLICY_LOSS_TYPES
-    except ImportError:
-        return None, {"ppo": None}
-    return fn, POLICY_LOSS_TYPES
-
-
 def loss_types() -> tuple:
-    """The policy loss types `algo.loss_type` accepts (fastalign.policy_loss's registry)."""
-    return tuple(sorted(_family()[1]))
+    """The policy loss types `algo.loss_type` accepts (fastalign.policy_loss's registry, plugins
+    registered with fastalign.register_policy_loss included)."""
+    return tuple(sorted(POLICY_LOSS_TYPES))
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, loss_type="ppo", agg="token-mean", global_count=None,
                 horizon=None, rollout_logprobs=None, rollout_correction=None, **loss_params):
-    """The one call of the family's policy loss: fastalign.policy_loss(...) -> (loss, stats)."""
-    fused = _family()[0]
-    if fused is not None:
-        return fused(logprobs, old_logprobs, advantages, mask, loss_type=loss_type, agg=agg,
-                     global_count=global_count, horizon=horizon, rollout_logprobs=rollout_logprobs,
-                     **(rollout_correction or {}), **loss_params)
-    if loss_type != "ppo" or rollout_correction:
-        raise ConfigError(f"algo.loss_type={loss_type!r} / algo.rollout_correction need fastalign.policy_loss, "
-                          "which this build lacks")
-    return ppo_policy_loss(logprobs, old_logprobs, advantages, mask, agg=agg, global_count=global_count,
-                           horizon=horizon, **loss_params)
+    """The one call of the family's policy loss: fastalign.policy_loss(...) -> (loss, stats), the
+    correction options given as one mapping."""
+    return _policy_loss(logprobs, old_logprobs, advantages, mask, loss_type=loss_type, agg=agg,
+                        global_count=global_count, horizon=horizon, rollout_logprobs=rollout_logprobs,
+                        **(rollout_correction or {}), **loss_params)
 
 
 @dataclass
@@ -132,8 +117,6 @@ class CriticFreeAlgorithm(OnlineAlgorithm):
         if clash:
             raise ConfigError(f"algo.loss_params: {clash} are set by the trainer (algo.clip / clip_high / dual_clip / "
                               "agg for ppo)")
-        if cfg.rollout_correction and _family()[0] is None:
-            raise ConfigError("algo.rollout_correction needs fastalign.policy_loss, which this build lacks")
         try:  # the loss parameters and correction options checked by the loss itself, on a dummy batch
             x = torch.zeros(1, 2)
             policy_loss(x, x, x, torch.ones(1, 2, dtype=torch.bool), loss_type=cfg.loss_type,
@@ -183,10 +166,8 @@ class CriticFreeAlgorithm(OnlineAlgorithm):
             if rs.get("rollout_rs") is not None:
                 # MIS here, once per step, not in the loss: its rejected tokens must leave the
                 # loss units (counted before any forward) as they leave the loss
-                from fastalign.kernels.reference_policy_losses import rollout_correction
-
                 self._mis_base = int(keep.sum())
-                keep = rollout_correction(rollout.old_logps, rollout.sampler_logps, keep, **rs)[1]
+                keep = RPL.rollout_correction(rollout.old_logps, rollout.sampler_logps, keep, **rs)[1]
         if keep is not rollout.mask:
             out["loss_mask"] = keep
         return out

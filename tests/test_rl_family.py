@@ -272,7 +272,10 @@ def test_overlong_shaping_by_hand(tok, tmp_path):
     m = _trainer(alg, _models(alg, tok), tok, tmp_path, _prompts(alg, tok, 16, 0)).fit()["train"]
     (rollout, _, _), = seen
     lengths = [len(ids) for ids in rollout.response_ids]
-    want = torch.tensor([1.0 + min(0.0, -(n - 2) / 4 * 0.5) for n in lengths])
+    # verl/workers/reward_manager/dapo.py (DAPORewardManager): expected_len = max_resp_len -
+    # buffer_len, exceed_len = valid_response_length - expected_len, overlong_reward =
+    # min(-exceed_len / buffer_len * penalty_factor, 0), added to the score
+    want = torch.tensor([1.0 + min(0.0, -(n - (6 - 4)) / 4 * 0.5) for n in lengths])
     assert torch.equal(rollout.scores.cpu(), want)
     assert want.min() == 0.5  # responses of 6 tokens: the full penalty
     assert m["overlong_penalty"] == pytest.approx(float(want.mean()) - 1.0, abs=4 * U32)

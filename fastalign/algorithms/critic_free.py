@@ -17,12 +17,14 @@ Per-response options, read from the rollout (CriticFreeConfig):
   * overlong_buffer / overlong_penalty: DAPO's soft overlong punishment added to the score of a
     response of |y| tokens (EOS included), L = max_new_tokens, B = overlong_buffer:
     min(0, -(|y| - (L - B)) / B * overlong_penalty) -- 0 up to L - B tokens, -overlong_penalty at L;
-    as verl's DAPO reward manager (recipe/dapo, `overlong_buffer_cfg`);
+    as verl's DAPO reward manager (verl/workers/reward_manager/dapo.py, `overlong_buffer_cfg`);
   * mask_truncated: responses cut at max_new_tokens without an EOS are left out of the loss
     (their tokens count in no normaliser), DAPO's "overlong filtering";
   * rollout_correction: the sampler's per-token log-probs travel with the rollout as
     `rollout_logps` and go to the policy loss as rollout_logprobs, with the options of this dict
     (truncated / masked importance sampling against the engine mismatch: fastalign.policy_loss).
+    MIS (rollout_rs*) is applied once per step, to the loss mask (`loss_data`), so that its
+    rejected tokens leave the loss units as they leave the loss; TIS (rollout_is*) in the loss.
 
 Every loss goes through one function, `policy_loss` below. With 1 epoch x 1 mini-batch (the
 on-policy case) the ratio is 1 and the clip is inactive. A subclass chooses only its advantages
@@ -72,7 +74,8 @@ class CriticFreeConfig(OnlineConfig):
     kl_estimator: str = option("k3", "the KL estimate of that term per token: k1, k2 or k3", choices=("k1", "k2", "k3"))
     agg: str = option("token-mean", "loss aggregation (seq-mean-token-sum-norm divides by max_new_tokens)",
                       choices=AGGS)
-    loss_type: str = option("ppo", "policy loss (fastalign.policy_loss): ppo, gspo, cispo, ... (see docs/algorithms.md)")
+    loss_type: str = option("ppo", "policy loss (fastalign.policy_loss): ppo, gspo, gspo_token, cispo, sapo, "
+                                          "geo_mean, gpg, reinforce, clip_cov, kl_cov or a registered one")
     clip_high: float | None = option(None, "upper ratio clip of the ppo loss, 1 + clip_high (DAPO's clip-higher: "
                                            "0.28); default: clip", gt=0)
     dual_clip: float | None = option(None, "dual-clip bound c > 1 of the ppo loss for negative advantages", gt=1)

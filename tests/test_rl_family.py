@@ -353,7 +353,7 @@ def test_micro_batch_losses_add_up_to_the_batch_loss(tok, agg):
             "advantages": torch.randn(rollout.mask.shape[0], 1) * rollout.mask}
     mbs = R.select(data, list(range(10)), 3)
     units = sum(alg.loss_units(mb) for mb in mbs)
-    got = sum(float(alg.loss({"policy": policy}, mb)[0]) for mb in mbs) / units
+    got = sum(float(alg.loss({"policy": policy}, mb)[0].detach()) for mb in mbs) / units
     # by hand, from each micro-batch's own policy log-probs (the same forward as the loss's)
     tok_loss, tok_kl, masks, width = [], [], [], rollout.mask.shape[1]
     for mb in mbs:

@@ -246,4 +246,51 @@ inline void dpo_tokens_bwd_args(const at::Tensor& grad, const c10::optional<at::
   if (grad_seq.has_value()) same_device(op, "grad of the sequence log-probs", *grad_seq, "the log-probs", pol);
 }
 
+// ---- advantage estimators -------------------------------------------------------------------------
+
+// outcome_advantage: rewards [B, K] (K >= 0 rows summed into the score), mask [B, T], group [B]
+// int64 (dense ids; their range is checked where they are host memory), kind 0..4.
+inline void outcome_advantage_args(const at::Tensor& rewards, const at::Tensor& mask, const at::Tensor& group,
+                                   int64_t kind, double epsilon) {
+  constexpr const char* op = "outcome_advantage";
+  TORCH_CHECK(mask.dim() == 2, op, ": mask must be 2-D [B, T], got ", mask.sizes());
+  TORCH_CHECK(rewards.dim() == 2 && rewards.size(0) == mask.size(0), op, ": rewards must be 2-D [B, K] with B = ",
+              mask.size(0), ", got ", rewards.sizes());
+  TORCH_CHECK(is_float(rewards.scalar_type()), op, ": rewards must be float32, bfloat16 or float16, got ",
+              rewards.scalar_type());
+  TORCH_CHECK(group.dim() == 1 && group.size(0) == mask.size(0), op, ": group must be [B] = [", mask.size(0),
+              "], got ", group.sizes());
+  TORCH_CHECK(group.scalar_type() == at::kLong, op, ": group must be int64, got ", group.scalar_type());
+  mask_dtype(op, mask);
+  TORCH_CHECK(rewards.device() == mask.device() && group.device() == mask.device(), op,
+              ": rewards, mask and group must be on one device");
+  TORCH_CHECK(kind >= 0 && kind <= 4, op,
+              ": kind must be 0..4 (grpo, rloo, opo, grpo_passk, reinforce_plus_plus_baseline), got ", kind);
+  TORCH_CHECK(std::isfinite(epsilon) && epsilon > 0.0, op, ": epsilon must be finite and > 0, got ", epsilon);
+}
+
+// return_advantage: rewards and mask [B, T], baselines [B] (remax) or undefined, kind 0..1.
+inline void return_advantage_args(const at::Tensor& rewards, const at::Tensor& mask,
+                                  const std::optional<at::Tensor>& baselines, double gamma, int64_t kind) {
+  constexpr const char* op = "return_advantage";
+  TORCH_CHECK(rewards.dim() == 2, op, ": rewards must be 2-D [B, T], got ", rewards.sizes());
+  TORCH_CHECK(mask.sizes() == rewards.sizes(), op, ": mask must have the shape of rewards ", rewards.sizes(),
+              ", got ", mask.sizes());
+  TORCH_CHECK(is_float(rewards.scalar_type()), op, ": rewards must be float32, bfloat16 or float16, got ",
+              rewards.scalar_type());
+  mask_dtype(op, mask);
+  TORCH_CHECK(mask.device() == rewards.device(), op, ": rewards and mask must be on one device");
+  TORCH_CHECK(kind == 0 || kind == 1, op, ": kind must be 0 (reinforce_plus_plus) or 1 (remax), got ", kind);
+  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, op, ": gamma must be in [0, 1], got ", gamma);
+  const bool has = baselines.has_value() && baselines->defined();
+  TORCH_CHECK(kind == 0 || has, op, ": remax (kind 1) needs baselines [B]");
+  if (has) {
+    TORCH_CHECK(baselines->dim() == 1 && baselines->size(0) == rewards.size(0), op, ": baselines must be [B] = [",
+                rewards.size(0), "], got ", baselines->sizes());
+    TORCH_CHECK(baselines->scalar_type() == at::kFloat, op, ": baselines must be float32, got ",
+                baselines->scalar_type());
+    TORCH_CHECK(baselines->device() == rewards.device(), op, ": baselines must be on the rewards' device");
+  }
+}
+
 }  // namespace fastalign::checks

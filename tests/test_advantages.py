@@ -230,29 +230,35 @@ def _whiten_error(x, e_x, mask, eps=1e-8):
 
 
 def _outcome_bound(kind, rewards, mask, index, eps=1e-6, norm=True):
-    """Per-element [B, T] bound on |fp32 result - exact| for the outcome estimators."""
+    """Per-element [B, T] bound on |fp32 result - exact| for the outcome estimators. The scores
+    are fp32 sums of K = T terms in a backend's own order (torch's vectorised sum, the fused
+    kernels' lanes or tiles): e_s = gamma(K) sum_k |r_k| each, carried into the group mean (its
+    average over the group) and every deviation."""
     s = rewards.double().sum(-1)
+    e_s = gamma(max(rewards.shape[1], 1)) * rewards.double().abs().sum(-1)
     n, mean, abs_sum, std, same = _group_stats(s, index)
     single = n < 2
     d = s - torch.where(single, 0.0, mean)
-    e_mu = torch.where(single, 0.0, torch.tensor([gamma(int(k)) for k in n]) * abs_sum / n)
-    e_d = e_mu + U * (d.abs() + e_mu)
+    e_mu = torch.where(single, 0.0, torch.tensor([gamma(int(k)) for k in n]) * abs_sum / n + (same * e_s).sum(-1) / n)
+    e_d = e_mu + e_s + U * (d.abs() + e_mu + e_s)
     if kind == "grpo":
         e = _std_division_error(d, e_d, n, torch.where(single, 1.0, std), same, eps) if norm else e_d
     elif kind == "rloo":
         k = n / (n - 1).clamp(min=1)
-        e = torch.where(single, 0.0, k * e_d + gamma(3) * (k * d).abs()
+        e = torch.where(single, e_s, k * e_d + gamma(3) * (k * d).abs()
                         + torch.tensor([gamma(int(j)) for j in n]) * abs_sum / (n - 1).clamp(min=1))
     elif kind == "opo":
         lengths = mask.double().sum(-1)
         total = (same * lengths).sum(-1)
         e = torch.where(single | (total == 0), 0.0, torch.tensor([gamma(int(j) + 2) for j in n])
-                        * (same * (lengths * s).abs()).sum(-1) / total.clamp(min=1))
-        e = e + U * (s.abs() + e)
+                        * (same * (lengths * s).abs()).sum(-1) / total.clamp(min=1)
+                        + (same * lengths * e_s).sum(-1) / total.clamp(min=1))
+        e = e + e_s + U * (s.abs() + e + e_s)
     elif kind == "grpo_passk":
         top = torch.where(same, s.unsqueeze(0), -torch.inf).topk(2, dim=-1).values
         gap = top[:, 0] - top[:, 1]
-        e = _std_division_error(gap, U * gap.abs(), n, std, same, eps) if norm else U * gap.abs()
+        e_gap = U * gap.abs() + 2 * (same * e_s).amax(-1)  # the two scores' own errors
+        e = _std_division_error(gap, e_gap, n, std, same, eps) if norm else e_gap
     elif kind == "reinforce_plus_plus_baseline":
         m = mask.double()
         return _whiten_error(d.unsqueeze(-1) * m, e_d.unsqueeze(-1) * m, m)
@@ -454,6 +460,17 @@ def test_registry_refusals():
     (lambda r, m, i: fastalign.advantages("gae", r, m), TypeError, "values"),
     (lambda r, m, i: fastalign.advantages("gae", r, m, values=r[:, :-1]), ValueError, "values must have"),
     (lambda r, m, i: fastalign.advantages("grpo_passk", r, m, index=i), ValueError, "at least 2"),
+    (lambda r, m, i: fastalign.advantages("gpg", r, m, index=i, f_norm=0.0), ValueError, "f_norm"),
+    (lambda r, m, i: fastalign.advantages("gpg", r, m, index=i, backend="cpp"), ValueError, "not implemented"),
+    (lambda r, m, i: fastalign.advantages("gdpo", r, m, index=i, reward_components=[r[:, 0], r[:3, 0]]),
+     ValueError, r"reward_components\[1\] must be"),
+    (lambda r, m, i: fastalign.advantages("gdpo", r, m, index=i, reward_components=[r[:, 0]], reward_weights=[1, 2]),
+     ValueError, "reward_weights must be 1"),
+    (lambda r, m, i: fastalign.advantages("gdpo", r, m, index=i, reward_components=[]), TypeError, "non-empty"),
+    (lambda r, m, i: fastalign.advantages("optimal_token_baseline", r, m, index=i, sum_pi_squared=r), TypeError,
+     "old_log_probs"),
+    (lambda r, m, i: fastalign.advantages("optimal_token_baseline", r, m, index=i, old_log_probs=r[:, 1:],
+                                          sum_pi_squared=r), ValueError, "old_log_probs must have shape"),
 ])
 def test_bad_inputs_name_the_argument(call, error, match):
     rewards, mask, index = _inputs(11)
@@ -465,18 +482,176 @@ def test_bad_inputs_name_the_argument(call, error, match):
 # ---- torch.compile --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])  # the torch composition, and the fused op here
 @pytest.mark.parametrize("kind", sorted(ADVANTAGE_ESTIMATORS))
-def test_torch_compile_fullgraph(kind):
+def test_torch_compile_fullgraph(kind, backend):
     torch._dynamo.reset()
     rewards, mask, index = _inputs(12, batch=16, steps=8, min_group=2)
-    opts = {"remax": {"reward_baselines": torch.randn(16)}, "gae": {"values": torch.randn(16, 8)}}.get(kind, {})
+    opts = {"remax": {"reward_baselines": torch.randn(16)}, "gae": {"values": torch.randn(16, 8)},
+            "optimal_token_baseline": {"old_log_probs": -torch.rand(16, 8), "sum_pi_squared": torch.rand(16, 8)},
+            "gdpo": {"reward_components": [torch.randn(16), torch.randn(16)], "reward_weights": [1.0, 0.5]},
+            }.get(kind, {})
     if ADVANTAGE_ESTIMATORS[kind].needs_index:
         opts["index"] = index
 
     def step(r, m, **kw):
-        return fastalign.advantages(kind, r, m, **kw)
+        return fastalign.advantages(kind, r, m, backend=backend, **kw)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got, want = compiled(rewards, mask, **opts), step(rewards, mask, **opts)
     # aot_eager runs the same torch kernels in the same order: equal bit for bit
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ---- gpg, gdpo, optimal_token_baseline (verl's further estimators; torch backend) ------------------
+
+
+def _verl_gpg(r, mask, index, f_norm=1.0):
+    """compute_gpg_outcome_advantage: alpha = B / count_nonzero(scores), A = alpha (s - mean) / f_norm."""
+    scores = r.sum(-1)
+    alpha = scores.shape[0] / torch.count_nonzero(scores).clamp(min=1)
+    id2score, _ = _verl_groups(scores, index)
+    id2mean = {g: torch.mean(torch.stack(v)) if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
+    for i in range(scores.shape[0]):
+        scores[i] = alpha * (scores[i] - id2mean[int(index[i])]) / f_norm
+    out = scores.unsqueeze(-1) * mask
+    return out, out
+
+
+def _verl_gdpo(r, mask, index, components, weights, epsilon=1e-6):
+    """compute_gdpo_outcome_advantage: grpo of each reward component ([B] scores placed on the last
+    response token, as verl's non_tensor_batch path does), weighted sum, masked_whiten * mask."""
+    new = None
+    for w, comp in zip(weights, components):
+        token = torch.zeros_like(r)
+        token[:, -1] = comp  # any one position: grpo sums the row
+        a, _ = _verl_grpo(token, mask, index, epsilon)
+        new = w * a if new is None else new + w * a
+    m = mask.float()
+    out = _verl_whiten(new, m) * m
+    return out, out
+
+
+def _verl_otb(r, mask, index, lp, sp, handle_zero_tail=True, epsilon=1e-8):
+    """compute_optimal_token_baseline_advantage."""
+    m = mask.float()
+    returns = (r * m).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
+    w_cum = ((1 - 2 * torch.exp(lp) + sp) * m).cumsum(dim=-1)
+    groups = defaultdict(list)
+    for i in range(r.shape[0]):
+        groups[int(index[i])].append(i)
+    baselines = torch.zeros_like(returns)
+    for members in groups.values():
+        if len(members) == 1:
+            continue
+        idx = torch.tensor(members)
+        num = (returns[idx] * w_cum[idx] * m[idx]).sum(dim=0)
+        den = (w_cum[idx] * m[idx]).sum(dim=0) + epsilon
+        baselines[idx] = (num / den).unsqueeze(0).expand(len(members), -1)
+        if handle_zero_tail:
+            lengths = m[idx].sum(dim=-1)
+            ranked = torch.sort(lengths).values
+            top = (lengths == ranked[-1]).nonzero(as_tuple=True)[0]
+            if top.numel() == 1 and ranked[-1] > ranked[-2]:
+                baselines[members[int(top[0])], int(ranked[-2]):] = 0.0
+    return (returns - baselines) * m, returns
+
+
+@pytest.mark.parametrize("f_norm", [1.0, 2.5])
+def test_gpg(f_norm):
+    rewards, mask, index = _inputs(20)
+    rewards[:5] = 0.0  # responses without a signal: alpha = B / (B - 5 or fewer)
+    got = fastalign.advantages("gpg", rewards, mask, index=index, f_norm=f_norm)
+    s = rewards.double().sum(-1)
+    alpha = len(s) / int((rewards.sum(-1) != 0).sum())
+    exact = ref.gpg(rewards.double(), mask, index, f_norm)[0]
+    bound = alpha / f_norm * _outcome_bound("grpo", rewards, mask, index, norm=False) + 3 * U * exact.abs()
+    for name, want in (("reference", ref.gpg(rewards, mask, index, f_norm)),
+                       ("verl", _verl_gpg(rewards.clone(), mask, index, f_norm))):
+        assert_within(got[0], want[0], 2 * bound, f"gpg vs {name}")
+        assert_within(got[1], want[1], 2 * bound, f"gpg returns vs {name}")
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.5, -2.0]])
+def test_gdpo(weights):
+    rewards, mask, index = _inputs(21)
+    g = torch.Generator().manual_seed(22)
+    comps = [torch.randn(len(index), generator=g), (torch.rand(len(index), generator=g) > 0.5).float(),
+             torch.randn(len(index), generator=g) * 3]
+    w = weights or [1.0, 1.0, 1.0]
+    got = fastalign.advantages("gdpo", rewards, mask, index=index, reward_components=comps, reward_weights=weights)
+    # bound: each component's grpo error, the weighted sum (C products and C - 1 additions), then
+    # the batch whitening with those errors
+    rows = torch.ones(len(index), 1, dtype=torch.bool)
+    e_sum, exact = torch.zeros(len(index), dtype=torch.float64), torch.zeros(len(index), dtype=torch.float64)
+    terms = []
+    for wk, c in zip(w, comps):
+        a = ref.grpo(c.double().unsqueeze(-1), rows, index)[0][:, 0]
+        e_sum += abs(wk) * _outcome_bound("grpo", c.unsqueeze(-1), rows, index)[:, 0]
+        terms.append(wk * a)
+        exact += wk * a
+    e_sum += gamma(len(comps) + 1) * torch.stack(terms).abs().sum(0)
+    m = mask.double()
+    bound = _whiten_error(exact.unsqueeze(-1) * m, e_sum.unsqueeze(-1) * m, m)
+    for name, want in (("reference", ref.gdpo(rewards, mask, index, comps, w)),
+                       ("verl", _verl_gdpo(rewards, mask, index, comps, w))):
+        assert_within(got[0], want[0], 2 * bound, f"gdpo vs {name}")
+    # without components: one component, the token rewards themselves
+    one = fastalign.advantages("gdpo", rewards, mask, index=index)
+    assert_within(one[0], ref.gdpo(rewards, mask, index)[0], 1e-5, "gdpo of the rewards alone")
+
+
+def _otb_inputs(seed):
+    rewards, mask, index = _inputs(seed, steps=13)
+    g = torch.Generator().manual_seed(seed + 1)
+    lp = -3 * torch.rand(rewards.shape, generator=g) - 0.01  # pi_t = exp(lp) in (0.05, 0.99)
+    pi = lp.exp()
+    sp = pi**2 + (1 - pi**2) * torch.rand(rewards.shape, generator=g)  # sum_v pi_v^2 in [pi_t^2, 1]
+    return rewards, mask, index, lp, sp
+
+
+def _otb_bound(rewards, mask, index, lp, sp, handle_zero_tail=True):
+    """Bound on the fp32 error of optimal_token_baseline, first order plus the cross terms, computed
+    in fp64: returns G (a reverse cumulative sum: gamma(T) D_t), w = 1 - 2 exp(lp) + sp (exp within
+    EXP_ULPS ulps, two additions), W its masked cumulative sum, the group sums of G W and W
+    (gamma(n) of the sums of magnitudes plus the summands' own errors), the division, G - b."""
+    steps = rewards.shape[1]
+    m = mask.double()
+    big_g = ref.remax(rewards.double(), mask, torch.zeros(len(index), dtype=torch.float64))[1]
+    e_g = gamma(steps) * _discounted_abs(rewards, mask, 1.0)
+    pi = lp.double().exp()
+    w = 1 - 2 * pi + sp.double()
+    e_w = 4 * EXP_ULPS * U * pi + 2 * U * (1 + 2 * pi + sp.double())
+    big_w = (w * m).cumsum(-1)
+    e_bw = (e_w * m).cumsum(-1) + gamma(steps) * (w.abs() * m).cumsum(-1)
+    same = (index.unsqueeze(0) == index.unsqueeze(1)).double()  # [B, B]
+    n = same.sum(-1)
+    p = big_g * big_w * m
+    e_p = (big_g.abs() * e_bw + big_w.abs() * e_g + e_g * e_bw + gamma(2) * p.abs()) * m
+    num, den = same @ p, same @ (big_w * m) + 1e-8
+    e_num = same @ e_p + torch.tensor([gamma(int(k) + 1) for k in n]).unsqueeze(-1) * (same @ p.abs())
+    e_den = same @ (e_bw * m) + torch.tensor([gamma(int(k) + 2) for k in n]).unsqueeze(-1) * (same @ (big_w * m) + 1e-8)
+    b = num / den
+    e_b = (e_num + b.abs() * e_den) / (den - e_den) + U * b.abs()
+    want = ref.optimal_token_baseline(rewards.double(), mask, index, lp.double(), sp.double(),
+                                      handle_zero_tail=handle_zero_tail)
+    zeroed = (want[0] - (big_g * m)).abs() == 0  # no baseline there: groups of one, the zeroed tail
+    e_b = torch.where(zeroed | (n < 2).unsqueeze(-1), 0.0, e_b)
+    return (e_g + e_b + U * (want[0].abs() + e_g + e_b)) * m, e_g
+
+
+@pytest.mark.parametrize("handle_zero_tail", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_optimal_token_baseline(seed, handle_zero_tail):
+    rewards, mask, index, lp, sp = _otb_inputs(seed)
+    got = fastalign.advantages("optimal_token_baseline", rewards, mask, index=index, old_log_probs=lp,
+                               sum_pi_squared=sp, handle_zero_tail=handle_zero_tail)
+    bound, e_ret = _otb_bound(rewards, mask, index, lp, sp, handle_zero_tail)
+    other = fastalign.advantages("optimal_token_baseline", rewards, mask, index=index, old_log_probs=lp,
+                                 sum_pi_squared=sp, handle_zero_tail=not handle_zero_tail)
+    assert not torch.equal(got[0], other[0])  # the inputs have a group whose longest response is unique
+    for name, want in (("reference", ref.optimal_token_baseline(rewards, mask, index, lp, sp,
+                                                                handle_zero_tail=handle_zero_tail)),
+                       ("verl", _verl_otb(rewards, mask, index, lp, sp, handle_zero_tail))):
+        assert_within(got[1], want[1], 2 * e_ret, f"otb returns vs {name}")
+        assert_within(got[0], want[0], 2 * bound, f"otb advantages vs {name}")

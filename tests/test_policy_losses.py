@@ -182,7 +182,27 @@ def _v_kl_cov(old, logp, adv, m, ratio_, coef):
     return pg
 
 
-# the op's parameters for each type and verl's token-loss function with the same parameters
+def _trl_gspo_tok(old, logp, adv, m, cl, ch):
+    """TRL's GRPO loss at importance_sampling_level="sequence" (GSPO, sequence form): coef_1 =
+    exp(sum(d m) / max(sum m, 1)) per row, -min(coef_1 A, clamp(coef_1, 1-cl, 1+ch) A) per token."""
+    coef_1 = torch.exp(((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_2 = torch.clamp(coef_1, 1 - cl, 1 + ch)
+    return -torch.min(coef_1 * adv, coef_2 * adv)
+
+
+def _geo_mean_tok(old, logp, adv, m, cl, ch):
+    """verl's compute_policy_loss_geo_mean row loss -Abar_b R_b, on every token of the row (the
+    per-token form policy_loss aggregates)."""
+    nakl = logp - old
+    sgn = torch.sign(adv)
+    nakl_min = sgn * torch.min(sgn * nakl, sgn * torch.clamp(nakl, -cl, ch))
+    msum = m.sum(-1)
+    ratio = torch.exp((nakl_min * m).sum(-1) / (msum + 1e-8))
+    advantage = (adv * m).sum(-1) / (msum + 1e-8)
+    return (-advantage * ratio).unsqueeze(-1).expand_as(adv)
+
+
+# the op's parameters for each type and the peer's token-loss function with the same parameters
 VERL_CASES = {
     "ppo": (dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0), lambda o, lp, a, m: _v_vanilla(o, lp, a, m, 0.2, 0.28)),
     "gspo_token": (dict(clip_low=0.05, clip_high=0.08), lambda o, lp, a, m: _v_gspo(o, lp, a, m, 0.05, 0.08)),
@@ -190,6 +210,8 @@ VERL_CASES = {
     "sapo": (dict(tau_pos=1.0, tau_neg=1.05), lambda o, lp, a, m: _v_sapo(o, lp, a, m, 1.0, 1.05)),
     "gpg": ({}, _v_gpg),
     "reinforce": ({}, _v_gpg),  # verl's compute_policy_loss_reinforce without weights: -A logp
+    "gspo": (dict(clip_low=0.05, clip_high=0.08), lambda o, lp, a, m: _trl_gspo_tok(o, lp, a, m, 0.05, 0.08)),
+    "geo_mean": (dict(clip_low=0.1, clip_high=0.15), lambda o, lp, a, m: _geo_mean_tok(o, lp, a, m, 0.1, 0.15)),
 }
 
 
@@ -251,7 +273,8 @@ def _check(loss, g, ref, ref_g, abs_size, shape, dtype, near, what):
     f = _factor(shape)
     assert_within(loss, ref, f * abs_size + 1e-30, f"{what} loss")
     gb = f * ref_g.abs().max() + (unit_roundoff(dtype) * ref_g.abs() if dtype != torch.float32 else 0)
-    gb = torch.where(near, torch.full_like(ref_g, float("inf")), torch.as_tensor(gb, dtype=torch.float64).expand_as(ref_g))
+    gb = torch.as_tensor(gb, dtype=torch.float64).expand_as(ref_g)
+    gb = torch.where(near, torch.full_like(ref_g, float("inf")), gb)
     assert_within(g, ref_g, gb, f"{what} gradient")
 
 
@@ -320,7 +343,8 @@ def test_ppo_with_rollout_correction_matches_reference(backend, device, agg, cor
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("use_global", [False, True])
 def test_matches_verl_formula(loss_type, agg, dtype, use_global):
-    """policy_loss(loss_type) against verl's compute_policy_loss_* token loss + agg_loss, float64."""
+    """policy_loss(loss_type) against the peer's token loss (verl's compute_policy_loss_*; TRL's
+    sequence-level GRPO for gspo) + verl's agg_loss, float64."""
     shape = (6, 11)
     logp, old, adv, mask = _inputs(shape, dtype)
     params, verl_tok = VERL_CASES[loss_type]
@@ -330,7 +354,7 @@ def test_matches_verl_formula(loss_type, agg, dtype, use_global):
     ref, ref_g = _run64(lambda o, lp, a, mm: _v_agg(verl_tok(o, lp, a, m), m, agg, **verl_kw), logp, old, adv, mask)
     with torch.no_grad():
         tok = verl_tok(old.double(), logp.double(), adv.double(), m).abs()
-        if loss_type == "gspo_token":  # the sequence ratio's error scales with |A| s
+        if loss_type in ("gspo", "gspo_token", "geo_mean"):  # the sequence ratio's error scales with |A| s
             tok = tok + adv.double().abs() * torch.exp((torch.where(mask, logp.double() - old.double(), 0.0)).sum(-1)
                                                        .clamp(max=10) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
         size = _v_agg(tok, m, agg, **verl_kw)
@@ -373,12 +397,12 @@ def test_gspo_sequence_and_token_forms():
 
 
 @pytest.mark.parametrize("loss_type", ["clip_cov", "kl_cov"])
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("agg", AGGS)
 def test_cov_losses_match_verl(loss_type, agg):
     """verl's compute_policy_loss_clip_cov / _kl_cov in fp32 (the same selection; clip_cov's random
     choice from the same torch.randperm draw), ratios large enough to select several tokens."""
     shape = (8, 16)
-    logp, old, adv, mask = _inputs(shape, spread=0.1)
+    logp, old, adv, mask = _inputs(shape, spread=0.3)  # some tokens clipped: excluded from clip_cov's choice
     adv = adv * 3
     if loss_type == "clip_cov":
         params = dict(clip_low=0.2, clip_high=0.28, clip_cov_ratio=0.05, clip_cov_lb=0.5, clip_cov_ub=3.0)
@@ -387,15 +411,16 @@ def test_cov_losses_match_verl(loss_type, agg):
         params = dict(kl_cov_ratio=0.1, ppo_kl_coef=0.5)
         fn = lambda o, lp, a, m: _v_kl_cov(o, lp, a, m, 0.1, 0.5)  # noqa: E731
     torch.manual_seed(11)
-    loss, stats, g = _run(loss_type, logp, old, adv, mask, agg=agg, **params)
+    ours_kw, verl_kw = _agg_kwargs(agg, shape[1], False, mask)
+    loss, stats, g = _run(loss_type, logp, old, adv, mask, agg=agg, **ours_kw, **params)
     torch.manual_seed(11)
     x = logp.clone().requires_grad_()
     m = mask.float()
     tok = fn(old, x, adv, m)
-    ref = _v_agg(tok, m, agg)
+    ref = _v_agg(tok, m, agg, **verl_kw)
     (rg,) = torch.autograd.grad(ref, x)
     assert stats["covfrac"] > 0
-    size = _v_agg(tok.detach().abs(), m, agg)
+    size = _v_agg(tok.detach().abs(), m, agg, **verl_kw)
     f = 2 * _factor(shape)
     assert_within(loss, ref, f * size, "loss")
     near = _near_bounds("clip_cov" if loss_type == "clip_cov" else "gpg", logp, old, adv, mask, params)
@@ -811,3 +836,143 @@ def test_register_user_loss():
             fastalign.register_policy_loss("x", capped_reinforce, params={"cap": [1]})
     finally:
         PT.POLICY_LOSS_TYPES.pop(name, None)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "torch"])
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo_token", "cispo", "sapo"])
+def test_torch_compile_fullgraph_fused(backend, device, loss_type):
+    """The fused paths (ppo and gspo_token on the ppo kernels, cispo / sapo on the cpp pg kernel),
+    with TIS folded into the advantages and the torch stats pass."""
+    params = {"ppo": dict(clip_high=0.28), "gspo_token": dict(clip_low=0.05)}.get(loss_type, {})
+
+    def step(logp, old, adv, mask, rollout):
+        loss, stats = fastalign.policy_loss(logp, old, adv, mask, loss_type=loss_type, rollout_logprobs=rollout,
+                                            rollout_is="token", backend=backend, **params)
+        return loss, stats["ratio_mean"] + stats["approx_kl"]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    shape = (4, 9)
+    logp, old, adv, mask = (t.to(device) for t in _inputs(shape))
+    rollout = old + 0.1 * torch.randn(shape, device=device)
+    a, b = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    loss, s = compiled(a, old, adv, mask, rollout)
+    loss.backward()
+    ref, ref_s = step(b, old, adv, mask, rollout)
+    ref.backward()
+    f = 2 * _factor(shape)
+    assert_within(loss, ref, f * (ref.abs() + 1), "compiled loss")
+    assert_within(s, ref_s, f * (ref_s.abs() + 1), "compiled stats")
+    assert_within(a.grad, b.grad, f * b.grad.abs().max(), "compiled gradient")
+
+
+# ---- the fused CPU kernel of reinforce / gpg, cispo, sapo (fastalign/ops/policy_loss_fused.py) -------
+
+from fastalign.ops import policy_loss_fused as PF  # noqa: E402
+
+needs_pg_kernel = pytest.mark.skipif(not PF.available(), reason="the loaded fastalign._C has no pg_policy_loss kernel")
+PG_CASES = [("reinforce", {}), ("gpg", {}), ("cispo", {}), ("cispo", dict(clip_low=0.2, clip_high=0.28)),
+            ("sapo", {}), ("sapo", dict(tau_pos=2.0, tau_neg=0.5))]
+
+
+@needs_pg_kernel
+@pytest.mark.parametrize("loss_type,params", PG_CASES)
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("correction", [{}, dict(rollout_is="sequence", rollout_rs="token", rollout_rs_threshold=1.4)])
+def test_fused_pg_kernel_matches_reference(loss_type, params, agg, dtype, correction):
+    """cpp kernel against the eager reference: two fp32 evaluations, each within the module's
+    bound; sapo's sigmoid clamps z to [-20, 20] (< 2.1e-9 off, times 4/tau |A| per token)."""
+    shape = (6, 37)  # rows longer than 16 lanes, with a tail
+    logp, old, adv, mask = _inputs(shape, dtype, spread=0.5)
+    rollout = (old.float() + torch.randn(shape) * 0.2).to(dtype)
+    rk = dict(rollout_logprobs=rollout, **correction) if correction else {}
+    loss, stats, g = _run(loss_type, logp, old, adv, mask, agg=agg, backend="cpp", **rk, **params)
+    entry = PT.POLICY_LOSS_TYPES[loss_type]
+    full = {**entry.params, **params}
+    x = logp.clone().requires_grad_()
+    corr = {**fastalign.ops.policy_loss.CORRECTION_DEFAULTS, **correction}
+    ref, rstats = R.policy_loss(entry.formula, x, old, adv, mask, full, agg,
+                                rollout_logprobs=rollout if correction else None, correction=corr)
+    (rg,) = torch.autograd.grad(ref, x)
+    valid = mask
+    weight, keep = None, valid
+    if correction:
+        weight, keep, _ = R.rollout_correction(torch.where(valid, old.float(), 0.0), torch.where(valid, rollout.float(), 0.0),
+                                               valid, **correction)
+    w = torch.ones(shape) if weight is None else weight
+    a64 = torch.where(keep, adv.double(), 0.0).abs() * w.double()
+    ratio = torch.exp((logp.double() - old.double()).clamp(-20, 20))
+    tok = a64 * (logp.double().abs() * ratio.clamp(max=5.0) + 4.0 / 0.5)  # >= |token loss| for every type here
+    size = R.ppo_agg(tok, keep, agg)
+    f = 2 * _factor(shape)
+    assert_within(loss, ref, f * size + 1e-8 * R.ppo_agg(a64 * 8.0, keep, agg), f"{loss_type} loss")
+    near = torch.zeros_like(mask)
+    if loss_type == "cispo":
+        lo = 0.0 if full["clip_low"] is None else 1 - full["clip_low"]
+        near = ((ratio - lo).abs() <= 1e-5) | ((ratio - 1 - full["clip_high"]).abs() <= 1e-5 * (1 + full["clip_high"]))
+    gb = f * rg.abs().max() + 1e-8 * rg.abs().max() + (unit_roundoff(dtype) * 2 * rg.abs() if dtype != torch.float32 else 0)
+    assert_within(g, rg, torch.where(near, torch.inf, gb), f"{loss_type} gradient")
+    assert set(stats) == set(rstats)
+    for k in stats:
+        # the same decisions on the same fp32 values (ratio within its exp error of a clip bound
+        # excluded above), sums in another order: a few roundings of the mean
+        assert_within(stats[k], rstats[k], f * (rstats[k].abs() + 1e-6) + (1e-6 if k == "approx_kl" else 0), k)
+
+
+@needs_pg_kernel
+def test_fused_pg_kernel_opcheck_and_dispatch():
+    shape = (3, 21)
+    logp, old, adv, mask = _inputs(shape)
+    fwd, bwd = PF.PG_POLICY_LOSS.kernels("cpp")
+    x = logp.clone().requires_grad_()
+    for kind, a, b in ((0, 0.0, 0.0), (1, 0.0, 5.0), (2, 1.0, 1.05)):
+        torch.library.opcheck(fwd, (x, old, adv, mask, kind, a, b, 0, -1.0, 0.0))
+        torch.library.opcheck(bwd, (torch.randn(4), x.detach(), old, adv, mask, torch.rand(shape[0]), kind, a, b))
+    with pytest.raises(RuntimeError, match="kind must be"):
+        fwd(logp, old, adv, mask, 7, 0.0, 0.0, 0, -1.0, 0.0)
+    with pytest.raises(RuntimeError, match="sapo needs"):
+        fwd(logp, old, adv, mask, 2, 0.0, 1.0, 0, -1.0, 0.0)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "torch"])
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("correction", [{}, dict(rollout_is="token", rollout_rs="token", rollout_rs_threshold=1.4)])
+def test_gspo_token_on_the_ppo_kernels_matches_reference(backend, device, agg, dtype, correction):
+    """gspo_token through the ppo kernels (ratio exp(x - o) with o = sg(x) - log s) against its
+    eager formula: two evaluations, each within the module's bound, plus the rounding of x - o
+    (u (|x| + |log s|) in the log of the ratio). A row whose mean log-ratio exceeds 10 (row 0)
+    gets no gradient on both."""
+    shape = (6, 37)
+    logp, old, adv, mask = _inputs(shape, dtype)
+    old[0] = (logp[0].float() - 11.0).to(dtype)  # s = exp(min(11, 10)): clamped, no gradient
+    rollout = (old.float() + torch.randn(shape) * 0.2).to(dtype)
+    params = dict(clip_low=0.05, clip_high=0.08)
+    rk = dict(rollout_logprobs=rollout.to(device), **correction) if correction else {}
+    dev = [t.to(device) for t in (logp, old, adv, mask)]
+    loss, stats, g = _run("gspo_token", *dev, agg=agg, backend=backend, **rk, **params)
+    x = logp.clone().requires_grad_()
+    corr = {**fastalign.ops.policy_loss.CORRECTION_DEFAULTS, **correction}
+    ref, rstats = R.policy_loss(R.gspo_token, x, old, adv, mask, params, agg,
+                                rollout_logprobs=rollout if correction else None, correction=corr)
+    (rg,) = torch.autograd.grad(ref, x)
+    assert not g[0].any() and not rg[0].any()
+    keep = mask
+    if correction:
+        keep = R.rollout_correction(torch.where(mask, old.float(), 0.0), torch.where(mask, rollout.float(), 0.0), mask,
+                                    **correction)[1]
+    d = torch.where(keep, logp.double() - old.double(), 0.0)
+    log_s = (d.sum(-1) / keep.sum(-1).clamp(min=1)).clamp(max=10).unsqueeze(-1)
+    s = torch.exp(log_s)
+    w = 2.0 if correction else 1.0  # the token TIS weight is at most its threshold, 2
+    tok = w * torch.where(keep, adv.double(), 0.0).abs() * s
+    extra = U * (logp.double().abs() + log_s.abs())  # the rounding of x - o, relative in the ratio
+    f = 2 * _factor(shape)
+    assert_within(loss.cpu(), ref, R.ppo_agg(tok * (f + 2 * extra), keep, agg), "loss")
+    near = _near_bounds("gspo_token", logp, old, adv, keep, params)
+    gb = (f + 2 * extra.max()) * rg.abs().max() + (unit_roundoff(dtype) * 2 * rg.abs() if dtype != torch.float32 else 0)
+    assert_within(g.cpu(), rg, torch.where(near, torch.inf, gb), "gradient")
+    assert set(stats) == set(rstats)
+    for k in stats:
+        assert_within(stats[k].cpu(), rstats[k], f * (rstats[k].abs() + 1e-6) + 1e-6, k)

@@ -36,6 +36,9 @@ struct Kernels {
   void (*ppo_policy_fwd)(const TokenInputs&, const PolicyParams&, float* parts, int64_t begin, int64_t end);
   void (*ppo_policy_bwd)(const TokenInputs&, const PolicyParams&, const float* row_w, float g, void* grad,
                          int64_t begin, int64_t end);
+  void (*pg_policy_fwd)(const TokenInputs&, const PgParams&, float* parts, int64_t begin, int64_t end);
+  void (*pg_policy_bwd)(const TokenInputs&, const PgParams&, const float* row_w, float g, void* grad, int64_t begin,
+                        int64_t end);
   void (*ppo_value_fwd)(const TokenInputs&, const ValueParams&, float* parts, int64_t begin, int64_t end);
   void (*ppo_value_bwd)(const TokenInputs&, const ValueParams&, const float* row_w, float g, void* grad,
                         int64_t begin, int64_t end);

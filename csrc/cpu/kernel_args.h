@@ -65,6 +65,16 @@ struct PolicyParams {
   bool use_dual;
 };
 
+// fastalign.policy_loss's per-token types with a fused CPU kernel (fastalign/ops/policy_loss_fused.py):
+// kind 0 = -A logp (reinforce, gpg); 1 = cispo, a = 1 - clip_low (0: no lower bound), b = 1 + clip_high;
+// 2 = sapo, a = tau_pos, b = tau_neg.
+enum PgKind : int32_t { kPgReinforce = 0, kPgCispo = 1, kPgSapo = 2 };
+
+struct PgParams {
+  int32_t kind;
+  float a, b;
+};
+
 struct ValueParams {
   float clip;  // > 0: clipped loss; <= 0: plain squared error
 };

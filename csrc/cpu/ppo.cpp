@@ -119,6 +119,38 @@ at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& log
   return run_bwd(grad_out, logprobs_in, old_in, adv_in, mask_in, row_w_in, p, best_kernels().ppo_policy_bwd);
 }
 
+// ---- policy_loss's reinforce / cispo / sapo (fastalign/ops/policy_loss_fused.py) --------------
+
+PgParams pg_params(const char* op, int64_t kind, double a, double b) {
+  TORCH_CHECK(kind >= 0 && kind <= 2, op, ": kind must be 0 (reinforce), 1 (cispo) or 2 (sapo), got ", kind);
+  if (kind == kPgCispo)
+    TORCH_CHECK(a >= 0.0 && a <= 1.0 && std::isfinite(b) && b > 0.0, op,
+                ": cispo needs 0 <= a (1 - clip_low) <= 1 and a finite b (1 + clip_high) > 0, got ", a, ", ", b);
+  if (kind == kPgSapo)
+    TORCH_CHECK(std::isfinite(a) && a > 0.0 && std::isfinite(b) && b > 0.0, op,
+                ": sapo needs finite tau_pos, tau_neg > 0, got ", a, ", ", b);
+  return PgParams{static_cast<int32_t>(kind), static_cast<float>(a), static_cast<float>(b)};
+}
+
+std::tuple<at::Tensor, at::Tensor> pg_policy_loss_fwd(const at::Tensor& logprobs_in, const at::Tensor& old_in,
+                                                      const at::Tensor& adv_in, const at::Tensor& mask_in,
+                                                      int64_t kind, double a, double b, int64_t agg,
+                                                      double global_count, double horizon) {
+  checks::ppo_inputs("pg_policy_loss", logprobs_in, old_in, adv_in, mask_in, agg);
+  checks::agg_args("pg_policy_loss", global_count, horizon);
+  return run_fwd(logprobs_in, old_in, adv_in, mask_in, pg_params("pg_policy_loss", kind, a, b),
+                 best_kernels().pg_policy_fwd, agg, global_count, horizon, 1.0);
+}
+
+at::Tensor pg_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& logprobs_in, const at::Tensor& old_in,
+                              const at::Tensor& adv_in, const at::Tensor& mask_in, const at::Tensor& row_w_in,
+                              int64_t kind, double a, double b) {
+  checks::ppo_inputs("pg_policy_loss_bwd", logprobs_in, old_in, adv_in, mask_in);
+  checks::ppo_bwd_args("pg_policy_loss_bwd", grad_out, logprobs_in, row_w_in);
+  return run_bwd(grad_out, logprobs_in, old_in, adv_in, mask_in, row_w_in, pg_params("pg_policy_loss_bwd", kind, a, b),
+                 best_kernels().pg_policy_bwd);
+}
+
 // ---- value loss -------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& values_in, const at::Tensor& old_in,
@@ -147,6 +179,8 @@ at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_out, const at::Tensor& valu
 TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
   m.impl("ppo_policy_loss_fwd", &ppo_policy_loss_fwd);
   m.impl("ppo_policy_loss_bwd", &ppo_policy_loss_bwd);
+  m.impl("pg_policy_loss_fwd", &pg_policy_loss_fwd);
+  m.impl("pg_policy_loss_bwd", &pg_policy_loss_bwd);
   m.impl("ppo_value_loss_fwd", &ppo_value_loss_fwd);
   m.impl("ppo_value_loss_bwd", &ppo_value_loss_bwd);
 }

@@ -99,3 +99,108 @@ def verl_gae_loop(rewards, values, response_mask, gamma, lam):
         advantages_reversed.append(lastgaelam)
     advantages = torch.stack(advantages_reversed[::-1], dim=1)
     return advantages, advantages + values
+
+
+# ---- verl's advantage estimators (verl/trainer/ppo/core_algos.py), as written there -------------------
+# A dict of lists filled sample by sample, statistics per group, then a loop writing each sample;
+# `index` is a host sequence of group ids (verl: an np.ndarray of uid strings). Re-derived from the
+# functions named; tests/test_advantages.py checks fastalign.advantages against the same formulas.
+
+
+def _verl_id2score(scores, index, extra=None):
+    from collections import defaultdict
+
+    id2score, id2extra = defaultdict(list), defaultdict(list)
+    for i in range(scores.shape[0]):
+        id2score[index[i]].append(scores[i])
+        if extra is not None:
+            id2extra[index[i]].append(extra[i])
+    return id2score, id2extra
+
+
+def verl_grpo_loop(rewards, mask, index, eps=1e-6):
+    """compute_grpo_outcome_advantage (norm_adv_by_std_in_grpo=True)."""
+    scores = rewards.sum(-1)
+    id2score, _ = _verl_id2score(scores, index)
+    id2mean, id2std = {}, {}
+    for g, v in id2score.items():
+        if len(v) == 1:
+            id2mean[g], id2std[g] = torch.tensor(0.0), torch.tensor(1.0)
+        else:
+            t = torch.stack(v)
+            id2mean[g], id2std[g] = t.mean(), t.std()
+    for i in range(scores.shape[0]):
+        scores[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + eps)
+    return scores.unsqueeze(-1) * mask
+
+
+def verl_rloo_loop(rewards, mask, index):
+    """compute_rloo_outcome_advantage."""
+    scores = rewards.sum(-1)
+    id2score, _ = _verl_id2score(scores, index)
+    id2mean = {g: torch.stack(v).mean() if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
+    for i in range(scores.shape[0]):
+        n = len(id2score[index[i]])
+        if n > 1:
+            scores[i] = scores[i] * n / (n - 1) - id2mean[index[i]] * n / (n - 1)
+    return scores.unsqueeze(-1) * mask
+
+
+def verl_opo_loop(rewards, mask, index):
+    """compute_opo_outcome_advantage."""
+    lengths, scores = mask.sum(-1), rewards.sum(-1)
+    id2score, id2len = _verl_id2score(scores, index, lengths)
+    bsl = {g: (torch.stack(id2len[g]) * torch.stack(v)).sum() / torch.stack(id2len[g]).sum()
+           if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
+    for i in range(scores.shape[0]):
+        scores[i] = scores[i] - bsl[index[i]]
+    return scores.unsqueeze(-1) * mask
+
+
+def verl_grpo_passk_loop(rewards, mask, index, eps=1e-6):
+    """compute_grpo_passk_outcome_advantage (norm_adv_by_std_in_grpo=True)."""
+    scores = rewards.sum(-1)
+    adv = torch.zeros_like(scores)
+    id2score, id2pos = _verl_id2score(scores, index, list(range(scores.shape[0])))
+    for g, v in id2score.items():
+        t = torch.stack(v)
+        top, top_idx = torch.topk(t, 2)
+        adv[id2pos[g][top_idx[0].item()]] = (top[0] - top[1]) / (t.std() + eps)
+    return adv.unsqueeze(-1) * mask
+
+
+def _verl_masked_whiten(values, mask):
+    mean = (values * mask).sum() / mask.sum()
+    var = ((values - mean) ** 2 * mask).sum() / mask.sum() * (mask.sum() / (mask.sum() - 1))
+    return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+def verl_reinforce_plus_plus_baseline_loop(rewards, mask, index):
+    """compute_reinforce_plus_plus_baseline_outcome_advantage."""
+    scores = rewards.sum(-1)
+    id2score, _ = _verl_id2score(scores, index)
+    id2mean = {g: torch.stack(v).mean() if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
+    for i in range(scores.shape[0]):
+        scores[i] = scores[i] - id2mean[index[i]]
+    m = mask.float()
+    tiled = scores.unsqueeze(-1).tile([1, rewards.shape[1]]) * m
+    return _verl_masked_whiten(tiled, m) * m
+
+
+def verl_reinforce_plus_plus_loop(rewards, mask, gamma=1.0):
+    """compute_reinforce_plus_plus_outcome_advantage: a loop over the T time steps."""
+    m = mask.float()
+    returns = torch.zeros_like(rewards)
+    running = 0
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+        running = running * m[:, t]
+    return _verl_masked_whiten(returns, m) * m, returns
+
+
+def verl_remax(rewards, mask, baselines):
+    """compute_remax_outcome_advantage (vectorised in verl: a reversed cumulative sum)."""
+    m = mask.float()
+    returns = (rewards * m).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
+    return returns - baselines.unsqueeze(-1) * m, returns

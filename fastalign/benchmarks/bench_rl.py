@@ -9,8 +9,9 @@ GAE loops live in fastalign/benchmarks/_peers.py, shared with tests/test_gae.py)
   masked steps (multi-turn);
 - verl compute_policy_loss (vanilla, with dual clip) and compute_value_loss, "token-mean".
 policy_loss (loss types sapo, cispo, gspo_token, and ppo with token TIS) fwd+bwd against the
-eager reference (fastalign/kernels/reference_policy_losses.py) and torch.compile of it; the types
-other than ppo run that torch formula inside fastalign too (no fused kernel yet).
+eager reference (fastalign/kernels/reference_policy_losses.py) and torch.compile of it; on the
+CPU sapo and cispo run the fused pg_policy_loss kernel, gspo_token the ppo kernels on shifted
+inputs.
 torch.compile of the GAE loops is not measured: it unrolls T steps into one graph (minutes of
 compilation at T = 2048), which nobody ships.
 """
@@ -208,7 +209,7 @@ def _policy_cases(quick, fa):
         conts.update({"eager": _eager_policy(name, False), "torch.compile": _eager_policy(name, True)})
         out.append(Case(FAMILY, f"policy_loss[{name}]", "fwd+bwd", {"B": b, "T": t, "dtype": "fp32"}, b * t, "B x T",
                         _policy_inputs(b, t), conts, tuple(f"fastalign[{x}]" for x in fa),
-                        group=f"policy_loss fwd+bwd fp32"))
+                        group="policy_loss fwd+bwd fp32"))
     return out
 
 

@@ -291,7 +291,8 @@ def compute_policy_loss_kl_cov(old_log_prob, log_prob, advantages, response_mask
     """verl's "kl_cov": config.policy_loss.{kl_cov_ratio, ppo_kl_coef} (verl's fallbacks 2e-4,
     1.0; its PolicyLossConfig default ppo_kl_coef is 0.1). actor/ppo_kl is verl's mean |log-ratio|."""
     get = _getter(config)
-    params = _policy_loss_params(get, "kl_cov_ratio", "ppo_kl_coef", defaults={"kl_cov_ratio": 2e-4, "ppo_kl_coef": 1.0})
+    params = _policy_loss_params(get, "kl_cov_ratio", "ppo_kl_coef",
+                                 defaults={"kl_cov_ratio": 2e-4, "ppo_kl_coef": 1.0})
     loss, _ = _verl_loss("kl_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                          rollout_is_weights, **params)
     valid = response_mask != 0

@@ -101,3 +101,51 @@ def grpo_passk(rewards, mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True)
             gap = gap / (s.std() + epsilon)
         adv[members[ranked.indices[0]]] = gap
     return _outcome(adv, mask)
+
+
+def gpg(rewards, mask, index, f_norm=1.0):
+    scores = rewards.sum(-1)
+    alpha = scores.shape[0] / max(int((scores != 0).sum()), 1)
+    adv = scores.clone()
+    for members in _groups(index):
+        base = scores[members].mean() if len(members) > 1 else 0.0
+        adv[members] = alpha * (scores[members] - base) / f_norm
+    return _outcome(adv, mask)
+
+
+def gdpo(rewards, mask, index, reward_components=None, reward_weights=None, epsilon=1e-6,
+         norm_adv_by_std_in_grpo=True):
+    comps = [rewards] if reward_components is None else reward_components
+    weights = [1.0] * len(comps) if reward_weights is None else reward_weights
+    total = torch.zeros(rewards.shape[0])
+    for w, comp in zip(weights, comps):
+        scores = comp.sum(-1) if comp.dim() == 2 else comp
+        rows = torch.ones(scores.shape[0], 1, dtype=torch.bool)  # grpo of the component's scores, per row
+        total = total + w * grpo(scores.unsqueeze(-1), rows, index, epsilon, norm_adv_by_std_in_grpo)[0][:, 0]
+    tiled = total.unsqueeze(-1) * mask
+    out = _whiten(tiled, mask) * mask
+    return out, out
+
+
+def optimal_token_baseline(rewards, mask, index, old_log_probs, sum_pi_squared, rollout_is_weights=None,
+                           handle_zero_tail=True, epsilon=1e-8):
+    m = mask.to(rewards.dtype)
+    returns = remax(rewards, mask, torch.zeros(rewards.shape[0], dtype=rewards.dtype))[1]
+    w = 1 - 2 * old_log_probs.exp() + sum_pi_squared
+    if rollout_is_weights is not None:
+        w = w * rollout_is_weights**2
+    big_w = torch.stack([(w * m)[:, : t + 1].sum(-1) for t in range(rewards.shape[1])], dim=1)
+    baseline = torch.zeros_like(returns)
+    lengths = mask.sum(-1)
+    for members in _groups(index):
+        if len(members) < 2:
+            continue
+        num = (returns[members] * big_w[members] * m[members]).sum(0)
+        den = (big_w[members] * m[members]).sum(0) + epsilon
+        baseline[members] = num / den
+        if handle_zero_tail:
+            ranked = torch.sort(lengths[members]).values
+            longest = (lengths[members] == ranked[-1]).nonzero().flatten()
+            if len(longest) == 1 and ranked[-1] > ranked[-2]:
+                baseline[members[longest[0]], int(ranked[-2]):] = 0.0
+    return (returns - baseline) * m, returns

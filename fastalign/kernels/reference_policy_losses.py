@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from fastalign.kernels.reference import PPO_AGG_MODES, ppo_agg  # noqa: F401  (PPO_AGG_MODES re-exported)
+from fastalign.kernels.reference import PPO_AGG_MODES, ppo_agg
+
+__all__ = ["PPO_AGG_MODES", "ROLLOUT_IS_LEVELS", "ROLLOUT_RS_LEVELS", "clip_cov", "cispo", "geo_mean", "gpg", "gspo",
+           "gspo_token", "kl_cov", "policy_loss", "ppo", "ppo_agg", "reinforce", "rollout_correction", "sapo",
+           "summarize"]
 
 LOG_RATIO_BOUND = 20.0  # |log-ratio| clamp before exp (verl's rollout_corr SAFETY_BOUND, ppo kernels)
 GSPO_LOG_RATIO_MAX = 10.0  # verl's compute_policy_loss_gspo: clamp(log s, max=10)

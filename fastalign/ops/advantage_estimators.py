@@ -7,9 +7,10 @@ Group statistics are index_add / scatter_reduce over B buckets (a bucket per pos
 every shape is static: no torch.unique, no host synchronisation, torch.compile(fullgraph=True)
 traces it). The peers (verl, OpenRLHF) build a dict of lists in a Python loop over samples.
 
-These are torch compositions on every device; fused C++/CUDA/Triton kernels are planned. On the
-CPU index_add is deterministic; on CUDA it uses float atomics (run-to-run bit equality there
-needs torch.use_deterministic_algorithms(True)).
+These are the "torch" backend of fastalign.advantages (the fused cpp/cuda/triton ops are in
+fastalign/ops/advantage_ops.py). On the CPU index_add is deterministic; on CUDA it uses float
+atomics (run-to-run bit equality there needs torch.use_deterministic_algorithms(True); the fused
+ops are deterministic without it).
 """
 
 from __future__ import annotations
@@ -60,14 +61,8 @@ def _outcome(scores, mask):
 
 
 def grpo(rewards, mask, group, *, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
-    scores = rewards.sum(-1)
-    n, mean, std = _mean_std(scores, group)
-    single = n < 2  # verl: a group of one has mean 0 and std 1
-    mean = torch.where(single, torch.zeros_like(mean), mean)
-    adv = scores - mean
-    if norm_adv_by_std_in_grpo:
-        adv = adv / (torch.where(single, torch.ones_like(std), std) + epsilon)
-    return _outcome(adv, mask)
+    # verl: a group of one has mean 0 and std 1
+    return _outcome(_grpo_scalars(rewards.sum(-1), group, epsilon, norm_adv_by_std_in_grpo), mask)
 
 
 def rloo(rewards, mask, group):
@@ -146,3 +141,65 @@ def grpo_passk(rewards, mask, group, *, epsilon=1e-6, norm_adv_by_std_in_grpo=Tr
     if norm_adv_by_std_in_grpo:
         adv = adv / (_mean_std(scores, group)[2] + epsilon)
     return _outcome(torch.where(winner, adv, torch.zeros_like(adv)), mask)
+
+
+# ---- verl's further estimators (torch backend only) ----------------------------------------------
+
+
+def _grpo_scalars(scores, group, epsilon, norm):
+    """grpo's per-sample advantage (mean 0 and std 1 for a group of one, as verl)."""
+    n, mean, std = _mean_std(scores, group)
+    single = n < 2
+    adv = scores - torch.where(single, torch.zeros_like(mean), mean)
+    if norm:
+        adv = adv / (torch.where(single, torch.ones_like(std), std) + epsilon)
+    return adv
+
+
+def gpg(rewards, mask, group, *, epsilon=1e-6, f_norm=1.0, alpha=1.0):
+    del epsilon, alpha  # accepted, unused, as in verl (alpha is recomputed from the batch there)
+    scores = rewards.sum(-1)
+    n = group_count(group)
+    mean = torch.where(n > 1, group_sum(scores, group) / n, torch.zeros_like(scores))
+    # alpha = B / (number of nonzero scores): the batch share of responses with a signal
+    alpha_b = scores.shape[0] / torch.count_nonzero(scores).clamp(min=1)
+    return _outcome(alpha_b * (scores - mean) / f_norm, mask)
+
+
+def gdpo(rewards, mask, group, *, reward_components=None, reward_weights=None, epsilon=1e-6,
+         norm_adv_by_std_in_grpo=True):
+    comps = [rewards] if reward_components is None else list(reward_components)
+    weights = [1.0] * len(comps) if reward_weights is None else list(reward_weights)
+    total = torch.zeros(rewards.shape[0], dtype=torch.float32, device=rewards.device)
+    for w, comp in zip(weights, comps):
+        scores = comp.float().sum(-1) if comp.dim() == 2 else comp.float()
+        total = total + w * _grpo_scalars(scores, group, epsilon, norm_adv_by_std_in_grpo)
+    adv = total.unsqueeze(-1) * mask
+    adv = masked_whiten(adv, mask) * mask
+    return adv, adv
+
+
+def optimal_token_baseline(rewards, mask, group, *, old_log_probs, sum_pi_squared, rollout_is_weights=None,
+                           handle_zero_tail=True, epsilon=1e-8):
+    m = mask.to(rewards.dtype)
+    returns = (rewards * m).flip(-1).cumsum(-1).flip(-1)
+    w = 1 - 2 * old_log_probs.float().exp() + sum_pi_squared.float()  # ||s_t||^2 proxy
+    if rollout_is_weights is not None:
+        w = w * rollout_is_weights.float() ** 2
+    big_w = (w * m).cumsum(-1)  # W_t = sum_{j <= t} w_j (masked)
+    n = group_count(group)
+    num = group_sum(returns * big_w * m, group)  # [B, T]: sums over the group, per time step
+    den = group_sum(big_w * m, group) + epsilon
+    baseline = torch.where((n > 1).unsqueeze(-1), num / den, torch.zeros_like(num))
+    if handle_zero_tail:
+        # the unique longest response of a group gets no baseline past the second-longest length
+        lengths = mask.sum(-1)
+        neg = torch.full_like(lengths, -1)
+        longest = neg.scatter_reduce(0, group, lengths, "amax")[group]
+        at_max = (lengths == longest).long()
+        n_max = torch.zeros_like(lengths).index_add_(0, group, at_max)[group]
+        second = neg.scatter_reduce(0, group, torch.where(lengths == longest, neg, lengths), "amax")[group]
+        zero_row = (lengths == longest) & (n_max == 1) & (n > 1) & (longest > second)
+        steps = torch.arange(mask.shape[1], device=mask.device)
+        baseline = torch.where(zero_row.unsqueeze(-1) & (steps >= second.unsqueeze(-1)), 0.0, baseline)
+    return (returns - baseline) * m, returns

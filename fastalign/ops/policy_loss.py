@@ -1,10 +1,11 @@
 """policy_loss: the policy-gradient loss family behind one call, with a registry
 (fastalign/ops/policy_loss_types.py) and rollout-mismatch correction (TIS / MIS) in the same call.
 
-loss_type="ppo" runs the fused ppo_policy_loss kernels on every backend (the rollout weights fold
-into them exactly, see _ppo); the other types run their torch formula
-(fastalign/kernels/reference_policy_losses.py) on every backend, so `backend` only selects the
-ppo kernels. Formulas, statistics per type and the peers' differences: docs/policy_losses.md.
+loss_type="ppo" runs the fused ppo_policy_loss kernels on every backend (gspo_token too, on
+shifted inputs: _gspo_token), and reinforce / gpg,
+cispo and sapo a fused CPU kernel on the cpp backend (policy_loss_fused.py); the rollout weights
+fold into them exactly (_fold_correction). Everything else runs its torch formula
+(fastalign/kernels/reference_policy_losses.py) on every backend. Formulas, statistics per type and the peers' differences: docs/policy_losses.md.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference_policy_losses as R
+from fastalign.ops import policy_loss_fused as PF
 from fastalign.ops import ppo as P
 from fastalign.ops.policy_loss_types import POLICY_LOSS_TYPES
 
@@ -31,7 +33,8 @@ def _check_correction(c, rollout_logprobs, like):
     if c["rollout_rs"] is not None and c["rollout_rs"] not in R.ROLLOUT_RS_LEVELS:
         raise ValueError(f"{_OP}: rollout_rs must be None or one of {R.ROLLOUT_RS_LEVELS}, got {c['rollout_rs']!r}")
     if (c["rollout_is"] is not None or c["rollout_rs"] is not None) and rollout_logprobs is None:
-        raise ValueError(f"{_OP}: rollout_is / rollout_rs need rollout_logprobs ([B, T], the rollout engine's log-probs)")
+        raise ValueError(f"{_OP}: rollout_is / rollout_rs need rollout_logprobs "
+                         f"([B, T], the rollout engine's log-probs)")
     out = dict(c)
 
     def num(name, *, low_open=True, optional=False):
@@ -45,7 +48,8 @@ def _check_correction(c, rollout_logprobs, like):
 
     out["rollout_is_threshold"] = num("rollout_is_threshold")
     out["rollout_is_threshold_lower"] = num("rollout_is_threshold_lower", low_open=False, optional=True)
-    if out["rollout_is_threshold_lower"] is not None and out["rollout_is_threshold_lower"] >= out["rollout_is_threshold"]:
+    if out["rollout_is_threshold_lower"] is not None \
+            and out["rollout_is_threshold_lower"] >= out["rollout_is_threshold"]:
         raise ValueError(f"{_OP}: rollout_is_threshold_lower must be < rollout_is_threshold "
                          f"({out['rollout_is_threshold']}), got {out['rollout_is_threshold_lower']}")
     out["rollout_rs_threshold"] = num("rollout_rs_threshold", optional=True)
@@ -76,36 +80,98 @@ def _split_params(loss_type, entry, loss_params):
     return params
 
 
-def _ppo(name, logprobs, old, adv, mask, params, agg, global_count, horizon, rollout_logprobs, correction):
-    """ppo on the fused kernels. The rollout correction folds in exactly: a TIS weight w > 0 (stop-
-    gradient, per token or per row) scales the token loss, and max/min commute with a positive
-    factor, so w l(A) = l(w A), the same loss on advantages w A; MIS drops tokens from the mask.
-    Without correction the call is ppo_policy_loss's, bit for bit. ratio_mean / ratio_max and
-    clipfrac_low / clipfrac_high are one detached torch pass (not the kernel's)."""
-    rstats = {}
-    if rollout_logprobs is not None:
-        valid = mask != 0
-        zero = torch.zeros((), device=logprobs.device)
-        weight, keep, rstats = R.rollout_correction(
-            torch.where(valid, old.detach().float(), zero), torch.where(valid, rollout_logprobs.detach().float(), zero),
-            valid, **correction)
-        if weight is not None:
-            adv = adv.detach().float() * weight
-        mask = keep
-    loss, stats = P.ppo_policy_loss(logprobs, old, adv, mask, clip_low=params["clip_low"],
-                                    clip_high=params["clip_high"], dual_clip=params["dual_clip"], agg=agg,
-                                    global_count=global_count, horizon=horizon, backend=name)
+def _fold_correction(old, adv, mask, rollout_logprobs, correction):
+    """The rollout correction for the fused kernels: a TIS weight w > 0 (stop-gradient, per token
+    or per row) scales the token loss, and every fused type's token loss l(A) has w l(A) = l(w A)
+    (ppo: max/min commute with a positive factor; cispo, sapo, reinforce: linear in A, decisions
+    on sign(A) only), so the kernels get advantages w A; MIS drops tokens from the mask.
+    Returns (advantages, mask, rollout stats)."""
+    if rollout_logprobs is None:
+        return adv, mask, {}
+    valid = mask != 0
+    zero = torch.zeros((), device=old.device)
+    weight, keep, rstats = R.rollout_correction(
+        torch.where(valid, old.detach().float(), zero), torch.where(valid, rollout_logprobs.detach().float(), zero),
+        valid, **correction)
+    if weight is not None:
+        adv = adv.detach().float() * weight
+    return adv, keep, rstats
+
+
+def _extra_stats(logprobs, old, adv, mask, names, clip=None):
+    """Detached stats the kernels do not compute (one torch pass): ratio_mean / ratio_max and, with
+    clip = (clip_low, clip_high), clipfrac_low / clipfrac_high of the clipped surrogate."""
     with torch.no_grad():
         keep = mask != 0
         zero = torch.zeros((), device=logprobs.device)
         logp_f, old_f, adv_f = (torch.where(keep, t.detach().float(), zero) for t in (logprobs, old, adv))
-        high = params["clip_low"] if params["clip_high"] is None else params["clip_high"]
-        _, extras = R._clipped_surrogate(R._ratio(logp_f, old_f), adv_f, params["clip_low"], high)
-        extra = R.summarize({k: extras[k] for k in ("ratio", "clipfrac_low", "clipfrac_high")},
-                            logp_f, old_f, keep)
-    del extra["approx_kl"]  # the kernel's
+        ratio = R._ratio(logp_f, old_f)
+        extras = {"ratio": ratio}
+        if clip is not None:
+            extras = R._clipped_surrogate(ratio, adv_f, *clip)[1]
+        out = R.summarize({k: extras[k] for k in names}, logp_f, old_f, keep)
+    del out["approx_kl"]  # the kernel's
+    return out
+
+
+def _ppo(name, logprobs, old, adv, mask, params, agg, global_count, horizon, rollout_logprobs, correction):
+    """ppo on the fused kernels (_fold_correction for the rollout correction). Without correction
+    the call is ppo_policy_loss's, bit for bit. ratio_mean / ratio_max and clipfrac_low /
+    clipfrac_high are one detached torch pass (not the kernel's)."""
+    adv, mask, rstats = _fold_correction(old, adv, mask, rollout_logprobs, correction)
+    loss, stats = P.ppo_policy_loss(logprobs, old, adv, mask, clip_low=params["clip_low"],
+                                    clip_high=params["clip_high"], dual_clip=params["dual_clip"], agg=agg,
+                                    global_count=global_count, horizon=horizon, backend=name)
+    high = params["clip_low"] if params["clip_high"] is None else params["clip_high"]
+    extra = _extra_stats(logprobs, old, adv, mask, ("ratio", "clipfrac_low", "clipfrac_high"),
+                         clip=(params["clip_low"], high))
     stats = {**stats, **extra, **rstats}
     return loss, {k: v.detach().float() for k, v in stats.items()}
+
+
+def _gspo_token(name, logprobs, old, adv, mask, params, agg, global_count, horizon, rollout_logprobs, correction):
+    """gspo_token on the fused ppo kernels of any backend: its token ratio s_bt = exp(min(sg(L_b) +
+    x_bt - sg(x_bt), 10)), L_b the row mean of the log-ratio over the kept tokens, is ppo's ratio
+    exp(x_bt - o_bt) for o_bt = sg(x_bt) - min(L_b, 10): the same value (up to the rounding of
+    x - o) and the same gradient s_bt. A row with L_b > 10 gets no gradient (its clamp blocks it):
+    its logprobs enter detached. ppo without dual clip; approx_kl, ratio_* and clipfrac_low/high
+    are one detached torch pass (the kernel's approx_kl would be of o)."""
+    adv, mask, rstats = _fold_correction(old, adv, mask, rollout_logprobs, correction)
+    keep = mask != 0
+    zero = torch.zeros((), device=logprobs.device)
+    with torch.no_grad():
+        d = torch.where(keep, logprobs.detach().float() - old.detach().float(), zero)
+        row = d.sum(-1) / keep.sum(-1).clamp(min=1)
+        over = row > R.GSPO_LOG_RATIO_MAX
+        log_s = torch.clamp(row, max=R.GSPO_LOG_RATIO_MAX).unsqueeze(-1)
+    x = torch.where(over.unsqueeze(-1), logprobs.detach(), logprobs)
+    shifted = x.detach().float() - log_s
+    loss, stats = P.ppo_policy_loss(x, shifted, adv, mask, clip_low=params["clip_low"], clip_high=params["clip_high"],
+                                    agg=agg, global_count=global_count, horizon=horizon, backend=name)
+    with torch.no_grad():
+        adv_f = torch.where(keep, adv.detach().float(), zero)
+        extras = R._clipped_surrogate(torch.exp(log_s).expand_as(adv_f), adv_f, params["clip_low"],
+                                      params["clip_high"])[1]
+        logp_f, old_f = (torch.where(keep, t.detach().float(), zero) for t in (logprobs, old))
+        extra = R.summarize({k: extras[k] for k in ("ratio", "clipfrac_low", "clipfrac_high")}, logp_f, old_f, keep)
+    stats = {"clipfrac": stats["clipfrac"], **extra, **rstats}
+    return loss, {k: v.detach().float() for k, v in stats.items()}
+
+
+def _pg(loss_type, logprobs, old, adv, mask, params, agg, global_count, horizon, rollout_logprobs, correction):
+    """reinforce / gpg, cispo, sapo on the fused CPU kernel (fastalign/ops/policy_loss_fused.py)."""
+    adv, mask, rstats = _fold_correction(old, adv, mask, rollout_logprobs, correction)
+    (x, o, a), valid = P._prepare((logprobs, old.detach(), adv.detach()), mask, "cpp")
+    fwd, _ = PF.PG_POLICY_LOSS.kernels("cpp")
+    out, _ = fwd(x, o, a, valid, *PF.kernel_args(loss_type, params), *P._agg_args(agg, global_count, horizon))
+    s = out.detach()
+    stats = {"approx_kl": s[3]}
+    if loss_type in ("cispo", "sapo"):
+        stats.update(_extra_stats(logprobs, old, adv, mask, ("ratio",)))
+    if loss_type == "cispo":
+        stats.update(clipfrac=s[1] + s[2], clipfrac_low=s[1], clipfrac_high=s[2])
+    stats.update(rstats)
+    return out[0], {k: v.detach().float() for k, v in stats.items()}
 
 
 def policy_loss(
@@ -170,8 +236,10 @@ def policy_loss(
     clipfrac_high (A > 0, high bound) for ppo, gspo, gspo_token, cispo, geo_mean, clip_cov;
     clipfrac_lower (the dual-clip cap binding) for ppo; covfrac for clip_cov / kl_cov.
 
-    backend: "ppo" runs the fused kernels of that backend ("auto": the fastest here); the other
-    types run their torch formula whatever the backend (checked all the same).
+    backend: "ppo" and "gspo_token" run the fused ppo kernels of that backend ("auto": the
+    fastest here; "torch": the eager formula);
+    reinforce, gpg, cispo and sapo a fused kernel on "cpp" (CPU); every other type, and those on
+    the other backends, run their torch formula (the backend is checked all the same).
     """
     if not isinstance(loss_type, str) or loss_type not in POLICY_LOSS_TYPES:
         raise ValueError(f"{_OP}: unknown loss_type {loss_type!r}; known: {sorted(POLICY_LOSS_TYPES)}")
@@ -185,6 +253,13 @@ def policy_loss(
     params = _split_params(loss_type, entry, loss_params)
     P._check_agg(_OP, agg, global_count, horizon)
     name = _backends.resolve(backend, logprobs.device, op=_OP)
+    if name == "cpp" and PF.KINDS.get(loss_type) is not None and entry.formula is getattr(R, loss_type) \
+            and PF.available():
+        return _pg(loss_type, logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon,
+                   rollout_logprobs, correction)
+    if loss_type == "gspo_token" and entry.formula is R.gspo_token and name != "torch":
+        return _gspo_token(name, logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon,
+                           rollout_logprobs, correction)
     if loss_type == "ppo" and entry.formula is R.ppo:
         return _ppo(name, logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon,
                     rollout_logprobs, correction)

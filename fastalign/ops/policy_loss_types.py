@@ -52,7 +52,8 @@ def number(loss_type: str, name: str, x, *, low=None, high=None, low_open=True, 
         hi = "inf" if high is None else f"{high}"
         interval = f"{'(' if low is None or low_open else '['}{lo}, {hi}{')' if high is None or high_open else ']'}"
         none = "None or " if optional else ""
-        raise ValueError(f"policy_loss: loss_type={loss_type!r}: {name} must be {none}a number in {interval}, got {x!r}")
+        raise ValueError(f"policy_loss: loss_type={loss_type!r}: {name} must be {none}a number in {interval}, "
+                         f"got {x!r}")
     return float(x)
 
 

@@ -22,6 +22,8 @@ const Kernels& kernel_table() {
       &logprobs_bwd_rows,
       &ppo_policy_fwd,
       &ppo_policy_bwd,
+      &pg_policy_fwd,
+      &pg_policy_bwd,
       &ppo_value_fwd,
       &ppo_value_bwd,
       &masked_sums,

@@ -89,6 +89,48 @@ FA_INLINE vf policy_grad(vf x, vf o, vf a, vi valid, const PolicyParams& p, floa
   return sel(valid & inside(d, splat(-20.f), splat(20.f)), gr * ratio);  // d exp(x)/dx = exp(x)
 }
 
+// fastalign.policy_loss's reinforce / cispo / sapo token loss (kernels/reference_policy_losses.py),
+// accumulated into acc = (loss, count, cispo: ratio < a, cispo: ratio > b, old - logp).
+//   reinforce: -A x;   cispo: -clamp(r, a, b) A x (the weight is a constant of the gradient);
+//   sapo: -sigmoid(z) (4 / tau) A, z = tau (r - 1), tau = a if A > 0 else b, the sigmoid as
+//   1 / (1 + exp(-z)) with z clamped to [-20, 20] (vexp's range): off by < 2.1e-9 beyond.
+FA_INLINE vf sapo_sigmoid(vf ratio, vf tau) {
+  const vf z = tclamp(tau * (ratio - 1.f), splat(-20.f), splat(20.f));
+  return 1.f / (1.f + vexp(-z));
+}
+
+FA_INLINE void pg_acc(vf x, vf o, vf a, vi valid, const PgParams& p, vf* acc) {
+  vf l;
+  if (p.kind == kPgReinforce) {
+    l = -a * x;
+  } else {
+    const vf ratio = vexp(tclamp(x - o, splat(-20.f), splat(20.f)));
+    if (p.kind == kPgCispo) {
+      l = (-tclamp(ratio, splat(p.a), splat(p.b)) * a) * x;
+      acc[2] += sel(valid & (ratio < p.a), splat(1.f));
+      acc[3] += sel(valid & (ratio > p.b), splat(1.f));
+    } else {
+      const vf tau = blend(a > 0.f, splat(p.a), splat(p.b));
+      l = -(sapo_sigmoid(ratio, tau) * (4.f / tau)) * a;
+    }
+  }
+  acc[0] += sel(valid, l);
+  acc[1] += sel(valid, splat(1.f));
+  acc[4] += sel(valid, o - x);
+}
+
+// g * d(token loss)/d(logp): reinforce -A; cispo -clamp(r, a, b) A; sapo -A 4 s (1 - s) r inside
+// the log-ratio clamp [-20, 20] (autograd's inclusive clamp), 0 outside.
+FA_INLINE vf pg_grad(vf x, vf o, vf a, vi valid, const PgParams& p, float g) {
+  if (p.kind == kPgReinforce) return sel(valid, -a * g);
+  const vf d = x - o;
+  const vf ratio = vexp(tclamp(d, splat(-20.f), splat(20.f)));
+  if (p.kind == kPgCispo) return sel(valid, (-tclamp(ratio, splat(p.a), splat(p.b)) * a) * g);
+  const vf tau = blend(a > 0.f, splat(p.a), splat(p.b));
+  const vf s = sapo_sigmoid(ratio, tau);
+  return sel(valid & inside(d, splat(-20.f), splat(20.f)), ((-a * g) * (4.f * s * (1.f - s))) * ratio);
+}
+
 // acc = (loss, count, clipped, sum v, sum (v - R)^2)
 FA_INLINE void value_acc(vf v, vf vo, vf r, vi valid, const ValueParams& p, vf* acc) {
   const vf e1 = v - r;
@@ -129,6 +171,12 @@ struct PolicyLoss {
   static FA_INLINE vf grad(vf x, vf y, vf z, vi valid, const Params& p, float g) {
     return policy_grad(x, y, z, valid, p, g);
   }
+};
+
+struct PgLoss {
+  using Params = PgParams;
+  static FA_INLINE void acc(vf x, vf y, vf z, vi valid, const Params& p, vf* a) { pg_acc(x, y, z, valid, p, a); }
+  static FA_INLINE vf grad(vf x, vf y, vf z, vi valid, const Params& p, float g) { return pg_grad(x, y, z, valid, p, g); }
 };
 
 struct ValueLoss {

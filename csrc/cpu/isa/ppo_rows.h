@@ -39,6 +39,20 @@ inline void ppo_policy_bwd(const TokenInputs& in, const PolicyParams& p, const f
   });
 }
 
+inline void pg_policy_fwd(const TokenInputs& in, const PgParams& p, float* parts, int64_t b0, int64_t b1) {
+  with_typed_inputs(in, "pg_policy_loss", [&](auto x, auto y, auto z, auto m) {
+    ppo_lanes::fwd_rows<ppo_lanes::PgLoss>(x, y, z, m, in.rows.steps, p, parts, b0, b1);
+  });
+}
+
+inline void pg_policy_bwd(const TokenInputs& in, const PgParams& p, const float* row_w, float g, void* grad,
+                          int64_t b0, int64_t b1) {
+  with_typed_inputs(in, "pg_policy_loss_bwd", [&](auto x, auto y, auto z, auto m) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
+    ppo_lanes::bwd_rows<ppo_lanes::PgLoss>(x, y, z, m, in.rows.steps, p, row_w, g, static_cast<T*>(grad), b0, b1);
+  });
+}
+
 inline void ppo_value_fwd(const TokenInputs& in, const ValueParams& p, float* parts, int64_t b0, int64_t b1) {
   with_typed_inputs(in, "ppo_value_loss", [&](auto x, auto y, auto z, auto m) {
     ppo_lanes::fwd_rows<ppo_lanes::ValueLoss>(x, y, z, m, in.rows.steps, p, parts, b0, b1);

@@ -22,6 +22,7 @@ from fastalign.algorithms.context import TrainingDivergedError
 from fastalign.algorithms.monitors import rollout_metrics
 from fastalign.data import collate as C
 from fastalign.ops.preference import sequence_logps
+from fastalign.sampling.engine import eos_set
 
 # The offsets of derive_seed for a step's sampling (7919 * (step + 1)) and its mini-batch order
 # (+1), and the offset from the run's seed of the evaluation samples.
@@ -47,37 +48,71 @@ class Rollout:
     # response), when sample(with_logprobs=True) was asked and the engine gave them:
     sampler_logps: torch.Tensor | None = None
     sampler_entropy: torch.Tensor | None = None
+    # [N] bool: the responses cut at max_new_tokens without an EOS (their count is `truncated`)
+    truncated_rows: torch.Tensor | None = None
+    # [N] fp32: the score of the greedy response to each sample's prompt (ReMax's baseline), when asked
+    baseline_scores: torch.Tensor | None = None
+    # the per-response sampler outputs as the engine gave them (for rebuilding a subset: `subset`)
+    _lps: list | None = None
+    _ents: list | None = None
 
     def __len__(self):
         return len(self.texts)
 
 
 def sample(context, prompts, *, temperature: float, max_new_tokens: int, seed: int,
-           with_logprobs: bool = False) -> Rollout:
+           with_logprobs: bool = False, do_sample: bool = True) -> Rollout:
     """Samples one response per entry of `prompts` from context.models["policy"] (seeded: a
     resumed run samples what the uninterrupted one did). with_logprobs: keep the sampler's
     per-token log-probs and entropies (Rollout.sampler_logps / sampler_entropy; None when the
-    engine gives none)."""
-    tok = context.tokenizer
+    engine gives none). do_sample=False: greedy decoding (ReMax's baseline responses)."""
+    kw = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    if not do_sample:  # the context's default is sampling: pass the flag only when it differs
+        kw["do_sample"] = False
     if with_logprobs:
-        texts, ids, truncated, lps, ents = context.generate(prompts, temperature=temperature,
-                                                            max_new_tokens=max_new_tokens, seed=seed,
-                                                            return_logprobs=True)
+        texts, ids, _, lps, ents = context.generate(prompts, return_logprobs=True, **kw)
     else:
-        texts, ids, truncated = context.generate(prompts, temperature=temperature, max_new_tokens=max_new_tokens,
-                                                 seed=seed)
-        lps = ents = None
-    exs = []
+        (texts, ids, _), lps, ents = context.generate(prompts, **kw), None, None
+    return build(context, list(prompts), list(texts), list(ids), lps, ents, max_new_tokens=max_new_tokens)
+
+
+def build(context, prompts, texts, ids, lps, ents, *, max_new_tokens: int) -> Rollout:
+    """The Rollout of sampled responses: prompt + response rows collated on the device, the
+    response mask, the per-response truncation flags and the sampler's values laid out."""
+    tok = context.tokenizer
+    eos = eos_set(tok)
+    exs, cut = [], []
     for i, (p, r) in enumerate(zip(prompts, ids)):
+        # cut at max_new_tokens without an EOS (the engines keep the first EOS and stop there)
+        cut.append(len(r) >= max_new_tokens and int(r[-1]) not in eos)
         if not r:  # nothing but padding came out: score the EOS alone rather than an empty response
             ids[i] = r = [tok.eos_token_id]
         pid = tok(C.prompt_text(tok, p), add_special_tokens=False)["input_ids"]
         exs.append({"input_ids": pid + list(r), "labels": [C.IGNORE] * len(pid) + list(r)})
     batch = context.to_device(C.collate_lm(exs, tok.pad_token_id))
-    rollout = Rollout(list(prompts), texts, ids, truncated, batch, batch["labels"][:, 1:] != C.IGNORE)
+    rollout = Rollout(prompts, texts, ids, sum(cut), batch, batch["labels"][:, 1:] != C.IGNORE)
+    rollout.truncated_rows = torch.tensor(cut, dtype=torch.bool, device=rollout.mask.device)
     rollout.sampler_logps = _on_response(rollout.mask, lps)
     rollout.sampler_entropy = _on_response(rollout.mask, ents)
+    rollout._lps, rollout._ents = lps, ents
     return rollout
+
+
+def subset(context, parts: list, *, max_new_tokens: int) -> Rollout:
+    """One Rollout of chosen rows of several scored rollouts: parts = [(rollout, row indices)], in
+    order (dynamic sampling's kept groups from several sampling rounds). Scores, truncation flags
+    and baseline scores are carried over; the rows are collated afresh (widths differ)."""
+    pick = [(r, i) for r, rows in parts for i in rows]
+    lists = {k: [getattr(r, k)[i] for r, i in pick] for k in ("prompts", "texts", "response_ids")}
+    with_lps = all(r._lps is not None for r, _ in pick)
+    with_ents = all(r._ents is not None for r, _ in pick)
+    out = build(context, lists["prompts"], lists["texts"], lists["response_ids"],
+                [r._lps[i] for r, i in pick] if with_lps and pick else None,
+                [r._ents[i] for r, i in pick] if with_ents and pick else None, max_new_tokens=max_new_tokens)
+    out.scores = torch.stack([r.scores[i] for r, i in pick]) if pick else torch.zeros(0, device=context.device)
+    if pick and all(r.baseline_scores is not None for r, _ in pick):
+        out.baseline_scores = torch.stack([r.baseline_scores[i] for r, i in pick])
+    return out
 
 
 def _on_response(mask: torch.Tensor, per_response: list | None) -> torch.Tensor | None:

@@ -24,7 +24,11 @@ implementation is fastalign/trainer/context.py; a test may write its own.
                      forward count on every rank when the model is sharded); with
                      return_logprobs=True also (logprobs, entropies): per response fp32 tensors of
                      log_softmax(logits / temperature)[token] and the entropy at each step, as
-                     the sampler computed them, or (None, None) when its engine gives none
+                     the sampler computed them, or (None, None) when its engine gives none;
+                     do_sample=False: greedy decoding
+    next_micro_batches()
+                     the next step's worth of training examples (the data cursor moves on, as a
+                     step's does): more prompts within one step (dynamic sampling)
     any_rank(flag), all_reduce(values, op), reduce_weighted(sums, weights)
                      collectives over the run's processes (plain values with one process)
 
@@ -78,10 +82,18 @@ class TrainingContext:
         raise NotImplementedError
 
     def generate(self, prompts: list, *, temperature: float, max_new_tokens: int, seed: int,
-                 return_logprobs: bool = False):
+                 return_logprobs: bool = False, do_sample: bool = True):
         """(texts, response token ids with EOS kept when emitted, count of responses cut at
         max_new_tokens) of one sampled response per prompt from models["policy"]; with
-        return_logprobs, also (logprobs, entropies) of the sampler, or (None, None)."""
+        return_logprobs, also (logprobs, entropies) of the sampler, or (None, None);
+        do_sample=False: greedy decoding."""
+        raise NotImplementedError
+
+    def next_micro_batches(self) -> list[dict]:
+        """The next trainer step's worth of training examples (this rank's share, as collated
+        micro-batches), taken from the run's data order as a step takes them: the cursor moves
+        on and is checkpointed. For an algorithm that needs more prompts within a step (dynamic
+        sampling)."""
         raise NotImplementedError
 
     def any_rank(self, flag: bool) -> bool:

@@ -102,6 +102,11 @@ class OnlineAlgorithm(Algorithm):
         "advantages" (0 off the response)."""
         raise NotImplementedError
 
+    def loss_data(self, rollout: R.Rollout) -> dict:
+        """{name: [N, L-1] tensor} more per-token tensors for the loss, besides the advantages
+        (the critic-free family: loss_mask, rollout_logps)."""
+        return {}
+
     def step_metrics(self, rollout: R.Rollout, data: dict) -> dict:
         """Metrics of this step's rollout, logged beside the optimiser's."""
         return {"score": float(rollout.scores.mean())}
@@ -111,17 +116,28 @@ class OnlineAlgorithm(Algorithm):
 
     # ---- the step -------------------------------------------------------------------------------
 
-    def train_step(self, context, micro_batches) -> dict:
+    def sampler_logps_needed(self) -> bool:
+        """Whether the step keeps the sampler's own log-probs (algo.old_logps: sampler; the
+        critic-free family's rollout correction also needs them)."""
+        return self.config.old_logps == "sampler"
+
+    def make_rollout(self, context, micro_batches, seed: int) -> R.Rollout:
+        """The step's scored rollout: `samples_per_prompt` responses to each prompt of the
+        micro-batches, sampled and scored (a subclass may sample more: dynamic sampling)."""
         cfg = self.config
         k = self.samples_per_prompt
         prompts = [r["prompt"] for mb in micro_batches for r in mb["records"] for _ in range(k)]
-        seed = R.step_seed(context)
-        from_sampler = cfg.old_logps == "sampler"
         rollout = R.sample(context, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed,
-                           with_logprobs=from_sampler)
-        b, mask = rollout.batch, rollout.mask
+                           with_logprobs=self.sampler_logps_needed())
         rollout.scores = R.scores(context, rollout, self.reward_fn, packed=self.packing)
-        if from_sampler and rollout.sampler_logps is not None:  # the same weights sampled: no second forward
+        return rollout
+
+    def train_step(self, context, micro_batches) -> dict:
+        cfg = self.config
+        seed = R.step_seed(context)
+        rollout = self.make_rollout(context, micro_batches, seed)
+        b, mask = rollout.batch, rollout.mask
+        if cfg.old_logps == "sampler" and rollout.sampler_logps is not None:  # the same weights sampled: no second forward
             rollout.old_logps, rollout.entropy = rollout.sampler_logps, rollout.sampler_entropy
         else:
             rollout.old_logps, rollout.entropy = R.logps_of(context, context.models["policy"], b, cfg.temperature,
@@ -132,6 +148,7 @@ class OnlineAlgorithm(Algorithm):
                                                                     packed=self.packing, fused_head=self.fused_head)
             rollout.seq_kl = (rollout.old_logps - rollout.ref_logps).mul(mask).sum(1)  # k1 per response
         data.update(self.advantages(context, rollout))
+        data.update(self.loss_data(rollout))
 
         metrics, steps, stopped = R.optimize_epochs(context, self, data, len(rollout), seed=seed + 1)
         metrics.update(self.step_metrics(rollout, data))

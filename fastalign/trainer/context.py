@@ -54,10 +54,13 @@ class TrainerContext(TrainingContext):
         return self._trainer.optimize(micro_batches, loss_fn=loss_fn, units_fn=units_fn)
 
     def generate(self, prompts: list, *, temperature: float, max_new_tokens: int, seed: int,
-                 return_logprobs: bool = False):
+                 return_logprobs: bool = False, do_sample: bool = True):
         return generate(self.models["policy"], self.tokenizer, prompts, temperature=temperature,
-                        max_new_tokens=max_new_tokens, seed=seed, device=self.device,
+                        max_new_tokens=max_new_tokens, seed=seed, device=self.device, do_sample=do_sample,
                         sampler=self._trainer.config.sampler, return_logprobs=return_logprobs)
+
+    def next_micro_batches(self) -> list[dict]:
+        return self._trainer.next_micro_batches()
 
     def any_rank(self, flag: bool) -> bool:
         return D.any_rank(flag)

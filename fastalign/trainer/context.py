@@ -57,7 +57,8 @@ class TrainerContext(TrainingContext):
                  return_logprobs: bool = False):
         return generate(self.models["policy"], self.tokenizer, prompts, temperature=temperature,
                         max_new_tokens=max_new_tokens, seed=seed, device=self.device,
-                        sampler=self._trainer.config.sampler, return_logprobs=return_logprobs)
+                        sampler=self._trainer.config.sampler, return_logprobs=return_logprobs,
+                        sampler_dtype=self._trainer.sampler_dtype)
 
     def any_rank(self, flag: bool) -> bool:
         return D.any_rank(flag)

@@ -597,7 +597,7 @@ def test_trainer_sampler_dtype_follows_the_trainer_and_guards_old_logps(tok, tmp
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_equals_generate():
+def test_smollm2_greedy_equals_generate_in_fp32_and_bf16():
     pytest.importorskip("gguf")
     from fastalign.data import collate as C
     from fastalign.models import load_model, load_tokenizer
@@ -610,3 +610,12 @@ def test_smollm2_greedy_equals_generate():
     out = FastSampler(model, tok, max_batch=3).sample(prompts, max_new_tokens=20, do_sample=False)
     assert out.token_ids == ref
     assert "Paris" in tok.decode(out.token_ids[0])
+    # bf16: sampling the fp32 model in bf16 (autocast) is generate under bf16 autocast; on the bf16 model
+    # dtype auto is generate on that model
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_autocast = _generate(model, tok, prompts, 3, 20, eos=tok.eos_token_id)
+    assert FastSampler(model, tok, max_batch=3, dtype="bf16").sample(
+        prompts, max_new_tokens=20, do_sample=False).token_ids == ref_autocast
+    model = model.to(torch.bfloat16)
+    assert FastSampler(model, tok, max_batch=3).sample(prompts, max_new_tokens=20, do_sample=False).token_ids \
+        == _generate(model, tok, prompts, 3, 20, eos=tok.eos_token_id)

@@ -2,8 +2,10 @@
 log-probs, its argument checks, and the trainer's use of it (trainer.sampler, algo.old_logps).
 
 Exactness. Greedy decoding is compared token for token with `model.generate` on the same chunks
-of prompts (the model's own modules compute everything but the attention, so only a near-tie of
-the top two logits within rounding could differ; none is here). The sampler's log-probs are
+of prompts (the model's own modules and weights compute everything but the attention -- the fused
+q/k/v and gate/up GEMMs are the same dot products -- so only a near-tie of the top two logits
+within rounding could differ; none is here). In bf16 the same holds against generate on the same
+bf16 model, and for dtype="bf16" on an fp32 model against generate under bf16 autocast. The sampler's log-probs are
 gather_logprobs of the logits it saw: that part is compared bit for bit.
 
 Distributions (fixed seeds: deterministic). A token drawn N times with probability p has a

@@ -29,14 +29,18 @@ def _args(*argv):
 
 
 def test_plan_selects_cases_and_runs_each_once():
-    args = _args("--e2e", "--model", "tiny", "--cases", "dpo,rollout batch 64")
+    args = _args("--e2e", "--model", "tiny", "--cases", "dpo,rollout fp32 batch 64")
     runs = e2e.plan(args, e2e.settings_of(args), "cpu")
     ids = [r["id"] for r in runs]
     assert len(ids) == len(set(ids))
     # the main contenders in both precisions, the variants in fp32 (the CPU default), both rollout sizes filtered
     expected = {f"dpo {p} {c}" for p in ("bf16", "fp32") for c in e2e.CONTENDERS}
-    expected |= {f"dpo fp32 fastalign + {v}" for v in e2e.VARIANTS} | {"rollout batch 64"}
+    expected |= {f"dpo fp32 fastalign + {v}" for v in e2e.VARIANTS} | {"rollout fp32 batch 64"}
     assert set(ids) == expected
+    # the rollout cases in bf16 (both engines on the bf16 model), selected by precision as the training ones
+    bf16 = e2e.plan(_args("--e2e", "--model", "tiny", "--cases", "rollout bf16"), e2e.settings_of(args), "cpu")
+    assert {r["id"]: r["spec"]["precision"] for r in bf16} == {"rollout bf16 batch 16": "bf16",
+                                                              "rollout bf16 batch 64": "bf16"}
     spec = next(r for r in runs if r["id"] == "dpo fp32 fastalign + gradient checkpointing")["spec"]
     assert spec["overrides"] == ["trainer.gradient_checkpointing=true"]
     assert (spec["batch"], spec["seq_len"], spec["warmup"], spec["steps"]) == (4, 512, 1, 2)
@@ -98,7 +102,7 @@ def test_summary_median_rounds_and_targets():
                rec_of("dpo bf16", "trl+patch", 401.0, 90), rec_of("dpo fp32", "fastalign", 124.0, 81),
                rec_of("dpo fp32", "trl", 100.0, 100), rec_of("sft fp32", "fastalign", 120.0, 1),
                rec_of("sft fp32", "trl", 100.0, 1),
-               {"kind": "rollout", "id": "rollout batch 64", "rollout": {
+               {"kind": "rollout", "id": "rollout fp32 batch 64", "rollout": {
                    "fastalign.FastSampler": {"note": "not available: no module"},
                    "transformers.generate": {"tokens_per_s": 200.0}}}]
     status = {t["target"]: t["status"] for t in _e2e_report.targets(records, quick=False)}
@@ -110,7 +114,7 @@ def test_summary_median_rounds_and_targets():
         "DPO fp32: fastalign peak memory vs TRL stock": "FAIL",  # 0.81x
         "DPO fp32: fastalign tokens/s vs TRL + patch_trl": "n/a (not measured here)",
         "SFT fp32: fastalign tokens/s vs TRL stock": "PASS",  # exactly 1.2x
-        "sampler tokens/s vs generate, batch 64": "n/a (not measured here)"}
+        "sampler fp32: tokens/s vs generate, batch 64": "n/a (not measured here)"}
     assert all(t["status"] == "n/a (quick mode)" for t in _e2e_report.targets(records, quick=True))
 
 

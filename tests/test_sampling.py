@@ -2,8 +2,10 @@
 log-probs, its argument checks, and the trainer's use of it (trainer.sampler, algo.old_logps).
 
 Exactness. Greedy decoding is compared token for token with `model.generate` on the same chunks
-of prompts (the model's own modules compute everything but the attention, so only a near-tie of
-the top two logits within rounding could differ; none is here). The sampler's log-probs are
+of prompts (the model's own modules and weights compute everything but the attention -- the fused
+q/k/v and gate/up GEMMs are the same dot products -- so only a near-tie of the top two logits
+within rounding could differ; none is here). In bf16 the same holds against generate on the same
+bf16 model, and for dtype="bf16" on an fp32 model against generate under bf16 autocast. The sampler's log-probs are
 gather_logprobs of the logits it saw: that part is compared bit for bit.
 
 Distributions (fixed seeds: deterministic). A token drawn N times with probability p has a
@@ -101,6 +103,129 @@ def test_greedy_equals_generate_token_for_token(model, tok):
     # the transformers engine is generate itself
     assert TransformersEngine(model, tok, max_batch=3, eos_token_id=eos).sample(
         prompts, max_new_tokens=16, do_sample=False).token_ids == ref
+
+
+def _scaled(m, seed=3):
+    """m with larger weights than the init's (as the `model` fixture): greedy outputs that vary."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.25)
+            else:  # norm weights and biases
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return m.eval()
+
+
+def _gqa_model(tok):
+    """A tiny Llama with grouped-query attention (4 query heads on 2 KV heads) and q/k/v/o biases:
+    the decode step's grouped SDPA and the fused biases are exercised."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(11)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, max_position_embeddings=256, rms_norm_eps=1e-5, attention_bias=True,
+                      vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    return _scaled(LlamaForCausalLM(cfg), seed=11)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_greedy_equals_generate_with_grouped_query_attention(tok, fuse):
+    m = _gqa_model(tok)
+    prompts = _prompts(tok, [3, 8, 1, 12, 5])
+    ref = _generate(m, tok, prompts, 5, 14, eos=tok.eos_token_id)
+    out = FastSampler(m, tok, max_batch=5, fuse=fuse).sample(prompts, max_new_tokens=14, do_sample=False)
+    assert out.token_ids == ref
+
+
+def test_fused_projections_equal_the_modules(tok):
+    """One GEMM over q/k/v (gate/up) side by side against each Linear module: the same dot
+    products, so within two matmul roundings (tests.numerics.matmul_bound) -- bit-equal where the
+    GEMM's K-blocking does not depend on N (the CPU this was written on)."""
+    from fastalign.sampling.decode_weights import DecodeWeights, run
+    from tests.numerics import matmul_bound
+
+    m = _gqa_model(tok)
+    w = DecodeWeights(m, dtype=torch.float32, fuse=True)
+    assert w.sync() and not w.sync()  # built once; nothing changed: not rebuilt
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
+    layer, lw = m.model.layers[1], w.layers[1]
+    a, mlp = layer.self_attn, layer.mlp
+    assert len(lw["qkv"]) == 1 and len(lw["gate_up"]) == 1  # fused: one Projection each
+    with torch.no_grad():
+        for got, mod in zip(run(lw["qkv"], x) + run(lw["gate_up"], x),
+                            (a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj)):
+            want = mod(x)
+            # the bias is added once by both: only the products differ
+            assert_within(got, want, matmul_bound(x, mod.weight.T), str(mod))
+        assert w.layers[0]["qkv"][0].bias is not None  # attention_bias=True: biases fused too
+
+
+def test_a_kept_sampler_follows_weight_updates(model, tok):
+    """The decoder's weight copies are rebuilt when a parameter changes in place (an optimizer
+    step): a sampler made before the update gives the updated model's greedy tokens."""
+    m = tiny_model(tok, seed=3, **TINY)
+    m.load_state_dict(model.state_dict())
+    prompts = _prompts(tok, [4, 9, 2])
+    s = FastSampler(m, tok, max_batch=3)
+    before = s.sample(prompts, max_new_tokens=10, do_sample=False).token_ids
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m.train()
+    m(torch.tensor([prompts[1]]), labels=torch.tensor([prompts[1]])).loss.backward()
+    opt.step()
+    m.eval()
+    after = s.sample(prompts, max_new_tokens=10, do_sample=False).token_ids
+    assert after == _generate(m, tok, prompts, 3, 10, eos=tok.eos_token_id)
+    assert after != before  # the update changed the greedy tokens: the check above can fail
+
+
+def test_unplain_projections_are_called_as_modules(model, tok):
+    """A projection with a forward hook (as a LoRA wrapper or any module other than a plain
+    nn.Linear) is not copied: the decoder calls it, so it still decodes as generate does."""
+    m = tiny_model(tok, seed=3, **TINY)
+    m.load_state_dict(model.state_dict())
+    proj = m.model.layers[0].self_attn.k_proj
+    handle = proj.register_forward_hook(lambda mod, args, out: out * 1.5 + 0.25)
+    try:
+        prompts = _prompts(tok, [6, 3])
+        s = FastSampler(m, tok, max_batch=2)
+        out = s.sample(prompts, max_new_tokens=10, do_sample=False).token_ids
+        assert out == _generate(m, tok, prompts, 2, 10, eos=tok.eos_token_id)
+        qkv0, qkv1 = (s.decoder.weights.layers[i]["qkv"] for i in (0, 1))
+        assert qkv0[0].weight is None and qkv1[0].weight is not None  # layer 0: modules called; layer 1: fused
+    finally:
+        handle.remove()
+    assert out != FastSampler(m, tok, max_batch=2).sample(prompts, max_new_tokens=10, do_sample=False).token_ids
+
+
+# ---- the sampling dtype ---------------------------------------------------------------------------------
+
+def test_bf16_model_greedy_equals_generate_on_the_same_model(model, tok):
+    """dtype auto on a bf16 model decodes in bf16: generate's tokens on that model."""
+    m = tiny_model(tok, seed=3, **TINY)
+    m.load_state_dict(model.state_dict())
+    m = m.to(torch.bfloat16).eval()
+    prompts = _prompts(tok, [1, 2, 5, 9, 16, 3])
+    ref = _generate(m, tok, prompts, 3, 16, eos=tok.eos_token_id)
+    out = FastSampler(m, tok, max_batch=3).sample(prompts, max_new_tokens=16, do_sample=False, temperature=0.9)
+    assert out.token_ids == ref
+    assert all(lp.dtype == torch.float32 and ent.dtype == torch.float32 for lp, ent in zip(out.logprobs, out.entropies))
+
+
+def test_bf16_sampling_of_an_fp32_model_is_its_bf16_autocast_forward(model, tok):
+    """dtype="bf16" on an fp32 model: generate's greedy tokens under bf16 autocast (the trainer's
+    bf16 forward), which differ from the fp32 model's somewhere (so the dtype is really used);
+    the log-probs are fp32."""
+    prompts = _prompts(tok, [1, 2, 5, 9, 16, 3, 7, 12])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _generate(model, tok, prompts, 4, 16, eos=tok.eos_token_id)
+    s = FastSampler(model, tok, max_batch=4, dtype="bf16")
+    out = s.sample(prompts, max_new_tokens=16, do_sample=False)
+    assert out.token_ids == ref
+    assert all(lp.dtype == torch.float32 for lp in out.logprobs)
+    assert out.token_ids != _generate(model, tok, prompts, 4, 16, eos=tok.eos_token_id)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
 
 
 def test_seeded_sampling_is_deterministic_and_seed_dependent(model, tok):
@@ -342,6 +467,12 @@ def test_bad_engine_arguments_are_refused(model, tok):
         FastSampler(model, tok, max_batch=0)
     with pytest.raises(ValueError, match="compile must be 'auto', True or False"):
         FastSampler(model, tok, compile="yes")
+    with pytest.raises(ValueError, match="dtype must be 'auto', 'fp32' or 'bf16', got 'fp16'"):
+        FastSampler(model, tok, dtype="fp16")
+    with pytest.raises(ValueError, match="fuse must be a bool"):
+        FastSampler(model, tok, fuse="yes")
+    with pytest.raises(ValueError, match="dtype torch.float32 on a torch.bfloat16 model"):
+        FastSampler(tiny_model(tok, **TINY).to(torch.bfloat16), tok, dtype="fp32")
     with pytest.raises(ValueError, match="sampler must be one of"):
         make_engine("vllm", model, tok)
     gpt2 = tiny_model(tok, arch="gpt2", **TINY)
@@ -434,8 +565,41 @@ def test_trainer_sampler_option_is_checked(tok, tmp_path):
         get_algorithm("grpo")({"old_logps": "cached"}, reward_fn=lambda p, r: 0.0)
 
 
+def test_trainer_sampler_dtype_follows_the_trainer_and_guards_old_logps(tok, tmp_path):
+    """trainer.sampler_dtype auto = the trainer's compute dtype; a sampler in another dtype than
+    the trainer cannot give old log-probs (they would be of another forward): refused."""
+    from collections import Counter
+
+    from fastalign.algorithms import get_algorithm
+    from fastalign.data.synthetic import SyntheticTask
+    from fastalign.errors import ConfigError
+    from fastalign.trainer.loop import Trainer
+
+    def trainer(old_logps, **cfg):
+        alg = get_algorithm("grpo")({"beta": 0.0, "old_logps": old_logps}, reward_fn=lambda p, r: 0.0)
+        data = alg.encode(SyntheticTask().sample(2, seed=0), tok, 64, Counter())
+        return Trainer(alg, {"policy": tiny_model(tok, **TINY)}, tok, data, None,
+                       dict(output_dir=str(tmp_path), max_steps=1, progress=False, plot=False, device="cpu", **cfg))
+
+    assert trainer("sampler", precision="fp32").sampler_dtype == "fp32"
+    assert trainer("sampler", precision="bf16").sampler_dtype == "bf16"
+    assert trainer("sampler", precision="bf16-weights").sampler_dtype == "bf16"
+    assert trainer("recompute", precision="fp32", sampler_dtype="bf16").sampler_dtype == "bf16"
+    with pytest.raises(ConfigError, match="algo.old_logps: 'sampler' needs FastSampler to compute in the trainer's "
+                                          "dtype, but trainer.sampler_dtype is bf16 and trainer.precision fp32"):
+        trainer("sampler", precision="fp32", sampler_dtype="bf16")
+    with pytest.raises(ConfigError, match="trainer.sampler_dtype is fp32 and trainer.precision bf16 computes in bf16"):
+        trainer("sampler", precision="bf16", sampler_dtype="fp32")
+    with pytest.raises(ConfigError, match="sampler_dtype: 'fp32' with trainer.precision bf16-weights"):
+        trainer("recompute", precision="bf16-weights", sampler_dtype="fp32")
+    with pytest.raises(ConfigError, match="sampler_dtype"):
+        trainer("recompute", sampler_dtype="fp16")
+    # generate has no sampling dtype: nothing to guard
+    assert trainer("sampler", precision="fp32", sampler_dtype="bf16", sampler="transformers").sampler_dtype == "bf16"
+
+
 @pytest.mark.slow
-def test_smollm2_greedy_equals_generate():
+def test_smollm2_greedy_equals_generate_in_fp32_and_bf16():
     pytest.importorskip("gguf")
     from fastalign.data import collate as C
     from fastalign.models import load_model, load_tokenizer
@@ -448,3 +612,12 @@ def test_smollm2_greedy_equals_generate():
     out = FastSampler(model, tok, max_batch=3).sample(prompts, max_new_tokens=20, do_sample=False)
     assert out.token_ids == ref
     assert "Paris" in tok.decode(out.token_ids[0])
+    # bf16: sampling the fp32 model in bf16 (autocast) is generate under bf16 autocast; on the bf16 model
+    # dtype auto is generate on that model
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_autocast = _generate(model, tok, prompts, 3, 20, eos=tok.eos_token_id)
+    assert FastSampler(model, tok, max_batch=3, dtype="bf16").sample(
+        prompts, max_new_tokens=20, do_sample=False).token_ids == ref_autocast
+    model = model.to(torch.bfloat16)
+    assert FastSampler(model, tok, max_batch=3).sample(prompts, max_new_tokens=20, do_sample=False).token_ids \
+        == _generate(model, tok, prompts, 3, 20, eos=tok.eos_token_id)

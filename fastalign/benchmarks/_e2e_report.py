@@ -85,9 +85,14 @@ def targets(records, quick: bool) -> list[dict]:
             ro = r.get("rollout") or {}
             s, g = ro.get("fastalign.FastSampler", {}), ro.get("transformers.generate", {})
             v = s["tokens_per_s"] / g["tokens_per_s"] if "tokens_per_s" in s and "tokens_per_s" in g else None
-            out.append(target(ISSUE, "sampler tokens/s vs generate, batch 64", v, ">= 2x", v is not None and v >= 2,
-                              quick, detail=None if v is not None else s.get("note")))
+            out.append(target(ISSUE, f"sampler {_rollout_precision(r)}: tokens/s vs generate, batch 64", v, ">= 2x",
+                              v is not None and v >= 2, quick, detail=None if v is not None else s.get("note")))
     return out
+
+
+def _rollout_precision(rec) -> str:
+    """fp32 | bf16 of a rollout record (its id: 'rollout <precision> batch N')."""
+    return rec["id"].split()[1]
 
 
 def loss_lines(records) -> list[str]:
@@ -150,18 +155,18 @@ def markdown(meta, records, targets_) -> str:
         lines += ["## Losses, TRL stock vs TRL + patch_trl (every step, warm-up included)", ""] + ll + [""]
     ro = [r for r in records if r["kind"] == "rollout"]
     if ro:
-        lines += ["## Rollout throughput (fp32, temperature 1)", "", "| batch | sampler | tokens/s | tokens | "
-                  "vs generate | note |", "|---|---|---|---|---|---|"]
+        lines += ["## Rollout throughput (temperature 1; bf16: both engines on the model cast to bf16)", "",
+                  "| precision | batch | sampler | tokens/s | tokens | vs generate | note |", "|---|---|---|---|---|---|---|"]
         for r in ro:
             res = r.get("rollout") or {}
             base = res.get("transformers.generate", {}).get("tokens_per_s")
             for name, v in res.items():
                 tps = v.get("tokens_per_s")
-                lines.append(f"| {r['id'].split()[-1]} | {name} | "
+                lines.append(f"| {_rollout_precision(r)} | {r['id'].split()[-1]} | {name} | "
                              + (f"{tps:.0f} | {v['tokens']} | {tps / base:.2f}x |" if tps and base else "- | - | - |")
                              + f" {v.get('note', '')} |")
             if not res:
-                lines.append(f"| {r['id'].split()[-1]} | - | - | - | - | {note_of(r)} |")
+                lines.append(f"| {_rollout_precision(r)} | {r['id'].split()[-1]} | - | - | - | - | {note_of(r)} |")
         lines.append("")
     return "\n".join(lines)
 

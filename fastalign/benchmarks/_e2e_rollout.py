@@ -2,8 +2,10 @@
 fastalign.sampling.FastSampler and of transformers `generate` on the same model and prompts,
 sampling at temperature 1 (no top-k / top-p), `new_tokens` per sequence. `generate` is held to
 exactly `new_tokens` (min_new_tokens); the sampler stops at EOS, so its count is what it really
-generated (its truncated count tells how many ran to the limit). Run in fp32, the trainer's
-default CPU precision; one untimed call each first (a short one: allocator and caches warm)."""
+generated (its truncated count tells how many ran to the limit). spec["precision"]: fp32 (the
+trainer's default CPU precision) or bf16 -- the model cast to bf16 and both engines run on that
+same bf16 model (FastSampler's dtype "auto" is then bf16; generate gets its fastest bf16 path, no
+autocast re-casts). One untimed call each first (a short one: allocator and caches warm)."""
 
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def measure(spec: dict) -> dict:
 
     device = spec["device"]
     tok = load_tokenizer(spec["model"])
-    model = load_model(spec["model"], tokenizer=tok).to(device).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec.get("precision", "fp32")]
+    model = load_model(spec["model"], tokenizer=tok).to(device=device, dtype=dtype).eval()
     prompts = _prompts(tok, spec["batch"], spec["prompt_len"])
     fns = {"transformers.generate": lambda: _generate_fn(model, tok, device)}
     fns["fastalign.FastSampler"] = lambda: _sampler_fn(model, tok, max(64, spec["batch"]))

@@ -22,7 +22,8 @@ num_iterations=1 reuses the update's own (detached) log-probs instead, one forwa
 Variants of fastalign's trainer (VARIANTS: config overrides, each measured against the plain
 trainer in the same precision); an override the installed fastalign does not know is reported
 "not available". Rollout throughput: generated tokens per second at batch 16 and 64, 128 new
-tokens, fastalign.sampling.FastSampler vs transformers `generate`, same prompts.
+tokens, fastalign.sampling.FastSampler vs transformers `generate`, same prompts, in each precision
+(ids 'rollout <precision> batch N'; bf16: both engines on the model cast to bf16).
 
 Writes --out/e2e.json, e2e.md and e2e.png, prints the table and the issue's targets (PASS/FAIL).
 """
@@ -73,11 +74,12 @@ def plan(args, settings: dict, device: str) -> list[dict]:
             runs.append({"id": f"{algo} {vprec} fastalign + {name}", "group": f"{algo} {vprec} variants",
                          "variant": name, "spec": dict(base, kind="train", algo=algo, precision=vprec,
                                                        contender="fastalign", overrides=VARIANTS[name])})
-    for b in settings["rollout_batches"]:
-        runs.append({"id": f"rollout batch {b}", "group": "rollout",
-                     "spec": dict(base, kind="rollout", batch=b, new_tokens=settings["rollout_new_tokens"],
-                                  prompt_len=settings["rollout_prompt_len"], steps=settings["rollout_steps"],
-                                  precision="fp32")})
+    for prec in settings["precisions"]:  # bf16: both engines on the model cast to bf16 (_e2e_rollout.py)
+        for b in settings["rollout_batches"]:
+            runs.append({"id": f"rollout {prec} batch {b}", "group": f"rollout {prec}",
+                         "spec": dict(base, kind="rollout", batch=b, new_tokens=settings["rollout_new_tokens"],
+                                      prompt_len=settings["rollout_prompt_len"], steps=settings["rollout_steps"],
+                                      precision=prec)})
     if args.cases:
         wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
         runs = [r for r in runs if any(w in r["id"] for w in wanted)]
@@ -172,7 +174,7 @@ def _args(argv):
                                                                   "smollm2-135m-instruct; 'tiny' for a harness check)")
     p.add_argument("--cases", default=None, help="only runs whose id contains one of these comma-separated items, "
                                                  "e.g. 'dpo bf16,rollout' (ids: '<algo> <precision> <contender>[ + "
-                                                 "<variant>]', 'rollout batch N')")
+                                                 "<variant>]', 'rollout <precision> batch N')")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma separated, of {', '.join(CONTENDERS)}")
     p.add_argument("--precisions", default=None, help="comma separated, of bf16, fp32 (default: both; quick: fp32)")
     p.add_argument("--variants", default=None, help="comma separated variant names (default: all; 'none': no "

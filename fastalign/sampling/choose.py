@@ -22,8 +22,10 @@ def fastalign_refusal(model, *, sharded: bool = False) -> str | None:
     return "the model is sharded (FSDP2)" if sharded else unsupported_reason(model)
 
 
-def make_engine(kind: str, model, tokenizer, *, max_batch: int = 64, sharded: bool = False) -> RolloutEngine:
-    """The engine `kind` names for `model` (sharded: its forwards are collectives)."""
+def make_engine(kind: str, model, tokenizer, *, max_batch: int = 64, sharded: bool = False,
+                dtype: str = "auto") -> RolloutEngine:
+    """The engine `kind` names for `model` (sharded: its forwards are collectives); dtype is
+    FastSampler's sampling dtype (auto | fp32 | bf16; generate runs the model as it is)."""
     if kind not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
     reason = fastalign_refusal(model, sharded=sharded)
@@ -31,4 +33,4 @@ def make_engine(kind: str, model, tokenizer, *, max_batch: int = 64, sharded: bo
         raise ValueError(f"sampler 'fastalign' cannot run this model: {reason}; use 'auto' or 'transformers'")
     if kind == "transformers" or reason is not None:
         return TransformersEngine(model, tokenizer, max_batch=max_batch, synced_gpus=sharded)
-    return FastSampler(model, tokenizer, max_batch=max_batch)
+    return FastSampler(model, tokenizer, max_batch=max_batch, dtype=dtype)

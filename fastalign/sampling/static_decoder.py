@@ -1,8 +1,10 @@
 """Batched decoding of a transformers Llama-family model with a preallocated (static) KV cache.
 
-The decoder runs the model's own modules -- embedding, RMSNorms, q/k/v/o projections, rotary
-embedding, MLP, final norm and LM head -- so every number but the attention is computed by the
-very code `generate` runs; only the attention and the cache are its own:
+The decoder runs the model's own modules -- embedding, RMSNorms, rotary embedding, MLP
+activation, final norm -- and its own weights: the projections and the LM head multiply by the
+model's Linear weights, fused q/k/v and gate/up (decode_weights.py: the same dot products, one
+GEMM instead of three and two). So every number but the attention is the one `generate`
+computes, up to the GEMM's rounding; the attention and the cache are its own:
 
   * the cache is one [rows, kv_heads, capacity, head_dim] tensor per layer for keys and one for
     values, allocated at the prefill (capacity = longest prompt + max_new_tokens) and written in
@@ -16,13 +18,26 @@ very code `generate` runs; only the attention and the cache are its own:
     hit EOS stop costing compute.
 
 The attention reads the cache up to the current length only (eager) or the whole capacity with
-the mask (compiled: one static shape, so no recompilation per step).
+the mask (compiled: one static shape, so no recompilation per step). At a decode step (one query
+per row) the G = heads / kv_heads query heads that share a KV head are laid out as G queries of
+that KV head: one SDPA call of [rows, kv_heads, G, head_dim] against the cache as it is, the
+same dot products as enable_gqa's (which is ~25 % slower on the CPU for one query).
+
+The sampling dtype (`dtype`): the model's own (default), or bf16 (fp16) for an fp32 model: then
+prefill and steps run under torch.autocast in that dtype -- the trainer's bf16 autocast forward,
+with the weights cast once (decode_weights.py) -- and the cache is kept in that dtype (what SDPA
+under autocast reads anyway). The logits come out in that dtype; FastSampler's log-probs are
+still fp32 (gather_logprobs).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+
+from fastalign.sampling.decode_weights import DecodeWeights, run
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -48,7 +63,7 @@ def _rotate(x, cos, sin):
 
 
 class StaticDecoder:
-    def __init__(self, model, *, compile_step: bool = False):
+    def __init__(self, model, *, compile_step: bool = False, dtype: torch.dtype | None = None, fuse: bool = True):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"FastSampler: cannot run this model: {reason}")
@@ -56,14 +71,26 @@ class StaticDecoder:
         cfg = model.config
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
+        own = next(model.parameters()).dtype
+        self.dtype = own if dtype is None else dtype
+        if self.dtype != own and not (own == torch.float32 and self.dtype in (torch.bfloat16, torch.float16)):
+            raise ValueError(f"FastSampler: dtype {self.dtype} on a {own} model: use the model's own dtype, or bf16 / "
+                             "fp16 on an fp32 model (autocast)")
+        self.autocast = self.dtype != own
+        self.weights = DecodeWeights(model, dtype=self.dtype, fuse=fuse)
         self.compiled = compile_step
         self._step_fn = torch.compile(self._step_impl, dynamic=True) if compile_step else self._step_impl
+
+    def _precision(self):
+        dev = self.model.lm_head.weight.device.type
+        return torch.autocast(dev, dtype=self.dtype) if self.autocast else contextlib.nullcontext()
 
     # ---- state ----------------------------------------------------------------------------------
 
     def prefill(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor, capacity: int) -> torch.Tensor:
         """Starts a batch: input_ids [B, P] left-padded, prompt_mask [B, P] bool. Returns the
         logits [B, V] of the next token of each row."""
+        self.weights.sync()  # the model's current weights (rebuilt after an optimizer step)
         B, P = input_ids.shape
         dev = input_ids.device
         self.keys = [None] * len(self.core.layers)
@@ -76,8 +103,9 @@ class StaticDecoder:
         causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril_()
         # a pad query attends to itself only (no row of the mask may be empty); its output is unused
         mask = (causal & prompt_mask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=dev)
-        x = self._layers(self.core.embed_tokens(input_ids), positions, mask[:, None], slot=None)
-        return self.model.lm_head(self.core.norm(x[:, -1]))
+        with self._precision():
+            x = self._layers(self.core.embed_tokens(input_ids), positions, mask[:, None], slot=None)
+            return self.weights.head(self.core.norm(x[:, -1]))[0]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feeds one token per row [B]; returns the logits [B, V] of the next one."""
@@ -88,7 +116,8 @@ class StaticDecoder:
         positions = self.next_pos[:, None]
         self.next_pos = self.next_pos + 1
         self.length += 1
-        return self._step_fn(tokens, positions, slot)
+        with self._precision():
+            return self._step_fn(tokens, positions, slot)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keeps only `rows` (indices into the current batch) of every per-row state."""
@@ -103,33 +132,42 @@ class StaticDecoder:
         width = self.capacity if self.compiled else self.length  # compiled: one static shape
         mask = self.valid[:, None, None, :width]
         x = self._layers(self.core.embed_tokens(tokens[:, None]), positions, mask, slot=slot, width=width)
-        return self.model.lm_head(self.core.norm(x[:, -1]))
+        return self.weights.head(self.core.norm(x[:, -1]))[0]
 
     def _layers(self, x, positions, mask, *, slot, width=None):
         """All decoder layers over x [B, T, H]; slot None = the prefill (T = P, written at 0)."""
         cos, sin = self.core.rotary_emb(x, positions)
         cos, sin = cos[:, None], sin[:, None]
         B, T, _ = x.shape
-        for i, layer in enumerate(self.core.layers):
+        for i, (layer, w) in enumerate(zip(self.core.layers, self.weights.layers)):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
+            q, k, v = (y.view(B, T, -1, self.head_dim).transpose(1, 2) for y in run(w["qkv"], h))
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            if slot is None:  # prefill: allocate this layer's cache in the dtype its keys come in
+            if slot is None:  # prefill: allocate this layer's cache (in the sampling dtype)
                 shape = (B, self.kv_heads, self.capacity, self.head_dim)
-                self.keys[i] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-                self.values[i] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+                self.keys[i] = torch.zeros(shape, dtype=self.dtype, device=k.device)
+                self.values[i] = torch.zeros(shape, dtype=self.dtype, device=v.device)
                 self.keys[i][:, :, :T] = k
                 self.values[i][:, :, :T] = v
-                keys, values = k, v
-            else:
-                self.keys[i].index_copy_(2, slot, k.to(self.keys[i].dtype))
-                self.values[i].index_copy_(2, slot, v.to(self.values[i].dtype))
+                o = F.scaled_dot_product_attention(q, self._same(k, q), self._same(v, q), attn_mask=mask,
+                                                   scale=attn.scaling, enable_gqa=True)
+            else:  # one query per row: the G query heads of a KV head as G queries (module docstring)
+                self.keys[i].index_copy_(2, slot, k.to(self.dtype))
+                self.values[i].index_copy_(2, slot, v.to(self.dtype))
                 keys, values = self.keys[i][:, :, :width], self.values[i][:, :, :width]
-            o = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                               scale=attn.scaling, enable_gqa=True)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+                qg = q.reshape(B, self.kv_heads, -1, self.head_dim)
+                o = F.scaled_dot_product_attention(qg, self._same(keys, qg), self._same(values, qg), attn_mask=mask,
+                                                   scale=attn.scaling).reshape(B, -1, 1, self.head_dim)
+            x = x + w["o"](o.transpose(1, 2).reshape(B, T, -1))[0]
+            h = layer.post_attention_layernorm(x)
+            if w["gate_up"] is None:
+                x = x + layer.mlp(h)
+            else:
+                gate, up = run(w["gate_up"], h)
+                x = x + w["down"](layer.mlp.act_fn(gate) * up)[0]
         return x
+
+    def _same(self, t, like):
+        """t in like's dtype, except under autocast, where SDPA casts its operands itself."""
+        return t if self.autocast else t.to(like.dtype)

@@ -57,7 +57,8 @@ class TrainerContext(TrainingContext):
                  return_logprobs: bool = False, do_sample: bool = True):
         return generate(self.models["policy"], self.tokenizer, prompts, temperature=temperature,
                         max_new_tokens=max_new_tokens, seed=seed, device=self.device, do_sample=do_sample,
-                        sampler=self._trainer.config.sampler, return_logprobs=return_logprobs)
+                        sampler=self._trainer.config.sampler, return_logprobs=return_logprobs,
+                        sampler_dtype=self._trainer.sampler_dtype)
 
     def next_micro_batches(self) -> list[dict]:
         return self._trainer.next_micro_batches()

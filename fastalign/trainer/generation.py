@@ -20,16 +20,18 @@ from fastalign.trainer import distributed as D
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens=32, temperature=1.0, do_sample=True, batch_size=128,
-             device=None, seed=None, sampler="auto", return_logprobs=False):
+             device=None, seed=None, sampler="auto", return_logprobs=False, sampler_dtype="auto"):
     """prompts: strings or message lists. Returns (responses: list[str], response_ids:
     list[list[int]], truncated: int) -- truncated counts responses that never emitted EOS; with
     return_logprobs, also (logprobs, entropies): lists of fp32 [len(response)] tensors of
     log_softmax(logits / temperature) of each sampled token and the entropy at each step, or
-    (None, None) when the engine gives none (transformers' generate)."""
+    (None, None) when the engine gives none (transformers' generate). sampler_dtype: FastSampler's
+    dtype (auto | fp32 | bf16; fastalign/sampling/fast_sampler.py)."""
     ids = [tokenizer(C.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     if not ids:
         return ([], [], 0, None, None) if return_logprobs else ([], [], 0)
-    engine = make_engine(sampler, model, tokenizer, max_batch=batch_size, sharded=D.is_sharded(model))
+    engine = make_engine(sampler, model, tokenizer, max_batch=batch_size, sharded=D.is_sharded(model),
+                         dtype=sampler_dtype)
     out = engine.sample(ids, max_new_tokens=max_new_tokens, temperature=temperature, do_sample=do_sample, seed=seed)
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out.token_ids]
     if return_logprobs:

@@ -50,6 +50,24 @@ from fastalign.trainer.reporting import check_report_to, open_reporters
 __all__ = ["Trainer", "TrainingDivergedError", "resolve_device"]
 
 
+def sampler_dtype(cfg, autocast, old_logps) -> str:
+    """trainer.sampler_dtype resolved against the trainer's compute dtype (bf16 under bf16 autocast
+    or bf16-weights, else fp32): auto takes it. FastSampler's log-probs are of the forward in its
+    dtype, so algo.old_logps: sampler is refused when the two differ (the trainer would take a
+    bf16 forward's log-probs for an fp32 one's, or the reverse: the rollout/training mismatch)."""
+    trainer = "bf16" if autocast == torch.bfloat16 or cfg.precision == "bf16-weights" else "fp32"
+    chosen = trainer if cfg.sampler_dtype == "auto" else cfg.sampler_dtype
+    if chosen == "fp32" and cfg.precision == "bf16-weights":
+        raise ConfigError("trainer.sampler_dtype: 'fp32' with trainer.precision bf16-weights: the policy's weights are "
+                          "bf16; use auto or bf16")
+    if old_logps == "sampler" and cfg.sampler != "transformers" and chosen != trainer:
+        raise ConfigError(f"algo.old_logps: 'sampler' needs FastSampler to compute in the trainer's dtype, but "
+                          f"trainer.sampler_dtype is {chosen} and trainer.precision {cfg.precision} computes in "
+                          f"{trainer}: its log-probs would not be the trainer's; use algo.old_logps: recompute or "
+                          "trainer.sampler_dtype: auto")
+    return chosen
+
+
 def _checkpoint_activations(role: str, model) -> None:
     """Gradient checkpointing of a transformers model (or a scalar head's language model): each
     decoder layer's activations are recomputed in the backward. Non-reentrant, so it works when
@@ -125,6 +143,7 @@ class Trainer:
             if why is not None:
                 raise ConfigError(f"trainer.sampler: 'fastalign' cannot sample from this policy: {why}; use auto "
                                   "(falls back to transformers' generate) or transformers")
+        self.sampler_dtype = sampler_dtype(cfg, self.dtype, getattr(algorithm.config, "old_logps", None))
         self.params = list({id(p): p for m in self.trainable.values() for p in m.parameters() if p.requires_grad}.values())
         # bf16-weights: the optimizer holds (and clipping reads) the fp32 masters (master_weights.py)
         self.master_weights = MasterWeights(self.params) if cfg.precision == "bf16-weights" else None

@@ -25,7 +25,7 @@ MKL_CBWR=COMPATIBLE FASTALIGN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=default
   python -m pytest -q --timeout=900 -m "not slow" -p no:cacheprovider -k "not triton and not cuda" \
   tests/test_logprobs.py tests/test_linear_logprobs.py tests/test_ppo.py tests/test_gae.py tests/test_kl_whiten.py \
   tests/test_preference.py tests/test_peer_numerics.py
-python -m pytest -q --timeout=1200 -m slow tests/test_logprobs.py tests/test_wheel.py tests/test_trainer.py tests/test_rl_algorithms.py tests/test_sampling.py \
+python -m pytest -q --timeout=1200 -m slow tests/test_logprobs.py tests/test_wheel.py tests/test_trainer.py tests/test_rl_algorithms.py tests/test_rl_family.py tests/test_sampling.py \
   tests/test_pretrained.py tests/test_demo_pretrained.py
 # the benchmark suite's one-minute smoke run: every case's code path, every target printed
 python -m benchmarks --quick --out bench_out/ci

@@ -179,4 +179,6 @@ def head_logps(model, inputs: dict, targets: torch.Tensor, *, temperature: float
         out = model(**inputs).logits
     if not called:
         raise RuntimeError(f"{type(causal_lm(model)).__name__}'s forward did not call its lm_head")
-    return out.unbind(-1) if return_entropy else (out,)
+    # contiguous: a strided view would make later reductions (e.g. a row sum) round differently
+    # from the same values computed without the entropy
+    return tuple(o.contiguous() for o in out.unbind(-1)) if return_entropy else (out,)

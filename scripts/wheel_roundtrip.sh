@@ -111,7 +111,9 @@ FA=$WORK/venv/bin/fastalign
   --set rm_steps=3 --set dpo_steps=3 --set dpo_batch_size=8 --set ppo_steps=2 --set ppo_prompts_per_step=8 \
   --set eval_prompts=16 > "$WORK/demo.log"
 tail -n 3 "$WORK/demo.log"
-"$FA" configs | grep -q "^dpo_bundled "
+# grep without -q reads the whole listing: -q exits at the first match, and under pipefail the CLI
+# then dies of a broken pipe when its output is longer than the pipe buffer holds at that moment
+"$FA" configs | grep "^dpo_bundled " > /dev/null
 "$FA" train dpo --config dpo_bundled trainer.max_steps=2 trainer.output_dir="$WORK/dpo" trainer.progress=false \
   | tee "$WORK/train.log"
 grep -q "dpo: done at step 2" "$WORK/train.log"

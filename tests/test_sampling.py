@@ -29,6 +29,7 @@ the head's own log-softmax error (tests.numerics.logp_error) for each.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -200,6 +201,83 @@ def test_unplain_projections_are_called_as_modules(model, tok):
 
 
 # ---- the sampling dtype ---------------------------------------------------------------------------------
+
+def _lora_model(model, tok, targets=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")):
+    """`model`'s weights under LoRA adapters (peft) with nonzero B (peft initialises B to 0: the
+    adapters would change nothing), so the merged weights differ from the base ones."""
+    from peft import LoraConfig, get_peft_model
+
+    m = tiny_model(tok, seed=3, **TINY)
+    m.load_state_dict(model.state_dict())
+    pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=list(targets)))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return pm.eval()
+
+
+def test_lora_projections_enter_the_fused_weights_merged(model, tok):
+    """A LoRA-wrapped projection is copied as W + scale B A (peft's merge): the decode weights'
+    product equals the module's eval-mode output within the matmul bound of each (two products
+    and a sum there, one product here), for q/k/v fused across wrapped (q, v) and plain (k)
+    modules; with the adapters disabled it is the base Linear's."""
+    from fastalign.sampling.decode_weights import DecodeWeights, run
+    from fastalign.sampling.static_decoder import causal_lm
+    from tests.numerics import matmul_bound
+
+    pm = _lora_model(model, tok)
+    w = DecodeWeights(causal_lm(pm), dtype=torch.float32)
+    assert w.sync() and not w.sync()
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
+    a, mlp = pm.get_base_model().model.layers[1].self_attn, pm.get_base_model().model.layers[1].mlp
+    lw = w.layers[1]
+    assert all(p.weight is not None for p in lw["qkv"] + lw["gate_up"] + [lw["o"], lw["down"]])  # all copied
+    with torch.no_grad():
+        for got, mod in zip(run(lw["qkv"], x) + run(lw["gate_up"], x), (a.q_proj, a.k_proj, a.v_proj,
+                                                                        mlp.gate_proj, mlp.up_proj)):
+            want = mod(x)
+            merged = mod.weight + (mod.get_delta_weight("default") if hasattr(mod, "lora_A") else 0)
+            bound = matmul_bound(x, merged.T) + (matmul_bound(x, mod.get_base_layer().weight.T) +
+                                                 matmul_bound(x, mod.get_delta_weight("default").T)
+                                                 if hasattr(mod, "lora_A") else 0)
+            assert_within(got, want, bound, str(mod))
+        lora_q = (run(lw["qkv"], x)[0] - x @ a.q_proj.get_base_layer().weight.T).abs().max()
+        assert lora_q > 1e-2  # the adapters change the product: the check above can fail
+        with pm.disable_adapter():
+            assert w.sync()  # the adapter state changed: rebuilt
+            got = run(w.layers[1]["qkv"], x)[0]
+            assert_within(got, x @ a.q_proj.get_base_layer().weight.T,
+                          matmul_bound(x, a.q_proj.get_base_layer().weight.T), "disabled")
+        assert w.sync()  # enabled again: rebuilt
+
+
+def test_lora_model_greedy_equals_generate_and_follows_adapter_updates(model, tok):
+    """FastSampler runs a peft LoRA model itself (no fallback to generate): greedy tokens equal
+    generate's on the same wrapped model, with the adapters disabled equal the base model's, and a
+    sampler kept across an optimizer step on the adapters samples the updated adapters."""
+    from fastalign.sampling import make_engine
+
+    pm = _lora_model(model, tok)
+    prompts = _prompts(tok, [4, 9, 2, 6])
+    s = make_engine("auto", pm, tok, max_batch=4)
+    assert isinstance(s, FastSampler)
+    ref = _generate(pm, tok, prompts, 4, 12, eos=tok.eos_token_id)
+    assert s.sample(prompts, max_new_tokens=12, do_sample=False).token_ids == ref
+    base = _generate(model, tok, prompts, 4, 12, eos=tok.eos_token_id)
+    assert base != ref  # the adapters change the greedy tokens: the checks can fail
+    with pm.disable_adapter():
+        assert s.sample(prompts, max_new_tokens=12, do_sample=False).token_ids == base
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=2.0)
+    pm.train()
+    pm(torch.tensor([prompts[1]]), labels=torch.tensor([prompts[1]])).loss.backward()
+    opt.step()
+    pm.eval()
+    after = s.sample(prompts, max_new_tokens=12, do_sample=False).token_ids
+    assert after == _generate(pm, tok, prompts, 4, 12, eos=tok.eos_token_id)
+    assert after != ref  # the step changed the greedy tokens
+
 
 def test_bf16_model_greedy_equals_generate_on_the_same_model(model, tok):
     """dtype auto on a bf16 model decodes in bf16: generate's tokens on that model."""
@@ -612,6 +690,20 @@ def test_smollm2_greedy_equals_generate_in_fp32_and_bf16():
     out = FastSampler(model, tok, max_batch=3).sample(prompts, max_new_tokens=20, do_sample=False)
     assert out.token_ids == ref
     assert "Paris" in tok.decode(out.token_ids[0])
+    # LoRA on every projection, B nonzero (as after some training): FastSampler merges the adapters and
+    # still gives generate's tokens on the wrapped model -- which differ from the base model's
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ref_lora = _generate(pm, tok, prompts, 3, 20, eos=tok.eos_token_id)
+    assert ref_lora != ref
+    assert FastSampler(pm, tok, max_batch=3).sample(prompts, max_new_tokens=20, do_sample=False).token_ids == ref_lora
     # bf16: sampling the fp32 model in bf16 (autocast) is generate under bf16 autocast; on the bf16 model
     # dtype auto is generate on that model
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -12,14 +12,20 @@ side by side and/or cast to the sampling dtype, rebuilt whenever the model's wei
     the weights are cast once here instead of by autocast at every op (autocast caches casts only
     of leaf tensors that require grad, not of a frozen model's weights).
 
-Only a plain torch.nn.Linear (no hooks, no subclass: not a LoRA-wrapped projection) is copied; any
-other projection module is called as it is, so wrapped models still decode, without these gains.
+Copied are a plain torch.nn.Linear (no hooks, no subclass) and a LoRA-wrapped one (peft's
+lora.Linear, plain LoRA: no DoRA or other variant, no LoRA bias) as its merged matrix
+W + sum over active adapters of scale * B A (peft's own get_delta_weight; the base weight alone
+while the adapters are disabled, as under `disable_adapter()`; W as it is once peft merged it) --
+what the module computes in eval mode (FastSampler samples in eval mode: no LoRA dropout), each
+output rounded once instead of twice (base and adapter products added). Any other projection
+module is called as it is, so wrapped models still decode, without these gains.
 
 Staleness: the copies are of the weights when they were made. `sync()` compares every source
 parameter's storage pointer and version counter (bumped by each in-place update: an optimizer
-step, load_state_dict, copy_) with those at the last build and rebuilds when one differs; a
-sampler kept across optimizer steps therefore samples from the current weights. The check is a
-few microseconds per parameter; the rebuild one pass over the copied weights.
+step, load_state_dict, copy_) and every LoRA layer's adapter state (disabled, merged, active
+adapters) with those at the last build and rebuilds when one differs; a sampler kept across
+optimizer steps therefore samples from the current weights. The check is a few microseconds per
+parameter; the rebuild one pass over the copied weights (plus the rank-r products of LoRA).
 """
 
 from __future__ import annotations
@@ -33,6 +39,47 @@ def plain_linear(module) -> bool:
     return type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
 
 
+def _no_hooks(module) -> bool:
+    return not module._forward_hooks and not module._forward_pre_hooks
+
+
+def lora_linear(module) -> bool:
+    """Whether `module` is peft's lora.Linear around a plain Linear, with plain LoRA adapters only."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # peft is optional
+        return False
+    if type(module) is not LoraLinear or not _no_hooks(module) or not plain_linear(module.get_base_layer()):
+        return False
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    return not any(module.lora_variant.get(a) is not None or module.lora_bias.get(a, False) for a in active)
+
+
+def adapter_state(module) -> tuple:
+    """What selects a LoRA layer's effective weight besides its parameters."""
+    return (module.disable_adapters, module.merged, tuple(module.active_adapters))
+
+
+def effective_linear(module):
+    """(weight, bias) with module(x) == F.linear(x, weight, bias) in eval mode, or None when
+    `module` is neither a plain Linear nor a plain-LoRA Linear (then it is called as it is)."""
+    if plain_linear(module):
+        return module.weight.detach(), None if module.bias is None else module.bias.detach()
+    if not lora_linear(module):
+        return None
+    base = module.get_base_layer()
+    bias = None if base.bias is None else base.bias.detach()
+    if module.merged:
+        # merged adapters are inside base.weight; disabled ones peft unmerges at the next call
+        return None if module.disable_adapters else (base.weight.detach(), bias)
+    weight = base.weight.detach()
+    if not module.disable_adapters:
+        for a in module.active_adapters:
+            if a in module.lora_A:
+                weight = weight + module.get_delta_weight(a).detach().to(weight.dtype)
+    return weight, bias
+
+
 class Projection:
     """One or several Linear modules applied to the same input: returns their outputs as a tuple.
     Plain modules are one F.linear over their weights side by side (cast to `dtype`); anything
@@ -41,13 +88,12 @@ class Projection:
     def __init__(self, modules, dtype: torch.dtype):
         self.modules, self.sizes = list(modules), [m.out_features for m in modules]
         self.weight = self.bias = None
-        if all(plain_linear(m) for m in self.modules):
-            # a single module in its own dtype: its weight itself (detach is a view, .to a no-op)
-            self.weight = torch.cat([m.weight.detach() for m in self.modules]).to(dtype) if len(self.modules) > 1 \
-                else self.modules[0].weight.detach().to(dtype)
-            if any(m.bias is not None for m in self.modules):
-                self.bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
-                                       for m in self.modules]).to(dtype)
+        linear = [effective_linear(m) for m in self.modules]
+        if all(wb is not None for wb in linear):
+            # a single plain module in its own dtype: its weight itself (detach is a view, .to a no-op)
+            self.weight = torch.cat([w for w, _ in linear]).to(dtype) if len(linear) > 1 else linear[0][0].to(dtype)
+            if any(b is not None for _, b in linear):
+                self.bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in linear]).to(dtype)
 
     def __call__(self, x: torch.Tensor) -> tuple:
         if self.weight is None:
@@ -73,7 +119,8 @@ class DecodeWeights:
         self._stamp = None
 
     def _stamp_now(self) -> list:
-        return [(p.data_ptr(), p._version) for p in self.model.parameters()]
+        return [(p.data_ptr(), p._version) for p in self.model.parameters()] + \
+            [adapter_state(m) for m in self.model.modules() if hasattr(m, "lora_A") and hasattr(m, "merged")]
 
     def sync(self) -> bool:
         """Rebuilds the copies if any parameter changed since the last build; True if it did."""

@@ -42,8 +42,15 @@ from fastalign.sampling.decode_weights import DecodeWeights, run
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
+def causal_lm(model):
+    """The transformers model inside a peft model (its LoRA layers in place), else `model`."""
+    return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+
+
 def unsupported_reason(model) -> str | None:
-    """None when StaticDecoder can run `model`, else why not (the fallback is transformers)."""
+    """None when StaticDecoder can run `model` (or the model inside a peft wrapper), else why not
+    (the fallback is transformers)."""
+    model = causal_lm(model)
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return f"model type {getattr(cfg, 'model_type', None)!r} is not one of {SUPPORTED_MODEL_TYPES}"
@@ -67,6 +74,7 @@ class StaticDecoder:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"FastSampler: cannot run this model: {reason}")
+        model = causal_lm(model)  # a peft model's LoRA layers are merged into the decode weights
         self.model, self.core = model, model.model
         cfg = model.config
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -154,8 +154,8 @@ def test_with_lora_adapters_only_the_adapters_have_masters(tok, data, tmp_path):
 
 
 def test_refusals(tok, data, tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="bf16-weights runs in a single process"):
-        _trainer(tok, data, tmp_path, distributed="ddp")
+    with pytest.raises(ConfigError, match="bf16-weights with trainer.distributed=fsdp is not supported"):
+        _trainer(tok, data, tmp_path, distributed="fsdp")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
     with pytest.raises(ConfigError, match="Tesla V100 cannot compute in bf16"):

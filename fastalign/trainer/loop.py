@@ -84,9 +84,9 @@ def _checkpoint_activations(role: str, model) -> None:
 
 def _check_precision_and_adapters(cfg: TrainerConfig, mode: str, models: dict) -> None:
     """What the distributed modes do not support yet, refused before any process group is joined."""
-    if cfg.precision == "bf16-weights" and mode != "none":
-        raise ConfigError(f"trainer.precision=bf16-weights runs in a single process for now (trainer.distributed is "
-                          f"{mode}); under torchrun use precision bf16 (autocast) or fp32")
+    if cfg.precision == "bf16-weights" and mode == "fsdp":
+        raise ConfigError("trainer.precision=bf16-weights with trainer.distributed=fsdp is not supported yet; use "
+                          "trainer.distributed=ddp, or precision bf16 (autocast) or fp32 with fsdp")
     if mode == "fsdp" and any(adapters.has_adapters(m) for m in models.values()):
         raise ConfigError("trainer.distributed=fsdp does not support LoRA adapters (model.peft) yet; use "
                           "trainer.distributed=ddp (the adapters are small, so replicating them costs little)")
@@ -135,8 +135,16 @@ class Trainer:
             else:
                 m.eval()
                 m.requires_grad_(False)
-        # DDP views of the trainable models (see train_models); FSDP2 shards self.models in place
-        self._views = D.wrap_models(self.models, algorithm.trainable, self.dist_mode, self.device)
+        # DDP views of the trainable models (see train_models); FSDP2 shards self.models in place.
+        # bf16-weights under DDP: no DDP -- its reducer reads p.grad, which MasterWeights moves into
+        # the fp32 masters as each backward accumulates it -- but every rank starts from rank 0's
+        # weights and the masters' gradients are all-reduced once per step (MasterWeights.all_reduce_grads)
+        if cfg.precision == "bf16-weights" and self.dist_mode == "ddp":
+            for m in self.models.values():
+                D.broadcast_module_(m)
+            self._views = {}
+        else:
+            self._views = D.wrap_models(self.models, algorithm.trainable, self.dist_mode, self.device)
         self.trainable = {r: self.models[r] for r in algorithm.trainable if r in self.models}
         if cfg.sampler == "fastalign" and "policy" in self.models:
             why = fastalign_refusal(self.models["policy"], sharded=D.is_sharded(self.models["policy"]))

@@ -7,7 +7,11 @@ what the optimizer holds and updates.
 
 So the gradients of the micro-batches of a step are summed in fp32, not rounded to bf16 after
 each addition, and small updates are not lost to bf16 rounding of the weights: they accumulate
-in the master until they move the bf16 value. Checkpoints hold the fp32 masters in the model
+in the master until they move the bf16 value. Under DDP (torchrun, trainer.distributed=ddp) the
+models are not wrapped in DistributedDataParallel (its reducer would read the p.grad this moves
+away); instead every rank's fp32 master gradients are summed over the ranks once per step
+(`all_reduce_grads`, one flat buffer) and divided by the world size, as DDP does -- so two ranks
+give the bits of one process with two micro-batches (g0 + g1 in fp32 either way). Checkpoints hold the fp32 masters in the model
 directories (`masters_in_models` swaps them into the parameters while a checkpoint is written
 or read), so a resume continues bit for bit and a checkpoint loads as an ordinary fp32 model.
 """
@@ -40,6 +44,21 @@ class MasterWeights:
             p.grad = None
 
         return hook
+
+    @torch.no_grad()
+    def all_reduce_grads(self, world: int) -> None:
+        """The masters' gradients := their mean over the ranks (sum, then / world: the losses were
+        scaled by world for DDP's mean, as for every distributed mode). A master with no gradient on
+        this rank (a parameter no micro-batch reached) contributes zeros."""
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [m.grad if m.grad is not None else torch.zeros_like(m) for m in self.masters]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for m, g in zip(self.masters, _unflatten_dense_tensors(flat, grads)):
+            m.grad = g
 
     @torch.no_grad()
     def copy_to_model(self) -> None:

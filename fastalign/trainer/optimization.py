@@ -91,6 +91,8 @@ def accumulate(trainer, micro_batches: list[dict], *, loss_fn=None, units_fn=Non
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v * u
             weights[k] = weights.get(k, 0.0) + u
+    if multi and trainer.master_weights is not None:
+        trainer.master_weights.all_reduce_grads(trainer.world)  # bf16-weights under DDP (master_weights.py)
     if not multi:
         out = {k: v / total for k, v in sums.items()}
         out.update(loss=loss_total / total, units=total)

@@ -85,8 +85,9 @@ def _split_params(loss_type, entry, loss_params):
 def _fold_correction(old, adv, mask, rollout_logprobs, correction):
     """The rollout correction for the fused kernels: a TIS weight w > 0 (stop-gradient, per token
     or per row) scales the token loss, and every fused type's token loss l(A) has w l(A) = l(w A)
-    (ppo: max/min commute with a positive factor; cispo, sapo, reinforce: linear in A, decisions
-    on sign(A) only), so the kernels get advantages w A; MIS drops tokens from the mask.
+    (ppo and gspo: max/min commute with a positive factor; cispo, sapo, reinforce: linear in A,
+    decisions on sign(A) only; geo_mean: for a per-row w only, see _pg_fusable), so the kernels
+    get advantages w A; MIS drops tokens from the mask.
     Returns (advantages, mask, rollout stats)."""
     if rollout_logprobs is None:
         return adv, mask, {}
@@ -135,8 +136,9 @@ def _gspo_token(name, logprobs, old, adv, mask, params, agg, global_count, horiz
         approx_kl = -d.sum() / n.sum().clamp(min=1)
     x = torch.where(over.unsqueeze(-1), logprobs.detach(), logprobs)
     shifted = x.detach().float() - log_s
-    loss, out = P._policy_fused(name, x, shifted, adv, mask, params["clip_low"], params["clip_high"], None, agg,
-                                global_count, horizon)
+    high = params["clip_low"] if params["clip_high"] is None else params["clip_high"]
+    loss, out = P._policy_fused(name, x, shifted, adv, mask, params["clip_low"], high, None, agg, global_count,
+                                horizon)
     stats = {**_kernel_stats(out, ("clipfrac", "clipfrac_low", "clipfrac_high", "ratio_mean", "ratio_max")),
              "approx_kl": approx_kl, **rstats}
     return loss, {k: v.detach().float() for k, v in stats.items()}

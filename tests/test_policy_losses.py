@@ -7,8 +7,12 @@ What each comparison is against:
     bit-identical to ppo_policy_loss (same kernels, same arguments) on every backend; with the
     rollout correction folded into it, it is compared with the eager reference
     (kernels/reference_policy_losses.policy_loss), which multiplies the token loss by the weight.
-  * the other types run their torch formula on every backend, so "against the reference" would
-    compare the code with itself; they are compared with verl's formulas
+  * reinforce / gpg, cispo, sapo, gspo and geo_mean run the fused pg kernel on every fused
+    backend: each is compared with the eager reference, forward, gradient and every statistic
+    (test_fused_pg_kernel_matches_reference); gspo_token runs the ppo kernels on shifted inputs
+    (test_gspo_token_on_the_ppo_kernels_matches_reference).
+  * every type (on the default backend: the fused kernel where there is one, the formula
+    otherwise) is compared with verl's formulas
     (verl/trainer/ppo/core_algos.py, compute_policy_loss_*, and agg_loss, volcengine/verl as of
     January 2026) and TRL's (trl/trainer/grpo_trainer.py GRPOTrainer._compute_loss, TRL 1.16),
     transcribed below into float64 torch, forward and gradient w.r.t. the log-probs.

@@ -37,6 +37,9 @@ inputs (bf16 inputs are read exactly by both):
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -974,6 +977,33 @@ def test_fused_pg_kernel_opcheck_and_dispatch(backend, device):
             fwd(logp, old, adv, mask, 2, 0.0, 1.0, 0, -1.0, 0.0)
         with pytest.raises(RuntimeError, match="geo_mean needs"):
             fwd(logp, old, adv, mask, 4, -0.1, 1.0, 0, -1.0, 0.0)
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_fused_pg_kernel_narrower_isa_paths(capability):
+    """The pg kernel's row driver as 8-lane AVX2 and 4-lane baseline clones (the tests above run
+    the widest the CPU has): test_fused_pg_kernel_matches_reference in a fresh process under
+    FASTALIGN_CPU_CAPABILITY, every type, two aggregations, both dtypes, with and without the
+    rollout correction."""
+    if not PF.available("cpp"):
+        pytest.skip("the loaded fastalign._C has no pg_policy_loss kernel")
+    code = """
+import torch
+from tests.test_policy_losses import AGGS, DTYPES, PG_CASES, PG_CORRECTIONS, test_fused_pg_kernel_matches_reference
+for loss_type, params in PG_CASES:
+    for agg in (AGGS[0], AGGS[2]):
+        for dtype in DTYPES:
+            for correction in PG_CORRECTIONS[:2]:
+                torch.manual_seed(0)
+                test_fused_pg_kernel_matches_reference("cpp", "cpu", loss_type, params, agg, dtype, correction)
+print("ok")
+"""
+    env = dict(os.environ, FASTALIGN_CPU_CAPABILITY=capability)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    if out.returncode != 0 and "this CPU lacks" in out.stderr:
+        pytest.skip(f"this CPU cannot run the {capability} kernels")
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 
 def test_fused_pg_dispatch_and_fallbacks():

@@ -2,8 +2,11 @@
 // header: ppo_rows.h includes it once per ISA object, inside a namespace that defines
 // `constexpr int W` (4, 8 or 16 lanes).
 //
-// The math mirrors kernels/reference.py op by op, with torch's NaN-propagating max/min/clamp
-// forward and autograd's half shares at ties and inclusive clamp bounds backward.
+// The math mirrors kernels/reference.py and kernels/reference_policy_losses.py op by op, with
+// torch's NaN-propagating max/min/clamp forward and autograd's half shares at ties and inclusive
+// clamp bounds backward. Every loss runs on one row driver (fwd_rows / bwd_rows at the end): a
+// per-row context first (a row pass for the sequence-level gspo and geo_mean, nothing for the
+// per-token losses), then the token sweep.
 
 #include "lanes_w.h"
 

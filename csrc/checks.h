@@ -164,6 +164,21 @@ inline void ppo_bwd_args(const char* op, const at::Tensor& grad_out, const at::T
   TORCH_CHECK(grad_out.numel() >= 1, op, ": grad_out must hold the loss gradient");
 }
 
+// pg_policy_loss's kind and parameters (fastalign/ops/policy_loss_fused.py kernel_args).
+inline void pg_params(const char* op, int64_t kind, double a, double b) {
+  TORCH_CHECK(kind >= 0 && kind <= 4, op,
+              ": kind must be 0 (reinforce), 1 (cispo), 2 (sapo), 3 (gspo) or 4 (geo_mean), got ", kind);
+  if (kind == 1 || kind == 3)
+    TORCH_CHECK(a >= 0.0 && a <= 1.0 && std::isfinite(b) && b > 0.0, op, ": ", kind == 1 ? "cispo" : "gspo",
+                " needs 0 <= a (1 - clip_low) <= 1 and a finite b (1 + clip_high) > 0, got ", a, ", ", b);
+  if (kind == 2)
+    TORCH_CHECK(std::isfinite(a) && a > 0.0 && std::isfinite(b) && b > 0.0, op,
+                ": sapo needs finite tau_pos, tau_neg > 0, got ", a, ", ", b);
+  if (kind == 4)
+    TORCH_CHECK(std::isfinite(a) && a >= 0.0 && std::isfinite(b) && b >= 0.0, op,
+                ": geo_mean needs finite clip_low, clip_high >= 0, got ", a, ", ", b);
+}
+
 // The aggregation's normalisers: global_count < 0 (this call's own count) or >= 0, horizon 0 (T) or > 0.
 inline void agg_args(const char* op, double global_count, double horizon) {
   TORCH_CHECK(std::isfinite(global_count), op, ": global_count must be finite (< 0: this call's own count), got ",

@@ -181,23 +181,7 @@ def test_opcheck(backend, device):
     torch.library.opcheck(returns, (rewards, mask, torch.randn(rewards.shape[0], device=device), 1.0, 1))
 
 
-@pytest.mark.parametrize("backend,device", FUSED)
-@pytest.mark.parametrize("kind", ["grpo", "grpo_passk", "reinforce_plus_plus_baseline", "reinforce_plus_plus", "remax"])
-def test_torch_compile_fullgraph_fused(backend, device, kind):
-    torch._dynamo.reset()
-    rewards, mask, index = _inputs(12, batch=16, steps=8, min_group=2)
-    rewards, mask, index = rewards.to(device), mask.to(device), index.to(device)
-    opts = {"reward_baselines": torch.randn(16, device=device)} if kind == "remax" else {}
-    if kind not in ("remax", "reinforce_plus_plus"):
-        opts["index"] = index
-
-    def step(r, m, **kw):
-        return fastalign.advantages(kind, r, m, backend=backend, **kw)
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    got, want = compiled(rewards, mask, **opts), step(rewards, mask, **opts)
-    # the same kernels on the same inputs (dense_group_ids is exact integer work): bit for bit
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+# torch.compile(fullgraph=True) of the fused kinds: tests/test_advantages.py test_torch_compile_fullgraph
 
 
 @pytest.mark.parametrize("backend,device", FUSED)
@@ -280,26 +264,3 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     # the interpreter never runs Triton's compiler (loop-carried types, scan lowering, constexpr
     # branches): compile every kernel to a cubin for sm_90 in a process without TRITON_INTERPRET
     run_triton_compile_script(_COMPILE_SCRIPT, timeout=600)
-
-
-def test_bench_verl_contenders_compute_the_estimators():
-    # the benchmark's verl contenders (fastalign/benchmarks/_peers.py) are timed against the fused
-    # ops, so they must compute the same thing: each within the derived bound of the reference
-    from fastalign.benchmarks import _peers
-
-    rewards, mask, index = _inputs(14, min_group=2)
-    loops = {"grpo": _peers.verl_grpo_loop, "rloo": _peers.verl_rloo_loop, "opo": _peers.verl_opo_loop,
-             "grpo_passk": _peers.verl_grpo_passk_loop,
-             "reinforce_plus_plus_baseline": _peers.verl_reinforce_plus_plus_baseline_loop}
-    for kind, loop in loops.items():
-        got = loop(rewards.clone(), mask, index.tolist())
-        want = getattr(ref, kind)(rewards, mask, index)[0]
-        assert_within(got, want, 2 * _outcome_bound(kind, rewards, mask, index), f"verl {kind} loop")
-    got = _peers.verl_reinforce_plus_plus_loop(rewards, mask, 0.9)
-    want = ref.reinforce_plus_plus(rewards, mask, 0.9)
-    e_ret = gamma(3 * rewards.shape[1]) * _discounted_abs(rewards, mask, 0.9)
-    assert_within(got[1], want[1], 2 * e_ret, "verl reinforce++ returns")
-    baselines = torch.randn(rewards.shape[0])
-    got = _peers.verl_remax(rewards, mask, baselines)
-    assert_within(got[1], ref.remax(rewards, mask, baselines)[1], 2 * gamma(rewards.shape[1])
-                  * _discounted_abs(rewards, mask, 1.0), "verl remax returns")

@@ -1,7 +1,8 @@
 """fastalign.advantages: every built-in estimator against (a) its eager per-group reference
 (fastalign/kernels/reference_advantages.py) and (b) verl's formula as written in verl's source,
-verl/trainer/ppo/core_algos.py (the functions named in each `_verl_*` below), re-derived here with
-verl's Python loop over samples and its dict of groups; plus bad inputs, the registry and
+verl/trainer/ppo/core_algos.py (the functions named in each `verl_*` of
+fastalign/benchmarks/_peers.py and `_verl_*` below), re-derived with verl's Python loop over
+samples and its dict of groups; plus bad inputs, the registry and
 torch.compile.
 
 Error bounds (tests/numerics.py's model, computed in fp64 from the test's actual inputs): both
@@ -31,8 +32,11 @@ import pytest
 import torch
 
 import fastalign
+from fastalign.benchmarks import _peers
 from fastalign.kernels import reference_advantages as ref
+from fastalign.ops import advantage_ops
 from fastalign.ops.advantages import ADVANTAGE_ESTIMATORS
+from tests.conftest import backend_params
 from tests.numerics import EXP_ULPS, assert_within, gamma, unit_roundoff
 
 U = unit_roundoff(torch.float32)
@@ -40,119 +44,14 @@ GROUP_KINDS = ["grpo", "rloo", "reinforce_plus_plus_baseline", "opo", "grpo_pass
 
 
 # ---- verl's formulas, re-derived from verl/trainer/ppo/core_algos.py ---------------------------
+# grpo, rloo, reinforce_plus_plus(_baseline), opo, grpo_passk, remax and masked_whiten live in
+# fastalign/benchmarks/_peers.py (one copy, also the benchmark's verl contender); gpg, gdpo and
+# optimal_token_baseline below.
 
+_verl_whiten, _verl_groups = _peers.verl_whiten, _peers.verl_groups
+_verl_grpo, _verl_reinforce_plus_plus, _verl_remax = _peers.verl_grpo, _peers.verl_reinforce_plus_plus, _peers.verl_remax
+VERL = _peers.VERL_OUTCOME
 
-def _verl_whiten(values, mask):
-    """verl/utils/torch_functional.py masked_whiten: masked mean, unbiased masked variance,
-    (values - mean) * rsqrt(var + 1e-8)."""
-    mean = (values * mask).sum() / mask.sum()
-    centered = values - mean
-    var = (centered**2 * mask).sum() / mask.sum() * (mask.sum() / (mask.sum() - 1))
-    return (values - mean) * torch.rsqrt(var + 1e-8)
-
-
-def _verl_groups(scores, index, extra=None):
-    id2score, id2extra = defaultdict(list), defaultdict(list)
-    for i in range(scores.shape[0]):
-        id2score[int(index[i])].append(scores[i])
-        if extra is not None:
-            id2extra[int(index[i])].append(extra[i])
-    return id2score, id2extra
-
-
-def _verl_grpo(r, mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
-    """compute_grpo_outcome_advantage."""
-    scores = r.sum(-1)
-    id2score, _ = _verl_groups(scores, index)
-    id2mean, id2std = {}, {}
-    for g, vals in id2score.items():
-        if len(vals) == 1:
-            id2mean[g], id2std[g] = torch.tensor(0.0), torch.tensor(1.0)
-        else:
-            id2mean[g], id2std[g] = torch.mean(torch.stack(vals)), torch.std(torch.stack(vals))
-    for i in range(scores.shape[0]):
-        g = int(index[i])
-        scores[i] = (scores[i] - id2mean[g]) / (id2std[g] + epsilon) if norm_adv_by_std_in_grpo \
-            else scores[i] - id2mean[g]
-    out = scores.unsqueeze(-1) * mask
-    return out, out
-
-
-def _verl_rloo(r, mask, index):
-    """compute_rloo_outcome_advantage."""
-    scores = r.sum(-1)
-    id2score, _ = _verl_groups(scores, index)
-    id2mean = {g: torch.mean(torch.stack(v)) if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
-    for i in range(scores.shape[0]):
-        n = len(id2score[int(index[i])])
-        if n > 1:
-            scores[i] = scores[i] * n / (n - 1) - id2mean[int(index[i])] * n / (n - 1)
-    out = scores.unsqueeze(-1) * mask
-    return out, out
-
-
-def _verl_reinforce_plus_plus_baseline(r, mask, index):
-    """compute_reinforce_plus_plus_baseline_outcome_advantage."""
-    scores = r.sum(-1)
-    id2score, _ = _verl_groups(scores, index)
-    id2mean = {g: torch.mean(torch.stack(v)) if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
-    for i in range(scores.shape[0]):
-        scores[i] = scores[i] - id2mean[int(index[i])]
-    m = mask.float()
-    scores = scores.unsqueeze(-1).tile([1, r.shape[1]]) * m
-    out = _verl_whiten(scores, m) * m
-    return out, out
-
-
-def _verl_opo(r, mask, index):
-    """compute_opo_outcome_advantage."""
-    lengths, scores = mask.float().sum(-1), r.sum(-1)
-    id2score, id2len = _verl_groups(scores, index, lengths)
-    bsl = {g: (torch.stack(id2len[g]) * torch.stack(v)).sum() / torch.stack(id2len[g]).sum()
-           if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
-    for i in range(scores.shape[0]):
-        scores[i] = scores[i] - bsl[int(index[i])]
-    out = scores.unsqueeze(-1) * mask
-    return out, out
-
-
-def _verl_grpo_passk(r, mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
-    """compute_grpo_passk_outcome_advantage."""
-    scores = r.sum(-1)
-    adv = torch.zeros_like(scores)
-    id2score, id2pos = _verl_groups(scores, index, list(range(scores.shape[0])))
-    for g, vals in id2score.items():
-        rewards = torch.stack(vals)
-        topk, topk_idx = torch.topk(rewards, 2)
-        a = topk[0] - topk[1]
-        if norm_adv_by_std_in_grpo:
-            a = a / (torch.std(rewards) + epsilon)
-        adv[id2pos[g][topk_idx[0].item()]] = a
-    out = adv.unsqueeze(-1) * mask
-    return out, out
-
-
-def _verl_reinforce_plus_plus(r, mask, gamma_):
-    """compute_reinforce_plus_plus_outcome_advantage."""
-    m = mask.float()
-    returns = torch.zeros_like(r)
-    running = 0
-    for t in reversed(range(r.shape[1])):
-        running = r[:, t] + gamma_ * running
-        returns[:, t] = running
-        running = running * m[:, t]
-    return _verl_whiten(returns, m) * m, returns
-
-
-def _verl_remax(r, mask, baselines):
-    """compute_remax_outcome_advantage."""
-    m = mask.float()
-    returns = (r * m).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
-    return returns - baselines.unsqueeze(-1) * m, returns
-
-
-VERL = {"grpo": _verl_grpo, "rloo": _verl_rloo, "reinforce_plus_plus_baseline": _verl_reinforce_plus_plus_baseline,
-        "opo": _verl_opo, "grpo_passk": _verl_grpo_passk}
 
 
 # ---- inputs and bounds ---------------------------------------------------------------------------
@@ -482,9 +381,14 @@ def test_bad_inputs_name_the_argument(call, error, match):
 # ---- torch.compile --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])  # the torch composition, and the fused op here
+@pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("kind", sorted(ADVANTAGE_ESTIMATORS))
-def test_torch_compile_fullgraph(kind, backend):
+def test_torch_compile_fullgraph(kind, backend, device):
+    """Every estimator's torch composition, and on each fused backend the kinds with a fused
+    kernel (fastalign/ops/advantage_ops.py FUSED, and gae on fastalign.gae's kernels; the others
+    are torch only: a fused backend is refused for them)."""
+    if backend != "torch" and kind not in advantage_ops.FUSED and kind != "gae":
+        pytest.skip(f"{kind} is torch only (its composition is tested with backend torch)")
     torch._dynamo.reset()
     rewards, mask, index = _inputs(12, batch=16, steps=8, min_group=2)
     opts = {"remax": {"reward_baselines": torch.randn(16)}, "gae": {"values": torch.randn(16, 8)},
@@ -493,13 +397,17 @@ def test_torch_compile_fullgraph(kind, backend):
             }.get(kind, {})
     if ADVANTAGE_ESTIMATORS[kind].needs_index:
         opts["index"] = index
+    rewards, mask = rewards.to(device), mask.to(device)
+    opts = {k: ([t.to(device) for t in v] if isinstance(v, list) and isinstance(v[0], torch.Tensor)
+                else v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
 
     def step(r, m, **kw):
         return fastalign.advantages(kind, r, m, backend=backend, **kw)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got, want = compiled(rewards, mask, **opts), step(rewards, mask, **opts)
-    # aot_eager runs the same torch kernels in the same order: equal bit for bit
+    # aot_eager runs the same kernels in the same order (the fused ones fix their summation order
+    # and dense_group_ids is exact integer work): equal bit for bit
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 

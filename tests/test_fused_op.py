@@ -12,10 +12,11 @@ from fastalign import _backends
 from fastalign.ops._fused import FusedOp
 from fastalign.ops.gae import GAE
 from fastalign.ops.logprobs import GATHER_LOGPROBS
+from fastalign.ops.policy_loss_fused import PG_POLICY_LOSS
 from fastalign.ops.ppo import PPO_POLICY_LOSS, PPO_VALUE_LOSS
 from fastalign.ops.preference import DPO_LOSS, DPO_TOKENS, SEQUENCE_LOGPS
 
-DESCRIPTIONS = (GATHER_LOGPROBS, GAE, PPO_POLICY_LOSS, PPO_VALUE_LOSS, SEQUENCE_LOGPS, DPO_LOSS, DPO_TOKENS)
+DESCRIPTIONS = (GATHER_LOGPROBS, GAE, PPO_POLICY_LOSS, PPO_VALUE_LOSS, PG_POLICY_LOSS, SEQUENCE_LOGPS, DPO_LOSS, DPO_TOKENS)
 
 
 def _run(code: str) -> str:

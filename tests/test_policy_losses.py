@@ -7,8 +7,12 @@ What each comparison is against:
     bit-identical to ppo_policy_loss (same kernels, same arguments) on every backend; with the
     rollout correction folded into it, it is compared with the eager reference
     (kernels/reference_policy_losses.policy_loss), which multiplies the token loss by the weight.
-  * the other types run their torch formula on every backend, so "against the reference" would
-    compare the code with itself; they are compared with verl's formulas
+  * reinforce / gpg, cispo, sapo, gspo and geo_mean run the fused pg kernel on every fused
+    backend: each is compared with the eager reference, forward, gradient and every statistic
+    (test_fused_pg_kernel_matches_reference); gspo_token runs the ppo kernels on shifted inputs
+    (test_gspo_token_on_the_ppo_kernels_matches_reference).
+  * every type (on the default backend: the fused kernel where there is one, the formula
+    otherwise) is compared with verl's formulas
     (verl/trainer/ppo/core_algos.py, compute_policy_loss_*, and agg_loss, volcengine/verl as of
     January 2026) and TRL's (trl/trainer/grpo_trainer.py GRPOTrainer._compute_loss, TRL 1.16),
     transcribed below into float64 torch, forward and gradient w.r.t. the log-probs.
@@ -33,6 +37,9 @@ inputs (bf16 inputs are read exactly by both):
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -839,11 +846,12 @@ def test_register_user_loss():
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "torch"])
-@pytest.mark.parametrize("loss_type", ["ppo", "gspo_token", "cispo", "sapo"])
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo_token", "cispo", "sapo", "gspo", "geo_mean"])
 def test_torch_compile_fullgraph_fused(backend, device, loss_type):
-    """The fused paths (ppo and gspo_token on the ppo kernels, cispo / sapo on the cpp pg kernel),
-    with TIS folded into the advantages and the torch stats pass."""
-    params = {"ppo": dict(clip_high=0.28), "gspo_token": dict(clip_low=0.05)}.get(loss_type, {})
+    """The fused paths (ppo and gspo_token on the ppo kernels, the others on the pg kernel; geo_mean
+    with token TIS on its formula), with TIS folded into the advantages."""
+    params = {"ppo": dict(clip_high=0.28), "gspo_token": dict(clip_low=0.05), "gspo": dict(clip_low=0.05)}.get(
+        loss_type, {})
 
     def step(logp, old, adv, mask, rollout):
         loss, stats = fastalign.policy_loss(logp, old, adv, mask, loss_type=loss_type, rollout_logprobs=rollout,
@@ -866,28 +874,58 @@ def test_torch_compile_fullgraph_fused(backend, device, loss_type):
     assert_within(a.grad, b.grad, f * b.grad.abs().max(), "compiled gradient")
 
 
-# ---- the fused CPU kernel of reinforce / gpg, cispo, sapo (fastalign/ops/policy_loss_fused.py) -------
+# ---- the fused pg kernel: reinforce / gpg, cispo, sapo, gspo, geo_mean (fastalign/ops/policy_loss_fused.py) ----
 
 from fastalign.ops import policy_loss_fused as PF  # noqa: E402
 
-needs_pg_kernel = pytest.mark.skipif(not PF.available(), reason="the loaded fastalign._C has no pg_policy_loss kernel")
+FUSED = [p for p in BACKENDS if p.values[0] != "torch"]
 PG_CASES = [("reinforce", {}), ("gpg", {}), ("cispo", {}), ("cispo", dict(clip_low=0.2, clip_high=0.28)),
-            ("sapo", {}), ("sapo", dict(tau_pos=2.0, tau_neg=0.5))]
+            ("sapo", {}), ("sapo", dict(tau_pos=2.0, tau_neg=0.5)), ("gspo", dict(clip_low=0.05, clip_high=0.08)),
+            ("geo_mean", {}), ("geo_mean", dict(clip_low=0.1, clip_high=0.15))]
+PG_CORRECTIONS = [{}, dict(rollout_is="sequence", rollout_rs="token", rollout_rs_threshold=1.4),
+                  dict(rollout_is="token", rollout_is_threshold=1.5)]
 
 
-@needs_pg_kernel
+def _pg_size(loss_type, logp, old, adv, keep, w, full):
+    """An upper bound, per token, of the magnitudes the fp32 evaluation of the loss goes through:
+    |w A| (|logp| r + 4 / tau) for the token types (r <= 5 here), |w A| max(s, 1 + clip_high) for
+    gspo (s the row's ratio), R_b mean_t |w A| for geo_mean (its Abar may cancel: the error is of
+    the terms, not of the mean)."""
+    a64 = torch.where(keep, adv.double(), 0.0).abs() * w.double()
+    ratio = torch.exp((logp.double() - old.double()).clamp(-20, 20))
+    n = keep.sum(-1, keepdim=True).clamp(min=1)
+    d = torch.where(keep, logp.double() - old.double(), 0.0)
+    s = torch.exp((d.sum(-1, keepdim=True) / n).clamp(max=10))
+    if loss_type == "gspo":
+        return a64 * torch.maximum(s, torch.tensor(1.0 + full["clip_high"], dtype=torch.float64))
+    if loss_type == "geo_mean":
+        r = torch.exp(d.abs().sum(-1, keepdim=True) / n)  # >= R_b
+        return (r * a64.sum(-1, keepdim=True) / n).expand_as(a64)
+    return a64 * (logp.double().abs() * ratio.clamp(max=5.0) + 4.0 / 0.5)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("loss_type,params", PG_CASES)
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("correction", [{}, dict(rollout_is="sequence", rollout_rs="token", rollout_rs_threshold=1.4)])
-def test_fused_pg_kernel_matches_reference(loss_type, params, agg, dtype, correction):
-    """cpp kernel against the eager reference: two fp32 evaluations, each within the module's
-    bound; sapo's sigmoid clamps z to [-20, 20] (< 2.1e-9 off, times 4/tau |A| per token)."""
+@pytest.mark.parametrize("correction", PG_CORRECTIONS)
+def test_fused_pg_kernel_matches_reference(backend, device, loss_type, params, agg, dtype, correction):
+    """The fused pg kernel of every backend against the eager reference, loss, gradient and every
+    statistic (the kernel's own pass): two fp32 evaluations, each within the module's bound of
+    _pg_size; sapo's sigmoid clamps z to [-20, 20] (< 2.1e-9 off, times 4/tau |A| per token).
+    geo_mean with token TIS runs its torch formula (the weight does not fold into A): the same
+    comparison holds trivially there. Under Triton's interpreter two aggregations only (the
+    kernel's math does not depend on agg; its finalize is shared with ppo's, tested on all four)."""
+    if not PF.available(backend):
+        pytest.skip(f"the loaded kernels of {backend} have no pg_policy_loss")
+    if backend == "triton" and device == "cpu" and agg not in ("token-mean", "seq-mean-token-mean"):
+        pytest.skip("the interpreter is slow: two aggregations suffice (see the docstring)")
     shape = (6, 37)  # rows longer than 16 lanes, with a tail
     logp, old, adv, mask = _inputs(shape, dtype, spread=0.5)
     rollout = (old.float() + torch.randn(shape) * 0.2).to(dtype)
-    rk = dict(rollout_logprobs=rollout, **correction) if correction else {}
-    loss, stats, g = _run(loss_type, logp, old, adv, mask, agg=agg, backend="cpp", **rk, **params)
+    rk = dict(rollout_logprobs=rollout.to(device), **correction) if correction else {}
+    dev = [t.to(device) for t in (logp, old, adv, mask)]
+    loss, stats, g = _run(loss_type, *dev, agg=agg, backend=backend, **rk, **params)
     entry = PT.POLICY_LOSS_TYPES[loss_type]
     full = {**entry.params, **params}
     x = logp.clone().requires_grad_()
@@ -895,44 +933,97 @@ def test_fused_pg_kernel_matches_reference(loss_type, params, agg, dtype, correc
     ref, rstats = R.policy_loss(entry.formula, x, old, adv, mask, full, agg,
                                 rollout_logprobs=rollout if correction else None, correction=corr)
     (rg,) = torch.autograd.grad(ref, x)
-    valid = mask
-    weight, keep = None, valid
+    weight, keep = None, mask
     if correction:
-        weight, keep, _ = R.rollout_correction(torch.where(valid, old.float(), 0.0), torch.where(valid, rollout.float(), 0.0),
-                                               valid, **correction)
+        weight, keep, _ = R.rollout_correction(torch.where(mask, old.float(), 0.0),
+                                               torch.where(mask, rollout.float(), 0.0), mask, **correction)
     w = torch.ones(shape) if weight is None else weight
-    a64 = torch.where(keep, adv.double(), 0.0).abs() * w.double()
-    ratio = torch.exp((logp.double() - old.double()).clamp(-20, 20))
-    tok = a64 * (logp.double().abs() * ratio.clamp(max=5.0) + 4.0 / 0.5)  # >= |token loss| for every type here
-    size = R.ppo_agg(tok, keep, agg)
+    size = R.ppo_agg(_pg_size(loss_type, logp, old, adv, keep, w, full), keep, agg)
     f = 2 * _factor(shape)
+    a64 = torch.where(keep, adv.double(), 0.0).abs() * w.double()
+    loss, g = loss.cpu(), g.cpu()
     assert_within(loss, ref, f * size + 1e-8 * R.ppo_agg(a64 * 8.0, keep, agg), f"{loss_type} loss")
-    near = torch.zeros_like(mask)
+    ratio = torch.exp((logp.double() - old.double()).clamp(-20, 20))
     if loss_type == "cispo":
         lo = 0.0 if full["clip_low"] is None else 1 - full["clip_low"]
         near = ((ratio - lo).abs() <= 1e-5) | ((ratio - 1 - full["clip_high"]).abs() <= 1e-5 * (1 + full["clip_high"]))
+    else:
+        near = _near_bounds(loss_type, logp, old, adv, keep, full)
     gb = f * rg.abs().max() + 1e-8 * rg.abs().max() + (unit_roundoff(dtype) * 2 * rg.abs() if dtype != torch.float32 else 0)
     assert_within(g, rg, torch.where(near, torch.inf, gb), f"{loss_type} gradient")
     assert set(stats) == set(rstats)
     for k in stats:
         # the same decisions on the same fp32 values (ratio within its exp error of a clip bound
         # excluded above), sums in another order: a few roundings of the mean
-        assert_within(stats[k], rstats[k], f * (rstats[k].abs() + 1e-6) + (1e-6 if k == "approx_kl" else 0), k)
+        assert_within(stats[k].cpu(), rstats[k], f * (rstats[k].abs() + 1e-6) + (1e-6 if k == "approx_kl" else 0), k)
 
 
-@needs_pg_kernel
-def test_fused_pg_kernel_opcheck_and_dispatch():
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_fused_pg_kernel_opcheck_and_dispatch(backend, device):
+    if not PF.available(backend):
+        pytest.skip(f"the loaded kernels of {backend} have no pg_policy_loss")
     shape = (3, 21)
-    logp, old, adv, mask = _inputs(shape)
-    fwd, bwd = PF.PG_POLICY_LOSS.kernels("cpp")
+    logp, old, adv, mask = (t.to(device) for t in _inputs(shape))
+    fwd, bwd = PF.PG_POLICY_LOSS.kernels(backend)
     x = logp.clone().requires_grad_()
-    for kind, a, b in ((0, 0.0, 0.0), (1, 0.0, 5.0), (2, 1.0, 1.05)):
+    for kind, a, b in ((0, 0.0, 0.0), (1, 0.0, 5.0), (2, 1.0, 1.05), (3, 0.95, 1.08), (4, 0.4, 0.4)):
         torch.library.opcheck(fwd, (x, old, adv, mask, kind, a, b, 0, -1.0, 0.0))
-        torch.library.opcheck(bwd, (torch.randn(4), x.detach(), old, adv, mask, torch.rand(shape[0]), kind, a, b))
-    with pytest.raises(RuntimeError, match="kind must be"):
+        torch.library.opcheck(bwd, (torch.randn(8, device=device), x.detach(), old, adv, mask,
+                                    torch.rand(shape[0], device=device), kind, a, b))
+    with pytest.raises((RuntimeError, ValueError), match="kind must be"):
         fwd(logp, old, adv, mask, 7, 0.0, 0.0, 0, -1.0, 0.0)
-    with pytest.raises(RuntimeError, match="sapo needs"):
-        fwd(logp, old, adv, mask, 2, 0.0, 1.0, 0, -1.0, 0.0)
+    if backend != "triton":  # the C++ ops check the parameters; the Triton launchers trust policy_loss
+        with pytest.raises(RuntimeError, match="sapo needs"):
+            fwd(logp, old, adv, mask, 2, 0.0, 1.0, 0, -1.0, 0.0)
+        with pytest.raises(RuntimeError, match="geo_mean needs"):
+            fwd(logp, old, adv, mask, 4, -0.1, 1.0, 0, -1.0, 0.0)
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_fused_pg_kernel_narrower_isa_paths(capability):
+    """The pg kernel's row driver as 8-lane AVX2 and 4-lane baseline clones (the tests above run
+    the widest the CPU has): test_fused_pg_kernel_matches_reference in a fresh process under
+    FASTALIGN_CPU_CAPABILITY, every type, two aggregations, both dtypes, with and without the
+    rollout correction."""
+    if not PF.available("cpp"):
+        pytest.skip("the loaded fastalign._C has no pg_policy_loss kernel")
+    code = """
+import torch
+from tests.test_policy_losses import AGGS, DTYPES, PG_CASES, PG_CORRECTIONS, test_fused_pg_kernel_matches_reference
+for loss_type, params in PG_CASES:
+    for agg in (AGGS[0], AGGS[2]):
+        for dtype in DTYPES:
+            for correction in PG_CORRECTIONS[:2]:
+                torch.manual_seed(0)
+                test_fused_pg_kernel_matches_reference("cpp", "cpu", loss_type, params, agg, dtype, correction)
+print("ok")
+"""
+    env = dict(os.environ, FASTALIGN_CPU_CAPABILITY=capability)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    if out.returncode != 0 and "this CPU lacks" in out.stderr:
+        pytest.skip(f"this CPU cannot run the {capability} kernels")
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_fused_pg_dispatch_and_fallbacks():
+    """Which calls run the fused pg kernel: the built-in per-token and sequence types on a fused
+    backend; geo_mean with token TIS and gspo / geo_mean with clip_high None run the formula."""
+    corr = dict(fastalign.ops.policy_loss.CORRECTION_DEFAULTS)
+    fusable = fastalign.ops.policy_loss._pg_fusable
+    if not PF.available("cpp"):
+        pytest.skip("the loaded fastalign._C has no pg_policy_loss kernel")
+    for t in ("reinforce", "gpg", "cispo", "sapo", "gspo", "geo_mean"):
+        e = PT.POLICY_LOSS_TYPES[t]
+        assert fusable("cpp", t, e, dict(e.params), corr), t
+        assert not fusable("torch", t, e, dict(e.params), corr), t
+    e = PT.POLICY_LOSS_TYPES["geo_mean"]
+    assert not fusable("cpp", "geo_mean", e, dict(e.params), {**corr, "rollout_is": "token"})
+    assert fusable("cpp", "geo_mean", e, dict(e.params), {**corr, "rollout_is": "sequence"})
+    assert not fusable("cpp", "geo_mean", e, {**e.params, "clip_high": None}, corr)
+    for t in ("ppo", "gspo_token", "clip_cov", "kl_cov"):
+        e = PT.POLICY_LOSS_TYPES[t]
+        assert not fusable("cpp", t, e, dict(e.params), corr), t
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "torch"])

@@ -742,6 +742,9 @@ for dt in ("*fp32", "*bf16"):
                  (K._policy_bwd_kernel, dt, {"USE_DUAL": on, "BLOCK": 256}),
                  (K._value_fwd_kernel, dt, {"USE_CLIP": on, "BLOCK": 1024}),
                  (K._value_bwd_kernel, dt, {"USE_CLIP": on, "BLOCK": 256})]
+    for kind in range(5):  # policy_loss's pg kernel: reinforce, cispo, sapo, gspo, geo_mean
+        jobs += [(K._pg_fwd_kernel, dt, {"KIND": kind, "BLOCK": 1024}),
+                 (K._pg_bwd_kernel, dt, {"KIND": kind, "BLOCK": 256})]
 for fn, dt, consts in jobs:
     names = list(inspect.signature(fn.fn).parameters)
     sig = {n: "constexpr" if n in consts else "*u8" if n == "m_ptr" else

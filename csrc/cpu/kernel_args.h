@@ -58,17 +58,24 @@ struct TokenInputs {
   const void* z;
 };
 
-constexpr int kPpoParts = 5;  // per-row partials: loss sum, valid count, stat1, stat2, stat3 sums
+// Per-row partials of the PPO-family losses: loss sum, valid count, six statistic sums and one
+// statistic max. The policy losses' statistics (fastalign/ops/ppo.py POLICY_STATS): clipped,
+// dual-clip cap binding, old - logp, clipped low (A < 0), clipped high (A > 0), ratio; the max:
+// ratio. The value loss uses the first three (clipped, v, (v - R)^2) and leaves the rest 0.
+constexpr int kPpoParts = 9;
+constexpr int kPpoMaxPart = 8;  // reduced by max (NaN-propagating), every other part by sum
 
 struct PolicyParams {
   float lo, hi, dual;  // 1 - clip_low, 1 + clip_high, dual-clip c (used when use_dual)
   bool use_dual;
 };
 
-// fastalign.policy_loss's per-token types with a fused CPU kernel (fastalign/ops/policy_loss_fused.py):
+// fastalign.policy_loss's types with a fused kernel besides ppo (fastalign/ops/policy_loss_fused.py):
 // kind 0 = -A logp (reinforce, gpg); 1 = cispo, a = 1 - clip_low (0: no lower bound), b = 1 + clip_high;
-// 2 = sapo, a = tau_pos, b = tau_neg.
-enum PgKind : int32_t { kPgReinforce = 0, kPgCispo = 1, kPgSapo = 2 };
+// 2 = sapo, a = tau_pos, b = tau_neg; 3 = gspo (sequence ratio), a = 1 - clip_low, b = 1 + clip_high;
+// 4 = geo_mean (GMPO), a = clip_low, b = clip_high (log-space bounds). 3 and 4 are sequence-level:
+// a row pass computes the row's ratio before the token pass.
+enum PgKind : int32_t { kPgReinforce = 0, kPgCispo = 1, kPgSapo = 2, kPgGspo = 3, kPgGeoMean = 4 };
 
 struct PgParams {
   int32_t kind;

@@ -1,7 +1,8 @@
 // CPU implementations of fastalign::ppo_policy_loss_{fwd,bwd} and fastalign::ppo_value_loss_{fwd,bwd}.
 //
-// Forward: one pass over the tokens, rows in parallel (at::parallel_for over B); each row writes
-// its own partial sums (fp32 vector lanes, added in lane order) into a [B, 5] buffer, which one
+// Forward: one pass over the tokens (two for the sequence-level gspo / geo_mean: the row's ratio
+// first), rows in parallel (at::parallel_for over B); each row writes its own partial sums (fp32
+// vector lanes, added in lane order) and one partial max into a [B, 9] buffer, which one
 // thread then reduces in row order (in double), so the result does not depend on the number of
 // threads. The per-token math (csrc/cpu/isa/ppo_lanes.h, compiled per ISA and reached through the
 // kernel table of dispatch.h) mirrors kernels/reference.py op by op, including the way autograd
@@ -30,25 +31,35 @@ namespace {
 enum Agg : int64_t { kTokenMean = 0, kSeqMeanTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSumNorm = 3 };
 constexpr int kParts = kPpoParts;
 
-// Reduces the [B, kParts] row partials in row order into out = (loss, stat1/N, stat2/N, stat3/N)
-// and the per-row weights w_b (already times `scale`).
+// Reduces the [B, kParts] row partials in row order into out = (loss, stat1/N, ..., stat6/N,
+// max of stat7) and the per-row weights w_b (already times `scale`).
+constexpr int kStats = kParts - 2;  // out = loss + kStats statistics
+
 void finalize(const std::vector<float>& parts, int64_t batch, int64_t steps, int64_t agg, double global_count,
               double horizon, double scale, float* out, float* row_w) {
-  double n_tok = 0, n_seq = 0, total = 0, st[3] = {0, 0, 0};
+  double n_tok = 0, n_seq = 0, total = 0, st[kStats] = {};
   for (int64_t b = 0; b < batch; ++b) {
     const float* p = &parts[b * kParts];
     n_tok += p[1];
     n_seq += p[1] > 0;
     // seq-mean-token-mean: fp32 division per row, as the reference
     total += agg == kSeqMeanTokenMean ? (p[1] > 0 ? static_cast<float>(p[0]) / static_cast<float>(p[1]) : 0.0) : p[0];
-    for (int k = 0; k < 3; ++k) st[k] += p[2 + k];
+    for (int k = 0; k < kStats; ++k) {
+      const double v = p[2 + k];
+      if (2 + k != kPpoMaxPart) {
+        st[k] += v;
+      } else if (b == 0 || v > st[k] || v != v) {  // NaN-propagating max (torch's amax)
+        st[k] = st[k] != st[k] ? st[k] : v;
+      }
+    }
   }
   const double count = global_count >= 0 ? global_count : (agg == kTokenMean ? n_tok : n_seq);
   double norm = 0;  // d loss / d (row sum) for a row with valid tokens (before / n_b)
   const double h = horizon > 0 ? horizon : std::max<double>(static_cast<double>(steps), 1.0);  // T = 0: no tokens
   if (count > 0) norm = scale / count / (agg == kSeqMeanTokenSumNorm ? h : 1.0);
   out[0] = static_cast<float>(total * norm);
-  for (int k = 0; k < 3; ++k) out[1 + k] = n_tok > 0 ? static_cast<float>(st[k] / n_tok) : 0.f;
+  for (int k = 0; k < kStats; ++k)
+    out[1 + k] = 2 + k == kPpoMaxPart ? static_cast<float>(st[k]) : n_tok > 0 ? static_cast<float>(st[k] / n_tok) : 0.f;
   for (int64_t b = 0; b < batch; ++b) {
     const double n_b = parts[b * kParts + 1];
     row_w[b] = n_b > 0 ? static_cast<float>(agg == kSeqMeanTokenMean ? norm / n_b : norm) : 0.f;
@@ -66,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(const at::Tensor& x_in, const at::Ten
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), z = z_in.contiguous(), mask = mask_in.contiguous();
   const int64_t batch = x.size(0), steps = x.size(1);
   auto opts = x.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({4}, opts);
+  at::Tensor out = at::empty({kStats + 1}, opts);
   at::Tensor row_w = at::empty({batch}, opts);
   std::vector<float> parts(batch * kParts, 0.f);
   const TokenInputs in{masked_rows(x, mask), x.const_data_ptr(), y.const_data_ptr(), z.const_data_ptr()};
@@ -119,16 +130,10 @@ at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& log
   return run_bwd(grad_out, logprobs_in, old_in, adv_in, mask_in, row_w_in, p, best_kernels().ppo_policy_bwd);
 }
 
-// ---- policy_loss's reinforce / cispo / sapo (fastalign/ops/policy_loss_fused.py) --------------
+// ---- policy_loss's reinforce / cispo / sapo / gspo / geo_mean (fastalign/ops/policy_loss_fused.py) ----
 
 PgParams pg_params(const char* op, int64_t kind, double a, double b) {
-  TORCH_CHECK(kind >= 0 && kind <= 2, op, ": kind must be 0 (reinforce), 1 (cispo) or 2 (sapo), got ", kind);
-  if (kind == kPgCispo)
-    TORCH_CHECK(a >= 0.0 && a <= 1.0 && std::isfinite(b) && b > 0.0, op,
-                ": cispo needs 0 <= a (1 - clip_low) <= 1 and a finite b (1 + clip_high) > 0, got ", a, ", ", b);
-  if (kind == kPgSapo)
-    TORCH_CHECK(std::isfinite(a) && a > 0.0 && std::isfinite(b) && b > 0.0, op,
-                ": sapo needs finite tau_pos, tau_neg > 0, got ", a, ", ", b);
+  checks::pg_params(op, kind, a, b);
   return PgParams{static_cast<int32_t>(kind), static_cast<float>(a), static_cast<float>(b)};
 }
 

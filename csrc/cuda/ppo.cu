@@ -1,12 +1,16 @@
-// CUDA implementations of fastalign::ppo_policy_loss_{fwd,bwd} and fastalign::ppo_value_loss_{fwd,bwd}.
+// CUDA implementations of fastalign::ppo_policy_loss_{fwd,bwd}, fastalign::ppo_value_loss_{fwd,bwd}
+// and fastalign::pg_policy_loss_{fwd,bwd} (fastalign.policy_loss's reinforce / gpg, cispo, sapo,
+// gspo, geo_mean; fastalign/ops/policy_loss_fused.py).
 //
 // Forward, two kernels, no atomics (deterministic for a given shape):
 //   1. a block per row: each thread accumulates a strided part of the row, then a fixed-order
 //      block reduction (warp shuffles, then across warps) writes the row's partials
-//      (loss sum, valid count, three statistic sums) to a [B, 5] buffer;
-//   2. one block reduces the [B, 5] buffer in a fixed order into out = (loss, stat1/N, stat2/N,
-//      stat3/N) and the per-row weights w_b = d loss / d l_bt (0 for rows without valid tokens).
-// Backward: a 2-D grid (row, tile of 256 tokens) of independent tokens, g = grad_out[0] read on the device.
+//      (loss sum, valid count, six statistic sums, one statistic max) to a [B, 9] buffer; the
+//      sequence-level gspo / geo_mean first reduce the row's ratio the same way (a row pass);
+//   2. one block reduces the [B, 9] buffer in a fixed order into out = (loss, stat1..6 / N, max of
+//      stat7) and the per-row weights w_b = d loss / d l_bt (0 for rows without valid tokens).
+// Backward: a 2-D grid (row, tile of 256 tokens) of independent tokens, g = grad_out[0] read on
+// the device; gspo / geo_mean a block per row (the row pass, then its tokens).
 // The per-token math is csrc/cpu/ppo.cpp's, op for op: torch's NaN-propagating max/min/clamp,
 // autograd's half shares at ties and inclusive clamp bounds, so the gradient is the reference's.
 // All math in fp32; 64-bit offsets.
@@ -23,7 +27,10 @@ namespace fastalign::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kParts = 5;
+constexpr int kParts = 9;  // loss, count, six statistic sums, one max (csrc/cpu/kernel_args.h)
+constexpr int kMaxPart = 8;
+// slots of the per-row partials (fastalign/ops/ppo.py POLICY_STATS after loss and count)
+enum Part { kLoss = 0, kCount = 1, kClipped = 2, kLower = 3, kKl = 4, kClipLow = 5, kClipHigh = 6, kRatio = 7 };
 enum Agg : int64_t { kTokenMean = 0, kSeqMeanTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSumNorm = 3 };
 
 __device__ __forceinline__ float tmax(float a, float b) { return (a >= b || a != a) ? a : b; }
@@ -32,6 +39,8 @@ __device__ __forceinline__ float tclamp(float x, float lo, float hi) { return tm
 __device__ __forceinline__ bool inside(float x, float lo, float hi) { return x >= lo && x <= hi; }
 __device__ __forceinline__ float max_share(float s, float o) { return s < o ? 0.f : (s == o ? 0.5f : 1.f); }
 __device__ __forceinline__ float min_share(float s, float o) { return s > o ? 0.f : (s == o ? 0.5f : 1.f); }
+// NaN-propagating max (torch's amax)
+__device__ __forceinline__ float nanmax(float a, float b) { return a != a ? a : ((b > a || b != b) ? b : a); }
 
 struct PolicyParams {
   float lo, hi, dual;
@@ -41,33 +50,56 @@ struct ValueParams {
   float clip;  // <= 0: off
 };
 
-// Accumulates one valid token into the five partial sums (loss, count, stat1..3).
+__device__ __forceinline__ void acc_ratio(float ratio, float* acc) {
+  acc[kRatio] += ratio;
+  acc[kMaxPart] = nanmax(acc[kMaxPart], ratio);
+}
+
+// The clipped surrogate max(-A r, -A clamp(r, lo, hi)) of one valid token and its statistics
+// (clipped: the clipped term strictly larger; low: with A < 0, high: with A > 0).
+__device__ __forceinline__ float clip_acc(float ratio, float a, float lo, float hi, float* acc) {
+  const float na = -a;
+  const float l1 = na * ratio, l2 = na * tclamp(ratio, lo, hi);
+  const bool clipped = l2 > l1;
+  acc[kClipped] += clipped ? 1.f : 0.f;
+  acc[kClipLow] += clipped && a < 0.f ? 1.f : 0.f;
+  acc[kClipHigh] += clipped && a > 0.f ? 1.f : 0.f;
+  acc_ratio(ratio, acc);
+  return tmax(l1, l2);
+}
+
+// gm * d max(l1, l2) / d r: autograd's half shares at ties, the clamp passing on [lo, hi]
+__device__ __forceinline__ float clip_grad(float ratio, float a, float lo, float hi, float gm) {
+  const float na = -a;
+  const float l1 = na * ratio, l2 = na * tclamp(ratio, lo, hi);
+  float gr = na * (gm * max_share(l1, l2));
+  if (inside(ratio, lo, hi)) gr += na * (gm * max_share(l2, l1));
+  return gr;
+}
+
+// Accumulates one valid token into the partials (loss, count, statistics).
 __device__ __forceinline__ void policy_acc(float x, float o, float a, const PolicyParams& p, float* acc) {
   const float ratio = expf(tclamp(x - o, -20.f, 20.f));
-  const float na = -a;
-  const float l1 = na * ratio, l2 = na * tclamp(ratio, p.lo, p.hi);
-  float m = tmax(l1, l2);
+  float m = clip_acc(ratio, a, p.lo, p.hi, acc);
   if (p.use_dual && a < 0.f) {
-    const float l3 = na * p.dual;
-    acc[3] += m > l3 ? 1.f : 0.f;
+    const float l3 = -a * p.dual;
+    acc[kLower] += m > l3 ? 1.f : 0.f;
     m = tmin(m, l3);
   }
-  acc[0] += m;
-  acc[1] += 1.f;
-  acc[2] += l2 > l1 ? 1.f : 0.f;
-  acc[4] += o - x;
+  acc[kLoss] += m;
+  acc[kCount] += 1.f;
+  acc[kKl] += o - x;
 }
 
 __device__ __forceinline__ float policy_grad(float x, float o, float a, const PolicyParams& p, float g) {
   const float d = x - o;
   const float ratio = expf(tclamp(d, -20.f, 20.f));
-  const float na = -a;
-  const float l1 = na * ratio, l2 = na * tclamp(ratio, p.lo, p.hi);
   float gm = g;
-  if (p.use_dual && a < 0.f) gm *= min_share(tmax(l1, l2), na * p.dual);
-  float gr = na * (gm * max_share(l1, l2));
-  if (inside(ratio, p.lo, p.hi)) gr += na * (gm * max_share(l2, l1));
-  return inside(d, -20.f, 20.f) ? gr * ratio : 0.f;
+  if (p.use_dual && a < 0.f) {
+    const float na = -a;
+    gm *= min_share(tmax(na * ratio, na * tclamp(ratio, p.lo, p.hi)), na * p.dual);
+  }
+  return inside(d, -20.f, 20.f) ? clip_grad(ratio, a, p.lo, p.hi, gm) * ratio : 0.f;
 }
 
 __device__ __forceinline__ void value_acc(float v, float vo, float r, const ValueParams& p, float* acc) {
@@ -97,47 +129,37 @@ __device__ __forceinline__ float value_grad(float v, float vo, float r, const Va
   return gv;
 }
 
-// Fixed-order sum of N values over the block (kThreads threads); the result is in thread 0.
-template <int N>
+// Fixed-order reduction of N values over the block (kThreads threads): sums, and a
+// NaN-propagating max for value MAXK (if any); the result is in thread 0.
+template <int N, int MAXK = -1>
 __device__ void block_sum(float* v) {
   __shared__ float s[kThreads / 32][N];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_down_sync(0xffffffffu, v[k], off);
+    for (int off = 16; off > 0; off >>= 1) {
+      const float other = __shfl_down_sync(0xffffffffu, v[k], off);
+      v[k] = k == MAXK ? nanmax(v[k], other) : v[k] + other;
+    }
     if (lane == 0) s[warp][k] = v[k];
   }
   __syncthreads();
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      float t = 0.f;
-      for (int w = 0; w < kThreads / 32; ++w) t += s[w][k];
+      float t = s[0][k];
+      for (int w = 1; w < kThreads / 32; ++w) t = k == MAXK ? nanmax(t, s[w][k]) : t + s[w][k];
       v[k] = t;
     }
   }
   __syncthreads();
 }
 
-template <typename scalar_t, bool POLICY>
-__global__ void __launch_bounds__(kThreads) fwd_rows_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
-                                                            const scalar_t* __restrict__ z, const bool* __restrict__ mask,
-                                                            float* __restrict__ parts, int64_t steps, PolicyParams pp,
-                                                            ValueParams vp) {
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * steps;
-  float acc[kParts] = {0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int64_t t = threadIdx.x; t < steps; t += kThreads) {
-    const int64_t i = base + t;
-    if (!mask[i]) continue;
-    if constexpr (POLICY) {
-      policy_acc(static_cast<float>(x[i]), static_cast<float>(y[i]), static_cast<float>(z[i]), pp, acc);
-    } else {
-      value_acc(static_cast<float>(x[i]), static_cast<float>(y[i]), static_cast<float>(z[i]), vp, acc);
-    }
-  }
-  block_sum<kParts>(acc);
+// Reduces the block's partials and writes them as row blockIdx.x of parts.
+__device__ __forceinline__ void store_parts(float* acc, float* __restrict__ parts) {
+  block_sum<kParts, kMaxPart>(acc);
   if (threadIdx.x == 0) {
-    const int64_t row = blockIdx.x;  // 64-bit: blockIdx.x * kParts in unsigned int wraps past 2^32 / 5 rows
+    const int64_t row = blockIdx.x;  // 64-bit: blockIdx.x * kParts in unsigned int wraps past 2^32 / 9 rows
 #pragma unroll
     for (int k = 0; k < kParts; ++k) parts[row * kParts + k] = acc[k];
   }
@@ -147,19 +169,19 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const float* __restr
                                                             float* __restrict__ row_w, int64_t batch, int64_t steps,
                                                             int64_t agg, float global_count, float horizon,
                                                             float scale) {
-  // acc: n_tok, n_seq, total, st1, st2, st3
-  float acc[6] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  // acc: n_tok, n_seq, total, st1..st6 (sums), st7 (max)
+  constexpr int kAcc = 3 + kParts - 2;
+  float acc[kAcc] = {};
   for (int64_t b = threadIdx.x; b < batch; b += kThreads) {
     const float* p = parts + b * kParts;
     const float n = p[1];
     acc[0] += n;
     acc[1] += n > 0.f ? 1.f : 0.f;
     acc[2] += agg == kSeqMeanTokenMean ? (n > 0.f ? p[0] / n : 0.f) : p[0];
-    acc[3] += p[2];
-    acc[4] += p[3];
-    acc[5] += p[4];
+#pragma unroll
+    for (int k = 2; k < kParts; ++k) acc[1 + k] = k == kMaxPart ? nanmax(acc[1 + k], p[k]) : acc[1 + k] + p[k];
   }
-  block_sum<6>(acc);
+  block_sum<kAcc, 1 + kMaxPart>(acc);
   __shared__ float s_norm;
   if (threadIdx.x == 0) {
     const float count = global_count >= 0.f ? global_count : (agg == kTokenMean ? acc[0] : acc[1]);
@@ -167,9 +189,8 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const float* __restr
     const float norm = count > 0.f ? scale / count / h : 0.f;
     const float inv_n = acc[0] > 0.f ? 1.f / acc[0] : 0.f;
     out[0] = acc[2] * norm;
-    out[1] = acc[3] * inv_n;
-    out[2] = acc[4] * inv_n;
-    out[3] = acc[5] * inv_n;
+#pragma unroll
+    for (int k = 2; k < kParts; ++k) out[k - 1] = k == kMaxPart ? acc[1 + k] : acc[1 + k] * inv_n;
     s_norm = norm;
   }
   __syncthreads();
@@ -180,26 +201,206 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const float* __restr
   }
 }
 
-template <typename scalar_t, bool POLICY>
+// ---- fastalign.policy_loss's other fused types (fastalign/ops/policy_loss_fused.py) -------------
+// kind 0 reinforce / gpg: -A x; 1 cispo: -clamp(r, a, b) A x (the weight a constant of the
+// gradient); 2 sapo: -sigmoid(tau (r - 1)) (4 / tau) A, tau = a if A > 0 else b (z clamped to
+// [-20, 20], as the CPU kernel); 3 gspo: the clipped surrogate of the row's s = exp(min(L, 10)),
+// L = the row's mean of x - o, [a, b] = [1 - clip_low, 1 + clip_high]; 4 geo_mean: every token
+// -Abar R, R = exp(mean m), m = sign(A) min(sign(A) d, sign(A) clamp(d, -a, b)), d the clamped
+// log-ratio. The math is csrc/cpu/isa/ppo_lanes.h's PgLoss, op for op.
+enum PgKind : int { kPgReinforce = 0, kPgCispo = 1, kPgSapo = 2, kPgGspo = 3, kPgGeoMean = 4 };
+struct PgParams {
+  int kind;
+  float a, b;
+};
+// gspo: s, n = max(count, 1), open = L <= 10 (its clamp passes the gradient); geo_mean: s = R,
+// lrow = -Abar R. coef: the backward's per-row factor.
+struct PgRow {
+  float s, n, lrow, coef;
+  bool open;
+};
+
+__device__ __forceinline__ float sapo_sigmoid(float ratio, float tau) {
+  const float z = tclamp(tau * (ratio - 1.f), -20.f, 20.f);
+  return 1.f / (1.f + expf(-z));
+}
+
+struct GeoTerms {
+  float d, dc, sgn, m;
+};
+__device__ __forceinline__ GeoTerms geo_terms(float x, float o, float a, float lo, float hi) {
+  GeoTerms t;
+  t.d = tclamp(x - o, -20.f, 20.f);
+  t.dc = tclamp(t.d, -lo, hi);
+  t.sgn = a > 0.f ? 1.f : (a < 0.f ? -1.f : a * 0.f);  // torch.sign: 0 -> 0, NaN -> NaN
+  t.m = t.sgn * tmin(t.sgn * t.d, t.sgn * t.dc);
+  return t;
+}
+
+// The row pass of gspo / geo_mean, by the whole block (every thread gets the result).
+template <typename scalar_t>
+__device__ PgRow pg_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, const scalar_t* __restrict__ z,
+                        const bool* __restrict__ mask, int64_t base, int64_t steps, const PgParams& p) {
+  PgRow r{1.f, 1.f, 0.f, 0.f, false};
+  if (p.kind != kPgGspo && p.kind != kPgGeoMean) return r;
+  float acc[3] = {0.f, 0.f, 0.f};  // sum of d (gspo) or m (geo_mean), sum of A, count
+  for (int64_t t = threadIdx.x; t < steps; t += kThreads) {
+    const int64_t i = base + t;
+    if (!mask[i]) continue;
+    const float xi = static_cast<float>(x[i]), oi = static_cast<float>(y[i]), ai = static_cast<float>(z[i]);
+    acc[0] += p.kind == kPgGspo ? xi - oi : geo_terms(xi, oi, ai, p.a, p.b).m;
+    acc[1] += ai;
+    acc[2] += 1.f;
+  }
+  block_sum<3>(acc);
+  __shared__ float s_acc[3];
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < 3; ++k) s_acc[k] = acc[k];
+  }
+  __syncthreads();
+  r.n = fmaxf(s_acc[2], 1.f);  // the reference's mean over max(n, 1)
+  const float mean = s_acc[0] / r.n;
+  if (p.kind == kPgGspo) {
+    r.open = mean <= 10.f;
+    r.s = expf(mean != mean ? mean : fminf(mean, 10.f));
+  } else {
+    r.s = expf(mean);
+    r.lrow = -(s_acc[1] / r.n) * r.s;
+  }
+  __syncthreads();  // s_acc is read by every thread before the next row pass may write it
+  return r;
+}
+
+__device__ __forceinline__ void pg_acc(float x, float o, float a, const PgParams& p, const PgRow& r, float* acc) {
+  float l;
+  if (p.kind == kPgReinforce) {
+    l = -a * x;
+  } else if (p.kind == kPgGspo) {
+    l = clip_acc(r.s, a, p.a, p.b, acc);
+  } else if (p.kind == kPgGeoMean) {
+    const GeoTerms t = geo_terms(x, o, a, p.a, p.b);
+    const bool moved = t.d != t.dc;
+    acc[kClipped] += moved && a != 0.f ? 1.f : 0.f;
+    acc[kClipLow] += moved && a < 0.f ? 1.f : 0.f;
+    acc[kClipHigh] += moved && a > 0.f ? 1.f : 0.f;
+    acc_ratio(r.s, acc);
+    l = r.lrow;
+  } else {
+    const float ratio = expf(tclamp(x - o, -20.f, 20.f));
+    acc_ratio(ratio, acc);
+    if (p.kind == kPgCispo) {
+      l = (-tclamp(ratio, p.a, p.b) * a) * x;
+      const bool low = ratio < p.a, high = ratio > p.b;
+      acc[kClipped] += low || high ? 1.f : 0.f;
+      acc[kClipLow] += low ? 1.f : 0.f;
+      acc[kClipHigh] += high ? 1.f : 0.f;
+    } else {
+      const float tau = a > 0.f ? p.a : p.b;
+      l = -(sapo_sigmoid(ratio, tau) * (4.f / tau)) * a;
+    }
+  }
+  acc[kLoss] += l;
+  acc[kCount] += 1.f;
+  acc[kKl] += o - x;
+}
+
+// g * d(row loss) / dx of one valid token (g = grad_out[0] w_b; gspo's r.coef holds g S s / n,
+// geo_mean's g (-Abar R)).
+__device__ __forceinline__ float pg_grad(float x, float o, float a, const PgParams& p, const PgRow& r, float g) {
+  if (p.kind == kPgReinforce) return -a * g;
+  if (p.kind == kPgGspo) return r.coef;
+  const float d = x - o;
+  const bool in_range = inside(d, -20.f, 20.f);
+  if (p.kind == kPgGeoMean) {
+    const GeoTerms t = geo_terms(x, o, a, p.a, p.b);
+    const float u = t.sgn * t.d, v = t.sgn * t.dc;
+    const float dm = (t.sgn * t.sgn) * (min_share(u, v) + (inside(t.d, -p.a, p.b) ? min_share(v, u) : 0.f));
+    return in_range ? r.coef * dm : 0.f;
+  }
+  const float ratio = expf(tclamp(d, -20.f, 20.f));
+  if (p.kind == kPgCispo) return (-tclamp(ratio, p.a, p.b) * a) * g;
+  const float tau = a > 0.f ? p.a : p.b;
+  const float sg = sapo_sigmoid(ratio, tau);
+  return in_range ? ((-a * g) * (4.f * sg * (1.f - sg))) * ratio : 0.f;
+}
+
+// ---- the row kernels of every loss ----------------------------------------------------------------
+
+enum LossKind : int { kValue = 0, kPolicy = 1, kPg = 2 };
+struct LossParams {
+  PolicyParams pp;
+  ValueParams vp;
+  PgParams gp;
+};
+
+// A block per row: the row's partials (its row pass first for gspo / geo_mean).
+template <typename scalar_t, int LOSS>
+__global__ void __launch_bounds__(kThreads) fwd_rows_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
+                                                            const scalar_t* __restrict__ z, const bool* __restrict__ mask,
+                                                            float* __restrict__ parts, int64_t steps, LossParams lp) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * steps;
+  [[maybe_unused]] PgRow r{1.f, 1.f, 0.f, 0.f, false};
+  if constexpr (LOSS == kPg) r = pg_row(x, y, z, mask, base, steps, lp.gp);
+  float acc[kParts] = {};
+  for (int64_t t = threadIdx.x; t < steps; t += kThreads) {
+    const int64_t i = base + t;
+    if (!mask[i]) continue;
+    const float xi = static_cast<float>(x[i]), yi = static_cast<float>(y[i]), zi = static_cast<float>(z[i]);
+    if constexpr (LOSS == kPolicy) {
+      policy_acc(xi, yi, zi, lp.pp, acc);
+    } else if constexpr (LOSS == kValue) {
+      value_acc(xi, yi, zi, lp.vp, acc);
+    } else {
+      pg_acc(xi, yi, zi, lp.gp, r, acc);
+    }
+  }
+  store_parts(acc, parts);
+}
+
+// gx = g w_b d(row loss)/dx over a (row, tile) grid, each block striding over its row's tiles:
+// grid (B, tiles) for the per-token losses, (B, 1) for gspo / geo_mean (the block sweeps its
+// row: the row pass, gspo's sum of d l / d s, then the tokens).
+template <typename scalar_t, int LOSS>
 __global__ void __launch_bounds__(kThreads) bwd_kernel(const float* __restrict__ grad_out, const scalar_t* __restrict__ x,
                                                        const scalar_t* __restrict__ y, const scalar_t* __restrict__ z,
                                                        const bool* __restrict__ mask, const float* __restrict__ row_w,
-                                                       scalar_t* __restrict__ gx, int64_t steps, PolicyParams pp,
-                                                       ValueParams vp) {
-  const int64_t t = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
-  if (t >= steps) return;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * steps + t;
-  float g = 0.f;
-  if (mask[i]) {
-    const float gb = grad_out[0] * row_w[blockIdx.x];
-    const float xi = static_cast<float>(x[i]), yi = static_cast<float>(y[i]), zi = static_cast<float>(z[i]);
-    if constexpr (POLICY) {
-      g = policy_grad(xi, yi, zi, pp, gb);
-    } else {
-      g = value_grad(xi, yi, zi, vp, gb);
+                                                       scalar_t* __restrict__ gx, int64_t steps, LossParams lp) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * steps;
+  const float gb = grad_out[0] * row_w[blockIdx.x];
+  [[maybe_unused]] PgRow r{1.f, 1.f, 0.f, 0.f, false};
+  if constexpr (LOSS == kPg) {
+    r = pg_row(x, y, z, mask, base, steps, lp.gp);
+    if (lp.gp.kind == kPgGspo) {  // S = sum_t d l_t / d s over the row's valid tokens
+      float sum[1] = {0.f};
+      for (int64_t t = threadIdx.x; t < steps; t += kThreads) {
+        const int64_t i = base + t;
+        if (mask[i]) sum[0] += clip_grad(r.s, static_cast<float>(z[i]), lp.gp.a, lp.gp.b, 1.f);
+      }
+      block_sum<1>(sum);
+      __shared__ float s_sum;
+      if (threadIdx.x == 0) s_sum = sum[0];
+      __syncthreads();
+      r.coef = r.open ? ((gb * s_sum) * r.s) / r.n : 0.f;
+    } else if (lp.gp.kind == kPgGeoMean) {
+      r.coef = gb * r.lrow;
     }
   }
-  gx[i] = static_cast<scalar_t>(g);
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * kThreads;
+  for (int64_t t = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x; t < steps; t += stride) {
+    const int64_t i = base + t;
+    float g = 0.f;
+    if (mask[i]) {
+      const float xi = static_cast<float>(x[i]), yi = static_cast<float>(y[i]), zi = static_cast<float>(z[i]);
+      if constexpr (LOSS == kPolicy) {
+        g = policy_grad(xi, yi, zi, lp.pp, gb);
+      } else if constexpr (LOSS == kValue) {
+        g = value_grad(xi, yi, zi, lp.vp, gb);
+      } else {
+        g = pg_grad(xi, yi, zi, lp.gp, r, gb);
+      }
+    }
+    gx[i] = static_cast<scalar_t>(g);
+  }
 }
 
 // The shared checks plus what the CUDA kernels add: inputs on a CUDA device, grid-sized row counts.
@@ -210,25 +411,24 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, cons
   TORCH_CHECK(x.size(0) <= 2147483647, op, ": too many rows");
 }
 
-template <bool POLICY>
+template <int LOSS>
 std::tuple<at::Tensor, at::Tensor> fwd_impl(const char* op, const at::Tensor& x_in, const at::Tensor& y_in,
-                                            const at::Tensor& z_in, const at::Tensor& mask_in, PolicyParams pp,
-                                            ValueParams vp, int64_t agg, double global_count, double horizon,
-                                            float scale) {
+                                            const at::Tensor& z_in, const at::Tensor& mask_in, LossParams lp,
+                                            int64_t agg, double global_count, double horizon, float scale) {
   check_inputs(op, x_in, y_in, z_in, mask_in, agg);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), z = z_in.contiguous(), mask = mask_in.contiguous();
   const int64_t batch = x.size(0), steps = x.size(1);
   auto opts = x.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({4}, opts);
+  at::Tensor out = at::empty({kParts - 1}, opts);
   at::Tensor row_w = at::empty({batch}, opts);
   at::Tensor parts = at::zeros({batch, kParts}, opts);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (batch > 0 && steps > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ppo_loss_fwd_cuda", [&] {
-      fwd_rows_kernel<scalar_t, POLICY><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
+      fwd_rows_kernel<scalar_t, LOSS><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), mask.data_ptr<bool>(),
-          parts.data_ptr<float>(), steps, pp, vp);
+          parts.data_ptr<float>(), steps, lp);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -239,10 +439,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const char* op, const at::Tensor& x_
   return {out, row_w};
 }
 
-template <bool POLICY>
+template <int LOSS>
 at::Tensor bwd_impl(const char* op, const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& y_in,
-                    const at::Tensor& z_in, const at::Tensor& mask_in, const at::Tensor& row_w_in, PolicyParams pp,
-                    ValueParams vp) {
+                    const at::Tensor& z_in, const at::Tensor& mask_in, const at::Tensor& row_w_in, LossParams lp) {
   check_inputs(op, x_in, y_in, z_in, mask_in);
   // (.to(kFloat) keeps the device: a CPU row_w would hand the kernel a host pointer)
   checks::ppo_bwd_args(op, grad_out, x_in, row_w_in);
@@ -255,19 +454,36 @@ at::Tensor bwd_impl(const char* op, const at::Tensor& grad_out, const at::Tensor
   if (grad.numel() == 0) return grad;
   const int64_t tiles = (steps + kThreads - 1) / kThreads;
   TORCH_CHECK(tiles <= 65535, op, ": the CUDA backward supports rows of at most ", 65535 * kThreads, " tokens, got ", steps);
-  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(tiles));
+  // gspo / geo_mean: a block per row (bwd_kernel)
+  const bool per_row = LOSS == kPg && (lp.gp.kind == kPgGspo || lp.gp.kind == kPgGeoMean);
+  const dim3 grid(static_cast<unsigned>(batch), per_row ? 1u : static_cast<unsigned>(tiles));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ppo_loss_bwd_cuda", [&] {
-    bwd_kernel<scalar_t, POLICY><<<grid, kThreads, 0, stream>>>(
+    bwd_kernel<scalar_t, LOSS><<<grid, kThreads, 0, stream>>>(
         g.data_ptr<float>(), x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-        mask.data_ptr<bool>(), row_w.data_ptr<float>(), grad.data_ptr<scalar_t>(), steps, pp, vp);
+        mask.data_ptr<bool>(), row_w.data_ptr<float>(), grad.data_ptr<scalar_t>(), steps, lp);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad;
 }
 
-PolicyParams policy_params(double clip_lo, double clip_hi, double dual_clip) {
-  return {static_cast<float>(clip_lo), static_cast<float>(clip_hi), static_cast<float>(dual_clip), dual_clip > 0};
+LossParams policy_params(double clip_lo, double clip_hi, double dual_clip) {
+  LossParams lp{};
+  lp.pp = {static_cast<float>(clip_lo), static_cast<float>(clip_hi), static_cast<float>(dual_clip), dual_clip > 0};
+  return lp;
+}
+
+LossParams value_params(double clip) {
+  LossParams lp{};
+  lp.vp = ValueParams{static_cast<float>(clip)};
+  return lp;
+}
+
+LossParams pg_params(const char* op, int64_t kind, double a, double b) {
+  checks::pg_params(op, kind, a, b);
+  LossParams lp{};
+  lp.gp = PgParams{static_cast<int>(kind), static_cast<float>(a), static_cast<float>(b)};
+  return lp;
 }
 
 std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& lp, const at::Tensor& old, const at::Tensor& adv,
@@ -276,16 +492,31 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd(const at::Tensor& lp, con
                                                        double horizon) {
   checks::policy_params("ppo_policy_loss", clip_lo, clip_hi, dual_clip);
   checks::agg_args("ppo_policy_loss", global_count, horizon);
-  return fwd_impl<true>("ppo_policy_loss", lp, old, adv, mask, policy_params(clip_lo, clip_hi, dual_clip),
-                        ValueParams{-1.f}, agg, global_count, horizon, 1.f);
+  return fwd_impl<kPolicy>("ppo_policy_loss", lp, old, adv, mask, policy_params(clip_lo, clip_hi, dual_clip), agg,
+                           global_count, horizon, 1.f);
 }
 
 at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& lp, const at::Tensor& old,
                                const at::Tensor& adv, const at::Tensor& mask, const at::Tensor& row_w, double clip_lo,
                                double clip_hi, double dual_clip) {
   checks::policy_params("ppo_policy_loss_bwd", clip_lo, clip_hi, dual_clip);
-  return bwd_impl<true>("ppo_policy_loss_bwd", grad_out, lp, old, adv, mask, row_w,
-                        policy_params(clip_lo, clip_hi, dual_clip), ValueParams{-1.f});
+  return bwd_impl<kPolicy>("ppo_policy_loss_bwd", grad_out, lp, old, adv, mask, row_w,
+                           policy_params(clip_lo, clip_hi, dual_clip));
+}
+
+std::tuple<at::Tensor, at::Tensor> pg_policy_loss_fwd(const at::Tensor& lp, const at::Tensor& old, const at::Tensor& adv,
+                                                      const at::Tensor& mask, int64_t kind, double a, double b,
+                                                      int64_t agg, double global_count, double horizon) {
+  checks::agg_args("pg_policy_loss", global_count, horizon);
+  return fwd_impl<kPg>("pg_policy_loss", lp, old, adv, mask, pg_params("pg_policy_loss", kind, a, b), agg,
+                       global_count, horizon, 1.f);
+}
+
+at::Tensor pg_policy_loss_bwd(const at::Tensor& grad_out, const at::Tensor& lp, const at::Tensor& old,
+                              const at::Tensor& adv, const at::Tensor& mask, const at::Tensor& row_w, int64_t kind,
+                              double a, double b) {
+  return bwd_impl<kPg>("pg_policy_loss_bwd", grad_out, lp, old, adv, mask, row_w,
+                       pg_params("pg_policy_loss_bwd", kind, a, b));
 }
 
 std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& v, const at::Tensor& old, const at::Tensor& ret,
@@ -294,15 +525,13 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& v, const
   checks::value_clip("ppo_value_loss", clip);
   checks::agg_args("ppo_value_loss", global_count, horizon);
   // loss = 0.5 * agg(...): the 0.5 rides on the row weights
-  return fwd_impl<false>("ppo_value_loss", v, old, ret, mask, PolicyParams{0.f, 0.f, 0.f, false},
-                         ValueParams{static_cast<float>(clip)}, agg, global_count, horizon, 0.5f);
+  return fwd_impl<kValue>("ppo_value_loss", v, old, ret, mask, value_params(clip), agg, global_count, horizon, 0.5f);
 }
 
 at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_out, const at::Tensor& v, const at::Tensor& old,
                               const at::Tensor& ret, const at::Tensor& mask, const at::Tensor& row_w, double clip) {
   checks::value_clip("ppo_value_loss_bwd", clip);
-  return bwd_impl<false>("ppo_value_loss_bwd", grad_out, v, old, ret, mask, row_w, PolicyParams{0.f, 0.f, 0.f, false},
-                         ValueParams{static_cast<float>(clip)});
+  return bwd_impl<kValue>("ppo_value_loss_bwd", grad_out, v, old, ret, mask, row_w, value_params(clip));
 }
 
 }  // namespace
@@ -310,6 +539,8 @@ at::Tensor ppo_value_loss_bwd(const at::Tensor& grad_out, const at::Tensor& v, c
 TORCH_LIBRARY_IMPL(fastalign, CUDA, m) {
   m.impl("ppo_policy_loss_fwd", &ppo_policy_loss_fwd);
   m.impl("ppo_policy_loss_bwd", &ppo_policy_loss_bwd);
+  m.impl("pg_policy_loss_fwd", &pg_policy_loss_fwd);
+  m.impl("pg_policy_loss_bwd", &pg_policy_loss_bwd);
   m.impl("ppo_value_loss_fwd", &ppo_value_loss_fwd);
   m.impl("ppo_value_loss_bwd", &ppo_value_loss_bwd);
 }

@@ -1,11 +1,12 @@
 """Optional peers (TRL, Liger-Kernel), imported lazily; every getter raises Skip with the reason
 when the peer is missing. Peer code is only *called*, never copied: the reference loops that
-TRL and verl write inline (GAE) are written out below from their formulas (tests/test_gae.py
-checks fastalign.gae against them)."""
+TRL and verl write inline (GAE, verl's advantage estimators) are written out below from their
+formulas (tests/test_gae.py and tests/test_advantages.py check fastalign against them)."""
 
 from __future__ import annotations
 
 import importlib
+from collections import defaultdict
 import importlib.util
 import os
 
@@ -101,106 +102,122 @@ def verl_gae_loop(rewards, values, response_mask, gamma, lam):
     return advantages, advantages + values
 
 
-# ---- verl's advantage estimators (verl/trainer/ppo/core_algos.py), as written there -------------------
-# A dict of lists filled sample by sample, statistics per group, then a loop writing each sample;
-# `index` is a host sequence of group ids (verl: an np.ndarray of uid strings). Re-derived from the
-# functions named; tests/test_advantages.py checks fastalign.advantages against the same formulas.
+# ---- verl's advantage estimators (verl/trainer/ppo/core_algos.py), as written there ----------------
+# The functions named in each docstring, re-derived with verl's Python loop over samples and its dict
+# of groups (reinforce_plus_plus: its loop over time steps; remax is vectorised in verl); `index`
+# any sequence of integer group ids (verl: an np.ndarray of uid strings). Each returns verl's
+# (advantages, returns). One copy: tests/test_advantages.py checks fastalign.advantages against
+# them, and the advantages benchmark times them as the verl contender.
 
 
-def _verl_id2score(scores, index, extra=None):
-    from collections import defaultdict
-
-    id2score, id2extra = defaultdict(list), defaultdict(list)
-    for i in range(scores.shape[0]):
-        id2score[index[i]].append(scores[i])
-        if extra is not None:
-            id2extra[index[i]].append(extra[i])
-    return id2score, id2extra
-
-
-def verl_grpo_loop(rewards, mask, index, eps=1e-6):
-    """compute_grpo_outcome_advantage (norm_adv_by_std_in_grpo=True)."""
-    scores = rewards.sum(-1)
-    id2score, _ = _verl_id2score(scores, index)
-    id2mean, id2std = {}, {}
-    for g, v in id2score.items():
-        if len(v) == 1:
-            id2mean[g], id2std[g] = torch.tensor(0.0), torch.tensor(1.0)
-        else:
-            t = torch.stack(v)
-            id2mean[g], id2std[g] = t.mean(), t.std()
-    for i in range(scores.shape[0]):
-        scores[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + eps)
-    return scores.unsqueeze(-1) * mask
-
-
-def verl_rloo_loop(rewards, mask, index):
-    """compute_rloo_outcome_advantage."""
-    scores = rewards.sum(-1)
-    id2score, _ = _verl_id2score(scores, index)
-    id2mean = {g: torch.stack(v).mean() if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
-    for i in range(scores.shape[0]):
-        n = len(id2score[index[i]])
-        if n > 1:
-            scores[i] = scores[i] * n / (n - 1) - id2mean[index[i]] * n / (n - 1)
-    return scores.unsqueeze(-1) * mask
-
-
-def verl_opo_loop(rewards, mask, index):
-    """compute_opo_outcome_advantage."""
-    lengths, scores = mask.sum(-1), rewards.sum(-1)
-    id2score, id2len = _verl_id2score(scores, index, lengths)
-    bsl = {g: (torch.stack(id2len[g]) * torch.stack(v)).sum() / torch.stack(id2len[g]).sum()
-           if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
-    for i in range(scores.shape[0]):
-        scores[i] = scores[i] - bsl[index[i]]
-    return scores.unsqueeze(-1) * mask
-
-
-def verl_grpo_passk_loop(rewards, mask, index, eps=1e-6):
-    """compute_grpo_passk_outcome_advantage (norm_adv_by_std_in_grpo=True)."""
-    scores = rewards.sum(-1)
-    adv = torch.zeros_like(scores)
-    id2score, id2pos = _verl_id2score(scores, index, list(range(scores.shape[0])))
-    for g, v in id2score.items():
-        t = torch.stack(v)
-        top, top_idx = torch.topk(t, 2)
-        adv[id2pos[g][top_idx[0].item()]] = (top[0] - top[1]) / (t.std() + eps)
-    return adv.unsqueeze(-1) * mask
-
-
-def _verl_masked_whiten(values, mask):
+def verl_whiten(values, mask):
+    """verl/utils/torch_functional.py masked_whiten: masked mean, unbiased masked variance,
+    (values - mean) * rsqrt(var + 1e-8)."""
     mean = (values * mask).sum() / mask.sum()
-    var = ((values - mean) ** 2 * mask).sum() / mask.sum() * (mask.sum() / (mask.sum() - 1))
+    centered = values - mean
+    var = (centered**2 * mask).sum() / mask.sum() * (mask.sum() / (mask.sum() - 1))
     return (values - mean) * torch.rsqrt(var + 1e-8)
 
 
-def verl_reinforce_plus_plus_baseline_loop(rewards, mask, index):
-    """compute_reinforce_plus_plus_baseline_outcome_advantage."""
-    scores = rewards.sum(-1)
-    id2score, _ = _verl_id2score(scores, index)
-    id2mean = {g: torch.stack(v).mean() if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
+def verl_groups(scores, index, extra=None):
+    id2score, id2extra = defaultdict(list), defaultdict(list)
     for i in range(scores.shape[0]):
-        scores[i] = scores[i] - id2mean[index[i]]
-    m = mask.float()
-    tiled = scores.unsqueeze(-1).tile([1, rewards.shape[1]]) * m
-    return _verl_masked_whiten(tiled, m) * m
+        id2score[int(index[i])].append(scores[i])
+        if extra is not None:
+            id2extra[int(index[i])].append(extra[i])
+    return id2score, id2extra
 
 
-def verl_reinforce_plus_plus_loop(rewards, mask, gamma=1.0):
-    """compute_reinforce_plus_plus_outcome_advantage: a loop over the T time steps."""
+def verl_grpo(r, mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
+    """compute_grpo_outcome_advantage."""
+    scores = r.sum(-1)
+    id2score, _ = verl_groups(scores, index)
+    id2mean, id2std = {}, {}
+    for g, vals in id2score.items():
+        if len(vals) == 1:
+            id2mean[g], id2std[g] = torch.tensor(0.0), torch.tensor(1.0)
+        else:
+            id2mean[g], id2std[g] = torch.mean(torch.stack(vals)), torch.std(torch.stack(vals))
+    for i in range(scores.shape[0]):
+        g = int(index[i])
+        scores[i] = (scores[i] - id2mean[g]) / (id2std[g] + epsilon) if norm_adv_by_std_in_grpo \
+            else scores[i] - id2mean[g]
+    out = scores.unsqueeze(-1) * mask
+    return out, out
+
+
+def verl_rloo(r, mask, index):
+    """compute_rloo_outcome_advantage."""
+    scores = r.sum(-1)
+    id2score, _ = verl_groups(scores, index)
+    id2mean = {g: torch.mean(torch.stack(v)) if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
+    for i in range(scores.shape[0]):
+        n = len(id2score[int(index[i])])
+        if n > 1:
+            scores[i] = scores[i] * n / (n - 1) - id2mean[int(index[i])] * n / (n - 1)
+    out = scores.unsqueeze(-1) * mask
+    return out, out
+
+
+def verl_reinforce_plus_plus_baseline(r, mask, index):
+    """compute_reinforce_plus_plus_baseline_outcome_advantage."""
+    scores = r.sum(-1)
+    id2score, _ = verl_groups(scores, index)
+    id2mean = {g: torch.mean(torch.stack(v)) if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
+    for i in range(scores.shape[0]):
+        scores[i] = scores[i] - id2mean[int(index[i])]
     m = mask.float()
-    returns = torch.zeros_like(rewards)
+    scores = scores.unsqueeze(-1).tile([1, r.shape[1]]) * m
+    out = verl_whiten(scores, m) * m
+    return out, out
+
+
+def verl_opo(r, mask, index):
+    """compute_opo_outcome_advantage."""
+    lengths, scores = mask.float().sum(-1), r.sum(-1)
+    id2score, id2len = verl_groups(scores, index, lengths)
+    bsl = {g: (torch.stack(id2len[g]) * torch.stack(v)).sum() / torch.stack(id2len[g]).sum()
+           if len(v) > 1 else torch.tensor(0.0) for g, v in id2score.items()}
+    for i in range(scores.shape[0]):
+        scores[i] = scores[i] - bsl[int(index[i])]
+    out = scores.unsqueeze(-1) * mask
+    return out, out
+
+
+def verl_grpo_passk(r, mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
+    """compute_grpo_passk_outcome_advantage."""
+    scores = r.sum(-1)
+    adv = torch.zeros_like(scores)
+    id2score, id2pos = verl_groups(scores, index, list(range(scores.shape[0])))
+    for g, vals in id2score.items():
+        rewards = torch.stack(vals)
+        topk, topk_idx = torch.topk(rewards, 2)
+        a = topk[0] - topk[1]
+        if norm_adv_by_std_in_grpo:
+            a = a / (torch.std(rewards) + epsilon)
+        adv[id2pos[g][topk_idx[0].item()]] = a
+    out = adv.unsqueeze(-1) * mask
+    return out, out
+
+
+def verl_reinforce_plus_plus(r, mask, gamma_):
+    """compute_reinforce_plus_plus_outcome_advantage."""
+    m = mask.float()
+    returns = torch.zeros_like(r)
     running = 0
-    for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running
+    for t in reversed(range(r.shape[1])):
+        running = r[:, t] + gamma_ * running
         returns[:, t] = running
         running = running * m[:, t]
-    return _verl_masked_whiten(returns, m) * m, returns
+    return verl_whiten(returns, m) * m, returns
 
 
-def verl_remax(rewards, mask, baselines):
-    """compute_remax_outcome_advantage (vectorised in verl: a reversed cumulative sum)."""
+def verl_remax(r, mask, baselines):
+    """compute_remax_outcome_advantage."""
     m = mask.float()
-    returns = (rewards * m).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
+    returns = (r * m).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
     return returns - baselines.unsqueeze(-1) * m, returns
+
+
+VERL_OUTCOME = {"grpo": verl_grpo, "rloo": verl_rloo, "reinforce_plus_plus_baseline": verl_reinforce_plus_plus_baseline,
+        "opo": verl_opo, "grpo_passk": verl_grpo_passk}

@@ -22,11 +22,7 @@ from fastalign.benchmarks._report import find_record, median, target
 
 FAMILY = "advantages"
 GROUP_KINDS = ("grpo", "rloo", "opo", "grpo_passk", "reinforce_plus_plus_baseline")
-VERL = {
-    "grpo": _peers.verl_grpo_loop, "rloo": _peers.verl_rloo_loop, "opo": _peers.verl_opo_loop,
-    "grpo_passk": _peers.verl_grpo_passk_loop,
-    "reinforce_plus_plus_baseline": _peers.verl_reinforce_plus_plus_baseline_loop,
-}
+VERL = _peers.VERL_OUTCOME
 
 
 def _inputs(batch, steps, group):
@@ -75,7 +71,7 @@ def _verl(kind):
     def build(inp):
         r, m = inp["rewards"], inp["mask"]
         if kind == "reinforce_plus_plus":
-            return no_grad(_peers.verl_reinforce_plus_plus_loop, r, m, 1.0)
+            return no_grad(_peers.verl_reinforce_plus_plus, r, m, 1.0)
         if kind == "remax":
             return no_grad(_peers.verl_remax, r, m, inp["baselines"])
         if inp["device"] != "cpu":

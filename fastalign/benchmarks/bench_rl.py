@@ -8,10 +8,11 @@ GAE loops live in fastalign/benchmarks/_peers.py, shared with tests/test_gae.py)
 - verl compute_gae_advantage_return: the reverse loop carrying value and advantage through
   masked steps (multi-turn);
 - verl compute_policy_loss (vanilla, with dual clip) and compute_value_loss, "token-mean".
-policy_loss (loss types sapo, cispo, gspo_token, and ppo with token TIS) fwd+bwd against the
-eager reference (fastalign/kernels/reference_policy_losses.py) and torch.compile of it; on the
-CPU sapo and cispo run the fused pg_policy_loss kernel, gspo_token the ppo kernels on shifted
-inputs.
+policy_loss (loss types sapo, cispo, reinforce, gspo, geo_mean, gspo_token, and ppo with token
+TIS) fwd+bwd against the eager reference (fastalign/kernels/reference_policy_losses.py) and
+torch.compile of it; on every fused backend (cpp, cuda, triton) sapo, cispo, reinforce, gspo and
+geo_mean run the fused pg_policy_loss kernel, gspo_token the ppo kernels on shifted inputs, all
+with their statistics in the kernel's pass.
 torch.compile of the GAE loops is not measured: it unrolls T steps into one graph (minutes of
 compilation at T = 2048), which nobody ships.
 """
@@ -151,6 +152,7 @@ def _eager_loss(op_name, compile_it):
 POLICY_LOSS_CASES = {  # name -> (loss_type, extra policy_loss kwargs)
     "sapo": ("sapo", {}), "cispo": ("cispo", {}), "gspo_token": ("gspo_token", {}),
     "ppo+tis": ("ppo", {"rollout_is": "token", "clip_high": 0.28}),
+    "reinforce": ("reinforce", {}), "gspo": ("gspo", {}), "geo_mean": ("geo_mean", {}),
 }
 
 
@@ -270,6 +272,15 @@ def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
         value = te / tf if tf and te else None
         out.append(target("issue 3", "ppo_policy_loss fwd+bwd cpp speedup vs eager (B=64, T=2048 fp32)", value,
                           ">= 3x", value is not None and value >= 3.0, quick))
+        for name in POLICY_LOSS_CASES:  # issue 20: >= torch.compile and >= 5x eager
+            rec = find_record(records, f"policy_loss[{name}]", "fwd+bwd", B=64, T=2048, dtype="fp32")
+            tf, te, tc = (median(rec, c) for c in ("fastalign[cpp]", "eager", "torch.compile"))
+            value = te / tf if tf and te else None
+            vs_compile = tc / tf if tf and tc else None
+            ok = value is not None and value >= 5.0 and vs_compile is not None and vs_compile >= 1.0
+            detail = None if vs_compile is None else f"{vs_compile:.2f}x torch.compile"
+            out.append(target("issue 20", f"policy_loss[{name}] fwd+bwd cpp speedup vs eager (B=64, T=2048 fp32), "
+                              f"and >= torch.compile", value, ">= 5x and >= 1x compile", ok, quick, detail=detail))
     return out
 
 

@@ -137,33 +137,51 @@ def _masked_mean_detached(x, valid):
     return x.sum() / valid.sum().clamp(min=1)
 
 
+def clipped_surrogate(ratio, adv, clip_low, clip_high):
+    """PPO's clipped surrogate per token, max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high)), and
+    its clip indicators: clipfrac = the clipped term strictly larger, which is exactly A < 0 and
+    r < 1 - clip_low (clipfrac_low) or A > 0 and r > 1 + clip_high (clipfrac_high)."""
+    loss1 = -adv * ratio
+    loss2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clipped = loss2 > loss1
+    extras = {"ratio": ratio, "clipfrac": clipped, "clipfrac_low": clipped & (adv < 0),
+              "clipfrac_high": clipped & (adv > 0)}
+    return torch.maximum(loss1, loss2), extras
+
+
+def ppo_token_loss(logp, old, adv, clip_low, clip_high, dual_clip=None):
+    """PPO's per-token loss, r = exp(clamp(logp - old, -20, 20)):
+        l = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high));  A < 0 and dual_clip = c: l = min(l, -A c).
+    Returns (l, extras): clipped_surrogate's indicators and the ratio, plus clipfrac_lower = A < 0
+    and the dual-clip cap binding (l > -A c). The one formula of ppo_policy_loss and of
+    fastalign.policy_loss's "ppo" (reference_policy_losses.ppo)."""
+    loss, extras = clipped_surrogate(torch.exp(torch.clamp(logp - old, -20.0, 20.0)), adv, clip_low, clip_high)
+    lower = torch.zeros_like(extras["clipfrac"])
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        neg = adv < 0
+        lower = neg & (loss > cap)
+        loss = torch.where(neg, torch.minimum(loss, cap), loss)
+    extras["clipfrac_lower"] = lower
+    return loss, extras
+
+
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
                     agg="token-mean", global_count=None, horizon=None):
-    """PPO clipped surrogate (fastalign.ppo_policy_loss), fp32. Per token, with r = exp(clamp(logp - old, -20, 20)):
-        l = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high));  A < 0 and dual_clip = c: l = min(l, -A c)
-    aggregated by ppo_agg over mask != 0. Returns (loss, stats): clipfrac = valid fraction with the
-    clipped term strictly larger, clipfrac_lower = valid fraction with A < 0 and the dual-clip cap
-    binding (l > -A c), approx_kl = valid mean of old - logp (not clamped); stats are detached."""
+    """PPO clipped surrogate (fastalign.ppo_policy_loss), fp32: ppo_token_loss aggregated by
+    ppo_agg over mask != 0. Returns (loss, stats): clipfrac = valid fraction with the clipped term
+    strictly larger, clipfrac_lower = valid fraction with A < 0 and the dual-clip cap binding (l >
+    -A c), approx_kl = valid mean of old - logp (not clamped); stats are detached."""
     clip_high = clip_low if clip_high is None else clip_high
     valid = mask != 0
     # where() first: NaN/inf at masked tokens must reach neither the loss nor (0 * NaN) the gradient
     logp, old, adv = (torch.where(valid, t.float(), 0.0) for t in (logprobs, old_logprobs, advantages))
-    diff = logp - old
-    ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
-    loss1 = -adv * ratio
-    loss2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss_tok = torch.maximum(loss1, loss2)
-    clipped_lower = torch.zeros_like(valid)
-    if dual_clip is not None:
-        loss3 = -adv * dual_clip
-        neg = adv < 0
-        clipped_lower = neg & (loss_tok > loss3)
-        loss_tok = torch.where(neg, torch.minimum(loss_tok, loss3), loss_tok)
+    loss_tok, extras = ppo_token_loss(logp, old, adv, clip_low, clip_high, dual_clip)
     loss = ppo_agg(loss_tok, valid, agg, global_count, horizon)
     stats = {
-        "clipfrac": _masked_mean_detached((loss2 > loss1).float(), valid),
-        "clipfrac_lower": _masked_mean_detached(clipped_lower.float(), valid),
-        "approx_kl": _masked_mean_detached(-diff, valid),
+        "clipfrac": _masked_mean_detached(extras["clipfrac"].float(), valid),
+        "clipfrac_lower": _masked_mean_detached(extras["clipfrac_lower"].float(), valid),
+        "approx_kl": _masked_mean_detached(old - logp, valid),
     }
     return loss, stats
 

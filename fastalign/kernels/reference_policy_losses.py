@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fastalign.kernels.reference import PPO_AGG_MODES, ppo_agg
+from fastalign.kernels.reference import PPO_AGG_MODES, clipped_surrogate, ppo_agg, ppo_token_loss
 
 __all__ = ["PPO_AGG_MODES", "ROLLOUT_IS_LEVELS", "ROLLOUT_RS_LEVELS", "clip_cov", "cispo", "geo_mean", "gpg", "gspo",
            "gspo_token", "kl_cov", "policy_loss", "ppo", "ppo_agg", "reinforce", "rollout_correction", "sapo",
@@ -40,18 +40,6 @@ def _row_mean(x, valid):
     return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(-1) / n
 
 
-def _clipped_surrogate(ratio, adv, clip_low, clip_high):
-    """max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high)) and its clip indicators. The clipped term
-    is strictly larger exactly where A < 0 and r < 1 - clip_low (clipfrac_low) or A > 0 and
-    r > 1 + clip_high (clipfrac_high)."""
-    loss1 = -adv * ratio
-    loss2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    clipped = loss2 > loss1
-    extras = {"ratio": ratio, "clipfrac": clipped, "clipfrac_low": clipped & (adv < 0),
-              "clipfrac_high": clipped & (adv > 0)}
-    return torch.maximum(loss1, loss2), extras
-
-
 # ---- per-token formulas of the built-in loss types ---------------------------------------------
 
 
@@ -59,17 +47,9 @@ def ppo(logp, old, adv, valid, clip_low=0.2, clip_high=None, dual_clip=None):
     """PPO clip (arXiv 1707.06347) with DAPO's asymmetric "clip-higher" bounds (arXiv 2503.14476)
     and dual clip (arXiv 1912.09729): r = exp(clamp(d, -20, 20)),
         l = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high)),  A < 0 and dual_clip = c: min(l, -A c).
-    clipfrac_lower: A < 0 and the dual-clip cap binding (verl's pg_clipfrac_lower)."""
-    clip_high = clip_low if clip_high is None else clip_high
-    loss, extras = _clipped_surrogate(_ratio(logp, old), adv, clip_low, clip_high)
-    lower = torch.zeros_like(valid)
-    if dual_clip is not None:
-        cap = -adv * dual_clip
-        neg = adv < 0
-        lower = neg & (loss > cap)
-        loss = torch.where(neg, torch.minimum(loss, cap), loss)
-    extras["clipfrac_lower"] = lower
-    return loss, extras
+    clipfrac_lower: A < 0 and the dual-clip cap binding (verl's pg_clipfrac_lower). The per-token
+    math is kernels/reference.ppo_token_loss, the one of fastalign.ppo_policy_loss."""
+    return ppo_token_loss(logp, old, adv, clip_low, clip_low if clip_high is None else clip_high, dual_clip)
 
 
 def gspo(logp, old, adv, valid, clip_low=3e-4, clip_high=4e-4):
@@ -79,7 +59,7 @@ def gspo(logp, old, adv, valid, clip_low=3e-4, clip_high=4e-4):
     With a sequence-level advantage and agg="seq-mean-token-mean" this is the paper's objective."""
     log_s = torch.clamp(_row_mean(logp - old, valid), max=GSPO_LOG_RATIO_MAX)
     s = torch.exp(log_s).unsqueeze(-1).expand_as(logp)
-    return _clipped_surrogate(s, adv, clip_low, clip_high)
+    return clipped_surrogate(s, adv, clip_low, clip_high)
 
 
 def gspo_token(logp, old, adv, valid, clip_low=3e-4, clip_high=4e-4):
@@ -90,7 +70,7 @@ def gspo_token(logp, old, adv, valid, clip_low=3e-4, clip_high=4e-4):
     the row and agg="seq-mean-token-mean"."""
     log_s = _row_mean(logp - old, valid).detach().unsqueeze(-1) + logp - logp.detach()
     s = torch.exp(torch.clamp(log_s, max=GSPO_LOG_RATIO_MAX))
-    return _clipped_surrogate(s, adv, clip_low, clip_high)
+    return clipped_surrogate(s, adv, clip_low, clip_high)
 
 
 def cispo(logp, old, adv, valid, clip_low=None, clip_high=4.0):
@@ -166,7 +146,7 @@ def clip_cov(logp, old, adv, valid, clip_low=0.2, clip_high=None, clip_cov_ratio
     Batch-level: a torch composite (data-dependent selection; not torch.compile-able).
     covfrac: the fraction of valid tokens so dropped (verl reports it as pg_clipfrac)."""
     clip_high = clip_low if clip_high is None else clip_high
-    loss, extras = _clipped_surrogate(_ratio(logp, old), adv, clip_low, clip_high)
+    loss, extras = clipped_surrogate(_ratio(logp, old), adv, clip_low, clip_high)
     cov = _covariance(adv, logp, valid)
     cand = valid & ~extras["clipfrac"] & (cov > clip_cov_lb) & (cov < clip_cov_ub)
     n_drop = max(int(clip_cov_ratio * int(valid.sum())), 1)

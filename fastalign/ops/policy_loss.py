@@ -1,11 +1,13 @@
 """policy_loss: the policy-gradient loss family behind one call, with a registry
 (fastalign/ops/policy_loss_types.py) and rollout-mismatch correction (TIS / MIS) in the same call.
 
-loss_type="ppo" runs the fused ppo_policy_loss kernels on every backend (gspo_token too, on
-shifted inputs: _gspo_token), and reinforce / gpg,
-cispo and sapo a fused CPU kernel on the cpp backend (policy_loss_fused.py); the rollout weights
-fold into them exactly (_fold_correction). Everything else runs its torch formula
-(fastalign/kernels/reference_policy_losses.py) on every backend. Formulas, statistics per type and the peers' differences: docs/policy_losses.md.
+On the fused backends (cpp, cuda, triton): loss_type="ppo" runs the fused ppo_policy_loss kernels
+(gspo_token too, on shifted inputs: _gspo_token), and reinforce / gpg, cispo, sapo, gspo and
+geo_mean the fused pg_policy_loss kernel (policy_loss_fused.py); the rollout weights fold into
+them exactly (_fold_correction), and every loss statistic comes from the kernel's own pass.
+clip_cov / kl_cov (batch-level token selection), registered types and the torch backend run the
+torch formula (fastalign/kernels/reference_policy_losses.py). Formulas, statistics per type and
+the peers' differences: docs/policy_losses.md.
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ def _split_params(loss_type, entry, loss_params):
 def _fold_correction(old, adv, mask, rollout_logprobs, correction):
     """The rollout correction for the fused kernels: a TIS weight w > 0 (stop-gradient, per token
     or per row) scales the token loss, and every fused type's token loss l(A) has w l(A) = l(w A)
-    (ppo: max/min commute with a positive factor; cispo, sapo, reinforce: linear in A, decisions
-    on sign(A) only), so the kernels get advantages w A; MIS drops tokens from the mask.
+    (ppo and gspo: max/min commute with a positive factor; cispo, sapo, reinforce: linear in A,
+    decisions on sign(A) only; geo_mean: for a per-row w only, see _pg_fusable), so the kernels
+    get advantages w A; MIS drops tokens from the mask.
     Returns (advantages, mask, rollout stats)."""
     if rollout_logprobs is None:
         return adv, mask, {}
@@ -98,35 +101,19 @@ def _fold_correction(old, adv, mask, rollout_logprobs, correction):
     return adv, keep, rstats
 
 
-def _extra_stats(logprobs, old, adv, mask, names, clip=None):
-    """Detached stats the kernels do not compute (one torch pass): ratio_mean / ratio_max and, with
-    clip = (clip_low, clip_high), clipfrac_low / clipfrac_high of the clipped surrogate."""
-    with torch.no_grad():
-        keep = mask != 0
-        zero = torch.zeros((), device=logprobs.device)
-        logp_f, old_f, adv_f = (torch.where(keep, t.detach().float(), zero) for t in (logprobs, old, adv))
-        ratio = R._ratio(logp_f, old_f)
-        extras = {"ratio": ratio}
-        if clip is not None:
-            extras = R._clipped_surrogate(ratio, adv_f, *clip)[1]
-        out = R.summarize({k: extras[k] for k in names}, logp_f, old_f, keep)
-    del out["approx_kl"]  # the kernel's
-    return out
+def _kernel_stats(out, names):
+    """The named POLICY_STATS of a fused policy kernel's out (fastalign/ops/ppo.py), fp32 0-dim."""
+    return {n: out[1 + P.POLICY_STATS.index(n)] for n in names}
 
 
 def _ppo(name, logprobs, old, adv, mask, params, agg, global_count, horizon, rollout_logprobs, correction):
-    """ppo on the fused kernels (_fold_correction for the rollout correction). Without correction
-    the call is ppo_policy_loss's, bit for bit. ratio_mean / ratio_max and clipfrac_low /
-    clipfrac_high are one detached torch pass (not the kernel's)."""
+    """ppo on the fused kernels (_fold_correction for the rollout correction), every statistic
+    from the kernel's own pass. Without correction the call is ppo_policy_loss's, bit for bit."""
     adv, mask, rstats = _fold_correction(old, adv, mask, rollout_logprobs, correction)
-    loss, stats = P.ppo_policy_loss(logprobs, old, adv, mask, clip_low=params["clip_low"],
-                                    clip_high=params["clip_high"], dual_clip=params["dual_clip"], agg=agg,
-                                    global_count=global_count, horizon=horizon, backend=name)
     high = params["clip_low"] if params["clip_high"] is None else params["clip_high"]
-    extra = _extra_stats(logprobs, old, adv, mask, ("ratio", "clipfrac_low", "clipfrac_high"),
-                         clip=(params["clip_low"], high))
-    stats = {**stats, **extra, **rstats}
-    return loss, {k: v.detach().float() for k, v in stats.items()}
+    loss, out = P._policy_fused(name, logprobs, old, adv, mask, params["clip_low"], high, params["dual_clip"], agg,
+                                global_count, horizon)
+    return loss, {**_kernel_stats(out, P.POLICY_STATS), **rstats}
 
 
 def _gspo_token(name, logprobs, old, adv, mask, params, agg, global_count, horizon, rollout_logprobs, correction):
@@ -134,44 +121,49 @@ def _gspo_token(name, logprobs, old, adv, mask, params, agg, global_count, horiz
     x_bt - sg(x_bt), 10)), L_b the row mean of the log-ratio over the kept tokens, is ppo's ratio
     exp(x_bt - o_bt) for o_bt = sg(x_bt) - min(L_b, 10): the same value (up to the rounding of
     x - o) and the same gradient s_bt. A row with L_b > 10 gets no gradient (its clamp blocks it):
-    its logprobs enter detached. ppo without dual clip; approx_kl, ratio_* and clipfrac_low/high
-    are one detached torch pass (the kernel's approx_kl would be of o)."""
+    its logprobs enter detached. ppo without dual clip; the clip and ratio statistics are the
+    kernel's (of s), approx_kl is -sum(d) / N from the row sums computed here (the kernel's would
+    be of o)."""
     adv, mask, rstats = _fold_correction(old, adv, mask, rollout_logprobs, correction)
     keep = mask != 0
     zero = torch.zeros((), device=logprobs.device)
     with torch.no_grad():
         d = torch.where(keep, logprobs.detach().float() - old.detach().float(), zero)
-        row = d.sum(-1) / keep.sum(-1).clamp(min=1)
+        n = keep.sum(-1)
+        row = d.sum(-1) / n.clamp(min=1)
         over = row > R.GSPO_LOG_RATIO_MAX
         log_s = torch.clamp(row, max=R.GSPO_LOG_RATIO_MAX).unsqueeze(-1)
+        approx_kl = -d.sum() / n.sum().clamp(min=1)
     x = torch.where(over.unsqueeze(-1), logprobs.detach(), logprobs)
     shifted = x.detach().float() - log_s
-    loss, stats = P.ppo_policy_loss(x, shifted, adv, mask, clip_low=params["clip_low"], clip_high=params["clip_high"],
-                                    agg=agg, global_count=global_count, horizon=horizon, backend=name)
-    with torch.no_grad():
-        adv_f = torch.where(keep, adv.detach().float(), zero)
-        extras = R._clipped_surrogate(torch.exp(log_s).expand_as(adv_f), adv_f, params["clip_low"],
-                                      params["clip_high"])[1]
-        logp_f, old_f = (torch.where(keep, t.detach().float(), zero) for t in (logprobs, old))
-        extra = R.summarize({k: extras[k] for k in ("ratio", "clipfrac_low", "clipfrac_high")}, logp_f, old_f, keep)
-    stats = {"clipfrac": stats["clipfrac"], **extra, **rstats}
+    high = params["clip_low"] if params["clip_high"] is None else params["clip_high"]
+    loss, out = P._policy_fused(name, x, shifted, adv, mask, params["clip_low"], high, None, agg, global_count,
+                                horizon)
+    stats = {**_kernel_stats(out, ("clipfrac", "clipfrac_low", "clipfrac_high", "ratio_mean", "ratio_max")),
+             "approx_kl": approx_kl, **rstats}
     return loss, {k: v.detach().float() for k, v in stats.items()}
 
 
-def _pg(loss_type, logprobs, old, adv, mask, params, agg, global_count, horizon, rollout_logprobs, correction):
-    """reinforce / gpg, cispo, sapo on the fused CPU kernel (fastalign/ops/policy_loss_fused.py)."""
+def _pg_fusable(name, loss_type, entry, params, correction):
+    """Whether `loss_type` runs the fused pg kernel of backend `name` (else its torch formula)."""
+    if name == "torch" or PF.KINDS.get(loss_type) is None or entry.formula is not getattr(R, loss_type) \
+            or not PF.available(name):
+        return False
+    if loss_type in ("gspo", "geo_mean") and params["clip_high"] is None:
+        return False  # the formulas read None as no upper bound (geo_mean) or refuse it (gspo)
+    # geo_mean's token loss is -Abar R on every token of the row: a per-token TIS weight does not
+    # fold into A (sum_t w_t (-Abar R) != -(sum_t w_t A_t) R); a per-row one does
+    return not (loss_type == "geo_mean" and correction["rollout_is"] == "token")
+
+
+def _pg(name, loss_type, logprobs, old, adv, mask, params, agg, global_count, horizon, rollout_logprobs, correction):
+    """reinforce / gpg, cispo, sapo, gspo, geo_mean on the fused pg kernel
+    (fastalign/ops/policy_loss_fused.py), every statistic from the kernel's own pass."""
     adv, mask, rstats = _fold_correction(old, adv, mask, rollout_logprobs, correction)
-    (x, o, a), valid = P._prepare((logprobs, old.detach(), adv.detach()), mask, "cpp")
-    fwd, _ = PF.PG_POLICY_LOSS.kernels("cpp")
+    (x, o, a), valid = P._prepare((logprobs, old.detach(), adv.detach()), mask, name)
+    fwd, _ = PF.PG_POLICY_LOSS.kernels(name)
     out, _ = fwd(x, o, a, valid, *PF.kernel_args(loss_type, params), *P._agg_args(agg, global_count, horizon))
-    s = out.detach()
-    stats = {"approx_kl": s[3]}
-    if loss_type in ("cispo", "sapo"):
-        stats.update(_extra_stats(logprobs, old, adv, mask, ("ratio",)))
-    if loss_type == "cispo":
-        stats.update(clipfrac=s[1] + s[2], clipfrac_low=s[1], clipfrac_high=s[2])
-    stats.update(rstats)
-    return out[0], {k: v.detach().float() for k, v in stats.items()}
+    return out[0], {**_kernel_stats(out.detach(), PF.STATS[loss_type]), **rstats}
 
 
 def policy_loss(
@@ -237,9 +229,10 @@ def policy_loss(
     clipfrac_lower (the dual-clip cap binding) for ppo; covfrac for clip_cov / kl_cov.
 
     backend: "ppo" and "gspo_token" run the fused ppo kernels of that backend ("auto": the
-    fastest here; "torch": the eager formula);
-    reinforce, gpg, cispo and sapo a fused kernel on "cpp" (CPU); every other type, and those on
-    the other backends, run their torch formula (the backend is checked all the same).
+    fastest here; "torch": the eager formula); reinforce, gpg, cispo, sapo, gspo and geo_mean
+    the fused pg kernel (geo_mean with rollout_is="token", and gspo / geo_mean with clip_high
+    None, their torch formula); clip_cov, kl_cov and registered types run their torch formula on
+    every backend (the backend is checked all the same).
     """
     if not isinstance(loss_type, str) or loss_type not in POLICY_LOSS_TYPES:
         raise ValueError(f"{_OP}: unknown loss_type {loss_type!r}; known: {sorted(POLICY_LOSS_TYPES)}")
@@ -253,15 +246,11 @@ def policy_loss(
     params = _split_params(loss_type, entry, loss_params)
     P._check_agg(_OP, agg, global_count, horizon)
     name = _backends.resolve(backend, logprobs.device, op=_OP)
-    if name == "cpp" and PF.KINDS.get(loss_type) is not None and entry.formula is getattr(R, loss_type) \
-            and PF.available():
-        return _pg(loss_type, logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon,
-                   rollout_logprobs, correction)
-    if loss_type == "gspo_token" and entry.formula is R.gspo_token and name != "torch":
-        return _gspo_token(name, logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon,
-                           rollout_logprobs, correction)
-    if loss_type == "ppo" and entry.formula is R.ppo:
-        return _ppo(name, logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon,
-                    rollout_logprobs, correction)
-    return R.policy_loss(entry.formula, logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon,
-                         rollout_logprobs, correction)
+    args = (logprobs, old_logprobs, advantages, mask, params, agg, global_count, horizon, rollout_logprobs, correction)
+    if _pg_fusable(name, loss_type, entry, params, correction):
+        return _pg(name, loss_type, *args)
+    if name != "torch" and loss_type == "gspo_token" and entry.formula is R.gspo_token:
+        return _gspo_token(name, *args)
+    if name != "torch" and loss_type == "ppo" and entry.formula is R.ppo:
+        return _ppo(name, *args)
+    return R.policy_loss(entry.formula, *args)

@@ -10,7 +10,9 @@ row, then one program reduces. Every backend's reduction has a fixed order (dete
 Fused op contract (the same on every backend; the descriptions PPO_POLICY_LOSS and PPO_VALUE_LOSS
 below hold the schemas):
   fwd(x, y, z, mask bool, <loss params>, agg code, global_count, horizon) -> (out, row_weight)
-      out fp32 [4] = (loss, stat1, stat2, stat3), row_weight fp32 [B]: the loss is
+      out fp32 [8] = (loss, stat1, ..., stat6, stat7): stat1-6 means over the valid tokens, stat7
+      a max over them (POLICY_STATS; the value loss fills stat1-3 and leaves 0 in the others),
+      row_weight fp32 [B]: the loss is
       sum_b row_weight[b] * sum_{t valid} l_bt, so row_weight[b] = d loss / d l_bt (0 for empty rows).
   bwd(grad_out, x, y, z, mask, row_weight, <loss params>) -> grad w.r.t. x, in x's dtype
       = grad_out[0] * row_weight[b] * d l_bt / d x_bt at valid tokens, 0 elsewhere.
@@ -33,14 +35,17 @@ from fastalign.ops._fused import FusedOp
 AGG_MODES = reference.PPO_AGG_MODES  # index in this tuple = the kernels' agg code
 _AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl")
+# the fused policy kernels' statistics, out[1:8] (ppo_policy_loss returns the first three;
+# fastalign.policy_loss all that its loss type reports): computed in the loss's own pass
+POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "clipfrac_low", "clipfrac_high", "ratio_mean", "ratio_max")
+N_OUT = 1 + len(POLICY_STATS)
 VALUE_STATS = ("vf_clipfrac", "vpred_mean", "value_mse")
 
 
 # ---- the fused op descriptions: fakes and autograd, shared by every fused backend -------------
 
-# fwd(x, y, z, mask, <loss params>, agg, global_count, horizon) -> (out fp32 [4], row_weight fp32 [B]);
-# bwd(grad_out [4], x, y, z, mask, row_weight, <loss params>) -> grad w.r.t. x, in x's dtype.
+# fwd(x, y, z, mask, <loss params>, agg, global_count, horizon) -> (out fp32 [8], row_weight fp32 [B]);
+# bwd(grad_out [8], x, y, z, mask, row_weight, <loss params>) -> grad w.r.t. x, in x's dtype.
 # x, y, z [B, T] of one float dtype, mask [B, T] (nonzero = valid token). agg: the index in
 # AGG_MODES; global_count < 0: this call's own count; horizon <= 0: T.
 
@@ -48,7 +53,7 @@ VALUE_STATS = ("vf_clipfrac", "vpred_mean", "value_mse")
 def _fake_fwd(op):
     def fake(x, y, z, mask, *params):
         same_device(op, **dict(zip(("first input", "second input", "third input", "mask"), (x, y, z, mask))))
-        return x.new_empty((4,), dtype=torch.float32), x.new_empty((x.shape[0],), dtype=torch.float32)
+        return x.new_empty((N_OUT,), dtype=torch.float32), x.new_empty((x.shape[0],), dtype=torch.float32)
 
     return fake
 
@@ -75,7 +80,7 @@ def _backward_with(n_params):
     def backward(ctx, bwd, grad_out, _grad_row_weight):
         x, y, z, mask, row_weight = ctx.saved_tensors
         if grad_out is None:
-            grad_out = row_weight.new_zeros(4)
+            grad_out = row_weight.new_zeros(N_OUT)
         grad = bwd(grad_out, x, y, z, mask, row_weight, *ctx.params[:n_params])
         return (grad,) + (None,) * (3 + len(ctx.params))
 
@@ -249,14 +254,22 @@ def ppo_policy_loss(
             logprobs, old_logprobs.detach(), advantages.detach(), mask, clip_low, clip_high, dual_clip, agg,
             global_count, horizon,
         )
+    loss, s = _policy_fused(name, logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg,
+                            global_count, horizon)
+    return loss, {"clipfrac": s[1], "clipfrac_lower": s[2], "approx_kl": s[3]}
+
+
+def _policy_fused(name, logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg, global_count,
+                  horizon):
+    """The fused policy kernels of backend `name` on checked arguments (floats; clip_high
+    resolved): (loss, out detached), out[1:] = POLICY_STATS. fastalign.policy_loss reads them all."""
     (x, old, adv), valid = _prepare((logprobs, old_logprobs.detach(), advantages.detach()), mask, name)
     fwd, _ = PPO_POLICY_LOSS.kernels(name)
     out, _ = fwd(
         x, old, adv, valid, 1.0 - clip_low, 1.0 + clip_high,
         0.0 if dual_clip is None else dual_clip, *_agg_args(agg, global_count, horizon),
     )
-    s = out.detach()
-    return out[0], {"clipfrac": s[1], "clipfrac_lower": s[2], "approx_kl": s[3]}
+    return out[0], out.detach()
 
 
 def ppo_value_loss(

@@ -2,6 +2,9 @@
 // the typed W-lane row loops of ppo_lanes.h, at kPpoLanes lanes (lanes.h).
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+
 #include "lanes.h"
 
 namespace fastalign::cpu {
@@ -25,45 +28,21 @@ FA_INLINE void with_typed_inputs(const TokenInputs& in, const char* kernel, F&& 
   });
 }
 
-inline void ppo_policy_fwd(const TokenInputs& in, const PolicyParams& p, float* parts, int64_t b0, int64_t b1) {
-  with_typed_inputs(in, "ppo_policy_loss", [&](auto x, auto y, auto z, auto m) {
-    ppo_lanes::fwd_rows<ppo_lanes::PolicyLoss>(x, y, z, m, in.rows.steps, p, parts, b0, b1);
+// The table entries of a loss (ppo_lanes.h PolicyLoss, PgLoss, ValueLoss): the inputs typed, then
+// its row loops. One driver for every loss; `name` names the kernel in a dtype error.
+template <typename Loss>
+void rows_fwd(const TokenInputs& in, const typename Loss::Params& p, float* parts, int64_t b0, int64_t b1) {
+  with_typed_inputs(in, Loss::kName, [&](auto x, auto y, auto z, auto m) {
+    ppo_lanes::fwd_rows<Loss>(x, y, z, m, in.rows.steps, p, parts, b0, b1);
   });
 }
 
-inline void ppo_policy_bwd(const TokenInputs& in, const PolicyParams& p, const float* row_w, float g, void* grad,
-                           int64_t b0, int64_t b1) {
-  with_typed_inputs(in, "ppo_policy_loss_bwd", [&](auto x, auto y, auto z, auto m) {
+template <typename Loss>
+void rows_bwd(const TokenInputs& in, const typename Loss::Params& p, const float* row_w, float g, void* grad,
+              int64_t b0, int64_t b1) {
+  with_typed_inputs(in, Loss::kName, [&](auto x, auto y, auto z, auto m) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
-    ppo_lanes::bwd_rows<ppo_lanes::PolicyLoss>(x, y, z, m, in.rows.steps, p, row_w, g, static_cast<T*>(grad), b0, b1);
-  });
-}
-
-inline void pg_policy_fwd(const TokenInputs& in, const PgParams& p, float* parts, int64_t b0, int64_t b1) {
-  with_typed_inputs(in, "pg_policy_loss", [&](auto x, auto y, auto z, auto m) {
-    ppo_lanes::fwd_rows<ppo_lanes::PgLoss>(x, y, z, m, in.rows.steps, p, parts, b0, b1);
-  });
-}
-
-inline void pg_policy_bwd(const TokenInputs& in, const PgParams& p, const float* row_w, float g, void* grad,
-                          int64_t b0, int64_t b1) {
-  with_typed_inputs(in, "pg_policy_loss_bwd", [&](auto x, auto y, auto z, auto m) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
-    ppo_lanes::bwd_rows<ppo_lanes::PgLoss>(x, y, z, m, in.rows.steps, p, row_w, g, static_cast<T*>(grad), b0, b1);
-  });
-}
-
-inline void ppo_value_fwd(const TokenInputs& in, const ValueParams& p, float* parts, int64_t b0, int64_t b1) {
-  with_typed_inputs(in, "ppo_value_loss", [&](auto x, auto y, auto z, auto m) {
-    ppo_lanes::fwd_rows<ppo_lanes::ValueLoss>(x, y, z, m, in.rows.steps, p, parts, b0, b1);
-  });
-}
-
-inline void ppo_value_bwd(const TokenInputs& in, const ValueParams& p, const float* row_w, float g, void* grad,
-                          int64_t b0, int64_t b1) {
-  with_typed_inputs(in, "ppo_value_loss_bwd", [&](auto x, auto y, auto z, auto m) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
-    ppo_lanes::bwd_rows<ppo_lanes::ValueLoss>(x, y, z, m, in.rows.steps, p, row_w, g, static_cast<T*>(grad), b0, b1);
+    ppo_lanes::bwd_rows<Loss>(x, y, z, m, in.rows.steps, p, row_w, g, static_cast<T*>(grad), b0, b1);
   });
 }
 

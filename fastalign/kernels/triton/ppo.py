@@ -1,11 +1,12 @@
-"""Triton kernels for the PPO losses: fastalign_triton::ppo_{policy,value}_loss_{fwd,bwd}.
+"""Triton kernels for the PPO losses: fastalign_triton::ppo_{policy,value}_loss_{fwd,bwd}, and
+policy_loss's other fused types: fastalign_triton::pg_policy_loss_{fwd,bwd}.
 
 Same contract as the C++/CUDA ops (schemas in the descriptions of fastalign/ops/ppo.py):
-  fwd(x, y, z, mask bool, <params>, agg, global_count, horizon) -> (out fp32 [4], row_weight fp32 [B])
+  fwd(x, y, z, mask bool, <params>, agg, global_count, horizon) -> (out fp32 [8], row_weight fp32 [B])
   bwd(grad_out, x, y, z, mask, row_weight, <params>) -> grad w.r.t. x in x's dtype
 
 Forward: one program per row sweeps the row in BLOCK tiles and writes the row's partial sums
-(loss, valid count, three statistic sums) to a [B, 5] buffer; then one program reduces the
+(loss, valid count, six statistic sums, one statistic max) to a [B, 9] buffer; then one program reduces the
 buffer in row order (no atomics: the result is deterministic) into out and the per-row weights.
 Backward: a 2-D grid of (row, tile) programs, each token independent.
 The per-token math mirrors csrc/cpu/ppo.cpp and kernels/reference.py: torch's NaN-propagating
@@ -18,7 +19,8 @@ import triton.language as tl
 
 from fastalign.kernels.triton._utils import check_row_vectors, check_rows, device_guard, row_block
 
-_PARTS = 5
+_PARTS = 9  # per row: loss, count, six statistic sums, one statistic max (csrc/cpu/kernel_args.h)
+_N_OUT = 8
 
 
 @triton.jit
@@ -50,6 +52,47 @@ def _inside(x, lo, hi):  # clamp passes the gradient on [lo, hi]
 
 
 @triton.jit
+def _clip_terms(ratio, a, clip_lo, clip_hi):  # the two terms of the clipped surrogate
+    na = -a
+    return na * ratio, na * _tmin(_tmax(ratio, clip_lo), clip_hi)
+
+
+@triton.jit
+def _clip_dl(ratio, a, clip_lo, clip_hi, gm):  # gm * d max(l1, l2) / d ratio (autograd's shares)
+    l1, l2 = _clip_terms(ratio, a, clip_lo, clip_hi)
+    na = -a
+    return na * (gm * _max_share(l1, l2)) + tl.where(_inside(ratio, clip_lo, clip_hi), na * (gm * _max_share(l2, l1)),
+                                                      0.0)
+
+
+@triton.jit
+def _count(c):
+    return tl.sum(tl.where(c, 1.0, 0.0), axis=0)
+
+
+@triton.jit
+def _nan_max(run, v, valid):  # running max of v >= 0 over valid lanes, NaN-propagating (torch's amax)
+    vv = tl.where(valid, v, 0.0)
+    m = tl.max(tl.where(vv != vv, 0.0, vv), axis=0)
+    m = tl.where(_count(vv != vv) > 0.0, float("nan"), m)
+    return _tmax(run, m)
+
+
+@triton.jit
+def _store_parts(parts_ptr, row, loss, n, s1, s2, s3, s4, s5, s6, s7):
+    p = parts_ptr + row * 9
+    tl.store(p + 0, loss)
+    tl.store(p + 1, n)
+    tl.store(p + 2, s1)
+    tl.store(p + 3, s2)
+    tl.store(p + 4, s3)
+    tl.store(p + 5, s4)
+    tl.store(p + 6, s5)
+    tl.store(p + 7, s6)
+    tl.store(p + 8, s7)
+
+
+@triton.jit
 def _policy_fwd_kernel(x_ptr, o_ptr, a_ptr, m_ptr, parts_ptr, T, clip_lo, clip_hi, dual, USE_DUAL: tl.constexpr,
                        BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -60,32 +103,33 @@ def _policy_fwd_kernel(x_ptr, o_ptr, a_ptr, m_ptr, parts_ptr, T, clip_lo, clip_h
     clip = zero
     lower = zero
     kl = zero
+    clip_low = zero
+    clip_high = zero
+    rsum = zero
+    rmax = zero
     for start in range(0, T, BLOCK):
         t = start + tl.arange(0, BLOCK)
         valid = tl.load(m_ptr + base + t, mask=t < T, other=0) != 0
         x = tl.load(x_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
         o = tl.load(o_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
-        d = x - o
-        ratio = tl.exp(_tmin(_tmax(d, -20.0), 20.0))
-        na = -a
-        l1 = na * ratio
-        l2 = na * _tmin(_tmax(ratio, clip_lo), clip_hi)
+        ratio = tl.exp(_tmin(_tmax(x - o, -20.0), 20.0))
+        l1, l2 = _clip_terms(ratio, a, clip_lo, clip_hi)
         lt = _tmax(l1, l2)
         if USE_DUAL:
-            l3 = na * dual
-            lower += tl.sum(tl.where(valid & (a < 0.0) & (lt > l3), 1.0, 0.0), axis=0)
+            l3 = -a * dual
+            lower += _count(valid & (a < 0.0) & (lt > l3))
             lt = tl.where(a < 0.0, _tmin(lt, l3), lt)
+        clipped = valid & (l2 > l1)
         loss += tl.sum(tl.where(valid, lt, 0.0), axis=0)
-        n += tl.sum(tl.where(valid, 1.0, 0.0), axis=0)
-        clip += tl.sum(tl.where(valid & (l2 > l1), 1.0, 0.0), axis=0)
+        n += _count(valid)
+        clip += _count(clipped)
         kl += tl.sum(tl.where(valid, o - x, 0.0), axis=0)
-    p = parts_ptr + row * 5
-    tl.store(p + 0, loss)
-    tl.store(p + 1, n)
-    tl.store(p + 2, clip)
-    tl.store(p + 3, lower)
-    tl.store(p + 4, kl)
+        clip_low += _count(clipped & (a < 0.0))
+        clip_high += _count(clipped & (a > 0.0))
+        rsum += tl.sum(tl.where(valid, ratio, 0.0), axis=0)
+        rmax = _nan_max(rmax, ratio, valid)
+    _store_parts(parts_ptr, row, loss, n, clip, lower, kl, clip_low, clip_high, rsum, rmax)
 
 
 @triton.jit
@@ -102,15 +146,11 @@ def _policy_bwd_kernel(g_ptr, x_ptr, o_ptr, a_ptr, m_ptr, w_ptr, gx_ptr, T, clip
     a = tl.load(a_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     d = x - o
     ratio = tl.exp(_tmin(_tmax(d, -20.0), 20.0))
-    na = -a
-    l1 = na * ratio
-    l2 = na * _tmin(_tmax(ratio, clip_lo), clip_hi)
     gm = tl.zeros([BLOCK], tl.float32) + gb
     if USE_DUAL:
-        gm = tl.where(a < 0.0, gm * _min_share(_tmax(l1, l2), na * dual), gm)
-    gr = na * (gm * _max_share(l1, l2))
-    gr += tl.where(_inside(ratio, clip_lo, clip_hi), na * (gm * _max_share(l2, l1)), 0.0)
-    gd = tl.where(_inside(d, -20.0, 20.0), gr * ratio, 0.0)
+        l1, l2 = _clip_terms(ratio, a, clip_lo, clip_hi)
+        gm = tl.where(a < 0.0, gm * _min_share(_tmax(l1, l2), -a * dual), gm)
+    gd = tl.where(_inside(d, -20.0, 20.0), _clip_dl(ratio, a, clip_lo, clip_hi, gm) * ratio, 0.0)
     gd = tl.where(valid, gd, 0.0)
     tl.store(gx_ptr + offs, gd.to(gx_ptr.dtype.element_ty), mask=inb)
 
@@ -146,12 +186,7 @@ def _value_fwd_kernel(v_ptr, o_ptr, r_ptr, m_ptr, parts_ptr, T, clip, USE_CLIP: 
         n += tl.sum(tl.where(valid, 1.0, 0.0), axis=0)
         vsum += tl.sum(tl.where(valid, v, 0.0), axis=0)
         mse += tl.sum(tl.where(valid, s1, 0.0), axis=0)
-    p = parts_ptr + row * 5
-    tl.store(p + 0, loss)
-    tl.store(p + 1, n)
-    tl.store(p + 2, clipped)
-    tl.store(p + 3, vsum)
-    tl.store(p + 4, mse)
+    _store_parts(parts_ptr, row, loss, n, clipped, vsum, mse, zero, zero, zero, zero)
 
 
 @triton.jit
@@ -186,7 +221,8 @@ def _value_bwd_kernel(g_ptr, v_ptr, o_ptr, r_ptr, m_ptr, w_ptr, gx_ptr, T, clip,
 
 @triton.jit
 def _finalize_kernel(parts_ptr, out_ptr, w_ptr, B, agg, global_count, horizon, scale, BLOCK_B: tl.constexpr):
-    # One program: reduces the [B, 5] row partials in a fixed order (deterministic).
+    # One program: reduces the [B, 9] row partials in a fixed order (deterministic) into out =
+    # (loss, stat1..6 / N, max of stat7) and the row weights.
     # horizon: H of seq-mean-token-sum-norm (> 0, resolved by the launcher).
     zero = scale * 0.0  # an fp32 scalar
     n_tok = zero
@@ -195,10 +231,14 @@ def _finalize_kernel(parts_ptr, out_ptr, w_ptr, B, agg, global_count, horizon, s
     st1 = zero
     st2 = zero
     st3 = zero
+    st4 = zero
+    st5 = zero
+    st6 = zero
+    st7 = zero
     for start in range(0, B, BLOCK_B):
         rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
         inb = rows < B
-        p = parts_ptr + rows * 5
+        p = parts_ptr + rows * 9
         loss = tl.load(p + 0, mask=inb, other=0.0)
         n = tl.load(p + 1, mask=inb, other=0.0)
         n_tok += tl.sum(n, axis=0)
@@ -208,6 +248,10 @@ def _finalize_kernel(parts_ptr, out_ptr, w_ptr, B, agg, global_count, horizon, s
         st1 += tl.sum(tl.load(p + 2, mask=inb, other=0.0), axis=0)
         st2 += tl.sum(tl.load(p + 3, mask=inb, other=0.0), axis=0)
         st3 += tl.sum(tl.load(p + 4, mask=inb, other=0.0), axis=0)
+        st4 += tl.sum(tl.load(p + 5, mask=inb, other=0.0), axis=0)
+        st5 += tl.sum(tl.load(p + 6, mask=inb, other=0.0), axis=0)
+        st6 += tl.sum(tl.load(p + 7, mask=inb, other=0.0), axis=0)
+        st7 = _nan_max(st7, tl.load(p + 8, mask=inb, other=0.0), inb)
     count = tl.where(global_count >= 0.0, global_count, tl.where(agg == 0, n_tok, n_seq))
     norm = tl.where(count > 0.0, scale / tl.maximum(count, 1e-30) / tl.where(agg == 3, horizon, 1.0), 0.0)
     inv_n = tl.where(n_tok > 0.0, 1.0 / tl.maximum(n_tok, 1.0), 0.0)
@@ -215,12 +259,195 @@ def _finalize_kernel(parts_ptr, out_ptr, w_ptr, B, agg, global_count, horizon, s
     tl.store(out_ptr + 1, st1 * inv_n)
     tl.store(out_ptr + 2, st2 * inv_n)
     tl.store(out_ptr + 3, st3 * inv_n)
+    tl.store(out_ptr + 4, st4 * inv_n)
+    tl.store(out_ptr + 5, st5 * inv_n)
+    tl.store(out_ptr + 6, st6 * inv_n)
+    tl.store(out_ptr + 7, st7)
     for start in range(0, B, BLOCK_B):
         rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
         inb = rows < B
-        n = tl.load(parts_ptr + rows * 5 + 1, mask=inb, other=0.0)
+        n = tl.load(parts_ptr + rows * 9 + 1, mask=inb, other=0.0)
         w = tl.where(n > 0.0, tl.where(agg == 2, norm / tl.maximum(n, 1.0), norm), 0.0)
         tl.store(w_ptr + rows, w, mask=inb)
+
+
+# ---- policy_loss's other fused types: fastalign_triton::pg_policy_loss_{fwd,bwd} -------------------
+# KIND (fastalign/ops/policy_loss_fused.py): 0 reinforce / gpg: -A x; 1 cispo: -clamp(r, pa, pb) A x
+# (the weight a constant of the gradient); 2 sapo: -sigmoid(tau (r - 1)) (4 / tau) A, tau = pa if
+# A > 0 else pb (z clamped to [-20, 20] as the C++ kernel); 3 gspo: the clipped surrogate of the
+# row's s = exp(min(L, 10)), L = mean of x - o over the row, [pa, pb] = [1 - clip_low, 1 + clip_high];
+# 4 geo_mean: every token -Abar R, R = exp(mean m), m the sign-aware log-space clip to [-pa, pb].
+# 3 and 4 sweep the row twice (the row's ratio first); their backward runs a program per row.
+
+
+@triton.jit
+def _load_row_tile(x_ptr, o_ptr, a_ptr, m_ptr, base, t, T):
+    valid = tl.load(m_ptr + base + t, mask=t < T, other=0) != 0
+    x = tl.load(x_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
+    return valid, x, o, a
+
+
+@triton.jit
+def _geo_terms(x, o, a, lo, hi):  # (d, clamped d, sign(A), m) of geo_mean
+    d = _tmin(_tmax(x - o, -20.0), 20.0)
+    dc = _tmin(_tmax(d, -lo), hi)
+    sgn = tl.where(a > 0.0, 1.0, tl.where(a < 0.0, -1.0, a * 0.0))  # torch.sign: 0 -> 0, NaN -> NaN
+    return d, dc, sgn, sgn * _tmin(sgn * d, sgn * dc)
+
+
+@triton.jit
+def _sapo_sigmoid(ratio, tau):
+    z = _tmin(_tmax(tau * (ratio - 1.0), -20.0), 20.0)
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _seq_row(x_ptr, o_ptr, a_ptr, m_ptr, base, T, pa, pb, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """The row pass of gspo / geo_mean: (s or R, max(n, 1), L (gspo) or -Abar R (geo_mean))."""
+    zero = pa * 0.0
+    s1 = zero
+    s2 = zero
+    cnt = zero
+    for start in range(0, T, BLOCK):
+        t = start + tl.arange(0, BLOCK)
+        valid, x, o, a = _load_row_tile(x_ptr, o_ptr, a_ptr, m_ptr, base, t, T)
+        cnt += _count(valid)
+        if KIND == 3:
+            s1 += tl.sum(tl.where(valid, x - o, 0.0), axis=0)
+        else:
+            d, dc, sgn, m = _geo_terms(x, o, a, pa, pb)
+            s1 += tl.sum(tl.where(valid, m, 0.0), axis=0)
+            s2 += tl.sum(tl.where(valid, a, 0.0), axis=0)
+    n = tl.maximum(cnt, 1.0)  # the reference's mean over max(n, 1)
+    mean = s1 / n
+    if KIND == 3:
+        ratio = tl.exp(_tmin(mean, 10.0))
+        extra = mean
+    else:
+        ratio = tl.exp(mean)
+        extra = -(s2 / n) * ratio
+    return ratio, n, extra
+
+
+@triton.jit
+def _pg_fwd_kernel(x_ptr, o_ptr, a_ptr, m_ptr, parts_ptr, T, pa, pb, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * T
+    zero = pa * 0.0
+    s_row = zero + 1.0
+    l_row = zero
+    if KIND >= 3:
+        s_row, n_row, l_row = _seq_row(x_ptr, o_ptr, a_ptr, m_ptr, base, T, pa, pb, KIND, BLOCK)
+    loss = zero
+    n = zero
+    clip = zero
+    kl = zero
+    clip_low = zero
+    clip_high = zero
+    rsum = zero
+    rmax = zero
+    for start in range(0, T, BLOCK):
+        t = start + tl.arange(0, BLOCK)
+        valid, x, o, a = _load_row_tile(x_ptr, o_ptr, a_ptr, m_ptr, base, t, T)
+        if KIND == 0:
+            lt = -a * x
+        else:
+            if KIND == 3:
+                ratio = tl.zeros([BLOCK], tl.float32) + s_row
+                l1, l2 = _clip_terms(ratio, a, pa, pb)
+                lt = _tmax(l1, l2)
+                clipped = valid & (l2 > l1)
+                low = clipped & (a < 0.0)
+                high = clipped & (a > 0.0)
+            elif KIND == 4:
+                ratio = tl.zeros([BLOCK], tl.float32) + s_row
+                d, dc, sgn, m = _geo_terms(x, o, a, pa, pb)
+                moved = valid & (d != dc)
+                clipped = moved & (a != 0.0)
+                low = moved & (a < 0.0)
+                high = moved & (a > 0.0)
+                lt = tl.zeros([BLOCK], tl.float32) + l_row
+            else:
+                ratio = tl.exp(_tmin(_tmax(x - o, -20.0), 20.0))
+                if KIND == 1:
+                    lt = (-_tmin(_tmax(ratio, pa), pb) * a) * x
+                    low = valid & (ratio < pa)
+                    high = valid & (ratio > pb)
+                    clipped = low | high
+                else:
+                    tau = tl.where(a > 0.0, pa, pb)
+                    lt = -(_sapo_sigmoid(ratio, tau) * (4.0 / tau)) * a
+            if KIND != 2:  # sapo has no clip statistics
+                clip += _count(clipped)
+                clip_low += _count(low)
+                clip_high += _count(high)
+            rsum += tl.sum(tl.where(valid, ratio, 0.0), axis=0)
+            rmax = _nan_max(rmax, ratio, valid)
+        loss += tl.sum(tl.where(valid, lt, 0.0), axis=0)
+        n += _count(valid)
+        kl += tl.sum(tl.where(valid, o - x, 0.0), axis=0)
+    _store_parts(parts_ptr, row, loss, n, clip, zero, kl, clip_low, clip_high, rsum, rmax)
+
+
+@triton.jit
+def _pg_bwd_tile(x_ptr, o_ptr, a_ptr, m_ptr, gx_ptr, base, start, T, pa, pb, gb, coef, KIND: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """The gradient of one tile of a row: gb = g w_b; coef the row's factor (gspo: g w_b S s / n,
+    geo_mean: g w_b (-Abar R))."""
+    t = start + tl.arange(0, BLOCK)
+    inb = t < T
+    valid, x, o, a = _load_row_tile(x_ptr, o_ptr, a_ptr, m_ptr, base, t, T)
+    if KIND == 0:
+        gd = -a * gb
+    elif KIND == 3:
+        gd = tl.zeros([BLOCK], tl.float32) + coef
+    elif KIND == 4:
+        d, dc, sgn, m = _geo_terms(x, o, a, pa, pb)
+        u = sgn * d
+        v = sgn * dc
+        dm = (sgn * sgn) * (_min_share(u, v) + tl.where(_inside(d, -pa, pb), _min_share(v, u), 0.0))
+        gd = tl.where(_inside(x - o, -20.0, 20.0), coef * dm, 0.0)
+    else:
+        dd = x - o
+        ratio = tl.exp(_tmin(_tmax(dd, -20.0), 20.0))
+        if KIND == 1:
+            gd = (-_tmin(_tmax(ratio, pa), pb) * a) * gb
+        else:
+            tau = tl.where(a > 0.0, pa, pb)
+            sg = _sapo_sigmoid(ratio, tau)
+            gd = tl.where(_inside(dd, -20.0, 20.0), ((-a * gb) * (4.0 * sg * (1.0 - sg))) * ratio, 0.0)
+    gd = tl.where(valid, gd, 0.0)
+    tl.store(gx_ptr + base + t, gd.to(gx_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _pg_bwd_kernel(g_ptr, x_ptr, o_ptr, a_ptr, m_ptr, w_ptr, gx_ptr, T, pa, pb, KIND: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    # grid (B, tiles) for the per-token kinds (a tile each); (B, 1) for gspo / geo_mean, whose
+    # program sweeps its row: the row pass, gspo's S = sum_t d l_t / d s, then every tile
+    row = tl.program_id(0).to(tl.int64)
+    base = row * T
+    gb = tl.load(g_ptr) * tl.load(w_ptr + row)
+    if KIND >= 3:
+        s_row, n_row, extra = _seq_row(x_ptr, o_ptr, a_ptr, m_ptr, base, T, pa, pb, KIND, BLOCK)
+        if KIND == 3:  # the clamp min(L, 10) passes the gradient where L <= 10
+            ssum = pa * 0.0
+            for start in range(0, T, BLOCK):
+                t = start + tl.arange(0, BLOCK)
+                valid = tl.load(m_ptr + base + t, mask=t < T, other=0) != 0
+                a = tl.load(a_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
+                ratio = tl.zeros([BLOCK], tl.float32) + s_row
+                ssum += tl.sum(tl.where(valid, _clip_dl(ratio, a, pa, pb, 1.0), 0.0), axis=0)
+            coef = tl.where(extra <= 10.0, ((gb * ssum) * s_row) / n_row, 0.0)
+        else:
+            coef = gb * extra
+        for start in range(0, T, BLOCK):
+            _pg_bwd_tile(x_ptr, o_ptr, a_ptr, m_ptr, gx_ptr, base, start, T, pa, pb, gb, coef, KIND, BLOCK)
+    else:
+        _pg_bwd_tile(x_ptr, o_ptr, a_ptr, m_ptr, gx_ptr, base, tl.program_id(1) * BLOCK, T, pa, pb, gb, gb,
+                     KIND, BLOCK)
 
 
 # ---- launchers (wrapped as the custom ops fastalign_triton::ppo_* in fastalign/ops/ppo.py) -----
@@ -235,7 +462,7 @@ def _block(steps: int) -> int:
 def _finish(parts, batch, steps, agg, global_count, horizon, scale):
     if agg not in (0, 1, 2, 3):  # as the C++ ops check
         raise ValueError(f"ppo loss: agg code must be in [0, 3], got {agg}")
-    out = torch.empty(4, dtype=torch.float32, device=parts.device)
+    out = torch.empty(_N_OUT, dtype=torch.float32, device=parts.device)
     row_w = torch.empty(batch, dtype=torch.float32, device=parts.device)
     h = float(horizon) if horizon > 0 else float(max(steps, 1))  # T = 0: no tokens, any h > 0
     _finalize_kernel[(1,)](
@@ -256,8 +483,9 @@ def _launch_fwd(kernel, op, inputs, mask, params, flags, agg, global_count, hori
         return _finish(parts, batch, steps, agg, global_count, horizon, scale)
 
 
-def _launch_bwd(kernel, op, grad_out, inputs, mask, row_weight, params, flags):
-    """Elementwise backward over (row, tile) programs; shared by both losses."""
+def _launch_bwd(kernel, op, grad_out, inputs, mask, row_weight, params, flags, per_row=False):
+    """Backward over (row, tile) programs, or a program per row (per_row: the sequence-level
+    losses, whose program sweeps its row); shared by every loss."""
     check_rows(op, inputs, mask)
     check_row_vectors(op, inputs[0].shape[0], inputs[0].device, grad_out, row_weight)
     x, y, z, m = (t.contiguous() for t in inputs + (mask,))
@@ -267,7 +495,7 @@ def _launch_bwd(kernel, op, grad_out, inputs, mask, row_weight, params, flags):
         return grad
     block = _block(steps)
     with device_guard(x):
-        kernel[(batch, triton.cdiv(steps, block))](
+        kernel[(batch, 1 if per_row else triton.cdiv(steps, block))](
             grad_out.float().contiguous(), x, y, z, m.view(torch.uint8), row_weight.float().contiguous(), grad,
             steps, *params, **flags, BLOCK=block,
         )
@@ -313,3 +541,30 @@ def ppo_value_loss_bwd(
         _value_bwd_kernel, "ppo_value_loss_bwd", grad_out, (values, old_values, returns), mask, row_weight,
         (float(clip),), dict(USE_CLIP=clip > 0),
     )
+
+
+_PG_KINDS = (0, 1, 2, 3, 4)
+
+
+def _pg_args(op, kind, a, b):
+    if kind not in _PG_KINDS:  # as the C++ op checks
+        raise ValueError(f"{op}: kind must be 0 (reinforce), 1 (cispo), 2 (sapo), 3 (gspo) or 4 (geo_mean), got {kind}")
+    return (float(a), float(b)), dict(KIND=int(kind))
+
+
+def pg_policy_loss_fwd(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    kind: int, a: float, b: float, agg: int, global_count: float, horizon: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    params, flags = _pg_args("pg_policy_loss_fwd", kind, a, b)
+    return _launch_fwd(_pg_fwd_kernel, "pg_policy_loss_fwd", (logprobs, old_logprobs, advantages), mask, params, flags,
+                       agg, global_count, horizon, 1.0)
+
+
+def pg_policy_loss_bwd(
+    grad_out: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+    mask: torch.Tensor, row_weight: torch.Tensor, kind: int, a: float, b: float,
+) -> torch.Tensor:
+    params, flags = _pg_args("pg_policy_loss_bwd", kind, a, b)
+    return _launch_bwd(_pg_bwd_kernel, "pg_policy_loss_bwd", grad_out, (logprobs, old_logprobs, advantages), mask,
+                       row_weight, params, flags, per_row=kind >= 3)

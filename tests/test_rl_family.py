@@ -624,20 +624,24 @@ def test_family_raises_the_oracle_score(tok, tmp_path, sft_dir, name):  # noqa: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type", ["gspo", "cispo"])
-def test_grpo_loss_types_raise_the_oracle_score(tok, tmp_path, sft_dir, loss_type):  # noqa: F811
-    """GRPO with the gspo (sequence ratio, clip 3e-4 / 4e-4) and cispo (stop-gradient weight
-    clipped at 1 + 4 times log-prob) losses, without a KL term (no reference forward), 2 mini-batches
-    per step (the second one's ratio is not 1)."""
+@pytest.mark.parametrize("loss_type,margin", [("gspo", 0.02), ("cispo", 0.04)])
+def test_grpo_loss_types_raise_the_oracle_score(tok, tmp_path, sft_dir, loss_type, margin):  # noqa: F811
+    """GRPO with the gspo (sequence ratio, clip 3e-4 / 4e-4) and cispo (stop-gradient ratio weight
+    capped at 1 + 4.0, times the log-prob) losses, their default parameters, without a KL term (no
+    reference forward), 2 mini-batches per step (the second one's ratio is not 1)."""
     alg = get_algorithm("grpo")({"group_size": 8, "max_new_tokens": 24, "mini_batches": 2, "beta": 0.0,
                                  "loss_type": loss_type}, reward_fn=Oracle.score, oracle_fn=Oracle.score)
     before, after = _learns(alg, {"policy": load_model(sft_dir)}, tok, tmp_path, max_steps=40,
                             batch_size=32, lr=3e-4)
-    # MEASURED below; margin as the rloo/dapo test's
-    assert after > before + 0.04, (before, after)
+    # 40 steps, measured on an AMD EPYC (2026-12-08): cispo 0.376 -> 0.457 (+0.081), gspo 0.376 ->
+    # 0.426 (+0.049; with agg seq-mean-token-mean, the paper's, +0.046). gspo's clip range (3e-4 /
+    # 4e-4 of the sequence ratio) clips ~25% of the second mini-batch's responses: it learns slower
+    # at this size. Margins about one standard error of the difference (~0.03) below the measured
+    # gains, as the rloo/dapo test's: cispo 0.04 (the family's), gspo 0.02.
+    assert after > before + margin, (before, after)
 
 
-NOISE = 2.0  # std of the simulated mismatch's per-token log-prob noise
+NOISE = 3.0  # std of the simulated mismatch's per-token log-prob noise
 
 
 def _train_rows(out):
@@ -663,12 +667,13 @@ def test_simulated_engine_mismatch_tis_learns_naive_degrades(tok, tmp_path, sft_
         runs[mode + "_rows"] = _train_rows(out)
     (before, tis), (_, naive) = runs["tis"], runs["naive"]
     g_tis, g_naive = ([r["grad_norm"] for r in runs[m + "_rows"]] for m in ("tis", "naive"))
-    # measured on an AMD EPYC (2026-12-08), SFT 0.376: TIS 0.460 (+0.084), naive 0.408 (+0.032);
-    # pre-clip gradient norms TIS 0.60 - 1.39 (mean 0.84), naive 3.0 - 33 (mean 9.7). The margins:
-    # TIS learns as the unperturbed runs do (0.04: the family's margin, half the gain); the naive
-    # run's every gradient is larger than the largest of TIS's, its mean norm > 4x TIS's (11.5x
-    # measured), and it ends below TIS by more than 0.02 (0.052 measured; the standard error of the
-    # difference of two 256-prompt means is ~0.03, so the gradient norms are the robust signal)
-    assert tis > before + 0.04, runs["tis"]
-    assert min(g_naive) > max(g_tis) and sum(g_naive) > 4 * sum(g_tis), (g_tis, g_naive)
-    assert naive < tis - 0.02, (runs["tis"], runs["naive"])
+    # measured on an AMD EPYC (2026-12-08), SFT 0.376: TIS 0.425 (+0.049), naive 0.328 (-0.048:
+    # below the SFT model); pre-clip gradient norms TIS 0.56 - 1.44 (mean 0.83), naive 32 - 1075
+    # (mean 160). (At noise 2.0: TIS +0.084, naive +0.032 with norms 3 - 33: slower, not worse.)
+    # Margins about one standard error of a difference of two 256-prompt means (~0.03) inside the
+    # measured values: TIS rises by > 0.02, the naive run ends below the SFT model and > 0.05 below
+    # TIS; and the gradient norms, the robust signal: every naive one > 10x the largest of TIS's
+    # (22x measured), their mean > 50x TIS's (190x measured)
+    assert tis > before + 0.02, runs["tis"]
+    assert naive < before and naive < tis - 0.05, (runs["tis"], runs["naive"])
+    assert min(g_naive) > 10 * max(g_tis) and sum(g_naive) > 50 * sum(g_tis), (g_tis, g_naive)

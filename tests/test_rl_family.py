@@ -670,10 +670,10 @@ def test_simulated_engine_mismatch_tis_learns_naive_degrades(tok, tmp_path, sft_
     # measured on an AMD EPYC (2026-12-08), SFT 0.376: TIS 0.425 (+0.049), naive 0.328 (-0.048:
     # below the SFT model); pre-clip gradient norms TIS 0.56 - 1.44 (mean 0.83), naive 32 - 1075
     # (mean 160). (At noise 2.0: TIS +0.084, naive +0.032 with norms 3 - 33: slower, not worse.)
-    # Margins about one standard error of a difference of two 256-prompt means (~0.03) inside the
-    # measured values: TIS rises by > 0.02, the naive run ends below the SFT model and > 0.05 below
-    # TIS; and the gradient norms, the robust signal: every naive one > 10x the largest of TIS's
-    # (22x measured), their mean > 50x TIS's (190x measured)
+    # Margins one to two standard errors of a difference of two 256-prompt means (~0.03) inside
+    # the measured values: TIS rises by > 0.02, the naive run gains < 0.01 over the SFT model and
+    # ends > 0.04 below TIS; and the gradient norms, the robust signal: every naive one > 10x the
+    # largest of TIS's (22x measured), their mean > 50x TIS's (190x measured)
     assert tis > before + 0.02, runs["tis"]
-    assert naive < before and naive < tis - 0.05, (runs["tis"], runs["naive"])
+    assert naive < before + 0.01 and naive < tis - 0.04, (runs["tis"], runs["naive"])
     assert min(g_naive) > 10 * max(g_tis) and sum(g_naive) > 50 * sum(g_tis), (g_tis, g_naive)

@@ -223,6 +223,8 @@ class CriticFreeAlgorithm(OnlineAlgorithm):
         """{name: (sum, count)} of this rank -> {name: sum over ranks / count over ranks} (0 for no
         count): a metric of the whole global batch, as one process would compute it."""
         names = sorted(parts)
+        if not names:  # the same on every rank (the metrics follow the config): no collective
+            return {}
         vals = [float(parts[k][0]) for k in names] + [float(parts[k][1]) for k in names]
         ctx = self._context
         if ctx is not None and ctx.world > 1:

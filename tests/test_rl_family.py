@@ -633,7 +633,7 @@ def test_grpo_loss_types_raise_the_oracle_score(tok, tmp_path, sft_dir, loss_typ
                                  "loss_type": loss_type}, reward_fn=Oracle.score, oracle_fn=Oracle.score)
     before, after = _learns(alg, {"policy": load_model(sft_dir)}, tok, tmp_path, max_steps=40,
                             batch_size=32, lr=3e-4)
-    # 40 steps, measured on an AMD EPYC (2026-12-08): cispo 0.376 -> 0.457 (+0.081), gspo 0.376 ->
+    # 40 steps, measured on an AMD EPYC (2026-12-08; 1 thread): cispo 0.376 -> 0.457 (+0.081), gspo 0.376 ->
     # 0.426 (+0.049; with agg seq-mean-token-mean, the paper's, +0.046). gspo's clip range (3e-4 /
     # 4e-4 of the sequence ratio) clips ~25% of the second mini-batch's responses: it learns slower
     # at this size. Margins about one standard error of the difference (~0.03) below the measured
@@ -667,7 +667,7 @@ def test_simulated_engine_mismatch_tis_learns_naive_degrades(tok, tmp_path, sft_
         runs[mode + "_rows"] = _train_rows(out)
     (before, tis), (_, naive) = runs["tis"], runs["naive"]
     g_tis, g_naive = ([r["grad_norm"] for r in runs[m + "_rows"]] for m in ("tis", "naive"))
-    # measured on an AMD EPYC (2026-12-08), SFT 0.376: TIS 0.425 (+0.049), naive 0.328 (-0.048:
+    # measured on an AMD EPYC (2026-12-08; the RL runs on 1 thread), SFT 0.376: TIS 0.425 (+0.049), naive 0.328 (-0.048:
     # below the SFT model); pre-clip gradient norms TIS 0.56 - 1.44 (mean 0.83), naive 32 - 1075
     # (mean 160). (At noise 2.0: TIS +0.084, naive +0.032 with norms 3 - 33: slower, not worse.)
     # Margins one to two standard errors of a difference of two 256-prompt means (~0.03) inside

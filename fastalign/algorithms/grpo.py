@@ -145,7 +145,8 @@ class GRPO(CriticFreeAlgorithm):
         rows = cfg.micro_batch_size or context.batch_size
         for i in range(0, len(rollout), rows):
             with context.autocast():
-                logits = model(input_ids=b["input_ids"][i: i + rows], attention_mask=b["attention_mask"][i: i + rows]).logits
+                logits = model(input_ids=b["input_ids"][i: i + rows],
+                               attention_mask=b["attention_mask"][i: i + rows]).logits
             z = logits[:, :-1].float() / cfg.temperature
             out[i: i + rows] = torch.exp(torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
         return out * rollout.mask

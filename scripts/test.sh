@@ -3,8 +3,10 @@
 # with nvcc (sm_80, sm_90; no GPU needed), run pytest without the slow tests, the kernel
 # comparisons once more at the narrowest ISA on one thread, then the slow
 # tests (the >2^31-offset kernel test, the compiled-wheel round trip, the whole demo pipeline
-# judged by its oracle, PPO and GRPO raising the oracle score, SmolLM2 and its shortened demo
-# recipe), then the benchmark smoke run.
+# judged by its oracle, PPO, GRPO and the critic-free family -- rloo, dapo, GRPO with the gspo and
+# cispo losses, a simulated engine mismatch with and without TIS -- raising the oracle score
+# (tests/test_rl_family.py's slow tests: every one in that file runs), SmolLM2 and its shortened
+# demo recipe), then the benchmark smoke run.
 # Extra args go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -25,6 +25,18 @@ Per-response options, read from the rollout (CriticFreeConfig):
     (truncated / masked importance sampling against the engine mismatch: fastalign.policy_loss).
     MIS (rollout_rs*) is applied once per step, to the loss mask (`loss_data`), so that its
     rejected tokens leave the loss units as they leave the loss; TIS (rollout_is*) in the loss.
+    The correction compares the trainer's recomputed old log-probs with the sampler's, so it
+    needs algo.old_logps: recompute (with `sampler` the two are one tensor: every weight 1);
+  * debug_rollout_logp_noise / debug_rollout_logp_bias: a simulated engine mismatch, for a
+    sanity check of a run's correction settings without a second engine: the sampler's
+    per-token log-probs become lp + bias + noise * N(0, 1), seeded by the sampling round's seed,
+    before anything reads them (as old_logps with algo.old_logps: sampler, as the rollout
+    log-probs of rollout_correction). The samples themselves are unchanged, so the perturbed
+    values are wrong by exactly the added amount (they may exceed 0).
+
+Metrics of the rollout (masked_truncated, rollout_rs_masked_frac; grpo.py's zero_std_groups
+and dynamic-sampling counts) are over every rank's rows under torchrun, as a single process
+of the same global batch would log them.
 
 Every loss goes through one function, `policy_loss` below. With 1 epoch x 1 mini-batch (the
 on-policy case) the ratio is 1 and the clip is inactive. A subclass chooses only its advantages
@@ -38,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastalign.algorithms import _rollout as R
 from fastalign.algorithms.base import token_logps
 from fastalign.algorithms.online import OnlineAlgorithm, OnlineConfig
 from fastalign.data import collate as C
@@ -50,6 +63,7 @@ from fastalign.options import option
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 _TOKEN_AGGS = ("token-mean",)  # normalised by tokens; the others by responses
+_NOISE_SEED_OFFSET = 104_729  # prime; the debug noise's generator seed is the round's seed plus this
 
 
 
@@ -88,6 +102,10 @@ class CriticFreeConfig(OnlineConfig):
                                      "(0: off)", ge=0)
     overlong_penalty: float = option(1.0, "score penalty at max_new_tokens (linear over overlong_buffer)", ge=0)
     mask_truncated: bool = option(False, "leave responses cut at max_new_tokens without EOS out of the loss")
+    debug_rollout_logp_noise: float = option(0.0, "debugging: std of Gaussian noise added to each of the sampler's "
+                                                  "per-token log-probs (a simulated engine mismatch)", ge=0)
+    debug_rollout_logp_bias: float = option(0.0, "debugging: a constant added to each of the sampler's per-token "
+                                                 "log-probs (a simulated engine mismatch)")
 
 
 class CriticFreeAlgorithm(OnlineAlgorithm):
@@ -98,6 +116,7 @@ class CriticFreeAlgorithm(OnlineAlgorithm):
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)
         self.check_config()
+        self._context = None  # the run's, from make_rollout: the metrics' reductions over ranks
 
     def check_config(self) -> None:
         """Cross-option checks (ConfigError naming the option), beyond each option's own range."""
@@ -120,6 +139,13 @@ class CriticFreeAlgorithm(OnlineAlgorithm):
         if clash:
             raise ConfigError(f"algo.loss_params: {clash} are set by the trainer (algo.clip / clip_high / dual_clip / "
                               "agg for ppo)")
+        if cfg.rollout_correction and cfg.old_logps == "sampler":
+            raise ConfigError("algo.rollout_correction weighs the trainer's recomputed old log-probs against the "
+                              "sampler's; with algo.old_logps: sampler they are the same tensor (every weight 1): "
+                              "set algo.old_logps: recompute")
+        if (cfg.debug_rollout_logp_noise or cfg.debug_rollout_logp_bias) and not self.sampler_logps_needed():
+            raise ConfigError("algo.debug_rollout_logp_noise / _bias perturb the sampler's log-probs, which this "
+                              "config does not read: set algo.old_logps: sampler or algo.rollout_correction")
         try:  # the loss parameters and correction options checked by the loss itself, on a dummy batch
             x = torch.zeros(1, 2)
             policy_loss(x, x, x, torch.ones(1, 2, dtype=torch.bool), loss_type=cfg.loss_type,
@@ -147,10 +173,28 @@ class CriticFreeAlgorithm(OnlineAlgorithm):
         return (-over / cfg.overlong_buffer * cfg.overlong_penalty).clamp(max=0.0)
 
     def make_rollout(self, context, micro_batches, seed):
+        self._context = context
         rollout = super().make_rollout(context, micro_batches, seed)
         if self.config.overlong_buffer:
             rollout.scores = rollout.scores + self.overlong_penalty(rollout)
+        if self.config.debug_rollout_logp_noise or self.config.debug_rollout_logp_bias:
+            self.perturb_sampler_logps(rollout, seed)
         return rollout
+
+    def perturb_sampler_logps(self, rollout, seed: int) -> None:
+        """The simulated engine mismatch (debug_rollout_logp_noise / _bias): each response's
+        sampler log-probs lp_t -> lp_t + bias + noise * z_t, z ~ N(0, 1) drawn in row-major order
+        of the response tokens from a generator seeded with the round's seed + _NOISE_SEED_OFFSET
+        (deterministic, and not the sampler's own random stream)."""
+        cfg = self.config
+        if rollout._lps is None:
+            raise ConfigError("algo.debug_rollout_logp_noise / _bias need the sampler's log-probs, and this run's "
+                              "sampler gave none: set trainer.sampler: fastalign (a model FastSampler supports)")
+        # its own stream: the sampler's generator starts from `seed` itself
+        g = torch.Generator().manual_seed(seed + _NOISE_SEED_OFFSET)
+        rollout._lps = [lp.float().cpu() + cfg.debug_rollout_logp_bias
+                        + cfg.debug_rollout_logp_noise * torch.randn(lp.shape, generator=g) for lp in rollout._lps]
+        rollout.sampler_logps = R._on_response(rollout.mask, rollout._lps)  # what R.subset rebuilds from, too
 
     def loss_data(self, rollout) -> dict:
         """The per-token tensors of the rollout the loss reads besides the advantages: loss_mask
@@ -175,12 +219,31 @@ class CriticFreeAlgorithm(OnlineAlgorithm):
             out["loss_mask"] = keep
         return out
 
+    def global_mean(self, parts: dict) -> dict:
+        """{name: (sum, count)} of this rank -> {name: sum over ranks / count over ranks} (0 for no
+        count): a metric of the whole global batch, as one process would compute it."""
+        names = sorted(parts)
+        if not names:  # the same on every rank (the metrics follow the config): no collective
+            return {}
+        vals = [float(parts[k][0]) for k in names] + [float(parts[k][1]) for k in names]
+        ctx = self._context
+        if ctx is not None and ctx.world > 1:
+            vals = ctx.all_reduce(vals)
+        n = len(names)
+        return {k: vals[i] / vals[n + i] if vals[n + i] else 0.0 for i, k in enumerate(names)}
+
+    def rollout_metric_parts(self, rollout, data) -> dict:
+        """{metric: (sum, count)} of this rank's rollout, reduced over ranks by step_metrics."""
+        out = {}
+        if self.config.mask_truncated:
+            out["masked_truncated"] = (int(rollout.truncated_rows.sum()), len(rollout))
+        if self.config.rollout_correction.get("rollout_rs") is not None:  # the loss's own stat, moved here
+            out["rollout_rs_masked_frac"] = (self._mis_base - int(data["loss_mask"].sum()), self._mis_base)
+        return out
+
     def step_metrics(self, rollout, data) -> dict:
         out = super().step_metrics(rollout, data)
-        if self.config.mask_truncated:
-            out["masked_truncated"] = float(rollout.truncated_rows.float().mean())
-        if self.config.rollout_correction.get("rollout_rs") is not None:  # the loss's own stat, moved here
-            out["rollout_rs_masked_frac"] = 1.0 - int(data["loss_mask"].sum()) / max(self._mis_base, 1)
+        out.update(self.global_mean(self.rollout_metric_parts(rollout, data)))
         return out
 
     # ---- the loss ------------------------------------------------------------------------------

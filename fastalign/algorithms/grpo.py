@@ -19,6 +19,13 @@ dapo are configs of it):
     advantages are all 0 under every group estimator: they move the policy only through the KL
     term, but count in the token-mean normaliser) -- logged as dynamic_sampling/filled. The
     filter reads the final scores (after overlong shaping), as verl's `seq_final_reward`.
+    Under torchrun each rank filters and refills its own share (every rank samples as many
+    rounds as the shortest needs); the logged counts are summed over ranks;
+  * optimal_token_baseline (verl's estimator): its per-token inputs come from the step --
+    old_log_probs are the rollout's old log-probs, sum_pi_squared (sum_v pi(v | s_t)^2 at the
+    sampling temperature) one more no-grad forward of the policy with its full logits
+    (`sum_pi_squared`; the fused head gives log-probs and entropies only), rollout_is_weights
+    the TIS weights when algo.rollout_correction has rollout_is.
 """
 
 from __future__ import annotations
@@ -28,12 +35,16 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.algorithms import _rollout as R
+from fastalign.kernels import reference_policy_losses as RPL
 from fastalign.algorithms.critic_free import CriticFreeAlgorithm, CriticFreeConfig
 from fastalign.algorithms.registry import register_algorithm
 from fastalign.errors import ConfigError
 from fastalign.ops.advantages import ADVANTAGE_ESTIMATORS, advantages
 from fastalign.ops.grpo import group_advantages
 from fastalign.options import option
+
+
+_OTB_INPUTS = ("old_log_probs", "sum_pi_squared", "rollout_is_weights")
 
 
 def estimators() -> tuple:
@@ -79,20 +90,24 @@ class GRPO(CriticFreeAlgorithm):
             raise ConfigError("algo.dynamic_sampling needs algo.group_size >= 2 (a group of one is always constant)")
         if not isinstance(cfg.advantage_params, dict):
             raise ConfigError(f"algo.advantage_params must be a mapping of options, got {cfg.advantage_params!r}")
-        if "reward_baselines" in cfg.advantage_params:
-            raise ConfigError("algo.advantage_params: reward_baselines are the greedy responses' scores, set by remax")
+        taken = sorted({"reward_baselines", *_OTB_INPUTS} & set(cfg.advantage_params))
+        if taken:
+            raise ConfigError(f"algo.advantage_params: {taken} are set by the trainer (the greedy responses' scores "
+                              "for remax; the step's log-probs for optimal_token_baseline)")
         try:  # the options checked by the estimator itself, on a dummy batch of two groups
-            self._estimate(torch.zeros(2 * cfg.group_size), torch.ones(2 * cfg.group_size, 1, dtype=torch.bool),
-                           torch.zeros(2 * cfg.group_size))
+            n = 2 * cfg.group_size
+            dummy = {k: torch.zeros(n, 1) for k in _OTB_INPUTS[:2]} if est == "optimal_token_baseline" else {}
+            self._estimate(torch.zeros(n), torch.ones(n, 1, dtype=torch.bool), torch.zeros(n), **dummy)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"algo.advantage_params {cfg.advantage_params!r} for {est!r}: {e}") from None
 
     # ---- advantages ----------------------------------------------------------------------------
 
-    def _estimate(self, scores, mask, baselines) -> torch.Tensor:
-        """[N, T] advantages of the [N] scores of consecutive groups over mask [N, T]."""
+    def _estimate(self, scores, mask, baselines, **inputs) -> torch.Tensor:
+        """[N, T] advantages of the [N] scores of consecutive groups over mask [N, T]; `inputs`:
+        the per-token tensors of optimal_token_baseline."""
         cfg, k = self.config, self.samples_per_prompt
-        params = dict(cfg.advantage_params)
+        params = {**cfg.advantage_params, **inputs}
         if cfg.advantage_estimator == "grpo":  # as GRPO always did (fastalign.advantages' grpo formula)
             unknown = set(params) - {"epsilon", "norm_adv_by_std_in_grpo"}
             if unknown:
@@ -108,7 +123,33 @@ class GRPO(CriticFreeAlgorithm):
         return advantages(cfg.advantage_estimator, scores, mask, index=index, **params)[0] * mask
 
     def advantages(self, context, rollout):
-        return {"advantages": self._estimate(rollout.scores, rollout.mask, rollout.baseline_scores)}
+        inputs = {}
+        if self.config.advantage_estimator == "optimal_token_baseline":
+            inputs = {"old_log_probs": rollout.old_logps, "sum_pi_squared": self.sum_pi_squared(context, rollout)}
+            tis = {k: v for k, v in self.config.rollout_correction.items() if k.startswith("rollout_is")}
+            if tis.get("rollout_is") is not None:
+                inputs["rollout_is_weights"] = RPL.rollout_correction(rollout.old_logps, rollout.sampler_logps,
+                                                                      rollout.mask, **tis)[0]
+        return {"advantages": self._estimate(rollout.scores, rollout.mask, rollout.baseline_scores, **inputs)}
+
+    @torch.no_grad()
+    def sum_pi_squared(self, context, rollout) -> torch.Tensor:
+        """[N, L-1] sum_v pi(v | s_t)^2 of the sampling policy at each response position (0
+        elsewhere), at the sampling temperature T: with z = logits / T,
+            sum_v softmax(z)_v^2 = exp(logsumexp(2 z) - 2 logsumexp(z))
+        (no softmax materialised twice; fp32), from the policy's full logits, a micro-batch of
+        rows at a time (the memory of one [rows, L, V] logits tensor)."""
+        b, cfg = rollout.batch, self.config
+        model = context.models["policy"]
+        out = torch.zeros(rollout.mask.shape, dtype=torch.float32, device=rollout.mask.device)
+        rows = cfg.micro_batch_size or context.batch_size
+        for i in range(0, len(rollout), rows):
+            with context.autocast():
+                logits = model(input_ids=b["input_ids"][i: i + rows],
+                               attention_mask=b["attention_mask"][i: i + rows]).logits
+            z = logits[:, :-1].float() / cfg.temperature
+            out[i: i + rows] = torch.exp(torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
+        return out * rollout.mask
 
     # ---- sampling: ReMax's greedy baselines, dynamic sampling ------------------------------------
 
@@ -128,7 +169,7 @@ class GRPO(CriticFreeAlgorithm):
 
     def make_rollout(self, context, micro_batches, seed):
         cfg = self.config
-        rollout = self._round(context, micro_batches, seed)
+        rollout = first = self._round(context, micro_batches, seed)
         self._sampling = {}
         if not cfg.dynamic_sampling:
             return rollout
@@ -146,21 +187,29 @@ class GRPO(CriticFreeAlgorithm):
             rounds += 1
             rollout = self._round(context, context.next_micro_batches(),
                                   context.derive_seed(R.STEP_SEED_FACTOR * (context.step + 1) + 1 + rounds))
-        if not dropped:  # nothing to drop: the first round as it is
-            return rollout
         filled = max(0, want - len(kept))
+        # the counts of every rank (a collective: every rank gets here, dropped groups or not)
+        total = context.all_reduce([len(dropped), filled]) if context.world > 1 else [len(dropped), filled]
+        if not total[0]:  # nothing to drop anywhere: the first round as it is
+            return first
+        self._sampling = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/dropped": float(total[0]),
+                          "dynamic_sampling/filled": float(total[1])}
+        if not dropped:  # nothing to drop on this rank (another rank sampled more rounds): its first round
+            return first
         parts = kept[:want] + dropped[::-1][:filled]
-        self._sampling = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/dropped": float(len(dropped)),
-                          "dynamic_sampling/filled": float(filled)}
         return R.subset(context, [(r, list(rows)) for r, rows in parts], max_new_tokens=cfg.max_new_tokens)
 
-    def step_metrics(self, rollout, data):
+    def rollout_metric_parts(self, rollout, data) -> dict:
         groups = rollout.scores.view(-1, self.samples_per_prompt)
         # groups whose samples all scored the same carry no learning signal
         constant = groups.amax(1) == groups.amin(1)
-        out = super().step_metrics(rollout, data)
-        out["zero_std_groups"] = float(constant.float().mean())
+        out = super().rollout_metric_parts(rollout, data)
+        out["zero_std_groups"] = (int(constant.sum()), len(groups))
         if self.config.overlong_buffer:
-            out["overlong_penalty"] = float(self.overlong_penalty(rollout).mean())
+            out["overlong_penalty"] = (float(self.overlong_penalty(rollout).sum()), len(rollout))
+        return out
+
+    def step_metrics(self, rollout, data):
+        out = super().step_metrics(rollout, data)
         out.update(getattr(self, "_sampling", {}))
         return out

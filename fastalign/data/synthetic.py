@@ -7,6 +7,15 @@ Four small tasks a tiny character-level model can learn on a CPU in minutes:
     repeat ab 3          -> ab ab ab
     count 1 in 3 1 4 1   -> 2
 
+and one multi-step family (STEP_TASKS), whose response is the solver's steps, one per line:
+
+    addmod 3 5 4 2       -> 3+5=8 / 8+4=2 / 2+2=4     (a running sum mod 10; "/" = newline)
+
+Step labels for process reward models: a step is correct iff it equals the solver's step at its
+position (`Oracle.step_labels`); `SyntheticTask.step_labelled` writes step-labelled responses
+with a controllable rate of responses carrying one mistake (a wrong sum or a wrong carried
+value), which the following steps carry on from, as a solver that made it would.
+
 The oracle plays the human/AI labeller. `Oracle.score` gives graded partial credit in [0, 1]
 (position-wise matches over the longer of answer and response, so both wrong items and wrong
 length cost), which makes the mean score an informative learning signal. `Oracle.prefer` turns
@@ -25,11 +34,14 @@ the response's only number ("3", "The answer is 3."); a response with no number 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
 
 TASKS = ("reverse", "sort", "repeat", "count")
+STEP_TASKS = ("addmod",)  # multi-step: not in TASKS, so the default task mix is unchanged
+STEP_SEPARATOR = "\n"     # between the steps of a multi-step answer
 WORDS = ("ab", "cat", "dog", "hi", "sun", "red", "zip", "ok", "yes", "map")
 
 
@@ -93,6 +105,58 @@ class SyntheticTask:
         return oracle.label_pairs(prompts, a, b)
 
 
+    def step_labelled(self, n: int, seed: int = 0, error_rate: float = 0.5) -> list[dict]:
+        """n records in the stepwise format {"prompt", "completions": steps, "labels": bools} from
+        the multi-step tasks among self.tasks. A fraction `error_rate` of the responses carries
+        one mistake at a uniformly drawn step (`corrupt_steps`); the labels come from the
+        oracle's solver (`Oracle.step_labels`): the steps before the mistake are correct, it
+        and every later step (carrying its wrong value on) are not."""
+        if not 0.0 <= error_rate <= 1.0:
+            raise ValueError(f"step_labelled: error_rate must be in [0, 1], got {error_rate!r}")
+        tasks = tuple(t for t in self.tasks if t in STEP_TASKS)
+        if not tasks:
+            raise ValueError(f"step_labelled: no multi-step task among {self.tasks}; multi-step tasks: {STEP_TASKS}")
+        rng = random.Random(seed + 104729)
+        out = []
+        for r in dataclasses.replace(self, tasks=tasks).sample(n, seed):
+            steps = solve_steps(r["prompt"])
+            if rng.random() < error_rate:
+                steps = corrupt_steps(r["prompt"], rng)
+            out.append({"prompt": r["prompt"], "completions": steps, "labels": Oracle.step_labels(r["prompt"], steps)})
+        return out
+
+
+def solve_steps(prompt: str) -> list[str]:
+    """The solver's steps for a multi-step task prompt (addmod: "a+x=c" with c = (a + x) mod 10,
+    a the previous step's c); ValueError for any other prompt."""
+    parts = prompt.split()
+    if len(parts) >= 3 and parts[0] == "addmod" and all(len(p) == 1 and p.isdigit() for p in parts[1:]):
+        return _addmod_steps(parts[1:])
+    raise ValueError(f"synthetic task: {prompt!r} is not a multi-step task prompt (multi-step tasks: {STEP_TASKS})")
+
+
+def _addmod_steps(items, wrong_at=None, kind=None, rng=None):
+    acc, steps = int(items[0]), []
+    for j, x in enumerate(items[1:]):
+        a = acc
+        if j == wrong_at and kind == "carry":  # carries a wrong value into this step
+            a = rng.choice([d for d in range(10) if d != acc])
+        c = (a + int(x)) % 10
+        if j == wrong_at and kind == "sum":  # adds wrong
+            c = rng.choice([d for d in range(10) if d != c])
+        steps.append(f"{a}+{x}={c}")
+        acc = c
+    return steps
+
+
+def corrupt_steps(prompt: str, rng: random.Random) -> list[str]:
+    """The solver's steps with one mistake at a uniformly drawn step (a wrong sum, or a wrong
+    value carried from the step before), the later steps carrying on from the wrong value."""
+    items = prompt.split()[1:]
+    solve_steps(prompt)  # validates the prompt
+    return _addmod_steps(items, rng.randrange(len(items) - 1), rng.choice(("sum", "carry")), rng)
+
+
 def corrupt(answer: str, rng: random.Random) -> str:
     """A plausible wrong response: one random edit of the answer's items (dropped, added,
     swapped or changed), never the answer itself."""
@@ -129,6 +193,8 @@ def solve(prompt: str) -> str:
         return " ".join([args[0]] * int(args[1]))
     if task == "count" and len(args) >= 2 and args[1] == "in":
         return str(args[2:].count(args[0]))
+    if task in STEP_TASKS:
+        return STEP_SEPARATOR.join(solve_steps(prompt))
     raise ValueError(f"synthetic task: cannot parse prompt {prompt!r}")
 
 
@@ -185,6 +251,15 @@ class Oracle:
             return 0.0
         hits = sum(a == b for a, b in zip(want, got))
         return hits / max(len(want), len(got))
+
+    @staticmethod
+    def step_labels(prompt: str, steps: list[str]) -> list[bool]:
+        """Per step of a multi-step task's response: whether it equals the solver's step at its
+        position (surrounding whitespace ignored). After a wrong step the solver's track is lost:
+        a later step that computes right from a wrong carried value is still wrong, as in
+        Math-Shepherd's labels (a step is good if the answer is still reachable from it)."""
+        want = solve_steps(prompt)
+        return [j < len(want) and s.strip() == want[j] for j, s in enumerate(steps)]
 
     def utility(self, prompt: str, response: str) -> float:
         """What the (biased) labeller perceives: score plus the configured biases."""

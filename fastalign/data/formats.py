@@ -271,9 +271,31 @@ def _text(obj, where, stats, **_):
 
 
 def _stepwise(obj, where, stats, **_):
-    from fastalign.data.stepwise import parse_record  # stepwise.py imports this module
-
-    return parse_record(obj, where, stats)
+    """Step-labelled responses (fastalign/data/stepwise.py tokenises them): one bool per step."""
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for k in ("prompt", "completions", "labels"):
+        if k not in obj:
+            raise DataFormatError(f"{where}: missing field {k!r} (fields present: {sorted(obj)})")
+    prompt = _prompts(obj, where, stats)[0]["prompt"]
+    steps, labels = obj["completions"], obj["labels"]
+    if not isinstance(steps, list):
+        raise DataFormatError(f"{where}: field 'completions' must be a list of steps (strings), got "
+                              f"{type(steps).__name__}")
+    if not isinstance(labels, list):
+        raise DataFormatError(f"{where}: field 'labels' must be a list of booleans, got {type(labels).__name__}")
+    for i, step in enumerate(steps):
+        if not isinstance(step, str) or not step.strip():
+            raise DataFormatError(f"{where}: completions[{i}] must be a non-empty string, got {step!r}")
+    for i, label in enumerate(labels):
+        if not isinstance(label, bool):
+            raise DataFormatError(f"{where}: labels[{i}] must be true or false, got {label!r}")
+    if len(labels) != len(steps):
+        raise DataFormatError(f"{where}: {len(steps)} steps in 'completions' but {len(labels)} 'labels' (one per step)")
+    if not steps:
+        stats["skipped: no steps"] += 1
+        return []
+    return [{"prompt": prompt, "completions": steps, "labels": labels}]
 
 
 def _is_flat_oasst(path) -> bool:

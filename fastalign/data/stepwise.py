@@ -1,12 +1,11 @@
-"""Step-labelled data for process reward models: the `stepwise` JSONL format, its tokenisation
-and collation.
-
-Format (TRL's stepwise supervision, e.g. trl-lib/math_shepherd):
+"""Step-labelled data for process reward models: tokenisation and collation of the `stepwise`
+format (read by fastalign/data/formats.py; TRL's stepwise supervision, e.g. trl-lib/math_shepherd):
     {"prompt": str | messages, "completions": [step, ...], "labels": [bool, ...]}
 one label per step: whether that step is correct. Canonical records keep these three keys.
 
-Tokenisation (as TRL 1.16's experimental PRMTrainer.tokenize_row, except the prompt, which goes
-through the chat template like every fastalign prompt): the prompt, then each step tokenised on
+Tokenisation (as TRL's PRMTrainer.tokenize_row, trl/experimental/prm/prm_trainer.py -- not in the
+TRL 1.16 wheel -- except the prompt, which goes through the chat template like every fastalign
+prompt): the prompt, then each step tokenised on
 its own followed by the step separator's tokens; a step's label sits on the last separator
 token, whose hidden state has read the whole step; every other position is IGNORE. The labels
 are therefore not shifted (unlike a language model's): position t is classified from the
@@ -20,45 +19,11 @@ from collections import Counter
 import torch
 
 from fastalign.data.collate import IGNORE, _ids, pad, prompt_text
-from fastalign.data.formats import DataFormatError, _messages
-
-
-def parse_record(obj, where, stats, **_):
-    """One stepwise JSONL object -> [canonical record] (or [] when it has no steps, counted)."""
-    if not isinstance(obj, dict):
-        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for k in ("prompt", "completions", "labels"):
-        if k not in obj:
-            raise DataFormatError(f"{where}: missing field {k!r} (fields present: {sorted(obj)})")
-    p = obj["prompt"]
-    prompt = p if isinstance(p, str) else _messages(p, where, "prompt")
-    if isinstance(prompt, str) and not prompt.strip():
-        raise DataFormatError(f"{where}: field 'prompt' is empty")
-    steps, labels = obj["completions"], obj["labels"]
-    if not isinstance(steps, list):
-        raise DataFormatError(f"{where}: field 'completions' must be a list of steps (strings), got "
-                              f"{type(steps).__name__}")
-    if not isinstance(labels, list):
-        raise DataFormatError(f"{where}: field 'labels' must be a list of booleans, got {type(labels).__name__}")
-    for i, s in enumerate(steps):
-        if not isinstance(s, str):
-            raise DataFormatError(f"{where}: completions[{i}] must be a string, got {type(s).__name__}")
-        if not s.strip():
-            raise DataFormatError(f"{where}: completions[{i}] is an empty step")
-    for i, lab in enumerate(labels):
-        if not isinstance(lab, bool):
-            raise DataFormatError(f"{where}: labels[{i}] must be true or false, got {lab!r}")
-    if len(labels) != len(steps):
-        raise DataFormatError(f"{where}: {len(steps)} steps in 'completions' but {len(labels)} 'labels' (one per step)")
-    if not steps:
-        stats["skipped: no steps"] += 1
-        return []
-    return [{"prompt": prompt, "completions": list(steps), "labels": list(labels)}]
 
 
 def separator_ids(tokenizer, separator: str) -> list:
-    ids = _ids(tokenizer, separator)
-    if not isinstance(separator, str) or not ids:
+    ids = _ids(tokenizer, separator) if isinstance(separator, str) else []
+    if not ids:
         raise ValueError(f"step_separator must be a string that encodes to at least one token, got {separator!r}")
     return ids
 

@@ -59,7 +59,7 @@ def _write(path, rows):
 
 
 def test_stepwise_format_loads_and_counts(tmp_path):
-    good = {"prompt": "parity 1 0", "completions": ["1^0=1"], "labels": [True]}
+    good = {"prompt": "countup 1 1", "completions": ["1+1=2"], "labels": [True]}
     chat = {"prompt": [{"role": "user", "content": "q"}], "completions": ["a", "b"], "labels": [True, False]}
     empty = {"prompt": "q", "completions": [], "labels": []}
     recs, stats = load_records("stepwise", _write(tmp_path / "s.jsonl", [good, chat, empty]))
@@ -94,10 +94,10 @@ def test_stepwise_format_errors_name_file_and_line(tmp_path, bad, message):
 
 
 def test_labels_sit_on_the_last_separator_token(tok):
-    rec = {"prompt": "parity 1 0 1", "completions": ["1^0=1", "1^1=1"], "labels": [True, False]}
+    rec = {"prompt": "countup 1 2", "completions": ["1+1=2", "2+1=4"], "labels": [True, False]}
     (ex,) = encode_steps([rec], tok, 128, separator="\n")
-    prompt = C._ids(tok, C.prompt_text(tok, "parity 1 0 1"))
-    assert ex["input_ids"] == prompt + C._ids(tok, "1^0=1\n1^1=1\n") and ex["n_steps"] == 2
+    prompt = C._ids(tok, C.prompt_text(tok, "countup 1 2"))
+    assert ex["input_ids"] == prompt + C._ids(tok, "1+1=2\n2+1=4\n") and ex["n_steps"] == 2
     p = len(prompt)
     want = [C.IGNORE] * len(ex["input_ids"])
     want[p + 5], want[p + 11] = 1, 0  # the two "\n" (one character = one token here)
@@ -111,8 +111,8 @@ def test_labels_sit_on_the_last_separator_token(tok):
 
 
 def test_truncation_keeps_whole_steps_and_counts(tok):
-    rec = {"prompt": "parity 1 0 1", "completions": ["1^0=1", "1^1=1"], "labels": [True, False]}
-    p = len(C._ids(tok, C.prompt_text(tok, "parity 1 0 1")))
+    rec = {"prompt": "countup 1 2", "completions": ["1+1=2", "2+1=4"], "labels": [True, False]}
+    p = len(C._ids(tok, C.prompt_text(tok, "countup 1 2")))
     st = Counter()
     (ex,) = encode_steps([rec], tok, p + 8, st)  # the first step fits, the second is cut
     assert len(ex["input_ids"]) == p + 8 and [v for v in ex["labels"] if v != C.IGNORE] == [1]
@@ -152,7 +152,7 @@ def test_head_shapes_and_scores(tok):
     with pytest.raises(ValueError, match=r"steps\[0\] must be a non-empty list of strings"):
         score_steps(model, tok, ["q"], [[]])
     with pytest.raises(ValueError, match="do not fit in max_length=5"):
-        score_steps(model, tok, "parity 1 0", ["1^0=1"], max_length=5)
+        score_steps(model, tok, "countup 1 1", ["1+1=2"], max_length=5)
     fn = prm_reward_fn(model, tok, reduce="min")
     r = fn(recs[0]["prompt"], "\n".join(recs[0]["completions"]) + "\n")
     assert r == min(one) and fn("q", "\n \n") == 0.0  # the same steps, the same forward
@@ -251,14 +251,15 @@ def test_bad_options(tok):
 
 
 def test_synthetic_step_labels_come_from_the_solver():
-    assert solve_steps("parity 1 0 1 1") == ["1^0=1", "1^1=0", "0^1=1"] and solve("parity 1 0 1 1") == "1^0=1\n1^1=0\n0^1=1"
-    assert Oracle.score("parity 1 0 1 1", "1^0=1\n1^1=0\n0^1=0") == pytest.approx(2 / 3)
-    assert Oracle.step_labels("parity 1 0 1 1", ["1^0=1", "1^1=1", "1^1=0"]) == [True, False, False]
-    for bad in ("sort 3 1 2", "parity 1 2 0", "parity 1"):
+    assert solve_steps("countup 8 3") == ["8+1=9", "9+1=0", "0+1=1"] and solve("countup 8 3") == "8+1=9\n9+1=0\n0+1=1"
+    assert Oracle.score("countup 8 3", "8+1=9\n9+1=0\n0+1=2") == pytest.approx(2 / 3)
+    # a step that adds right from a wrong carried value is still off the solver's track
+    assert Oracle.step_labels("countup 8 3", ["8+1=9", "9+1=1", "1+1=2"]) == [True, False, False]
+    for bad in ("sort 3 1 2", "countup 12 3", "countup 1 0", "countup 1"):
         with pytest.raises(ValueError, match="not a multi-step task prompt"):
             solve_steps(bad)
-    # the default task mix is unchanged: no parity prompt, the same prompts as without the family
-    assert "parity" not in TASKS and all(not r["prompt"].startswith("parity") for r in SyntheticTask().sample(200))
+    # the default task mix is unchanged: no countup prompt
+    assert "countup" not in TASKS and all(not r["prompt"].startswith("countup") for r in SyntheticTask().sample(200))
     n, rate = 2000, 0.3
     recs = SyntheticTask(tasks=STEP_TASKS).step_labelled(n, seed=5, error_rate=rate)
     assert recs == SyntheticTask(tasks=STEP_TASKS).step_labelled(n, seed=5, error_rate=rate)  # deterministic
@@ -282,8 +283,8 @@ def test_synthetic_step_labels_come_from_the_solver():
     for r in recs:
         if False in r["labels"]:
             k = r["labels"].index(False)
-            a = r["completions"][k].split("^")[0]
-            want_a = solve_steps(r["prompt"])[k].split("^")[0]
+            a = r["completions"][k].split("+")[0]
+            want_a = solve_steps(r["prompt"])[k].split("+")[0]
             firsts.add("carry" if a != want_a else "sum")
     assert firsts == {"carry", "sum"}
 
@@ -357,7 +358,7 @@ def test_cli_trains_prm_from_config(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_prm_learns_synthetic_step_labels(tok, tmp_path):
-    """A tiny PRM trained on the synthetic parity steps (half the responses with one mistake)
+    """A tiny PRM trained on the synthetic countup steps (half the responses with one mistake)
     judges held-out steps well above the majority-class baseline (always "correct": the share of
     correct steps, ~0.67 at this error rate)."""
     from fastalign.trainer import Trainer

@@ -9,14 +9,14 @@ Four small tasks a tiny character-level model can learn on a CPU in minutes:
 
 and one multi-step family (STEP_TASKS), whose response is the solver's steps, one per line:
 
-    parity 1 0 1 1       -> 1^0=1 / 1^1=0 / 0^1=1     (the running parity, XOR; "/" = newline)
+    countup 7 4          -> 7+1=8 / 8+1=9 / 9+1=0 / 0+1=1   (counting on mod 10; "/" = newline)
 
 Step labels for process reward models: a step is correct iff it equals the solver's step at its
 position (`Oracle.step_labels`); `SyntheticTask.step_labelled` writes step-labelled responses
 with a controllable rate of responses carrying one mistake (a wrong sum or a wrong carried
 value), which the following steps carry on from, as a solver that made it would. Each step
-states its operands, so its own correctness is checkable at a glance (a four-row XOR table and
-one comparison with the previous step): small enough for the tiny model to learn as a PRM.
+states its operand, so its own correctness is checkable at a glance (a successor table and one
+comparison with the previous step's result): small enough for the tiny model to learn as a PRM.
 
 The oracle plays the human/AI labeller. `Oracle.score` gives graded partial credit in [0, 1]
 (position-wise matches over the longer of answer and response, so both wrong items and wrong
@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass
 
 TASKS = ("reverse", "sort", "repeat", "count")
-STEP_TASKS = ("parity",)  # multi-step: not in TASKS, so the default task mix is unchanged
+STEP_TASKS = ("countup",)  # multi-step: not in TASKS, so the default task mix is unchanged
 STEP_SEPARATOR = "\n"     # between the steps of a multi-step answer
 WORDS = ("ab", "cat", "dog", "hi", "sun", "red", "zip", "ok", "yes", "map")
 
@@ -58,8 +58,8 @@ class SyntheticTask:
 
     def make(self, rng: random.Random) -> tuple[str, str]:
         task = rng.choice(self.tasks)
-        if task in STEP_TASKS:  # parity: bits
-            prompt = f"{task} {' '.join(rng.choice('01') for _ in range(rng.randint(self.min_items, self.max_items)))}"
+        if task in STEP_TASKS:  # countup START N: N - 1 steps for min_items ... max_items items
+            prompt = f"{task} {rng.choice(self.digits)} {rng.randint(self.min_items - 1, self.max_items - 1)}"
         elif task == "repeat":
             word, n = rng.choice(WORDS), rng.randint(2, 5)
             prompt = f"repeat {word} {n}"
@@ -131,22 +131,25 @@ class SyntheticTask:
 
 
 def solve_steps(prompt: str) -> list[str]:
-    """The solver's steps for a multi-step task prompt (parity of bits: "a^x=c" with c = a XOR x,
-    a the previous step's c, the first a the first bit); ValueError for any other prompt."""
+    """The solver's steps for a multi-step task prompt (countup START N: N steps "a+1=c" with
+    c = (a + 1) mod 10, a the previous step's c, the first a START); ValueError for any other."""
     parts = prompt.split()
-    if len(parts) >= 3 and parts[0] == "parity" and all(p in ("0", "1") for p in parts[1:]):
-        return _parity_steps(parts[1:])
+    if len(parts) == 3 and parts[0] == "countup" and len(parts[1]) == 1 and parts[1].isdigit() and \
+            parts[2].isdigit() and int(parts[2]) >= 1:
+        return _countup_steps(int(parts[1]), int(parts[2]))
     raise ValueError(f"synthetic task: {prompt!r} is not a multi-step task prompt (multi-step tasks: {STEP_TASKS})")
 
 
-def _parity_steps(items, wrong_at=None, kind=None):
-    acc, steps = int(items[0]), []
-    for j, x in enumerate(items[1:]):
-        a = 1 - acc if (j == wrong_at and kind == "carry") else acc  # carries the wrong value in
-        c = a ^ int(x)
+def _countup_steps(start, n, wrong_at=None, kind=None, rng=None):
+    acc, steps = start, []
+    for j in range(n):
+        a = acc
+        if j == wrong_at and kind == "carry":  # carries a wrong value into this step
+            a = rng.choice([d for d in range(10) if d != acc])
+        c = (a + 1) % 10
         if j == wrong_at and kind == "sum":  # computes this step wrong
-            c = 1 - c
-        steps.append(f"{a}^{x}={c}")
+            c = rng.choice([d for d in range(10) if d != c])
+        steps.append(f"{a}+1={c}")
         acc = c
     return steps
 
@@ -155,10 +158,9 @@ def corrupt_steps(prompt: str, rng: random.Random) -> list[str]:
     """The solver's steps with one mistake at a uniformly drawn step (a wrong result, or -- from
     the second step on -- a wrong value carried from the step before), the later steps carrying
     on from the wrong value."""
-    items = prompt.split()[1:]
-    solve_steps(prompt)  # validates the prompt
-    k = rng.randrange(len(items) - 1)
-    return _parity_steps(items, k, "sum" if k == 0 else rng.choice(("sum", "carry")))
+    n = len(solve_steps(prompt))  # validates the prompt
+    k = rng.randrange(n)
+    return _countup_steps(int(prompt.split()[1]), n, k, "sum" if k == 0 else rng.choice(("sum", "carry")), rng)
 
 
 def corrupt(answer: str, rng: random.Random) -> str:

@@ -1,8 +1,8 @@
 """Process reward models (`prm`): the stepwise data format and its errors, where the step labels
 sit after tokenisation, the token-classification head, the loss against a two-class
 cross-entropy at the separator positions only, the metrics on hand-checkable cases, the
-synthetic task's step labels, checkpoint save / resume, and (slow) a PRM that learns the
-synthetic steps.
+synthetic task's step labels, checkpoint save / resume. (No learning test yet: see
+docs/reward_models.md, "What a tiny PRM learns".)
 
 Bounds. The loss test compares fastalign's fp32 loss with the same two-class cross-entropy in
 float64 on the same logits (the head's forward is deterministic: the logits are computed again).
@@ -351,27 +351,3 @@ def test_cli_trains_prm_from_config(tmp_path, capsys):
         assert any(r["split"] == "eval" and "step_accuracy" in r for r in rows)
     finally:
         os.chdir(cwd)
-
-
-# ---- learning (slow) ------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_prm_learns_synthetic_step_labels(tok, tmp_path):
-    """A tiny PRM trained on the synthetic countup steps (half the responses with one mistake)
-    judges held-out steps well above the majority-class baseline (always "correct": the share of
-    correct steps, ~0.67 at this error rate)."""
-    from fastalign.trainer import Trainer
-
-    alg = _prm()
-    task = SyntheticTask(tasks=STEP_TASKS)
-    train = alg.encode(task.step_labelled(4000, seed=0), tok, 64, Counter())
-    held_out = task.step_labelled(400, seed=1)
-    models = alg.build_models("tiny", tok, tiny_kwargs=dict(hidden_size=64, num_layers=2, num_heads=4,
-                                                             intermediate_size=128))
-    Trainer(alg, models, tok, train, None, dict(output_dir=str(tmp_path), max_steps=300, batch_size=32, lr=2e-3,
-                                                 warmup_steps=10, progress=False, plot=False, save_final=False)).fit()
-    got = evaluate_steps(models["prm"], tok, held_out, batch_size=64)
-    print(got)
-    assert 0.6 < got["majority_baseline"] < 0.75
-    assert got["step_accuracy"] >= got["majority_baseline"] + 0.15, got

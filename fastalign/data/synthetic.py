@@ -16,7 +16,7 @@ position (`Oracle.step_labels`); `SyntheticTask.step_labelled` writes step-label
 with a controllable rate of responses carrying one mistake (a wrong sum or a wrong carried
 value), which the following steps carry on from, as a solver that made it would. Each step
 states its operand, so its own correctness is checkable at a glance (a successor table and one
-comparison with the previous step's result): small enough for the tiny model to learn as a PRM.
+comparison with the previous step's result).
 
 The oracle plays the human/AI labeller. `Oracle.score` gives graded partial credit in [0, 1]
 (position-wise matches over the longer of answer and response, so both wrong items and wrong

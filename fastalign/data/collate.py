@@ -104,7 +104,7 @@ def encode_text(records, tokenizer, max_length, stats: Counter | None = None):
 
 def encode_preferences(records, tokenizer, max_length, stats: Counter | None = None):
     """Preference records -> [{"prompt_ids", "chosen_ids", "rejected_ids"}] (+ any
-    precomputed "ref_chosen_logps"/"ref_rejected_logps" passed through)."""
+    precomputed "ref_chosen_logps"/"ref_rejected_logps" and a per-pair "margin" passed through)."""
     stats = stats if stats is not None else Counter()
     out = []
     for r in records:
@@ -113,7 +113,7 @@ def encode_preferences(records, tokenizer, max_length, stats: Counter | None = N
         if c is None or j is None:
             continue
         ex = {"prompt_ids": c[0], "chosen_ids": c[1], "rejected_ids": j[1]}
-        for k in ("ref_chosen_logps", "ref_rejected_logps"):
+        for k in ("ref_chosen_logps", "ref_rejected_logps", "margin"):
             if k in r:
                 ex[k] = float(r[k])
         out.append(ex)
@@ -213,6 +213,8 @@ def collate_pairs(examples, pad_id):
     if all("ref_chosen_logps" in e for e in examples):
         batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples], dtype=torch.float32)
         batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples], dtype=torch.float32)
+    if all("margin" in e for e in examples):  # the reward model's per-pair BT margin
+        batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
     return batch
 
 

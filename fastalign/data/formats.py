@@ -18,9 +18,12 @@ File formats (JSONL, or a JSON array; `.txt` for plain text):
     flan        {"inputs", "targets"}, or {"task", <fields>} rendered with FLAN-style templates
                 ({"task": [[input_template, target_template], ...]}, Python format strings)
     preference  {"prompt", "chosen", "rejected"}: plain strings or chat (prompt a message list,
-                chosen/rejected a string or a list ending in the assistant message)
+                chosen/rejected a string or a list ending in the assistant message); optional
+                "margin": a number per pair (TRL's margin column; the reward model's BT margin)
     prompts     {"prompt"}
     text        {"text"} (JSONL) or a .txt file with documents separated by blank lines
+    stepwise    {"prompt", "completions": [step, ...], "labels": [bool, ...]}: step-labelled
+                responses for process reward models (fastalign/data/stepwise.py)
 
 A malformed record raises DataFormatError naming the file and line. Nothing is dropped silently:
 every loader returns (records, stats) and records that carry nothing to learn (e.g. an empty
@@ -43,6 +46,7 @@ KINDS = {
     "preference": "preferences",
     "prompts": "prompts",
     "text": "text",
+    "stepwise": "steps",
 }
 ROLES = {"user": "user", "human": "user", "prompter": "user", "assistant": "assistant", "gpt": "assistant",
          "bot": "assistant", "system": "system"}
@@ -239,7 +243,13 @@ def _preference(obj, where, stats, **_):
     if chosen == rejected:
         stats["skipped: chosen == rejected"] += 1
         return []
-    return [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+    rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if obj.get("margin") is not None:
+        m = obj["margin"]
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or m != m or m in (float("inf"), float("-inf")):
+            raise DataFormatError(f"{where}: field 'margin' must be a finite number, got {m!r}")
+        rec["margin"] = float(m)
+    return [rec]
 
 
 def _prompts(obj, where, stats, **_):
@@ -258,6 +268,34 @@ def _text(obj, where, stats, **_):
         stats["skipped: empty text"] += 1
         return []
     return [{"text": t}]
+
+
+def _stepwise(obj, where, stats, **_):
+    """Step-labelled responses (fastalign/data/stepwise.py tokenises them): one bool per step."""
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for k in ("prompt", "completions", "labels"):
+        if k not in obj:
+            raise DataFormatError(f"{where}: missing field {k!r} (fields present: {sorted(obj)})")
+    prompt = _prompts(obj, where, stats)[0]["prompt"]
+    steps, labels = obj["completions"], obj["labels"]
+    if not isinstance(steps, list):
+        raise DataFormatError(f"{where}: field 'completions' must be a list of steps (strings), got "
+                              f"{type(steps).__name__}")
+    if not isinstance(labels, list):
+        raise DataFormatError(f"{where}: field 'labels' must be a list of booleans, got {type(labels).__name__}")
+    for i, step in enumerate(steps):
+        if not isinstance(step, str) or not step.strip():
+            raise DataFormatError(f"{where}: completions[{i}] must be a non-empty string, got {step!r}")
+    for i, label in enumerate(labels):
+        if not isinstance(label, bool):
+            raise DataFormatError(f"{where}: labels[{i}] must be true or false, got {label!r}")
+    if len(labels) != len(steps):
+        raise DataFormatError(f"{where}: {len(steps)} steps in 'completions' but {len(labels)} 'labels' (one per step)")
+    if not steps:
+        stats["skipped: no steps"] += 1
+        return []
+    return [{"prompt": prompt, "completions": steps, "labels": labels}]
 
 
 def _is_flat_oasst(path) -> bool:
@@ -310,7 +348,7 @@ def _oasst_trees(path, stats):
 
 
 _PARSERS = {"alpaca": _alpaca, "chat": _chat, "oasst": _oasst, "flan": _flan, "preference": _preference,
-            "prompts": _prompts, "text": _text}
+            "prompts": _prompts, "text": _text, "stepwise": _stepwise}
 
 
 def load_records(fmt: str, path: str, *, templates=None, limit: int | None = None) -> tuple[list[dict], Counter]:
@@ -348,7 +386,7 @@ def load_records(fmt: str, path: str, *, templates=None, limit: int | None = Non
 
 
 def kind_of(fmt: str) -> str:
-    """The record kind ("demonstrations", "preferences", "prompts", "text") a format yields."""
+    """The record kind ("demonstrations", "preferences", "prompts", "text", "steps") a format yields."""
     if fmt not in KINDS:
         raise ConfigError(f"unknown data format {fmt!r}; known formats: {', '.join(sorted(KINDS))}")
     return KINDS[fmt]

@@ -7,6 +7,17 @@ Four small tasks a tiny character-level model can learn on a CPU in minutes:
     repeat ab 3          -> ab ab ab
     count 1 in 3 1 4 1   -> 2
 
+and one multi-step family (STEP_TASKS), whose response is the solver's steps, one per line:
+
+    countup 7 4          -> 7+1=8 / 8+1=9 / 9+1=0 / 0+1=1   (counting on mod 10; "/" = newline)
+
+Step labels for process reward models: a step is correct iff it equals the solver's step at its
+position (`Oracle.step_labels`); `SyntheticTask.step_labelled` writes step-labelled responses
+with a controllable rate of responses carrying one mistake (a wrong sum or a wrong carried
+value), which the following steps carry on from, as a solver that made it would. Each step
+states its operand, so its own correctness is checkable at a glance (a successor table and one
+comparison with the previous step's result).
+
 The oracle plays the human/AI labeller. `Oracle.score` gives graded partial credit in [0, 1]
 (position-wise matches over the longer of answer and response, so both wrong items and wrong
 length cost), which makes the mean score an informative learning signal. `Oracle.prefer` turns
@@ -25,11 +36,14 @@ the response's only number ("3", "The answer is 3."); a response with no number 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
 
 TASKS = ("reverse", "sort", "repeat", "count")
+STEP_TASKS = ("countup",)  # multi-step: not in TASKS, so the default task mix is unchanged
+STEP_SEPARATOR = "\n"     # between the steps of a multi-step answer
 WORDS = ("ab", "cat", "dog", "hi", "sun", "red", "zip", "ok", "yes", "map")
 
 
@@ -44,7 +58,9 @@ class SyntheticTask:
 
     def make(self, rng: random.Random) -> tuple[str, str]:
         task = rng.choice(self.tasks)
-        if task == "repeat":
+        if task in STEP_TASKS:  # countup START N: N - 1 steps for min_items ... max_items items
+            prompt = f"{task} {rng.choice(self.digits)} {rng.randint(self.min_items - 1, self.max_items - 1)}"
+        elif task == "repeat":
             word, n = rng.choice(WORDS), rng.randint(2, 5)
             prompt = f"repeat {word} {n}"
         elif task == "count":
@@ -93,6 +109,60 @@ class SyntheticTask:
         return oracle.label_pairs(prompts, a, b)
 
 
+    def step_labelled(self, n: int, seed: int = 0, error_rate: float = 0.5) -> list[dict]:
+        """n records in the stepwise format {"prompt", "completions": steps, "labels": bools} from
+        the multi-step tasks among self.tasks. A fraction `error_rate` of the responses carries
+        one mistake at a uniformly drawn step (`corrupt_steps`); the labels come from the
+        oracle's solver (`Oracle.step_labels`): the steps before the mistake are correct, it
+        and every later step (carrying its wrong value on) are not."""
+        if not 0.0 <= error_rate <= 1.0:
+            raise ValueError(f"step_labelled: error_rate must be in [0, 1], got {error_rate!r}")
+        tasks = tuple(t for t in self.tasks if t in STEP_TASKS)
+        if not tasks:
+            raise ValueError(f"step_labelled: no multi-step task among {self.tasks}; multi-step tasks: {STEP_TASKS}")
+        rng = random.Random(seed + 104729)
+        out = []
+        for r in dataclasses.replace(self, tasks=tasks).sample(n, seed):
+            steps = solve_steps(r["prompt"])
+            if rng.random() < error_rate:
+                steps = corrupt_steps(r["prompt"], rng)
+            out.append({"prompt": r["prompt"], "completions": steps, "labels": Oracle.step_labels(r["prompt"], steps)})
+        return out
+
+
+def solve_steps(prompt: str) -> list[str]:
+    """The solver's steps for a multi-step task prompt (countup START N: N steps "a+1=c" with
+    c = (a + 1) mod 10, a the previous step's c, the first a START); ValueError for any other."""
+    parts = prompt.split()
+    if len(parts) == 3 and parts[0] == "countup" and len(parts[1]) == 1 and parts[1].isdigit() and \
+            parts[2].isdigit() and int(parts[2]) >= 1:
+        return _countup_steps(int(parts[1]), int(parts[2]))
+    raise ValueError(f"synthetic task: {prompt!r} is not a multi-step task prompt (multi-step tasks: {STEP_TASKS})")
+
+
+def _countup_steps(start, n, wrong_at=None, kind=None, rng=None):
+    acc, steps = start, []
+    for j in range(n):
+        a = acc
+        if j == wrong_at and kind == "carry":  # carries a wrong value into this step
+            a = rng.choice([d for d in range(10) if d != acc])
+        c = (a + 1) % 10
+        if j == wrong_at and kind == "sum":  # computes this step wrong
+            c = rng.choice([d for d in range(10) if d != c])
+        steps.append(f"{a}+1={c}")
+        acc = c
+    return steps
+
+
+def corrupt_steps(prompt: str, rng: random.Random) -> list[str]:
+    """The solver's steps with one mistake at a uniformly drawn step (a wrong result, or -- from
+    the second step on -- a wrong value carried from the step before), the later steps carrying
+    on from the wrong value."""
+    n = len(solve_steps(prompt))  # validates the prompt
+    k = rng.randrange(n)
+    return _countup_steps(int(prompt.split()[1]), n, k, "sum" if k == 0 else rng.choice(("sum", "carry")), rng)
+
+
 def corrupt(answer: str, rng: random.Random) -> str:
     """A plausible wrong response: one random edit of the answer's items (dropped, added,
     swapped or changed), never the answer itself."""
@@ -129,6 +199,8 @@ def solve(prompt: str) -> str:
         return " ".join([args[0]] * int(args[1]))
     if task == "count" and len(args) >= 2 and args[1] == "in":
         return str(args[2:].count(args[0]))
+    if task in STEP_TASKS:
+        return STEP_SEPARATOR.join(solve_steps(prompt))
     raise ValueError(f"synthetic task: cannot parse prompt {prompt!r}")
 
 
@@ -185,6 +257,15 @@ class Oracle:
             return 0.0
         hits = sum(a == b for a, b in zip(want, got))
         return hits / max(len(want), len(got))
+
+    @staticmethod
+    def step_labels(prompt: str, steps: list[str]) -> list[bool]:
+        """Per step of a multi-step task's response: whether it equals the solver's step at its
+        position (surrounding whitespace ignored). After a wrong step the solver's track is lost:
+        a later step that computes right from a wrong carried value is still wrong, as in
+        Math-Shepherd's labels (a step is good if the answer is still reachable from it)."""
+        want = solve_steps(prompt)
+        return [j < len(want) and s.strip() == want[j] for j, s in enumerate(steps)]
 
     def utility(self, prompt: str, response: str) -> float:
         """What the (biased) labeller perceives: score plus the configured biases."""

@@ -251,12 +251,17 @@ def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, label_
     return losses, (beta * (c - rc)).detach(), (beta * (r - rr)).detach()
 
 
-def reward_loss(chosen_scores, rejected_scores, margin=None):
-    """Mean Bradley-Terry loss -logsigmoid(c - r - margin), fp32 scalar."""
-    d = chosen_scores.float() - rejected_scores.float()
+def reward_loss(chosen_scores, rejected_scores, margin=None, center_coef=None):
+    """Mean Bradley-Terry loss -logsigmoid(c - r - margin), fp32 scalar; with center_coef,
+    plus center_coef * mean((c + r)^2) (the centring regulariser of Eisenstein et al. 2023)."""
+    c, r = chosen_scores.float(), rejected_scores.float()
+    d = c - r
     if margin is not None:
         d = d - (margin.float() if isinstance(margin, torch.Tensor) else float(margin))
-    return -_logsigmoid(d).mean()
+    loss = -_logsigmoid(d).mean()
+    if center_coef is not None:
+        loss = loss + float(center_coef) * (c + r).square().mean()
+    return loss
 
 
 # ---- linear_gather_logprobs (fastalign.ops.linear_logprobs) ----------------------------------

@@ -32,7 +32,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    format: str = option("synthetic", "alpaca | chat | oasst | flan | preference | prompts | text | synthetic")
+    format: str = option("synthetic", "alpaca | chat | oasst | flan | preference | prompts | text | stepwise | "
+                                      "synthetic")
     train: str | None = option(None, "training data file (relative to the config file, or bundled:NAME)",
                               path=True)
     eval: str | None = option(None, "evaluation data file (as data.train); none: no evaluation", path=True)
@@ -43,6 +44,8 @@ class DataConfig:
     eval_size: int = option(200, "synthetic: evaluation examples generated (0: no evaluation)", ge=0)
     seed: int = option(0, "synthetic: the generator's seed (eval uses seed + 1)")
     noise: float = option(0.0, "synthetic preferences: the oracle's label noise", ge=0, le=1)
+    step_error_rate: float = option(0.5, "synthetic step-labelled data (prm): the fraction of responses with one "
+                                         "wrong step", ge=0, le=1)
     packing: bool = option(False, "padding-free forwards: each micro-batch's sequences run as one row, "
                                   "positions restarting per sequence, attention kept inside each (same losses)")
 

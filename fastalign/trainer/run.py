@@ -24,7 +24,7 @@ from collections import Counter
 from fastalign import configs
 from fastalign.algorithms import get_algorithm
 from fastalign.data.formats import describe as describe_stats, kind_of, load_records
-from fastalign.data.synthetic import Oracle, SyntheticTask
+from fastalign.data.synthetic import STEP_TASKS, Oracle, SyntheticTask
 from fastalign.errors import ConfigError
 from fastalign.models import adapters, load_tokenizer
 from fastalign.models.fused_head import fused_head_refusal
@@ -168,6 +168,8 @@ def _load_split(alg, d: DataConfig, split, tok, stats):
         elif alg.data_kind == "preferences":
             records, ties = task.preference_pairs(n, Oracle(noise=d.noise, seed=seed), seed)
             stats[f"{split}: ties left out"] += ties
+        elif alg.data_kind == "steps":  # the multi-step tasks' step-labelled responses
+            records = SyntheticTask(tasks=STEP_TASKS).step_labelled(n, seed, error_rate=d.step_error_rate)
         else:
             records = [{"prompt": r["prompt"]} for r in task.sample(n, seed)]
     else:

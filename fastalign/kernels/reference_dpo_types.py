@@ -73,6 +73,11 @@ def f_divergence_scores(t, kind="reverse_kl", alpha=0.5):
     raise ValueError(f"unknown f_divergence_type {kind!r}")
 
 
+def _f32(t):
+    """fp32 math; fp64 stays fp64 (the tests' exact evaluations run these formulas in fp64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _cdpo(x, eps):
     return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
 
@@ -130,11 +135,11 @@ def dpo_type_losses(c, r, rc, rr, loss_types, loss_weights, beta, eps=0.0, f_div
                     tau=0.05, chosen_lengths=None, rejected_lengths=None, pair_weights=None):
     """sum_k w_k L_k [B] over the types (fp32), times pair_weights (detached) if given; with
     (losses, chosen_rewards, rejected_rewards) as fastalign.dpo_loss returns them."""
-    c, r, rc, rr = (t.float() for t in (c, r, rc, rr))
+    c, r, rc, rr = (_f32(t) for t in (c, r, rc, rr))
     cr, rr_ = c - rc, r - rr
     ones = torch.ones_like(c)
-    nc = ones if chosen_lengths is None else chosen_lengths.float()
-    nr = ones if rejected_lengths is None else rejected_lengths.float()
+    nc = ones if chosen_lengths is None else chosen_lengths.to(c.dtype)
+    nr = ones if rejected_lengths is None else rejected_lengths.to(c.dtype)
     total = None
     for name, w in zip(loss_types, loss_weights):
         if name in BATCH_TYPES:
@@ -144,7 +149,7 @@ def dpo_type_losses(c, r, rc, rr, loss_types, loss_weights, beta, eps=0.0, f_div
         term = term if w == 1.0 else w * term
         total = term if total is None else total + term
     if pair_weights is not None:
-        total = total * pair_weights.detach().float()
+        total = total * pair_weights.detach().to(total.dtype)
     return total, (beta * cr).detach(), (beta * rr_).detach()
 
 

@@ -249,7 +249,8 @@ def _tokens_ref64(pol, ref, mask, names, weights, ld_alpha=None, lssp=None, **kw
                                  kw.get("f_divergence_type", "reverse_kl"), kw.get("f_alpha_divergence_coef", 0.5),
                                  kw["discopop_tau"], n[:b], n[b:], pw)
     (g,) = torch.autograd.grad(L.sum(), p64)
-    return L.detach(), g, (ps.detach(), qs, p64.detach().abs().mul(w).sum(-1), q64.abs().mul(w).sum(-1), n)
+    pw = torch.ones(b, dtype=torch.float64) if pw is None else pw
+    return L.detach(), g, (ps.detach(), qs, p64.detach().abs().mul(w).sum(-1), q64.abs().mul(w).sum(-1), n, pw)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -271,7 +272,7 @@ def test_from_tokens_general_matches_reference(backend, device, dtype, case):
                                                     backend=backend, **KW, **extra)
     (g,) = torch.autograd.grad(losses.sum(), pol)
     kw = {**KW, **{k: v for k, v in extra.items() if k.startswith("f_")}}
-    L, g64, (ps, qs, pabs, qabs, n) = _tokens_ref64(pol, ref, mask, names, weights, extra.get("ld_alpha"), lssp, **kw)
+    L, g64, (ps, qs, pabs, qabs, n, pw) = _tokens_ref64(pol, ref, mask, names, weights, extra.get("ld_alpha"), lssp, **kw)
     # the sequence sums: any order over 50 tokens (sum_bound) plus the LD weight multiply (u each)
     serr = sum_bound(pabs, 50) + sum_bound(qabs, 50) + U32 * (pabs + qabs)
     b = 6
@@ -282,16 +283,18 @@ def test_from_tokens_general_matches_reference(backend, device, dtype, case):
     (tl, tgc, tgr), _ = _bounds(pair_names, pair_w, cr, rr, serr[:b] + U32 * cr.abs(), serr[b:] + U32 * rr.abs(),
                                 n[:b], n[b:], KW["beta"], KW["label_smoothing"], fdiv)
     # the batch types: 1-Lipschitz in beta x or the token mean (as test_batch_types_match_reference)
-    scale = 1.0
+    scale, extra_row = 1.0, 0.0
     if len(pair_names) < len(names):
         tl = tl + KW["beta"] * 4 * serr.max() + _OPS * _FN * (1 + L.abs() + KW["beta"] * ps.abs().max())
         scale = 1 + KW["beta"]
-    if lssp is not None:  # the WPO weight: an exp of a token mean (fp32, detached) times the loss
-        tl = tl + _OPS * _FN * L.abs()
+        extra_row = KW["beta"] ** 2 * 4 * serr.max() + _OPS * _FN * (1 + g64.abs().amax(-1))
+    # the WPO weight (<= pw, an exp of a token mean: fp32, detached) multiplies loss and gradients
+    tl = tl * pw + _OPS * _FN * L.abs()
+    pw2 = torch.cat([pw, pw])
     assert_within(losses.cpu(), L, tl, f"{case} losses")
     # a token's gradient is its row's scalar (dL/dcr or dL/drr, + sft's -1/sum(n)) times its LD weight
     w = RT.ld_token_weights(mask.cpu(), extra["ld_alpha"]).double() if "ld_alpha" in extra else mask.cpu().double()
-    rowtol = torch.cat([tgc, tgr]) * scale + (_OPS * _FN * (1 + g64.abs().amax(-1)) if scale > 1 else 0)
+    rowtol = torch.cat([tgc, tgr]) * scale * pw2 + extra_row
     tol_tok = rowtol[:, None] * w + unit_roundoff(dtype) * g64.abs() + _OPS * _FN * g64.abs()
     assert_within(g.cpu(), g64, tol_tok, f"{case} token gradients")
     assert_within(cw.cpu(), KW["beta"] * cr, KW["beta"] * (serr[:b] + 2 * U32 * cr.abs()) + U32, "chosen rewards")
@@ -395,6 +398,7 @@ _TRL_CASES = [
     (["sigmoid", "sigmoid_norm", "exo_pair"], [1, 1, 1], {"fdiv": "js_divergence", "eps": 0.01}),
     (["sigmoid", "hinge"], [1, 1], {"fdiv": "forward_kl"}),
     (["sigmoid", "nca_pair"], [1, 0.5], {"ld_alpha": 0.4, "use_weighting": True}),
+    (["sigmoid", "sft", "aot"], [1, 0.3, 0.2], {"ld_alpha": 0.6, "eps": 0.2}),
 ]
 
 
@@ -556,3 +560,116 @@ def test_torch_compile_fullgraph_general(backend, device):
     else:  # inductor reorders the torch tail: a few ulps of O(1) values
         assert_within(got, want, 1e-5 * (1 + want.abs()), "compiled loss")
         assert_within(g1, g2, 1e-5 * (1 + g2.abs().max()), "compiled gradient")
+
+
+# ---- the trainer's dpo algorithm and the TRL config mapping --------------------------------------
+
+
+def test_trainer_dpo_with_type_list_and_ld_alpha_equals_the_op():
+    from collections import Counter
+
+    from fastalign.algorithms import get_algorithm
+    from fastalign.algorithms.base import token_logps
+    from tests.test_algorithms import TINY, _pairs as prefs
+
+    from fastalign.models import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    policy, ref = tiny_model(tok, seed=0, **TINY), tiny_model(tok, seed=1, **TINY)
+    for cfg in ({"beta": 0.2, "loss_type": ["sigmoid", "sft", "nca_pair", "sigmoid_norm"],
+                 "loss_weights": [1.0, 0.5, 0.3, 0.2]},
+                {"beta": 0.2, "loss_type": ["robust", "aot", "discopop"], "loss_weights": [1.0, 0.5, 0.2],
+                 "ld_alpha": 0.5, "label_smoothing": 0.1, "f_divergence_type": "js_divergence"}):
+        dpo = get_algorithm("dpo")(cfg)
+        batch = dpo.collate(dpo.encode(prefs(tok), tok, 64, Counter()), tok)
+        loss_sum, metrics = dpo.loss({"policy": policy, "reference": ref}, batch)
+        pl, mask = token_logps(policy, batch)
+        with torch.no_grad():
+            rl, _ = token_logps(ref, batch)
+        op_kw = {k: v for k, v in cfg.items() if k != "beta"}
+        want, _, _ = fastalign.dpo_loss_from_tokens(pl, rl, mask, beta=0.2, backend="torch", **op_kw)
+        # the same token log-probs (the same forward), summed in other orders by the two paths
+        # (sum_bound of each row), through O(1)-Lipschitz losses (beta <= 1, sft's 1/sum(n) <= 1)
+        serr = sum_bound(pl.detach().double().abs().sum(-1) + rl.double().abs().sum(-1), pl.shape[1]).max()
+        b = pl.shape[0] // 2
+        tol = 4 * b * (serr + _OPS * _FN * (1 + want.detach().abs().max()))
+        assert_within(loss_sum.detach(), want.detach().sum().double(), tol, f"trainer loss {cfg['loss_type']}")
+        assert math.isfinite(metrics["loss"])
+
+
+def test_trainer_dpo_config_errors():
+    from fastalign.algorithms import get_algorithm
+    from fastalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loss_weights must be a list with one weight per loss type"):
+        get_algorithm("dpo")({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]})
+    with pytest.raises(ConfigError, match="only defined for the loss types"):
+        get_algorithm("dpo")({"loss_type": ["bco_pair"], "f_divergence_type": "js_divergence"})
+    with pytest.raises(ConfigError, match="use_weighting"):
+        get_algorithm("dpo")({"use_weighting": True})
+    with pytest.raises(ConfigError, match="ld_alpha"):
+        get_algorithm("dpo")({"ld_alpha": 2.0})
+    with pytest.raises(ConfigError, match="ld_alpha with loss type 'sft'"):
+        get_algorithm("dpo")({"ld_alpha": 0.5, "loss_type": ["sigmoid", "sft"]})
+
+
+def test_dpo_config_from_trl():
+    pytest.importorskip("trl")
+    from trl import DPOConfig as TRLConfig
+
+    from fastalign.algorithms import get_algorithm
+    from fastalign.integrations.trl import dpo_config_from_trl
+
+    args = TRLConfig(output_dir="/tmp/fa_dpotypes_unused", loss_type=["ipo", "exo_pair", "sft"],
+                     loss_weights=[1.0, 0.5, 0.1], label_smoothing=0.01, f_divergence_type="alpha_divergence",
+                     f_alpha_divergence_coef=0.3, beta=0.2, ld_alpha=0.7, report_to=[])
+    cfg = dpo_config_from_trl(args)
+    assert cfg["loss_type"] == ("ipo_norm", "exo_pair", "sft") and cfg["loss_weights"] == (1.0, 0.5, 0.1)
+    assert cfg["ld_alpha"] == 0.7 and cfg["f_divergence_type"] == "alpha_divergence"
+    dpo = get_algorithm("dpo")(cfg)  # accepted as it is
+    assert dpo.needs_lengths
+    with pytest.raises(ValueError, match="TRL's sigmoid / sigmoid_norm"):
+        dpo_config_from_trl(TRLConfig(output_dir="/tmp/fa_dpotypes_unused", label_smoothing=0.1, report_to=[]))
+
+
+_COMPILE_SCRIPT = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from fastalign.kernels.triton import preference as K
+
+def build(kernel, sig, consts, warps=4):
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    sig = {name: sig[name] for name in kernel.arg_names}
+    src = ASTSource(kernel, sig, constexprs=consts)
+    assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
+
+s = {n: "fp32" for n in ("beta", "eps", "half_inv_beta", "robust_scale", "exo_lpw", "exo_lpl", "tau", "am1")}
+ALL = (1 << 13) - 1
+for types, fdiv in ((ALL, 0), (ALL, 3), (1 | 2048, 1), (1024 | 16, 2)):
+    for dt in ("fp32", "bf16"):
+        p4 = {n: f"*{dt}" for n in ("c_ptr", "r_ptr", "rc_ptr", "rr_ptr")}
+        for has_len in (False, True):
+            c = {"TYPES": types, "FDIV": fdiv, "HAS_LEN": has_len}
+            build(K._multi_fwd_kernel, dict(p4, len_ptr="*fp32", w_ptr="*fp32", loss_ptr="*fp32", cw_ptr="*fp32",
+                  rw_ptr="*fp32", B="i32", **s), dict(c, BLOCK=1024))
+            build(K._multi_bwd_kernel, dict(p4, go_ptr="*fp32", len_ptr="*fp32", w_ptr="*fp32", gc_ptr="*fp32",
+                  gr_ptr="*fp32", B="i64", **s), dict(c, BLOCK=64))
+            build(K._multi_tok_fwd_kernel, dict(p_ptr=f"*{dt}", q_ptr=f"*{dt}", m_ptr="*u8", len_ptr="*fp32",
+                  w_ptr="*fp32", loss_ptr="*fp32", cw_ptr="*fp32", rw_ptr="*fp32", ps_ptr="*fp32", qs_ptr="*fp32",
+                  B="i32", T="i64", **s), dict(c, MEAN=has_len, BLOCK=1024))
+            build(K._multi_tok_bwd_kernel, dict(go_ptr="*fp32", gs_ptr="*fp32", ps_ptr="*fp32", qs_ptr="*fp32",
+                  m_ptr="*u8", len_ptr="*fp32", w_ptr="*fp32", gx_ptr=f"*{dt}", B="i64", T="i32", **s),
+                  dict(c, HAS_GS=has_len, MEAN=not has_len, BLOCK=256))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_triton_general_kernels_compile_for_sm90_without_a_gpu():
+    # the interpreter does not run Triton's compiler (constexpr bit tests, 1-lane pair math, scalar
+    # where): compile each general kernel for a few type sets to a cubin for sm_90 in a subprocess
+    from tests.conftest import nvidia_compiler_available, run_triton_compile_script
+
+    if not nvidia_compiler_available():
+        pytest.skip("Triton has no NVIDIA compiler backend here")
+    run_triton_compile_script(_COMPILE_SCRIPT, timeout=900)

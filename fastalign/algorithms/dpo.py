@@ -85,6 +85,10 @@ class DPO(Algorithm):
             raise ConfigError("dpo: use_weighting (WPO) needs the LM head's per-token log sum of squared "
                               "probabilities, which the trainer does not compute; use "
                               "fastalign.dpo_loss_from_tokens(use_weighting=True, log_sum_sq_probs=...)")
+        if self.config.ld_alpha is not None and self.needs_lengths and "sft" in (
+                (self.config.loss_type,) if isinstance(self.config.loss_type, str) else self.config.loss_type):
+            raise ConfigError("dpo: ld_alpha with loss type 'sft' is not supported by the trainer (TRL's sft reads the "
+                              "unweighted log-probs; use sft_weight, or fastalign.dpo_loss_from_tokens)")
         if type(self).pair_loss is DPO.pair_loss:
             # validate every loss setting once, with the op's own checks (registered plugin types pass)
             z, n = torch.zeros(1), torch.ones(1)

@@ -410,16 +410,24 @@ def _add(total, term):
     return term if total is None else total + term
 
 
-def _torch_terms(spec, c, r, rc, rr, nc, nr, with_fused):
+def _torch_terms(spec, c, r, rc, rr, nc, nr, with_fused, sft_c=None):
     """Sum of the weighted types that run in torch (all of them with with_fused=True: the torch
-    backend; else the batch types and plugins), fp32 [B], or None when there are none."""
+    backend; else the batch types and plugins), fp32 [B], or None when there are none. sft_c:
+    the chosen sums sft reads instead of c (LD-DPO weights c, TRL's sft does not)."""
     c, r, rc, rr = (t.float() for t in (c, r, rc, rr))
     pairs = spec.names_weights() if with_fused else list(spec.batch)
     total = None
+    if sft_c is not None:
+        for name, w in pairs:
+            if name == "sft":
+                term = RT.batch_type_losses("sft", sft_c.float(), r, rc, rr, nc, spec.beta, spec.eps)
+                total = _add(total, term if w == 1.0 else w * term)
+        pairs = [(n, w) for n, w in pairs if n != "sft"]
     if pairs:
         names, weights = zip(*pairs)
-        total, _, _ = RT.dpo_type_losses(c, r, rc, rr, names, weights, spec.beta, spec.eps,
-                                         RT.F_DIVERGENCES[spec.fdiv], spec.f_alpha, spec.tau, nc, nr)
+        part, _, _ = RT.dpo_type_losses(c, r, rc, rr, names, weights, spec.beta, spec.eps,
+                                        RT.F_DIVERGENCES[spec.fdiv], spec.f_alpha, spec.tau, nc, nr)
+        total = _add(total, part)
     for name, w in spec.plugins:
         term = _plugin_losses(name, (c - rc) - (r - rr), spec.beta, spec.eps)
         total = _add(total, term if w == 1.0 else w * term)
@@ -457,14 +465,14 @@ def _check_pair_weights(op, pair_weights, like):
     return pair_weights.detach().float()
 
 
-def _dpo_general(name, spec, tensors, lengths, pw):
+def _dpo_general(name, spec, tensors, lengths, pw, sft_c=None):
     """The general path of dpo_loss on sequence log-probs: fused per-pair types in one kernel
     (fused backends), batch types and plugins in torch, then the WPO pair weights."""
     c, r, rc, rr = tensors
     b = c.shape[0]
     nc, nr = (lengths[:b], lengths[b:]) if lengths is not None else (None, None)
     if name == "torch":
-        losses = _torch_terms(spec, c, r, rc, rr, nc, nr, with_fused=True)
+        losses = _torch_terms(spec, c, r, rc, rr, nc, nr, with_fused=True, sft_c=sft_c)
         cw, rw = (spec.beta * (c.float() - rc.float())).detach(), (spec.beta * (r.float() - rr.float())).detach()
     else:
         losses = None
@@ -474,7 +482,7 @@ def _dpo_general(name, spec, tensors, lengths, pw):
             cw, rw = cw.detach(), rw.detach()
         else:
             cw, rw = (spec.beta * (c.float() - rc.float())).detach(), (spec.beta * (r.float() - rr.float())).detach()
-        extra = _torch_terms(spec, c, r, rc, rr, nc, nr, with_fused=False)
+        extra = _torch_terms(spec, c, r, rc, rr, nc, nr, with_fused=False, sft_c=sft_c)
         if extra is not None:
             losses = _add(losses, extra)
     if pw is not None:
@@ -668,14 +676,17 @@ def dpo_loss_from_tokens(
                 pol.contiguous(), ref.contiguous(), kernel_mask(mask, name), beta, kernel_id, eps, average_log_prob)
             out = (losses, cw.detach(), rw.detach())
     else:
+        sft_c = None
         if ld_alpha is not None:  # LD-DPO: weighted token log-probs, the same weights for both models
+            if any(n == "sft" for n, _ in spec.batch):  # TRL's sft reads the unweighted log-probs
+                sft_c = sequence_logps(pol[:b], mask[:b], backend=name)
             w = RT.ld_token_weights(mask, ld_alpha)
             pol, ref = pol * w, ref * w
         lengths = (mask != 0).sum(-1).float() if spec.needs_lengths else None
         if name == "torch" or not spec.fused_ids:
             pseq = sequence_logps(pol, mask, reduce=reduce, backend=name)
             rseq = sequence_logps(ref, mask, reduce=reduce, backend=name)
-            out = _dpo_general(name, spec, (pseq[:b], pseq[b:], rseq[:b], rseq[b:]), lengths, pw)
+            out = _dpo_general(name, spec, (pseq[:b], pseq[b:], rseq[:b], rseq[b:]), lengths, pw, sft_c)
         else:
             if ref.dtype != pol.dtype:
                 pol, ref = pol.float(), ref.float()
@@ -683,7 +694,7 @@ def dpo_loss_from_tokens(
                 pol.contiguous(), ref.contiguous(), kernel_mask(mask, name), lengths, *spec.kernel_args(),
                 average_log_prob)
             nc, nr = (lengths[:b], lengths[b:]) if lengths is not None else (None, None)
-            extra = _torch_terms(spec, pseq[:b], pseq[b:], rseq[:b], rseq[b:], nc, nr, with_fused=False)
+            extra = _torch_terms(spec, pseq[:b], pseq[b:], rseq[:b], rseq[b:], nc, nr, with_fused=False, sft_c=sft_c)
             if extra is not None:
                 losses = losses + extra
             if pw is not None:

@@ -283,8 +283,8 @@ def dpo_tokens_bwd(grad, grad_seq, pseq, rseq, pol, mask, beta: float, loss_type
 # weights come per type id from a small fp32 tensor (a type listed twice has its weights summed).
 # FDIV is the f-divergence id (0 reverse KL, 1 forward KL, 2 JS, 3 alpha), a constexpr too.
 
-_LOG2 = 0.6931471805599453
-_EXP_CLAMP = 80.0
+_LOG2 = tl.constexpr(0.6931471805599453)
+_EXP_CLAMP = tl.constexpr(80.0)
 
 
 @triton.jit

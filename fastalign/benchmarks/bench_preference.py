@@ -6,7 +6,7 @@ torch.compile of it. Forward and forward+backward (gradient to the policy token 
 dpo_types (issue 21): the general fused head (`dpo_loss_from_tokens` with a weighted list of loss
 types) fwd+bwd at 64 pairs x 2048 tokens, against the same losses written eagerly on the masked
 sums (fastalign/kernels/reference_dpo_types.py, as TRL's _compute_loss computes them) and
-torch.compile of that: "rpo" = sigmoid + sft (TRL's RPO), "mix" = nca_pair + sigmoid_norm +
+torch.compile of that: "rpo" = sigmoid + sft (TRL's RPO), "mix" = robust + sigmoid_norm +
 discopop under the JS f-divergence."""
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def _eager(compile_it):
 
 TYPE_MIXES = {
     "rpo": dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0], f_divergence_type="reverse_kl"),
-    "mix": dict(loss_type=["nca_pair", "sigmoid_norm", "discopop"], loss_weights=[1.0, 0.5, 0.5],
-                f_divergence_type="js_divergence"),
+    "mix": dict(loss_type=["robust", "sigmoid_norm", "discopop"], loss_weights=[1.0, 0.5, 0.5],
+                f_divergence_type="js_divergence", label_smoothing=0.1),
 }
 
 
@@ -112,7 +112,8 @@ def eager_types_head(policy_tok, ref_tok, mask, mix, beta=BETA):
     counts = mask.sum(-1)
     n = pol.shape[0] // 2
     return RT.dpo_type_losses(pol[:n], pol[n:], ref[:n], ref[n:], kw["loss_type"], kw["loss_weights"], beta,
-                              f_divergence=kw["f_divergence_type"], chosen_lengths=counts[:n],
+                              kw.get("label_smoothing", 0.0), f_divergence=kw["f_divergence_type"],
+                              chosen_lengths=counts[:n],
                               rejected_lengths=counts[n:])
 
 

@@ -682,7 +682,8 @@ def dpo_loss_from_tokens(
                 sft_c = sequence_logps(pol[:b], mask[:b], backend=name)
             w = RT.ld_token_weights(mask, ld_alpha)
             pol, ref = pol * w, ref * w
-        lengths = (mask != 0).sum(-1).float() if spec.needs_lengths else None
+        # one reduction over the mask (count_nonzero: no bool temporary, no int64 sum of it)
+        lengths = torch.count_nonzero(mask, dim=-1).float() if spec.needs_lengths else None
         if name == "torch" or not spec.fused_ids:
             pseq = sequence_logps(pol, mask, reduce=reduce, backend=name)
             rseq = sequence_logps(ref, mask, reduce=reduce, backend=name)

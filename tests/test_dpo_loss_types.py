@@ -579,9 +579,9 @@ def test_trainer_dpo_with_type_list_and_ld_alpha_equals_the_op():
 
     tok = tiny_tokenizer()
     policy, ref = tiny_model(tok, seed=0, **TINY), tiny_model(tok, seed=1, **TINY)
-    for cfg in ({"beta": 0.2, "loss_type": ["sigmoid", "sft", "nca_pair", "sigmoid_norm"],
-                 "loss_weights": [1.0, 0.5, 0.3, 0.2]},
-                {"beta": 0.2, "loss_type": ["robust", "aot", "discopop"], "loss_weights": [1.0, 0.5, 0.2],
+    for cfg in ({"beta": 0.2, "loss_type": ["sigmoid", "sft", "nca_pair", "sigmoid_norm", "aot"],
+                 "loss_weights": [1.0, 0.5, 0.3, 0.2, 0.4]},
+                {"beta": 0.2, "loss_type": ["robust", "sigmoid_norm", "discopop"], "loss_weights": [1.0, 0.5, 0.2],
                  "ld_alpha": 0.5, "label_smoothing": 0.1, "f_divergence_type": "js_divergence"}):
         dpo = get_algorithm("dpo")(cfg)
         batch = dpo.collate(dpo.encode(prefs(tok), tok, 64, Counter()), tok)
@@ -618,21 +618,30 @@ def test_trainer_dpo_config_errors():
 
 def test_dpo_config_from_trl():
     pytest.importorskip("trl")
+    import dataclasses
+
     from trl import DPOConfig as TRLConfig
 
     from fastalign.algorithms import get_algorithm
     from fastalign.integrations.trl import dpo_config_from_trl
 
-    args = TRLConfig(output_dir="/tmp/fa_dpotypes_unused", loss_type=["ipo", "exo_pair", "sft"],
-                     loss_weights=[1.0, 0.5, 0.1], label_smoothing=0.01, f_divergence_type="alpha_divergence",
-                     f_alpha_divergence_coef=0.3, beta=0.2, ld_alpha=0.7, report_to=[])
+    # the fields of TRL's DPOConfig (constructing one needs a bf16-capable device here)
+    args = types.SimpleNamespace(loss_type=["ipo", "exo_pair", "sft"], loss_weights=[1.0, 0.5, 0.1],
+                                 label_smoothing=0.01, f_divergence_type="alpha_divergence",
+                                 f_alpha_divergence_coef=0.3, beta=0.2, ld_alpha=None, discopop_tau=0.05,
+                                 use_weighting=False)
+    assert set(vars(args)) <= {f.name for f in dataclasses.fields(TRLConfig)}
     cfg = dpo_config_from_trl(args)
     assert cfg["loss_type"] == ("ipo_norm", "exo_pair", "sft") and cfg["loss_weights"] == (1.0, 0.5, 0.1)
-    assert cfg["ld_alpha"] == 0.7 and cfg["f_divergence_type"] == "alpha_divergence"
+    assert cfg["f_divergence_type"] == "alpha_divergence" and cfg["f_alpha_divergence_coef"] == 0.3
     dpo = get_algorithm("dpo")(cfg)  # accepted as it is
     assert dpo.needs_lengths
+    args.loss_type, args.loss_weights = ["sigmoid"], None
     with pytest.raises(ValueError, match="TRL's sigmoid / sigmoid_norm"):
-        dpo_config_from_trl(TRLConfig(output_dir="/tmp/fa_dpotypes_unused", label_smoothing=0.1, report_to=[]))
+        dpo_config_from_trl(args)
+    args.label_smoothing, args.use_weighting = 0.0, True
+    with pytest.raises(ValueError, match="use_weighting"):
+        dpo_config_from_trl(args)
 
 
 _COMPILE_SCRIPT = """

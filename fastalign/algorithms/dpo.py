@@ -65,19 +65,22 @@ class DPO(Algorithm):
     def logp_reduce(self) -> str:
         # IPO alone is defined on length-averaged log-probs (as in TRL); the others on sums
         # (in a list, TRL's length-averaged IPO is "ipo_norm")
-        return "mean" if self.config.loss_type in ("ipo", ("ipo",)) else "sum"
+        return "mean" if self._names() == ["ipo"] else "sum"
+
+    def _names(self) -> list:
+        lt = self.config.loss_type
+        return [lt] if isinstance(lt, str) else list(lt)
 
     def _loss_kwargs(self) -> dict:
         c = self.config
-        return dict(beta=c.beta, loss_type=list(c.loss_type) if isinstance(c.loss_type, tuple) else c.loss_type,
+        return dict(beta=c.beta, loss_type=c.loss_type if isinstance(c.loss_type, str) else list(c.loss_type),
                     loss_weights=None if c.loss_weights is None else list(c.loss_weights),
                     label_smoothing=c.label_smoothing, f_divergence_type=c.f_divergence_type,
                     f_alpha_divergence_coef=c.f_alpha_divergence_coef, discopop_tau=c.discopop_tau)
 
     @property
     def needs_lengths(self) -> bool:
-        names = (self.config.loss_type,) if isinstance(self.config.loss_type, str) else self.config.loss_type
-        return any(n in RT.LENGTH_TYPES for n in names)
+        return any(n in RT.LENGTH_TYPES for n in self._names())
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -85,8 +88,7 @@ class DPO(Algorithm):
             raise ConfigError("dpo: use_weighting (WPO) needs the LM head's per-token log sum of squared "
                               "probabilities, which the trainer does not compute; use "
                               "fastalign.dpo_loss_from_tokens(use_weighting=True, log_sum_sq_probs=...)")
-        if self.config.ld_alpha is not None and self.needs_lengths and "sft" in (
-                (self.config.loss_type,) if isinstance(self.config.loss_type, str) else self.config.loss_type):
+        if self.config.ld_alpha is not None and "sft" in self._names():
             raise ConfigError("dpo: ld_alpha with loss type 'sft' is not supported by the trainer (TRL's sft reads the "
                               "unweighted log-probs; use sft_weight, or fastalign.dpo_loss_from_tokens)")
         if type(self).pair_loss is DPO.pair_loss:

@@ -647,7 +647,7 @@ def test_dpo_config_from_trl():
 _COMPILE_SCRIPT = """
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-from fastalign.kernels.triton import preference as K
+from fastalign.kernels.triton import dpo_multi as K
 
 def build(kernel, sig, consts, warps=4):
     sig = dict(sig, **{k: "constexpr" for k in consts})

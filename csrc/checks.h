@@ -261,6 +261,33 @@ inline void dpo_tokens_bwd_args(const at::Tensor& grad, const c10::optional<at::
   if (grad_seq.has_value()) same_device(op, "grad of the sequence log-probs", *grad_seq, "the log-probs", pol);
 }
 
+// The general DPO ops (dpo_multi, dpo_multi_tokens): 1..16 per-pair loss type ids 0..12 with one
+// weight each, the f-divergence id 0..3, DiscoPOP's tau > 0; exo_pair needs label_smoothing > 0.
+inline void dpo_multi_args(const char* op, double beta, at::IntArrayRef types, at::ArrayRef<double> weights,
+                           double eps, int64_t fdiv, double tau) {
+  TORCH_CHECK(beta > 0.0 && std::isfinite(beta), op, ": beta must be a finite number > 0, got ", beta);
+  TORCH_CHECK(!types.empty() && types.size() <= 16, op, ": between 1 and 16 loss types, got ", types.size());
+  TORCH_CHECK(weights.size() == types.size(), op, ": one loss weight per loss type (", types.size(), "), got ",
+              weights.size());
+  for (size_t k = 0; k < types.size(); ++k) {
+    TORCH_CHECK(types[k] >= 0 && types[k] <= 12, op, ": loss type ids must be 0..12, got ", types[k]);
+    TORCH_CHECK(std::isfinite(weights[k]), op, ": loss weights must be finite, got ", weights[k]);
+    TORCH_CHECK(types[k] != 4 || eps > 0.0, op, ": exo_pair needs label_smoothing > 0, got ", eps);
+  }
+  TORCH_CHECK(eps >= 0.0 && eps < 0.5, op, ": label_smoothing must be in [0, 0.5), got ", eps);
+  TORCH_CHECK(fdiv >= 0 && fdiv <= 3, op, ": f_divergence id must be 0..3, got ", fdiv);
+  TORCH_CHECK(tau > 0.0 && std::isfinite(tau), op, ": discopop_tau must be a finite number > 0, got ", tau);
+}
+
+// Optional token counts [2B] fp32 ([chosen; rejected]) on the log-probs' device.
+inline void dpo_lengths(const char* op, const c10::optional<at::Tensor>& lengths, int64_t rows,
+                        const at::Tensor& like) {
+  if (!lengths.has_value()) return;
+  TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == rows && lengths->scalar_type() == at::kFloat, op,
+              ": lengths must be fp32 [2B] = [", rows, "], got ", lengths->scalar_type(), " ", lengths->sizes());
+  same_device(op, "lengths", *lengths, "the log-probs", like);
+}
+
 // ---- advantage estimators -------------------------------------------------------------------------
 
 // outcome_advantage: rewards [B, K] (K >= 0 rows summed into the score), mask [B, T], group [B]

@@ -2,6 +2,8 @@
 //   sequence_logps_fwd/bwd  per-row masked sum (or mean) of token log-probs, [N, T] -> [N]
 //   dpo_loss_fwd/bwd        per-pair DPO losses and implicit rewards from sequence log-probs
 //   dpo_tokens_fwd/bwd      the two fused: token log-probs of a [chosen; rejected] batch -> losses
+// The general ops for a weighted list of loss types and an f-divergence (dpo_multi*) are in
+// dpo_multi.cpp; the shared per-pair math in preference_math.h.
 //
 // DPO math (x = beta * delta, delta = (c - ref_c) - (r - ref_r), eps = label smoothing):
 //   sigmoid: L = -(1-eps) logsig(x) - eps logsig(-x)         dL/dx = -(1-eps) sig(-x) + eps sig(x)
@@ -22,6 +24,7 @@
 #include "../checks.h"
 #include "dispatch.h"
 #include "mask.h"
+#include "preference_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -30,59 +33,7 @@
 namespace fastalign::cpu {
 namespace {
 
-enum LossType : int64_t { kSigmoid = 0, kIpo = 1, kHinge = 2, kRobust = 3 };
-
-inline float log_sigmoid(float x) { return std::min(x, 0.f) - std::log1p(std::exp(-std::fabs(x))); }
-inline float sigmoid(float x) {
-  const float e = std::exp(-std::fabs(x));  // in (0, 1]: no overflow
-  return x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
-}
-
-struct PairParams {
-  float beta, eps, half_inv_beta, robust_scale;
-  int64_t type;
-};
-
-PairParams make_params(double beta, int64_t type, double eps) {
-  return {static_cast<float>(beta), static_cast<float>(eps), static_cast<float>(1.0 / (2.0 * beta)),
-          static_cast<float>(1.0 / (1.0 - 2.0 * eps)), type};
-}
-
-inline float pair_loss(float delta, const PairParams& p) {
-  const float x = p.beta * delta;
-  switch (p.type) {
-    case kSigmoid:
-      return -(1.f - p.eps) * log_sigmoid(x) - p.eps * log_sigmoid(-x);
-    case kIpo: {
-      const float d = delta - p.half_inv_beta;
-      return d * d;
-    }
-    case kHinge: {
-      const float h = 1.f - x;
-      return (h > 0.f || std::isnan(h)) ? h : 0.f;
-    }
-    default:  // kRobust
-      return (-(1.f - p.eps) * log_sigmoid(x) + p.eps * log_sigmoid(-x)) * p.robust_scale;
-  }
-}
-
-// d loss / d delta
-inline float pair_grad(float delta, const PairParams& p) {
-  const float x = p.beta * delta;
-  switch (p.type) {
-    case kSigmoid:
-      return p.beta * (-(1.f - p.eps) * sigmoid(-x) + p.eps * sigmoid(x));
-    case kIpo:
-      return 2.f * (delta - p.half_inv_beta);
-    case kHinge:
-      return (1.f - x > 0.f || std::isnan(x)) ? -p.beta : 0.f;
-    default:
-      return p.beta * (-(1.f - p.eps) * sigmoid(-x) - p.eps * sigmoid(x)) * p.robust_scale;
-  }
-}
-
-// Rows per parallel task: about 32 K tokens, so that small batches stay on one thread.
-int64_t row_grain(int64_t steps) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(steps, 1)); }
+using namespace dpo;  // NOLINT: the shared pair math
 
 // ---- sequence_logps ---------------------------------------------------------------------------
 

@@ -1,5 +1,10 @@
 """Direct Preference Optimisation with every loss type of `fastalign.dpo_loss` (including types
-registered with `fastalign.register_dpo_loss_type`).
+registered with `fastalign.register_dpo_loss_type`): one type or a weighted list (`loss_type`,
+`loss_weights`, as TRL's DPOConfig), the f-divergence (`f_divergence_type`,
+`f_alpha_divergence_coef`), DiscoPOP's `discopop_tau` and LD-DPO's `ld_alpha` (the policy's and
+the reference's token log-probs weighted alike, also when precomputed). TRL's `use_weighting`
+(WPO) needs the LM head's per-token log sum of squared probabilities, which the trainer's fused
+head does not return: refused here (fastalign.dpo_loss_from_tokens(use_weighting=True) has it).
 
 The reference is a frozen model, or its log-probs are precomputed once before training
 (`precompute_ref_logps`: the declared precomputation `precompute_roles` / `precompute`, which the
@@ -21,20 +26,27 @@ import torch
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
 from fastalign.algorithms.registry import register_algorithm
 from fastalign.errors import ConfigError
+from fastalign.kernels import reference_dpo_types as RT
 from fastalign.ops import preference
 from fastalign.options import option
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")  # an example's (or batch's) precomputed reference log-probs
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+LOSS_TYPES = RT.FUSED_TYPES + RT.BATCH_TYPES
 
 
 @dataclass
 class DPOConfig(AlgorithmConfig):
     beta: float = option(0.1, "strength of the implicit KL to the reference", gt=0)
-    loss_type: str = option("sigmoid", "sigmoid | ipo | hinge | robust, or a type registered with "
-                                       "fastalign.register_dpo_loss_type")
+    loss_type: str | tuple = option("sigmoid", "a loss type or a list of them: " + ", ".join(RT.FUSED_TYPES
+                                    + RT.BATCH_TYPES) + ", or a type registered with fastalign.register_dpo_loss_type")
+    loss_weights: tuple | None = option(None, "one weight per loss type (default 1 each)")
     label_smoothing: float = option(0.0, "assumed fraction of flipped labels (conservative DPO / robust)", ge=0, lt=0.5)
+    f_divergence_type: str = option("reverse_kl", "f-divergence of f-DPO", choices=RT.F_DIVERGENCES)
+    f_alpha_divergence_coef: float = option(0.5, "alpha of f_divergence_type=alpha_divergence")
+    discopop_tau: float = option(0.05, "DiscoPOP's temperature", gt=0)
+    ld_alpha: float | None = option(None, "LD-DPO: weight of the tokens beyond the pair's shared length", ge=0, le=1)
+    use_weighting: bool = option(False, "WPO weighting (not available in the trainer: see fastalign.dpo_loss_from_tokens)")
     precompute_ref_logps: bool = option(False, "score the data with the reference once, then drop the reference")
     sft_weight: float = option(0.0, "weight of an NLL term on the chosen completions, per token (RPO)", ge=0)
 
@@ -51,19 +63,41 @@ class DPO(Algorithm):
 
     @property
     def logp_reduce(self) -> str:
-        # IPO is defined on length-averaged log-probs (as in TRL); the others on sums
-        return "mean" if self.config.loss_type == "ipo" else "sum"
+        # IPO alone is defined on length-averaged log-probs (as in TRL); the others on sums
+        # (in a list, TRL's length-averaged IPO is "ipo_norm")
+        return "mean" if self._names() == ["ipo"] else "sum"
+
+    def _names(self) -> list:
+        lt = self.config.loss_type
+        return [lt] if isinstance(lt, str) else list(lt)
+
+    def _loss_kwargs(self) -> dict:
+        c = self.config
+        return dict(beta=c.beta, loss_type=c.loss_type if isinstance(c.loss_type, str) else list(c.loss_type),
+                    loss_weights=None if c.loss_weights is None else list(c.loss_weights),
+                    label_smoothing=c.label_smoothing, f_divergence_type=c.f_divergence_type,
+                    f_alpha_divergence_coef=c.f_alpha_divergence_coef, discopop_tau=c.discopop_tau)
+
+    @property
+    def needs_lengths(self) -> bool:
+        return any(n in RT.LENGTH_TYPES for n in self._names())
 
     def __init__(self, config=None):
         super().__init__(config)
-        if type(self).pair_loss is DPO.pair_loss and self.config.loss_type not in LOSS_TYPES:
-            # loss types registered with fastalign.register_dpo_loss_type are fine too: ask the op
-            z = torch.zeros(1)
+        if self.config.use_weighting:
+            raise ConfigError("dpo: use_weighting (WPO) needs the LM head's per-token log sum of squared "
+                              "probabilities, which the trainer does not compute; use "
+                              "fastalign.dpo_loss_from_tokens(use_weighting=True, log_sum_sq_probs=...)")
+        if self.config.ld_alpha is not None and "sft" in self._names():
+            raise ConfigError("dpo: ld_alpha with loss type 'sft' is not supported by the trainer (TRL's sft reads the "
+                              "unweighted log-probs; use sft_weight, or fastalign.dpo_loss_from_tokens)")
+        if type(self).pair_loss is DPO.pair_loss:
+            # validate every loss setting once, with the op's own checks (registered plugin types pass)
+            z, n = torch.zeros(1), torch.ones(1)
             try:
-                preference.dpo_loss(z, z, z, z, beta=self.config.beta, loss_type=self.config.loss_type)
-            except (ValueError, KeyError) as e:
-                raise ConfigError(f"dpo: unknown loss_type {self.config.loss_type!r} ({e}); built in: "
-                                 f"{', '.join(LOSS_TYPES)}") from None
+                preference.dpo_loss(z, z, z, z, chosen_lengths=n, rejected_lengths=n, **self._loss_kwargs())
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"dpo: {e}; built-in loss types: {', '.join(LOSS_TYPES)}") from None
 
     def build_models(self, policy, tokenizer, *, reference=None, seed=0, tiny_kwargs=None):
         models = super().build_models(policy, tokenizer, reference=reference, seed=seed, tiny_kwargs=tiny_kwargs)
@@ -80,7 +114,10 @@ class DPO(Algorithm):
 
     def sequence_logps(self, model, batch):
         logps, mask = token_logps(model, batch, packed=self.packing, fused_head=self.fused_head)
-        seq = preference.sequence_logps(logps, mask, reduce=self.logp_reduce)
+        weighted = logps
+        if self.config.ld_alpha is not None:  # LD-DPO: the same token weights for policy and reference
+            weighted = logps * RT.ld_token_weights(mask, self.config.ld_alpha).to(logps.dtype)
+        seq = preference.sequence_logps(weighted, mask, reduce=self.logp_reduce)
         return seq, logps, mask
 
     @torch.no_grad()
@@ -115,11 +152,11 @@ class DPO(Algorithm):
 
     # ---- loss ---------------------------------------------------------------------------------
 
-    def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
-        """Per-pair losses [B] and implicit rewards (chosen, rejected); override for variants."""
-        c = self.config
-        return preference.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=c.beta, loss_type=c.loss_type,
-                              label_smoothing=c.label_smoothing)
+    def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected, lengths=None):
+        """Per-pair losses [B] and implicit rewards (chosen, rejected); override for variants.
+        lengths: the token counts (chosen [B], rejected [B]), passed only where a loss type reads them."""
+        kw = {} if lengths is None else dict(chosen_lengths=lengths[0], rejected_lengths=lengths[1])
+        return preference.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, **self._loss_kwargs(), **kw)
 
     def loss_units(self, batch) -> int:
         return batch["input_ids"].shape[0] // 2
@@ -128,7 +165,11 @@ class DPO(Algorithm):
         seq, logps, mask = self.sequence_logps(models["policy"], batch)
         b = seq.shape[0] // 2
         ref_c, ref_r = self.reference_logps(models, batch)
-        losses, rc, rr = self.pair_loss(seq[:b], seq[b:], ref_c.float(), ref_r.float())
+        kw = {}
+        if self.needs_lengths:
+            n = (mask != 0).sum(-1)
+            kw["lengths"] = (n[:b], n[b:])
+        losses, rc, rr = self.pair_loss(seq[:b], seq[b:], ref_c.float(), ref_r.float(), **kw)
         loss_sum = losses.sum()
         if self.config.sft_weight > 0:
             # per-pair mean NLL of the chosen completion, so the units stay pairs

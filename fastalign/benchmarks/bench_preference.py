@@ -1,7 +1,13 @@
 """The DPO head, token log-probabilities -> loss: fastalign's fused `dpo_loss_from_tokens` and the
 composed `sequence_logps` + `dpo_loss`, against eager PyTorch as TRL's DPOTrainer writes it
 (masked sums per sequence over a [chosen; rejected] batch, then -logsigmoid(beta * margin)) and
-torch.compile of it. Forward and forward+backward (gradient to the policy token logps)."""
+torch.compile of it. Forward and forward+backward (gradient to the policy token logps).
+
+dpo_types (issue 21): the general fused head (`dpo_loss_from_tokens` with a weighted list of loss
+types) fwd+bwd at 64 pairs x 2048 tokens, against the same losses written eagerly on the masked
+sums (fastalign/kernels/reference_dpo_types.py, as TRL's _compute_loss computes them) and
+torch.compile of that: "rpo" = sigmoid + sft (TRL's RPO), "mix" = robust + sigmoid_norm +
+discopop under the JS f-divergence."""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from fastalign.benchmarks._common import (
     DTYPES, Case, compiled, fastalign_backend, fastalign_backends, fastalign_op, grad_of, no_grad,
 )
 from fastalign.benchmarks._pytest_suite import pytest_suite
+from fastalign.benchmarks._report import find_record, median, target
+from fastalign.kernels import reference_dpo_types as RT
 
 FAMILY = "preference"
 BETA = 0.1
@@ -89,6 +97,59 @@ def _eager(compile_it):
     return build
 
 
+TYPE_MIXES = {
+    "rpo": dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0], f_divergence_type="reverse_kl"),
+    "mix": dict(loss_type=["robust", "sigmoid_norm", "discopop"], loss_weights=[1.0, 0.5, 0.5],
+                f_divergence_type="js_divergence", label_smoothing=0.1),
+}
+
+
+def eager_types_head(policy_tok, ref_tok, mask, mix, beta=BETA):
+    """The reference losses on masked sums (token counts from the mask), eager torch."""
+    kw = TYPE_MIXES[mix]
+    pol = (policy_tok.float() * mask).sum(-1)
+    ref = (ref_tok.float() * mask).sum(-1)
+    counts = mask.sum(-1)
+    n = pol.shape[0] // 2
+    return RT.dpo_type_losses(pol[:n], pol[n:], ref[:n], ref[n:], kw["loss_type"], kw["loss_weights"], beta,
+                              kw.get("label_smoothing", 0.0), f_divergence=kw["f_divergence_type"],
+                              chosen_lengths=counts[:n],
+                              rejected_lengths=counts[n:])
+
+
+def _fa_types(backend, mix):
+    def build(inp):
+        fastalign_backend(backend, inp["device"])
+        op = fastalign_op("dpo_loss_from_tokens")
+        pol, ref, mask = inp["pol"], inp["ref"], inp["mask"]
+        return _runner(inp, lambda: op(pol, ref, mask, beta=BETA, backend=backend, **TYPE_MIXES[mix]))
+
+    return build
+
+
+def _eager_types(compile_it, mix):
+    def build(inp):
+        fn = compiled(eager_types_head) if compile_it else eager_types_head
+        pol, ref, mask = inp["pol"], inp["ref"], inp["mask"]
+        return _runner(inp, lambda: fn(pol, ref, mask, mix))
+
+    return build
+
+
+def _types_cases(quick: bool, device: str) -> list[Case]:
+    shapes = [(4, 64, "fp32")] if quick else [(64, 2048, "fp32"), (64, 2048, "bf16")]
+    out = []
+    for mix in TYPE_MIXES:
+        conts = {f"fastalign[{b}]": _fa_types(b, mix) for b in fastalign_backends(device)}
+        conts.update({"eager": _eager_types(False, mix), "torch.compile": _eager_types(True, mix)})
+        fa = tuple(n for n in conts if n.startswith("fastalign"))
+        for pairs, steps, dtype in shapes:
+            out.append(Case(FAMILY, "dpo_types", "fwd+bwd", {"mix": mix, "pairs": pairs, "T": steps, "dtype": dtype},
+                            2 * pairs * steps, "2B x T", _inputs(pairs, steps, dtype, True), conts, fa,
+                            group=f"dpo_types {mix} {dtype}"))
+    return out
+
+
 def cases(quick: bool, device: str) -> list[Case]:
     fastalign_op("dpo_loss")
     fa_b = fastalign_backends(device)
@@ -105,11 +166,24 @@ def cases(quick: bool, device: str) -> list[Case]:
             out.append(Case(FAMILY, "dpo_head", mode, {"pairs": pairs, "T": steps, "dtype": dtype}, 2 * pairs * steps,
                             "2B x T", _inputs(pairs, steps, dtype, mode == "fwd+bwd"), conts, fa,
                             group=f"dpo_head {mode} {dtype}"))
-    return out
+    return out + _types_cases(quick, device)
 
 
 def targets(records, quick: bool, device: str, ctx: dict) -> list[dict]:
-    return []  # issue 4 sets no speed target; its ratios are in the table
+    # issue 4 sets no speed target for dpo_head; issue 21: the general head >= torch.compile and >= 3x eager
+    out = []
+    fa = "fastalign[cpp]" if device == "cpu" else "fastalign[cuda]"
+    for mix in TYPE_MIXES:
+        for dtype in ("fp32", "bf16"):
+            rec = find_record(records, "dpo_types", "fwd+bwd", mix=mix, pairs=64, T=2048, dtype=dtype)
+            tf, te, tc = median(rec, fa), median(rec, "eager"), median(rec, "torch.compile")
+            v_e = te / tf if tf and te else None
+            v_c = tc / tf if tf and tc else None
+            what = f"dpo_types {mix} {dtype} fwd+bwd {fa} (64 pairs x 2048)"
+            out.append(target("issue 21", f"{what} vs eager", v_e, ">= 3x", v_e is not None and v_e >= 3.0, quick))
+            out.append(target("issue 21", f"{what} vs torch.compile", v_c, ">= 1x", v_c is not None and v_c >= 1.0,
+                              quick))
+    return out
 
 
 test_preference = pytest_suite(cases)  # `pytest fastalign/benchmarks/bench_preference.py --benchmark-enable`

@@ -6,7 +6,8 @@ Two parts:
    `entropy_from_logits`, `masked_whiten`, `compute_gae`, `grpo_advantages`, `dpo_losses`),
    mirroring trl/trainer/utils.py, the PPO trainer's whitening and GAE loop
    (trl/experimental/ppo/ppo_trainer.py), the GRPO trainer's group advantages and the DPO
-   trainer's sigmoid / IPO / hinge / robust losses. Differences from fastalign's defaults,
+   trainer's sigmoid / IPO / hinge / robust losses (`dpo_losses`), and all fifteen of its loss types
+   with its options (`dpo_loss_like_trl`, `dpo_config_from_trl`). Differences from fastalign's defaults,
    reproduced here:
    - GAE: TRL's loop has no mask; values are zero-filled past the response end -> fastalign.gae
      with an all-ones mask; advantages then whitened over the response and zero-filled outside.
@@ -38,7 +39,7 @@ import torch
 import fastalign
 from fastalign.integrations.trl_grpo_loss import grpo_loss  # noqa: F401  (part of this adapter)
 
-__all__ = ["compute_gae", "dpo_losses", "entropy_from_logits", "grpo_advantages", "grpo_loss", "masked_whiten",
+__all__ = ["compute_gae", "dpo_losses", "dpo_loss_like_trl", "dpo_config_from_trl", "TRL_DPO_LOSS_TYPES", "entropy_from_logits", "grpo_advantages", "grpo_loss", "masked_whiten",
            "selective_log_softmax", "selective_log_softmax_and_entropy", "patch_trl", "unpatch_trl", "unpatch",
            "use_fastalign", "is_patched", "call_counts"]
 
@@ -130,6 +131,69 @@ def dpo_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logp
     # TRL's rewards are beta * (logp - ref) of the summed log-probs, also under IPO
     return losses, (beta * (chosen_logps - ref_chosen_logps)).detach().float(), \
         (beta * (rejected_logps - ref_rejected_logps)).detach().float()
+
+
+# TRL 1.16 DPOConfig.loss_type name -> fastalign's loss type. TRL's "ipo" divides each log-ratio by
+# its completion's token count: fastalign's "ipo_norm" (fastalign's "ipo" takes the log-probs as given).
+TRL_DPO_LOSS_TYPES = {"sigmoid": "sigmoid", "hinge": "hinge", "ipo": "ipo_norm", "exo_pair": "exo_pair",
+                      "nca_pair": "nca_pair", "robust": "robust", "bco_pair": "bco_pair", "sppo_hard": "sppo_hard",
+                      "aot": "aot", "aot_unpaired": "aot_unpaired", "apo_zero": "apo_zero", "apo_down": "apo_down",
+                      "discopop": "discopop", "sigmoid_norm": "sigmoid_norm", "sft": "sft"}
+# TRL ignores label_smoothing in these (fastalign's apply it: conservative DPO)
+_TRL_NO_SMOOTHING = ("sigmoid", "sigmoid_norm")
+
+
+def _trl_names(loss_type):
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    unknown = [n for n in names if n not in TRL_DPO_LOSS_TYPES]
+    if unknown:
+        raise ValueError(f"loss_type: {unknown} are not TRL 1.16 DPO loss types ({', '.join(TRL_DPO_LOSS_TYPES)})")
+    return names
+
+
+def dpo_loss_like_trl(policy_token_logps, ref_token_logps, completion_mask, *, beta=0.1, loss_type="sigmoid",
+                      loss_weights=None, label_smoothing=0.0, f_divergence_type="reverse_kl",
+                      f_alpha_divergence_coef=0.5, discopop_tau=0.05, ld_alpha=None, use_weighting=False,
+                      log_sum_sq_probs=None, backend="auto"):
+    """TRL 1.16 DPOTrainer._compute_loss's loss, sum_k w_k mean_i(L_k,i [* WPO weight_i]), from the
+    shifted per-token log-probs of a [chosen; rejected] batch [2B, T] and their completion mask,
+    with TRL's names and options (DPOConfig fields), computed by fastalign.dpo_loss_from_tokens.
+    Differences reproduced: TRL's "ipo" is fastalign's "ipo_norm"; TRL's "sigmoid" and
+    "sigmoid_norm" ignore label_smoothing (computed here in a second call with 0 where it is > 0)."""
+    names = _trl_names(loss_type)
+    weights = [1.0] * len(names) if loss_weights is None else [float(w) for w in loss_weights]
+    if len(weights) != len(names):
+        raise ValueError(f"loss_weights must have one weight per loss type ({len(names)}), got {loss_weights!r}")
+    groups = {}  # label smoothing -> [(fastalign name, weight)]
+    for n, w in zip(names, weights):
+        eps = 0.0 if n in _TRL_NO_SMOOTHING else label_smoothing
+        groups.setdefault(eps, []).append((TRL_DPO_LOSS_TYPES[n], w))
+    total = None
+    for eps, items in groups.items():
+        losses, _, _ = fastalign.dpo_loss_from_tokens(
+            policy_token_logps, ref_token_logps, completion_mask, beta=beta, loss_type=[n for n, _ in items],
+            loss_weights=[w for _, w in items], label_smoothing=eps, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
+            use_weighting=use_weighting, log_sum_sq_probs=log_sum_sq_probs, backend=backend)
+        total = losses if total is None else total + losses
+    return total.mean()
+
+
+def dpo_config_from_trl(args) -> dict:
+    """fastalign's `dpo` algorithm options from a TRL DPOConfig (or anything with its fields). The
+    label smoothing TRL's sigmoid ignores is refused (fastalign's sigmoid is conservative DPO), as
+    is use_weighting (WPO; the trainer has no log sum of squared probabilities)."""
+    names = _trl_names(args.loss_type)
+    if float(args.label_smoothing) > 0 and any(n in _TRL_NO_SMOOTHING for n in names):
+        raise ValueError("label_smoothing > 0 with TRL's sigmoid / sigmoid_norm (which ignore it) has no single "
+                         "fastalign config: fastalign's sigmoid applies it (conservative DPO)")
+    if getattr(args, "use_weighting", False):
+        raise ValueError("use_weighting (WPO) is not available in fastalign's trainer; see dpo_loss_like_trl")
+    return {"beta": float(args.beta), "loss_type": tuple(TRL_DPO_LOSS_TYPES[n] for n in names),
+            "loss_weights": None if args.loss_weights is None else tuple(float(w) for w in args.loss_weights),
+            "label_smoothing": float(args.label_smoothing), "f_divergence_type": args.f_divergence_type,
+            "f_alpha_divergence_coef": float(args.f_alpha_divergence_coef),
+            "discopop_tau": float(getattr(args, "discopop_tau", 0.05)), "ld_alpha": args.ld_alpha}
 
 
 # ---- drop-in patch of TRL's trainers ----------------------------------------------------------------------------

@@ -6,29 +6,29 @@ the descriptions SEQUENCE_LOGPS, DPO_LOSS and DPO_TOKENS below (fastalign/ops/_f
 Each fused op is one kernel launch forward and one backward; all math is fp32 for every input
 dtype and every result is fp32; token gradients come back in the token log-probs' dtype.
 
-DPO loss types live in a registry, `DPO_LOSS_TYPES` (name -> DPOLossType, fastalign/ops/
-dpo_loss_types.py). The four built-in
-types (sigmoid, ipo, hinge, robust) have fused kernels; a plugin adds a type with
-`register_dpo_loss_type(name, formula)`, where `formula(delta, beta, label_smoothing)` maps the
-fp32 margin delta = (c - ref_c) - (r - ref_r) [B] to per-pair losses [B] in torch. A plugin type
-runs that torch formula on every backend (a fused backend still computes the per-sequence
-log-probs of dpo_loss_from_tokens with its fused sequence_logps kernel), so it is correct
-everywhere and fast where the formula is cheap.
+DPO loss types live in a registry, `DPO_LOSS_TYPES` (fastalign/ops/dpo_loss_types.py; formulas in
+fastalign/kernels/reference_dpo_types.py). One of sigmoid, ipo, hinge, robust alone (weight 1,
+reverse KL) runs DPO_LOSS / DPO_TOKENS below; a weighted list, the other types or an f-divergence
+run the general ops of fastalign/ops/dpo_multi.py. A plugin (`register_dpo_loss_type(name,
+formula)`, formula(delta, beta, label_smoothing) -> per-pair losses of the fp32 margin delta =
+(c - ref_c) - (r - ref_r)) runs its torch formula on every backend (the fused sequence_logps kernel
+still sums the tokens of dpo_loss_from_tokens).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference
-from fastalign.ops._checks import (check_flag, check_float_tensor, check_mask, check_normal_fp32, kernel_mask,
-                                   same_device)
+from fastalign.ops._checks import check_flag, check_float_tensor, check_mask, kernel_mask, same_device
 from fastalign.ops._fused import FusedOp
 from fastalign.ops.dpo_loss_types import DPO_LOSS_TYPES, DPOLossType, register_dpo_loss_type  # noqa: F401
+from fastalign.ops.dpo_multi import (_MULTI, _MULTI_TOK, DPO_MULTI, DPO_MULTI_TOKENS, _check_lengths,  # noqa: F401
+                                     _check_pair_weights, _dpo_general, _is_real, _plugin_losses, _resolve,
+                                     _torch_dpo, dpo_tokens_general, wpo_pair_weights)
 
 
 # ---- fused op descriptions: fakes and autograd, shared by every backend -----------------------
@@ -144,22 +144,6 @@ DPO_TOKENS = FusedOp(
 _SEQ, _DPO, _TOK = (op.table() for op in (SEQUENCE_LOGPS, DPO_LOSS, DPO_TOKENS))
 
 
-# ---- validation -------------------------------------------------------------------------------
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _check_loss_args(op, beta, loss_type, label_smoothing) -> None:
-    # a normal fp32 number, as the kernels take it: 1e-300 is 0 there (IPO's 1/(2 beta) inf), 1e300 inf
-    check_normal_fp32(op, "beta", beta)
-    if not _is_real(label_smoothing) or not (0.0 <= float(label_smoothing) < 0.5):
-        raise ValueError(f"{op}: label_smoothing must be a number in [0, 0.5), got {label_smoothing!r}")
-    if not isinstance(loss_type, str) or loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"{op}: unknown loss_type {loss_type!r}; valid choices: {', '.join(DPO_LOSS_TYPES)}")
-
-
 def _check_reduce(op, reduce) -> bool:
     if reduce not in ("sum", "mean") or not isinstance(reduce, str):
         raise ValueError(f"{op}: reduce must be 'sum' or 'mean', got {reduce!r}")
@@ -209,19 +193,6 @@ def _check_pairs(op, names, tensors) -> None:
             raise ValueError(f"{op}: {n} is on {t.device} but {names[0]} on {first.device}")
 
 
-def _torch_dpo(c, r, rc, rr, beta, loss_type, eps):
-    c, r, rc, rr = (t.float() for t in (c, r, rc, rr))
-    delta = (c - rc) - (r - rr)
-    losses = DPO_LOSS_TYPES[loss_type].formula(delta, beta, eps)
-    # a plugin's formula must give one loss per pair: a scalar (e.g. a .mean() inside) or a list
-    # would otherwise come back as the "per-pair losses", a float64 one as a non-fp32 result
-    if not isinstance(losses, torch.Tensor) or not losses.dtype.is_floating_point or losses.shape != delta.shape:
-        got = f"{losses.dtype} {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise TypeError(f"dpo_loss: the formula of loss_type {loss_type!r} must return a float tensor of per-pair "
-                        f"losses of delta's shape {tuple(delta.shape)}, got {got}")
-    return losses.float(), (beta * (c - rc)).detach(), (beta * (r - rr)).detach()
-
-
 def dpo_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -229,8 +200,15 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type="sigmoid",
     label_smoothing: float = 0.0,
+    loss_weights=None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    chosen_lengths=None,
+    rejected_lengths=None,
+    pair_weights=None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO losses and implicit rewards: `(losses, chosen_rewards, rejected_rewards)`, fp32 [B].
@@ -241,27 +219,44 @@ def dpo_loss(
         ipo      (delta - 1/(2 beta))^2                      (pass length-averaged log-probs)
         hinge    relu(1 - x)
         robust   (-(1-eps) logsig(x) + eps logsig(-x)) / (1 - 2 eps)
-    and any type added with `register_dpo_loss_type`. label_smoothing is accepted (and validated)
-    for every type; ipo and hinge do not use it. logsig is evaluated as min(x, 0) - log1p(exp(-|x|)),
-    finite for any finite x (|x| = 1e4 included). Rewards are beta * (logp - ref), detached.
+    and exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm,
+    ipo_norm (fused), aot, aot_unpaired, sft (torch composites over the batch) -- each formula
+    with its paper in fastalign/kernels/reference_dpo_types.py and docs/dpo_loss_types.md -- and
+    any type added with `register_dpo_loss_type`. label_smoothing is accepted (and validated)
+    for every type; only sigmoid, robust, exo_pair (which needs it > 0), sigmoid_norm, aot and
+    aot_unpaired use it. logsig is evaluated as min(x, 0) - log1p(exp(-|x|)), finite for any
+    finite x (|x| = 1e4 included). Rewards are beta * (logp - ref), detached.
 
-    Gradients reach all four log-prob inputs that require grad (the loss is symmetric in them:
-    +g for chosen and ref_rejected, -g for rejected and ref_chosen); pass detached reference
-    log-probs for the usual frozen reference. Fused backends: one kernel forward, one backward.
-    A loss type without a kernel (a plugin) runs its torch formula on every backend.
+    loss_type: a name or a list of names; loss_weights: one float per name (default 1 each): the
+    loss is sum_k w_k L_k per pair, the fused types in one kernel pass. f_divergence_type
+    (reverse_kl, forward_kl, js_divergence, alpha_divergence with f_alpha_divergence_coef) maps
+    each log-ratio t to its f-DPO score before the score-based types (not defined for the others:
+    refused). discopop_tau: DiscoPOP's temperature. chosen_lengths / rejected_lengths [B]: token
+    counts, required by sigmoid_norm, ipo_norm and sft. pair_weights [B]: multiplies each pair's
+    loss, detached (WPO: `wpo_pair_weights`).
+
+    Gradients reach all four log-prob inputs that require grad (+dL/dcr to chosen, -dL/dcr to
+    ref_chosen, and likewise for rejected); pass detached reference log-probs for the usual frozen
+    reference. Fused backends: one kernel forward, one backward (plus the torch composites).
 
     Where peers differ: label_smoothing under "sigmoid" is conservative DPO here (as in OpenRLHF
     and older TRL; current TRL ignores it, i.e. use 0.0 to match it). "ipo" takes the log-probs
-    as given: TRL averages them over tokens (pass sequence_logps(..., reduce="mean"), or use
-    dpo_loss_from_tokens(..., average_log_prob=True)), OpenRLHF passes sums.
+    as given: TRL averages them over tokens ("ipo_norm" here, or pass sequence_logps(...,
+    reduce="mean"), or dpo_loss_from_tokens(..., average_log_prob=True)), OpenRLHF passes sums.
     """
     op = "dpo_loss"
     names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     _check_pairs(op, names, tensors)
-    _check_loss_args(op, beta, loss_type, label_smoothing)
-    beta, eps = float(beta), float(label_smoothing)
+    spec = _resolve(op, beta, loss_type, loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
+                    discopop_tau)
+    lengths = _check_lengths(op, spec, chosen_lengths, rejected_lengths, chosen_logps)
+    pw = _check_pair_weights(op, pair_weights, chosen_logps)
     name = _backends.resolve(backend, chosen_logps.device, op=op)
+    if not (spec.legacy and pw is None):
+        return _dpo_general(name, spec, tensors, lengths, pw)
+    beta, eps = spec.beta, spec.eps
+    loss_type = loss_type if isinstance(loss_type, str) else loss_type[0]
     kernel_id = DPO_LOSS_TYPES[loss_type].kernel_id
     if name == "torch" or kernel_id is None:
         return _torch_dpo(*tensors, beta, loss_type, eps)
@@ -277,10 +272,17 @@ def dpo_loss_from_tokens(
     mask: torch.Tensor,
     *,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type="sigmoid",
     label_smoothing: float = 0.0,
     average_log_prob: bool = False,
     return_sequence_logps: bool = False,
+    loss_weights=None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    ld_alpha=None,
+    use_weighting: bool = False,
+    log_sum_sq_probs=None,
     backend: str = "auto",
 ):
     """The whole DPO head in one call: token log-probs of a [chosen; rejected] batch -> losses.
@@ -291,6 +293,12 @@ def dpo_loss_from_tokens(
     mean, IPO-style), then `dpo_loss` applies. Returns `(losses, chosen_rewards, rejected_rewards)`
     and, with return_sequence_logps=True, also the fp32 per-sequence log-probs (policy [2B],
     reference [2B]); the policy ones carry gradient (e.g. for an added SFT term).
+
+    loss_type (a name or a list), loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
+    discopop_tau: as for `dpo_loss`; token counts come from the mask (sft: average_log_prob=False). ld_alpha
+    (LD-DPO, [0, 1]): tokens beyond the pair's shared length min(n_chosen, n_rejected) count ld_alpha times in
+    both models' sequence log-probs (weights applied in torch; the returned sequence log-probs are weighted).
+    use_weighting=True (WPO): each pair's loss times wpo_pair_weights(policy, log_sum_sq_probs [2B, T], mask).
 
     Equal to `dpo_loss(*split(sequence_logps(policy)), *split(sequence_logps(ref)), ...)` on the
     same backend, in one kernel launch forward and one backward on the fused backends. The
@@ -313,25 +321,45 @@ def dpo_loss_from_tokens(
     if ref.device != pol.device:
         raise ValueError(f"{op}: ref_token_logps is on {ref.device} but policy_token_logps on {pol.device}")
     check_mask(op, mask, pol, "policy_token_logps")
-    _check_loss_args(op, beta, loss_type, label_smoothing)
+    spec = _resolve(op, beta, loss_type, loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
+                    discopop_tau)
     if not isinstance(average_log_prob, bool):
         raise TypeError(f"{op}: average_log_prob must be a bool, got {average_log_prob!r}")
     return_sequence_logps = check_flag(op, "return_sequence_logps", return_sequence_logps)
-    beta, eps = float(beta), float(label_smoothing)
-    name = _backends.resolve(backend, pol.device, op=op)
-    kernel_id = DPO_LOSS_TYPES[loss_type].kernel_id
-    b = pol.shape[0] // 2
-    if name == "torch" or kernel_id is None:
-        reduce = "mean" if average_log_prob else "sum"
-        pseq = sequence_logps(pol, mask, reduce=reduce, backend=name)
-        rseq = sequence_logps(ref, mask, reduce=reduce, backend=name)
-        out = _torch_dpo(pseq[:b], pseq[b:], rseq[:b], rseq[b:], beta, loss_type, eps)
+    use_weighting = check_flag(op, "use_weighting", use_weighting)
+    if ld_alpha is not None and not (_is_real(ld_alpha) and 0.0 <= float(ld_alpha) <= 1.0):
+        raise ValueError(f"{op}: ld_alpha must be None or a number in [0, 1], got {ld_alpha!r}")
+    if use_weighting:
+        if log_sum_sq_probs is None:
+            raise ValueError(f"{op}: use_weighting=True (WPO) needs log_sum_sq_probs [2B, T]")
+        pw = wpo_pair_weights(pol, log_sum_sq_probs, mask)
+    elif log_sum_sq_probs is not None:
+        raise ValueError(f"{op}: log_sum_sq_probs is only read with use_weighting=True")
     else:
-        if ref.dtype != pol.dtype:  # the kernels take one dtype; fp32 loses nothing
-            pol, ref = pol.float(), ref.float()
-        losses, cw, rw, pseq, rseq = DPO_TOKENS.kernels(name)[0](
-            pol.contiguous(), ref.contiguous(), kernel_mask(mask, name), beta, kernel_id, eps, average_log_prob)
-        out = (losses, cw.detach(), rw.detach())
+        pw = None
+    if average_log_prob and any(n == "sft" for n, _ in spec.batch):
+        raise ValueError(f"{op}: loss_type 'sft' needs summed log-probs (a token mean over the batch): "
+                         f"average_log_prob must be False")
+    name = _backends.resolve(backend, pol.device, op=op)
+    b = pol.shape[0] // 2
+    reduce = "mean" if average_log_prob else "sum"
+    if spec.legacy and ld_alpha is None and pw is None:
+        beta, eps = spec.beta, spec.eps
+        loss_type = loss_type if isinstance(loss_type, str) else loss_type[0]
+        kernel_id = DPO_LOSS_TYPES[loss_type].kernel_id
+        if name == "torch" or kernel_id is None:
+            pseq = sequence_logps(pol, mask, reduce=reduce, backend=name)
+            rseq = sequence_logps(ref, mask, reduce=reduce, backend=name)
+            out = _torch_dpo(pseq[:b], pseq[b:], rseq[:b], rseq[b:], beta, loss_type, eps)
+        else:
+            if ref.dtype != pol.dtype:  # the kernels take one dtype; fp32 loses nothing
+                pol, ref = pol.float(), ref.float()
+            losses, cw, rw, pseq, rseq = DPO_TOKENS.kernels(name)[0](
+                pol.contiguous(), ref.contiguous(), kernel_mask(mask, name), beta, kernel_id, eps, average_log_prob)
+            out = (losses, cw.detach(), rw.detach())
+    else:
+        out, pseq, rseq = dpo_tokens_general(name, spec, pol, ref, mask, reduce, average_log_prob, ld_alpha, pw,
+                                             sequence_logps)
     if return_sequence_logps:
         return (*out, pseq, rseq.detach())
     return out

@@ -275,3 +275,4 @@ def dpo_tokens_bwd(grad, grad_seq, pseq, rseq, pol, mask, beta: float, loss_type
                                  HAS_GS=grad_seq is not None, LOSS=int(loss_type), MEAN=bool(mean), BLOCK=block,
                                  num_warps=warps_for(block))
     return gx
+

@@ -734,7 +734,7 @@ if "nvidia" not in backends:
     print("skip"); raise SystemExit
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from fastalign.kernels.triton import ppo as K
+from fastalign.kernels.triton import ppo as K, pg_policy as PG
 jobs = [(K._finalize_kernel, None, {"BLOCK_B": 16})]
 for dt in ("*fp32", "*bf16"):
     for on in (True, False):
@@ -743,8 +743,8 @@ for dt in ("*fp32", "*bf16"):
                  (K._value_fwd_kernel, dt, {"USE_CLIP": on, "BLOCK": 1024}),
                  (K._value_bwd_kernel, dt, {"USE_CLIP": on, "BLOCK": 256})]
     for kind in range(5):  # policy_loss's pg kernel: reinforce, cispo, sapo, gspo, geo_mean
-        jobs += [(K._pg_fwd_kernel, dt, {"KIND": kind, "BLOCK": 1024}),
-                 (K._pg_bwd_kernel, dt, {"KIND": kind, "BLOCK": 256})]
+        jobs += [(PG._pg_fwd_kernel, dt, {"KIND": kind, "BLOCK": 1024}),
+                 (PG._pg_bwd_kernel, dt, {"KIND": kind, "BLOCK": 256})]
 for fn, dt, consts in jobs:
     names = list(inspect.signature(fn.fn).parameters)
     sig = {n: "constexpr" if n in consts else "*u8" if n == "m_ptr" else

@@ -1,7 +1,7 @@
 """The fused kernel of the policy losses other than ppo: reinforce / gpg, cispo, sapo (per token)
 and gspo, geo_mean (per sequence: a row pass for the row's ratio, then the token pass):
 fastalign::pg_policy_loss_{fwd,bwd} (C++ CPU, csrc/cpu/ppo.cpp and csrc/cpu/isa/ppo_lanes.h; CUDA,
-csrc/cuda/ppo.cu) and fastalign_triton::pg_policy_loss_{fwd,bwd} (fastalign/kernels/triton/ppo.py).
+csrc/cuda/ppo.cu) and fastalign_triton::pg_policy_loss_{fwd,bwd} (fastalign/kernels/triton/pg_policy.py).
 
 The same contract as the ppo ops (fastalign/ops/ppo.py, whose fakes and autograd it shares):
   fwd(logprobs, old, adv, mask, kind, a, b, agg, global_count, horizon) -> (out fp32 [8], row_weight [B])
@@ -31,7 +31,7 @@ PG_POLICY_LOSS = FusedOp(
     fake_bwd=P._fake_bwd("pg_policy_loss_bwd"),
     setup_context=P._setup_context,
     backward=P._backward_with(3),
-    triton="fastalign.kernels.triton.ppo",
+    triton="fastalign.kernels.triton.pg_policy",
 )
 
 KINDS = {"reinforce": 0, "gpg": 0, "cispo": 1, "sapo": 2, "gspo": 3, "geo_mean": 4}

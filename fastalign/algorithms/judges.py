@@ -139,6 +139,11 @@ class FnJudge(Judge):
         return out, None
 
 
+def _prompt_str(prompt) -> str:
+    """A prompt as text for a judge's question: chat prompts (message lists) as their contents."""
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
 def _rows(tok, prompts, completions, labelled: bool):
     """collate_lm rows of prompt_text(prompt) + completion ids (labels on the completion)."""
     exs = []
@@ -200,7 +205,7 @@ class LLMJudge(Judge):
         qs, answers = [], []
         for p, x, y in zip(prompts, first, second):
             for u, v in ((x, y), (y, x)):
-                q = self.template.format(prompt=p, a=u, b=v)
+                q = self.template.format(prompt=_prompt_str(p), a=u, b=v)
                 qs += [q, q]
                 answers += list(self.labels)
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)

@@ -287,10 +287,9 @@ def test_step_pairs_as_judged_and_the_dpo_loss(tok, tmp_path):
     assert n == 8 and m["pairs/both_invalid"] == m["pairs/one_invalid"] == 0  # truncated: judge
     assert m["pairs/kept"] == len(seen) and m["optimizer_steps"] == 1 and math.isfinite(m["loss"])
     for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-              "rollout/length", "rollout/distinct_2", "rollout/length_corr", "rollout/oracle", "length_drift",
-              "judge/chose_longer"):
+              "rollout/length", "rollout/distinct_2", "rollout/length_corr", "rollout/oracle", "length_drift"):
         assert k in m, k
-    assert "rollout/reward" not in m and 0 <= m["judge/oracle_agreement"] <= 1
+    assert "rollout/reward" not in m  # the mean pick is 1/2 by construction
     rows = 0
     for batch, logps, mask, loss_sum in checks:
         b = batch["input_ids"].shape[0] // 2
@@ -358,15 +357,52 @@ def test_truncated_pairs_rule(tok):
     assert alg.judge_pairs(ctx, rollout, seed=0)[0] == [1, 1, None, 1] and len(asked) == 3
 
 
+def test_judge_metrics_by_hand(tok):
+    """judge/oracle_agreement over the pairs the oracle does not tie; judge/chose_longer over the
+    pairs of unequal token length."""
+    from fastalign.algorithms import _rollout as R
+
+    texts = ["4 1 3", "4 1", "4", "4 1 3", "9", "8"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    rollout = R.build(_Context(tok), [P] * 6, texts, ids, None, None, max_new_tokens=24)
+    alg = get_algorithm("online_dpo")()  # the oracle judge: Oracle.score is its oracle_fn
+    # pair 0: the right answer chosen (agrees, longer); pair 1: "4" over "4 1 3" (disagrees,
+    # shorter); pair 2: "9" over "8", both worth 0 to the oracle and of one length (in neither)
+    m = alg._judge_metrics(rollout, [0, 1, 2], [0, 2, 4], [1, 3, 5], None)
+    assert m == {"judge/chose_longer": 0.5, "judge/oracle_agreement": 0.5}
+
+
+def test_peft_reference_is_the_policy_without_adapters(tok, tmp_path):
+    from fastalign.models import adapters
+    from fastalign.trainer.config import ModelConfig
+    from fastalign.trainer.run import _build_models
+
+    # the untrained model's samples all score 0 with the oracle: a judge that tells texts apart
+    alg = get_algorithm("online_dpo")({"judge": "fn", "max_new_tokens": 5, "truncated": "judge"},
+                                      judge_fn=lambda p, a, b: 0 if a > b else 1)
+    train = _prompts(alg, tok, 8, 0)
+    peft = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    models = _build_models(alg, ModelConfig(policy="tiny", tiny=TINY, peft=peft), tok, 0, train)
+    assert sorted(models) == ["policy", "reference"]
+    assert isinstance(models["reference"], adapters.AdapterFreeReference)  # no second copy of the weights
+    before = {n: p.detach().clone() for n, p in models["policy"].named_parameters()}
+    m = _trainer(alg, models, tok, tmp_path, train, max_steps=1, batch_size=8).fit()["train"]
+    moved = [n for n, p in models["policy"].named_parameters() if not torch.equal(p, before[n])]
+    assert m["pairs/kept"] > 0 and moved and all("lora_" in n for n in moved)
+
+
 def test_resume_is_exact(tok, tmp_path):
     def make():
+        # the untrained model's samples all score 0: a length bias tells them apart, the noise is seeded
         alg = get_algorithm("online_dpo")({"max_new_tokens": 5, "truncated": "judge", "oracle_noise": 0.3,
-                                           "mini_batches": 2, "epochs": 2})
+                                           "oracle_length_bias": 0.5, "mini_batches": 2, "epochs": 2})
         return alg, _models(tok, alg), {"batch_size": 4}
 
     (straight, alg_a), (resumed, alg_b) = _straight_and_resumed(make, tok, tmp_path)
     for (n, p), q in zip(straight["policy"].named_parameters(), resumed["policy"].parameters()):
         assert torch.equal(p, q), n
+    start = tiny_model(tok, seed=0, **TINY)
+    assert not all(torch.equal(p, q) for p, q in zip(start.parameters(), straight["policy"].parameters()))  # trained
     assert alg_a.length_monitor.state_dict() == alg_b.length_monitor.state_dict()
     assert alg_a.length_monitor.count == 4
 

@@ -488,7 +488,12 @@ def test_online_dpo_with_the_oracle_judge_beats_sft(tok, tmp_path, sft_dir):  # 
     alg = get_algorithm("online_dpo")({"max_new_tokens": 24, "beta": 0.1})
     models = {"policy": load_model(sft_dir), "reference": load_model(sft_dir)}
     before, after = _learns(alg, models, tok, tmp_path, max_steps=40, batch_size=32, lr=1e-4)
-    assert after > before + 0.04, (before, after)
+    # 256 held-out prompts at T = 1, the same prompts and sampling seed before and after. Measured
+    # on a loaded AMD EPYC (2026-12-08) in the same setting: 0.376 -> 0.418 (evaluations at steps
+    # 10 / 20 / 30: 0.395 / 0.414 / 0.411), 32 pairs a step, ~20 kept after ties. The margin 0.02 is
+    # half the measured gain: online DPO at this learning rate learns more slowly than GRPO's 256
+    # samples a step (lr 3e-4 was not measured).
+    assert after > before + 0.02, (before, after)
 
 
 @pytest.mark.slow
@@ -496,10 +501,14 @@ def test_a_length_biased_judge_makes_responses_longer_and_is_flagged(tok, tmp_pa
     alg = get_algorithm("online_dpo")({"max_new_tokens": 24, "beta": 0.1, "oracle_length_bias": 0.5})
     models = {"policy": load_model(sft_dir), "reference": load_model(sft_dir)}
     train = _prompts(alg, tok, 2000, 3)
-    evald = _prompts(alg, tok, 256, 5)
-    tr = _trainer(alg, models, tok, tmp_path, train, evald, max_steps=40, batch_size=32, lr=1e-4)
+    evald = _prompts(alg, tok, 64, 5)
+    tr = _trainer(alg, models, tok, tmp_path, train, evald, max_steps=24, batch_size=32, lr=1e-4)
     start = tr.evaluate()
     with pytest.warns(RuntimeWarning, match="length drift"):
         end = tr.fit()["eval"]
-    assert end["length"] > 1.2 * start["length"], (start, end)
+    # measured (loaded AMD EPYC, 2026-12-08): eval length 8.36 -> 12.36 tokens (x1.48; the oracle
+    # score 0.363 -> 0.392: the SFT model drops items, so longer also helps it, up to a point);
+    # the monitor (15% over the first 7 steps' 9.37, smoothed correlation > 0.05) flagged steps
+    # 15-17 and 23 -- close to its threshold: see LengthDriftMonitor's docstring
+    assert end["length"] > 1.3 * start["length"], (start, end)
     assert alg.length_monitor.flagged_steps, alg.length_monitor.state_dict()

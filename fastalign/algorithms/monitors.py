@@ -186,9 +186,16 @@ class LengthDriftMonitor:
     (a fraction) above the baseline while the smoothed correlation is above `min_corr`: the
     responses got longer and the signal still pays for length. The first flag of an episode
     warns; `flagged_steps` lists every flagged step.
+
+    The defaults (15%, 0.05) come from online DPO on the synthetic task (tests/test_online_dpo.py):
+    with an unbiased judge the smoothed correlation stayed near 0.03 and the length flat (never
+    flagged in 40 steps); with a judge paying 0.5 per item the length rose 9.4 -> 11.9 tokens in
+    24 steps while the correlation of the judge's pick (over all responses, so diluted by the
+    spread of answer lengths across prompts) fell from ~0.15 to ~0.05 -- a weak signal: a
+    stricter min_corr would miss that drift.
     """
 
-    def __init__(self, smoothing: float = 0.15, tolerance: float = 0.2, min_corr: float = 0.1):
+    def __init__(self, smoothing: float = 0.15, tolerance: float = 0.15, min_corr: float = 0.05):
         if not 0 < smoothing <= 1:
             raise ValueError(f"LengthDriftMonitor: smoothing must be in (0, 1], got {smoothing}")
         if tolerance < 0:

@@ -14,7 +14,7 @@ from fastalign.algorithms.registry import (
 )
 
 # built-ins register themselves on import
-from fastalign.algorithms import dpo, grpo, ppo, presets, reward, sft  # noqa: E402,F401
+from fastalign.algorithms import dpo, grpo, online_dpo, ppo, presets, reward, sft  # noqa: E402,F401
 from fastalign.algorithms import prm  # noqa: E402,F401
 
 __all__ = ["Algorithm", "AlgorithmConfig", "CriticFreeAlgorithm", "CriticFreeConfig", "ENTRY_POINT_GROUP",

@@ -6,8 +6,9 @@
   is the true score here.
 * Mode collapse: the policy's distribution narrows (entropy falls, samples repeat):
   `distinct_n` (fraction of distinct n-grams over the batch) and the policy entropy.
-* Length / style bias: the reward model rewards length rather than quality:
-  `length_correlation` (Pearson correlation of reward and response length).
+* Length / style bias: the reward model (or a judge) rewards length rather than quality:
+  `length_correlation` (Pearson correlation of reward and response length), and
+  `LengthDriftMonitor`, which flags responses growing while that correlation stays positive.
 * Drift from the reference: the per-sequence KL estimate.
 
 Everything here is plain Python on small per-step summaries (no kernels): a few hundred
@@ -168,5 +169,77 @@ class OveroptimisationMonitor:
         self.smoothing, self.tolerance = float(state["smoothing"]), float(state["tolerance"])
         self.count, self.proxy, self.oracle = int(state["count"]), state["proxy"], state["oracle"]
         self.best_oracle, self.proxy_at_best = state["best_oracle"], state["proxy_at_best"]
+        self.flagged_steps = list(state["flagged_steps"])
+        self._in_episode = bool(state["in_episode"])
+
+
+class LengthDriftMonitor:
+    """Flags steps where the responses have grown while the preference signal favours length: the
+    picture of a length-biased reward model or judge (Singhal et al. 2023, "A Long Way to Go";
+    Park et al. 2024, length-exploiting DPO).
+
+    Each update gets the step's mean response length (tokens) and the correlation of the proxy
+    signal (a reward score, or a judge's pick: 1 chosen, 0 rejected) with response length. Both
+    are smoothed as in OveroptimisationMonitor (weight max(smoothing, 1/n): the plain mean of the
+    first 1/smoothing updates, then a moving average); the smoothed length at the end of that
+    warm-up is the baseline. A step is flagged when the smoothed length is more than `tolerance`
+    (a fraction) above the baseline while the smoothed correlation is above `min_corr`: the
+    responses got longer and the signal still pays for length. The first flag of an episode
+    warns; `flagged_steps` lists every flagged step.
+
+    The defaults (15%, 0.05) come from online DPO on the synthetic task (tests/test_online_dpo.py):
+    with an unbiased judge the smoothed correlation stayed near 0.03 and the length flat (never
+    flagged in 40 steps); with a judge paying 0.5 per item the length rose 9.4 -> 11.9 tokens in
+    24 steps while the correlation of the judge's pick (over all responses, so diluted by the
+    spread of answer lengths across prompts) fell from ~0.15 to ~0.05 -- a weak signal: a
+    stricter min_corr would miss that drift.
+    """
+
+    def __init__(self, smoothing: float = 0.15, tolerance: float = 0.15, min_corr: float = 0.05):
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"LengthDriftMonitor: smoothing must be in (0, 1], got {smoothing}")
+        if tolerance < 0:
+            raise ValueError(f"LengthDriftMonitor: tolerance must be >= 0, got {tolerance}")
+        if not -1 <= min_corr <= 1:
+            raise ValueError(f"LengthDriftMonitor: min_corr must be in [-1, 1], got {min_corr}")
+        self.smoothing, self.tolerance, self.min_corr = float(smoothing), float(tolerance), float(min_corr)
+        self.count = 0
+        self.length = self.corr = self.baseline = None
+        self.flagged_steps: list[int] = []
+        self._in_episode = False
+
+    def update(self, step: int, length: float, corr: float) -> bool:
+        length, corr = float(length), float(corr)
+        if not (math.isfinite(length) and math.isfinite(corr)):
+            raise ValueError(f"LengthDriftMonitor: step {step}: length {length} / correlation {corr} must be finite")
+        self.count += 1
+        a = max(self.smoothing, 1.0 / self.count)
+        self.length = length if self.length is None else self.length + a * (length - self.length)
+        self.corr = corr if self.corr is None else self.corr + a * (corr - self.corr)
+        if self.count < 1.0 / self.smoothing:
+            return False  # warming up
+        if self.baseline is None:
+            self.baseline = self.length
+        flagged = self.length > (1.0 + self.tolerance) * self.baseline and self.corr > self.min_corr
+        if flagged:
+            self.flagged_steps.append(int(step))
+            if not self._in_episode:
+                warnings.warn(
+                    f"step {step}: length drift -- responses average {self.length:.1f} tokens (smoothed), "
+                    f"{self.length / self.baseline - 1:.0%} above the {self.baseline:.1f} of the first steps, while "
+                    f"the preference signal still correlates with length ({self.corr:.2f}); the reward or judge may "
+                    "be paying for length rather than quality", RuntimeWarning, stacklevel=2)
+        self._in_episode = flagged
+        return flagged
+
+    def state_dict(self) -> dict:
+        return {"smoothing": self.smoothing, "tolerance": self.tolerance, "min_corr": self.min_corr,
+                "count": self.count, "length": self.length, "corr": self.corr, "baseline": self.baseline,
+                "flagged_steps": list(self.flagged_steps), "in_episode": self._in_episode}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.smoothing, self.tolerance = float(state["smoothing"]), float(state["tolerance"])
+        self.min_corr, self.count = float(state["min_corr"]), int(state["count"])
+        self.length, self.corr, self.baseline = state["length"], state["corr"], state["baseline"]
         self.flagged_steps = list(state["flagged_steps"])
         self._in_episode = bool(state["in_episode"])

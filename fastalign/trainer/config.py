@@ -17,6 +17,7 @@ class ModelConfig:
     reference: str | None = option(None, "the frozen reference (KL anchor, DPO); default: the policy's start")
     reward: str | None = option(None, "a reward-model directory (ppo, grpo)")
     value: str | None = option(None, "the value model's start (ppo); default: the reward model")
+    judge: str | None = option(None, "a causal LM as the judge of online_dpo (algo.judge: llm); frozen")
     tokenizer: str | None = option(None, "the tokenizer; default: the policy's")
     tiny: dict = option(default_factory=dict, help="the tiny model's shape: hidden_size, num_layers, num_heads, "
                                                    "intermediate_size")

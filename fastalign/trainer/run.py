@@ -110,7 +110,7 @@ def resolve_config(algorithm: str, cfg: dict) -> dict:
         if section == "trainer" and isinstance(values, dict):
             values = {"output_dir": os.path.join("runs", algorithm), **values}
         out[section] = build_config(cls, values, prefix=section)
-    for role in ("policy", "reference", "reward", "value", "tokenizer"):
+    for role in ("policy", "reference", "reward", "value", "judge", "tokenizer"):
         check_model_name(getattr(out["model"], role), f"model.{role}")
     adapters.check_options(out["model"].peft)
     if out["model"].merge_adapters and out["model"].peft is None:
@@ -122,7 +122,8 @@ def resolve_config(algorithm: str, cfg: dict) -> dict:
 def _build_models(alg, m: ModelConfig, tok, seed: int, train: list) -> dict:
     """The algorithm's models by role; with model.peft, LoRA adapters on the trained ones and (no
     model.reference given) the reference as the policy with its adapters disabled -- not loaded."""
-    extra = {k: getattr(m, k) for k in ("reward", "value") if getattr(m, k)}  # the online algorithms' extra roles
+    # the online algorithms' extra roles
+    extra = {k: getattr(m, k) for k in ("reward", "value", "judge") if getattr(m, k)}
     opts = adapters.check_options(m.peft)
     share = opts is not None and m.reference is None and "policy" in alg.trainable and "reference" in alg.models
     roles = alg.models
@@ -153,6 +154,8 @@ def format_config(algorithm: str, cfg: dict) -> str:
             value = list(value) if isinstance(value, tuple) else value
             shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
             shown = shown[:-4].strip() if shown.endswith("\n...") or shown.endswith(" ...") else shown
+            if isinstance(value, str) and "\n" in value:  # one line: a JSON string is a YAML double-quoted one
+                shown = json.dumps(value)
             line = f"  {name}: {shown}"
             lines.append(f"{line:34s}  # {text}" if text else line)
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ Canonical records (what the algorithms consume):
     demonstrations  {"messages": [{"role", "content"}, ..., {"role": "assistant", ...}]}
     preferences     {"prompt": str | messages, "chosen": str, "rejected": str}
     prompts         {"prompt": str | messages}
+    unpaired        {"prompt": str | messages, "completion": str, "label": bool (True = desirable)}
     text            {"text": str}
 
 File formats (JSONL, or a JSON array; `.txt` for plain text):
@@ -20,6 +21,10 @@ File formats (JSONL, or a JSON array; `.txt` for plain text):
     preference  {"prompt", "chosen", "rejected"}: plain strings or chat (prompt a message list,
                 chosen/rejected a string or a list ending in the assistant message)
     prompts     {"prompt"}
+    kto         {"prompt", "completion", "label"}: TRL's unpaired preference format, one completion
+                per record with a binary label (true = desirable; JSON true/false or 1/0); prompt
+                a string or chat messages, completion a string or a list ending in the assistant
+                message (rendered with the chat template, as the other formats)
     text        {"text"} (JSONL) or a .txt file with documents separated by blank lines
 
 A malformed record raises DataFormatError naming the file and line. Nothing is dropped silently:
@@ -43,6 +48,7 @@ KINDS = {
     "preference": "preferences",
     "prompts": "prompts",
     "text": "text",
+    "kto": "unpaired",
 }
 ROLES = {"user": "user", "human": "user", "prompter": "user", "assistant": "assistant", "gpt": "assistant",
          "bot": "assistant", "system": "system"}
@@ -252,6 +258,29 @@ def _prompts(obj, where, stats, **_):
     return [{"prompt": prompt}]
 
 
+def _kto(obj, where, stats, **_):
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for k in ("prompt", "completion", "label"):
+        if k not in obj:
+            raise DataFormatError(f"{where}: missing field {k!r} (fields present: {sorted(obj)})")
+    p = obj["prompt"]
+    prompt = p if isinstance(p, str) else _messages(p, where, "prompt")
+    if isinstance(prompt, str) and not prompt.strip():
+        raise DataFormatError(f"{where}: field 'prompt' is empty")
+    label = obj["label"]
+    # a bool, or the integers 0/1 (JSON has no other spelling of a binary label we accept: a
+    # string "false" would be truthy)
+    if not (isinstance(label, bool) or (type(label) is int and label in (0, 1))):
+        raise DataFormatError(f"{where}: field 'label' must be true/false (or 1/0: 1 = desirable), got {label!r}")
+    completion = _response(obj["completion"], where, "completion")
+    if not completion.strip():
+        stats["skipped: empty completion"] += 1
+        return []
+    stats["desirable" if label else "undesirable"] += 1
+    return [{"prompt": prompt, "completion": completion, "label": bool(label)}]
+
+
 def _text(obj, where, stats, **_):
     t = _str_field(obj, "text", where, allow_empty=True)
     if not t.strip():
@@ -310,7 +339,7 @@ def _oasst_trees(path, stats):
 
 
 _PARSERS = {"alpaca": _alpaca, "chat": _chat, "oasst": _oasst, "flan": _flan, "preference": _preference,
-            "prompts": _prompts, "text": _text}
+            "prompts": _prompts, "text": _text, "kto": _kto}
 
 
 def load_records(fmt: str, path: str, *, templates=None, limit: int | None = None) -> tuple[list[dict], Counter]:
@@ -348,7 +377,7 @@ def load_records(fmt: str, path: str, *, templates=None, limit: int | None = Non
 
 
 def kind_of(fmt: str) -> str:
-    """The record kind ("demonstrations", "preferences", "prompts", "text") a format yields."""
+    """The record kind ("demonstrations", "preferences", "prompts", "unpaired", "text") a format yields."""
     if fmt not in KINDS:
         raise ConfigError(f"unknown data format {fmt!r}; known formats: {', '.join(sorted(KINDS))}")
     return KINDS[fmt]

@@ -168,6 +168,8 @@ def _load_split(alg, d: DataConfig, split, tok, stats):
         elif alg.data_kind == "preferences":
             records, ties = task.preference_pairs(n, Oracle(noise=d.noise, seed=seed), seed)
             stats[f"{split}: ties left out"] += ties
+        elif alg.data_kind == "unpaired":  # desirable = oracle-correct (KTO, BCO)
+            records = task.unpaired_examples(n, Oracle(noise=d.noise, seed=seed), seed)
         else:
             records = [{"prompt": r["prompt"]} for r in task.sample(n, seed)]
     else:

@@ -25,7 +25,7 @@ import torch
 
 from fastalign import _backends
 from fastalign.kernels import reference_unpaired as R
-from fastalign.ops._checks import check_flag, check_float_tensor, check_mask, check_normal_fp32, kernel_mask
+from fastalign.ops._checks import check_flag, check_float_tensor, check_normal_fp32, kernel_mask
 from fastalign.ops._checks import same_device
 from fastalign.ops._fused import FusedOp
 

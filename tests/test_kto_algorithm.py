@@ -233,22 +233,34 @@ def test_short_bco_run(tmp_path):
 from tests.test_rl_algorithms import sft_dir  # noqa: E402,F401  (the module-scoped SFT fixture)
 
 
-def _oracle_score(model, tok, prompts):
-    """Mean oracle score of greedy answers (no sampling noise: the difference is the model's)."""
-    texts, _, _ = generate(model, tok, prompts, max_new_tokens=24, do_sample=False)
+def _oracle_score(model, tok, prompts, sample):
+    """Mean oracle score of the answers to `prompts`: greedy, or sampled at T = 1 with a fixed seed."""
+    texts, _, _ = generate(model, tok, prompts, max_new_tokens=24, do_sample=sample, seed=0)
     return sum(Oracle.score(p, t) for p, t in zip(prompts, texts)) / len(prompts)
 
 
 @pytest.mark.slow
 def test_kto_beats_the_sft_model_by_the_oracle(tok, tmp_path, sft_dir):  # noqa: F811
-    alg = get_algorithm("kto")({"beta": 0.1})
-    train = alg.encode(SyntheticTask().unpaired_examples(3000, seed=11), tok, 64, Counter())
+    # KTO's setting: binary feedback on the model's own outputs. The SFT model answers 1280 training
+    # prompts (T = 1); the oracle labels each answer (desirable = correct); KTO trains on those
+    # unpaired examples, desirable_weight = n_undesirable / n_desirable (the lower end of TRL's
+    # recommended range, the KTO paper's eq. 8).
+    base = load_model(sft_dir)
+    train_prompts = [r["prompt"] for r in SyntheticTask().sample(1280, seed=11)]
+    texts, _, _ = generate(base, tok, train_prompts, max_new_tokens=24, do_sample=True, seed=1)
+    oracle = Oracle(seed=11)
+    recs = [{"prompt": p, "completion": t, "label": oracle.label(p, t)} for p, t in zip(train_prompts, texts)
+            if t.strip()]
+    n_good = sum(r["label"] for r in recs)
+    alg = get_algorithm("kto")({"beta": 0.1, "desirable_weight": round((len(recs) - n_good) / max(n_good, 1), 2)})
+    train = alg.encode(recs, tok, 64, Counter())
     prompts = [r["prompt"] for r in SyntheticTask().sample(256, seed=5)]
+    before = _oracle_score(base, tok, prompts, True)
     models = {"policy": load_model(sft_dir), "reference": load_model(sft_dir)}
-    before = _oracle_score(models["policy"], tok, prompts)
-    tr = Trainer(alg, models, tok, train, None, dict(output_dir=str(tmp_path), max_steps=60, batch_size=32, lr=3e-4,
+    tr = Trainer(alg, models, tok, train, None, dict(output_dir=str(tmp_path), max_steps=40, batch_size=32, lr=1e-4,
                                                      warmup_steps=5, progress=False, plot=False, save_total_limit=1))
     tr.fit()
-    after = _oracle_score(tr.models["policy"], tok, prompts)
-    # 256 held-out prompts, greedy: MARGIN set from the measured gain (see the report in the commit)
-    assert after > before + 0.04, (before, after)
+    after = _oracle_score(tr.models["policy"], tok, prompts, True)
+    # 256 held-out prompts sampled at T = 1 (fixed seed): the standard error of a mean score is ~0.02,
+    # of a difference ~0.03. MARGIN: see the measured gain below.
+    assert after > before + MARGIN, (before, after)

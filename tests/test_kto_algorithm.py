@@ -262,5 +262,11 @@ def test_kto_beats_the_sft_model_by_the_oracle(tok, tmp_path, sft_dir):  # noqa:
     tr.fit()
     after = _oracle_score(tr.models["policy"], tok, prompts, True)
     # 256 held-out prompts sampled at T = 1 (fixed seed): the standard error of a mean score is ~0.02,
-    # of a difference ~0.03. MARGIN: see the measured gain below.
-    assert after > before + MARGIN, (before, after)
+    # of a difference ~0.03; the margin 0.04 is the RL learning tests' (test_rl_family). NOT MET YET:
+    # measured on a loaded 2-core machine (2026-12-08), sampled / greedy score before -> after:
+    #   this setup (on-policy, 40 steps, lr 1e-4):           0.345 -> 0.343 / 0.560 -> 0.481
+    #   on-policy, 60 steps, lr 5e-4 (1920 prompts):         0.345 -> 0.260 / 0.560 -> 0.318
+    #   offline answers vs corruptions (unpaired_examples),
+    #   60 steps, lr 3e-4, desirable_weight 1:               0.345 -> 0.362 / 0.560 -> 0.547
+    # (z0 stayed clamped at 0 throughout). An open problem: this test fails until KTO's setup is tuned.
+    assert after > before + 0.04, (before, after)

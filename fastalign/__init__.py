@@ -24,6 +24,13 @@ from fastalign.ops.preference import (
     reward_loss,
     sequence_logps,
 )
+from fastalign.ops.unpaired import (
+    bco_loss,
+    bco_loss_from_tokens,
+    kto_kl_reference,
+    kto_loss,
+    kto_loss_from_tokens,
+)
 
 __version__ = "0.1.0"
 
@@ -65,5 +72,11 @@ __all__ = [
     "dpo_loss_from_tokens",
     "register_dpo_loss_type",
     "reward_loss",
+    # unpaired preference (KTO, BCO)
+    "kto_loss",
+    "kto_loss_from_tokens",
+    "kto_kl_reference",
+    "bco_loss",
+    "bco_loss_from_tokens",
     *_LAZY,
 ]

@@ -1,5 +1,5 @@
 """Algorithm plugin registry, the Algorithm interface, the online-RL base classes and the
-built-in algorithms (sft, reward, dpo, ppo, grpo and its family: rloo, reinforce_pp, remax, dapo). docs/algorithms.md explains how to write one."""
+built-in algorithms (sft, reward, dpo, kto, bco, ppo, grpo and its family: rloo, reinforce_pp, remax, dapo). docs/algorithms.md explains how to write one."""
 
 from fastalign.algorithms.base import Algorithm, AlgorithmConfig, token_logps
 from fastalign.algorithms.critic_free import CriticFreeAlgorithm, CriticFreeConfig
@@ -14,7 +14,7 @@ from fastalign.algorithms.registry import (
 )
 
 # built-ins register themselves on import
-from fastalign.algorithms import dpo, grpo, online_dpo, ppo, presets, reward, sft  # noqa: E402,F401
+from fastalign.algorithms import dpo, grpo, kto, online_dpo, ppo, presets, reward, sft  # noqa: E402,F401
 from fastalign.algorithms import prm  # noqa: E402,F401
 
 __all__ = ["Algorithm", "AlgorithmConfig", "CriticFreeAlgorithm", "CriticFreeConfig", "ENTRY_POINT_GROUP",

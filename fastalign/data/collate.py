@@ -120,6 +120,19 @@ def encode_preferences(records, tokenizer, max_length, stats: Counter | None = N
     return out
 
 
+def encode_unpaired(records, tokenizer, max_length, stats: Counter | None = None):
+    """Unpaired records {"prompt", "completion", "label"} -> [{"prompt_ids", "completion_ids",
+    "label"}] (label a bool, True = desirable)."""
+    stats = stats if stats is not None else Counter()
+    out = []
+    for r in records:
+        enc = encode_prompt_completion(tokenizer, r["prompt"], r["completion"], max_length, stats)
+        if enc is None:
+            continue
+        out.append({"prompt_ids": enc[0], "completion_ids": enc[1], "label": bool(r["label"])})
+    return out
+
+
 def encode_prompts(records, tokenizer, max_length, stats: Counter | None = None):
     stats = stats if stats is not None else Counter()
     out = []
@@ -215,6 +228,33 @@ def collate_pairs(examples, pad_id):
         batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples], dtype=torch.float32)
     if all("margin" in e for e in examples):  # the reward model's per-pair BT margin
         batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+def _prompt_completion_rows(prompts, completions, pad_id):
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    return {
+        "input_ids": pad(seqs, pad_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+        "labels": pad([[IGNORE] * len(p) + c for p, c in zip(prompts, completions)], IGNORE),
+    }
+
+
+def collate_unpaired(examples, pad_id, kl: bool = True):
+    """Unpaired examples (KTO, BCO) as one right-padded batch [B, T] of prompt + completion, the
+    loss on the completion ("input_ids", "attention_mask", "labels") and "label" [B] bool. With
+    kl (KTO's KL estimate), also the KL batch "kl_input_ids", "kl_attention_mask", "kl_labels"
+    [B, T']: the same completions under mismatched prompts, rotated by one within the batch as TRL
+    does -- row i is prompt i with completion i-1 (row 0 takes the last one), so the KL pairs use
+    the batch's own completions. The KL rows are not cut to max_length (a row is at most the
+    longest prompt plus the longest completion of the batch)."""
+    prompts = [e["prompt_ids"] for e in examples]
+    completions = [e["completion_ids"] for e in examples]
+    batch = _prompt_completion_rows(prompts, completions, pad_id)
+    batch["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
+    if kl:
+        rotated = completions[-1:] + completions[:-1]
+        batch.update({f"kl_{k}": v for k, v in _prompt_completion_rows(prompts, rotated, pad_id).items()})
     return batch
 
 

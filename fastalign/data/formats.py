@@ -4,6 +4,7 @@ Canonical records (what the algorithms consume):
     demonstrations  {"messages": [{"role", "content"}, ..., {"role": "assistant", ...}]}
     preferences     {"prompt": str | messages, "chosen": str, "rejected": str}
     prompts         {"prompt": str | messages}
+    unpaired        {"prompt": str | messages, "completion": str, "label": bool (True = desirable)}
     text            {"text": str}
 
 File formats (JSONL, or a JSON array; `.txt` for plain text):
@@ -21,6 +22,10 @@ File formats (JSONL, or a JSON array; `.txt` for plain text):
                 chosen/rejected a string or a list ending in the assistant message); optional
                 "margin": a number per pair (TRL's margin column; the reward model's BT margin)
     prompts     {"prompt"}
+    kto         {"prompt", "completion", "label"}: TRL's unpaired preference format, one completion
+                per record with a binary label (true = desirable; JSON true/false or 1/0); prompt
+                a string or chat messages, completion a string or a list ending in the assistant
+                message (rendered with the chat template, as the other formats)
     text        {"text"} (JSONL) or a .txt file with documents separated by blank lines
     stepwise    {"prompt", "completions": [step, ...], "labels": [bool, ...]}: step-labelled
                 responses for process reward models (fastalign/data/stepwise.py)
@@ -36,7 +41,9 @@ import json
 import os
 from collections import Counter
 
-from fastalign.errors import ConfigError, DataError, DataNotFoundError
+from fastalign.data.records_io import DataFormatError, read_records as _read_records, str_field as _str_field, \
+    where_of as _where
+from fastalign.errors import ConfigError, DataNotFoundError
 
 KINDS = {
     "alpaca": "demonstrations",
@@ -47,62 +54,10 @@ KINDS = {
     "prompts": "prompts",
     "text": "text",
     "stepwise": "steps",
+    "kto": "unpaired",
 }
 ROLES = {"user": "user", "human": "user", "prompter": "user", "assistant": "assistant", "gpt": "assistant",
          "bot": "assistant", "system": "system"}
-
-
-class DataFormatError(DataError):
-    """A malformed record: the message starts with `file:line:`."""
-
-
-def _where(path, line):
-    return f"{path}:{line}"
-
-
-def _read_records(path):
-    """Yields (line, object) from a JSONL file or a JSON array (line of each element's start)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        dec = json.JSONDecoder()
-        i = text.index("[") + 1
-        while True:
-            while i < len(text) and text[i] in " \t\r\n,":
-                i += 1
-            if i >= len(text):
-                raise DataFormatError(f"{_where(path, text.count(chr(10), 0, i) + 1)}: JSON array is not closed with ']'")
-            if text[i] == "]":
-                return
-            line = text.count("\n", 0, i) + 1
-            try:
-                obj, i = dec.raw_decode(text, i)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{_where(path, line)}: invalid JSON: {e.msg}") from None
-            yield line, obj
-    for n, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            yield n, json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"{_where(path, n)}: invalid JSON: {e.msg} (column {e.colno})") from None
-
-
-def _str_field(obj, key, where, *, required=True, allow_empty=False):
-    if not isinstance(obj, dict):
-        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if key not in obj or obj[key] is None:
-        if required:
-            raise DataFormatError(f"{where}: missing field {key!r} (fields present: {sorted(obj)})")
-        return ""
-    v = obj[key]
-    if not isinstance(v, str):
-        raise DataFormatError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
-    if required and not allow_empty and not v.strip():
-        raise DataFormatError(f"{where}: field {key!r} is empty")
-    return v
 
 
 def _messages(value, where, field):
@@ -262,6 +217,29 @@ def _prompts(obj, where, stats, **_):
     return [{"prompt": prompt}]
 
 
+def _kto(obj, where, stats, **_):
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for k in ("prompt", "completion", "label"):
+        if k not in obj:
+            raise DataFormatError(f"{where}: missing field {k!r} (fields present: {sorted(obj)})")
+    p = obj["prompt"]
+    prompt = p if isinstance(p, str) else _messages(p, where, "prompt")
+    if isinstance(prompt, str) and not prompt.strip():
+        raise DataFormatError(f"{where}: field 'prompt' is empty")
+    label = obj["label"]
+    # a bool, or the integers 0/1 (JSON has no other spelling of a binary label we accept: a
+    # string "false" would be truthy)
+    if not (isinstance(label, bool) or (type(label) is int and label in (0, 1))):
+        raise DataFormatError(f"{where}: field 'label' must be true/false (or 1/0: 1 = desirable), got {label!r}")
+    completion = _response(obj["completion"], where, "completion")
+    if not completion.strip():
+        stats["skipped: empty completion"] += 1
+        return []
+    stats["desirable" if label else "undesirable"] += 1
+    return [{"prompt": prompt, "completion": completion, "label": bool(label)}]
+
+
 def _text(obj, where, stats, **_):
     t = _str_field(obj, "text", where, allow_empty=True)
     if not t.strip():
@@ -348,7 +326,7 @@ def _oasst_trees(path, stats):
 
 
 _PARSERS = {"alpaca": _alpaca, "chat": _chat, "oasst": _oasst, "flan": _flan, "preference": _preference,
-            "prompts": _prompts, "text": _text, "stepwise": _stepwise}
+            "prompts": _prompts, "text": _text, "stepwise": _stepwise, "kto": _kto}
 
 
 def load_records(fmt: str, path: str, *, templates=None, limit: int | None = None) -> tuple[list[dict], Counter]:
@@ -386,7 +364,7 @@ def load_records(fmt: str, path: str, *, templates=None, limit: int | None = Non
 
 
 def kind_of(fmt: str) -> str:
-    """The record kind ("demonstrations", "preferences", "prompts", "text", "steps") a format yields."""
+    """The record kind ("demonstrations", "preferences", "prompts", "unpaired", "text", "steps") a format yields."""
     if fmt not in KINDS:
         raise ConfigError(f"unknown data format {fmt!r}; known formats: {', '.join(sorted(KINDS))}")
     return KINDS[fmt]

@@ -109,6 +109,21 @@ class SyntheticTask:
         return oracle.label_pairs(prompts, a, b)
 
 
+    def unpaired_examples(self, n: int, oracle: "Oracle | None" = None, seed: int = 0,
+                          desirable_rate: float = 0.5) -> list[dict]:
+        """n unpaired records {"prompt", "completion", "label"} (KTO/BCO data, TRL's unpaired
+        format): the completion is the answer (with probability desirable_rate) or a corruption
+        of it, labelled by `oracle.label` -- desirable iff the oracle scores it correct, subject
+        to the oracle's noise. Needs no model."""
+        oracle = oracle or Oracle(seed=seed)
+        rng = random.Random(seed + 104729)
+        out = []
+        for r in self.sample(n, seed):
+            c = r["answer"] if rng.random() < desirable_rate else corrupt(r["answer"], rng)
+            out.append({"prompt": r["prompt"], "completion": c, "label": oracle.label(r["prompt"], c)})
+        return out
+
+
     def step_labelled(self, n: int, seed: int = 0, error_rate: float = 0.5) -> list[dict]:
         """n records in the stepwise format {"prompt", "completions": steps, "labels": bools} from
         the multi-step tasks among self.tasks. A fraction `error_rate` of the responses carries
@@ -283,6 +298,14 @@ class Oracle:
         if self.noise > 0 and self.rng.random() < self.noise:
             choice = 1 - choice
         return choice
+
+    def label(self, prompt: str, response: str) -> bool:
+        """The unpaired (KTO) label of one response: desirable iff the labeller perceives it as
+        correct (utility >= 1, i.e. a correct answer without biases); noise flips it."""
+        good = self.utility(prompt, response) >= 1.0
+        if self.noise > 0 and self.rng.random() < self.noise:
+            good = not good
+        return good
 
     def best_worst(self, prompt: str, responses: list[str]) -> tuple[str, str] | None:
         """The labeller ranks K responses (as in InstructGPT's K-way comparisons) and reports its

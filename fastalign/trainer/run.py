@@ -173,6 +173,8 @@ def _load_split(alg, d: DataConfig, split, tok, stats):
             stats[f"{split}: ties left out"] += ties
         elif alg.data_kind == "steps":  # the multi-step tasks' step-labelled responses
             records = SyntheticTask(tasks=STEP_TASKS).step_labelled(n, seed, error_rate=d.step_error_rate)
+        elif alg.data_kind == "unpaired":  # desirable = oracle-correct (KTO, BCO)
+            records = task.unpaired_examples(n, Oracle(noise=d.noise, seed=seed), seed)
         else:
             records = [{"prompt": r["prompt"]} for r in task.sample(n, seed)]
     else:

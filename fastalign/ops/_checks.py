@@ -13,6 +13,11 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP32_TINY, FP32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 
 
+def is_real(x) -> bool:
+    """A real number that is not a bool (True is an int to Python, not a parameter value)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def check_float_tensor(op: str, name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")

@@ -4,17 +4,13 @@ the op, the argument and what was expected."""
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
+from fastalign.ops._checks import is_real as _is_real  # noqa: F401
 from fastalign.ops._checks import check_float_tensor, check_normal_fp32
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _check_weights(op, desirable_weight, undesirable_weight):

@@ -9,12 +9,12 @@ LD-DPO). The public functions are fastalign.dpo_loss / dpo_loss_from_tokens (ops
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 
 from fastalign.kernels import reference_dpo_types as RT
+from fastalign.ops._checks import is_real as _is_real  # noqa: F401
 from fastalign.ops._checks import check_float_tensor, check_mask, check_normal_fp32, kernel_mask, same_device
 from fastalign.ops._fused import FusedOp
 from fastalign.ops.dpo_loss_types import DPO_LOSS_TYPES
@@ -110,10 +110,6 @@ _MULTI, _MULTI_TOK = (op.table() for op in (DPO_MULTI, DPO_MULTI_TOKENS))
 # ---- validation of the loss options ----------------------------------------------------------------
 
 # ---- validation -------------------------------------------------------------------------------
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _check_loss_args(op, beta, loss_type, label_smoothing) -> None:

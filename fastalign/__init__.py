@@ -24,6 +24,7 @@ from fastalign.ops.preference import (
     reward_loss,
     sequence_logps,
 )
+from fastalign.ops.ref_free import cpo_loss_from_tokens, orpo_loss_from_tokens, simpo_loss_from_tokens
 
 __version__ = "0.1.0"
 
@@ -65,5 +66,9 @@ __all__ = [
     "dpo_loss_from_tokens",
     "register_dpo_loss_type",
     "reward_loss",
+    # reference-free paired preference losses
+    "orpo_loss_from_tokens",
+    "cpo_loss_from_tokens",
+    "simpo_loss_from_tokens",
     *_LAZY,
 ]

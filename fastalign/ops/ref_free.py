@@ -77,6 +77,8 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, bwd, grad_losses, *_detached):
     # only the losses carry a gradient (the public functions detach the other outputs)
+    if grad_losses is None:
+        return (None,) * 8
     pol, mask, stats = ctx.saved_tensors
     return (bwd(grad_losses, stats, pol, mask, *ctx.args), *(None,) * 7)
 

@@ -182,7 +182,10 @@ def test_orpo_from_the_untrained_model_beats_sft(tok, tmp_path, sft_dir):  # noq
                    max_steps=150, lr=3e-3, warmup_steps=20)
     sft, orpo = _oracle_scores(load_model(sft_dir), tok), _oracle_scores(model, tok)
     gain, se = _gain(orpo, sft)
-    # measured (2-core CPU, loaded): see the report in the commit; the margin is below it
+    # NOT YET MEASURED to completion (the session's 2-core machine ran at load ~18; the SFT model
+    # alone took 16 min and scored 0.356 on these 512 prompts). The margin 0.04 is GRPO's
+    # (test_rl_algorithms): about two standard errors of a paired difference of 512 samples
+    # (~0.02); set it from the first measured run.
     assert gain > 0.04, (sum(sft) / len(sft), sum(orpo) / len(orpo), gain, se)
 
 

@@ -1,8 +1,8 @@
 """The reference-free preference algorithms orpo, cpo and simpo (fastalign/algorithms/ref_free.py)
 in the trainer: registered with no reference model, their loss is the fused op on the policy's
 token log-probs with the config's parameters, short runs prefer the chosen responses, the
-packaged configs train from the command line, bad configs are refused; and (slow) ORPO from the
-untrained model and SimPO after SFT beat the SFT model by the synthetic task's oracle.
+packaged configs train from the command line, bad configs are refused; and (slow) SimPO after
+SFT beats the SFT model by the synthetic task's oracle (ORPO's learning test: open, see below).
 
 Bounds. The wiring test compares the algorithm's loss with the op called on the same token
 log-probs (the same deterministic forward) on the same backend: the same arithmetic, so equal
@@ -11,7 +11,6 @@ seeds) on the same held-out prompts; the margins are stated with the measured fi
 """
 
 import os
-import random
 from collections import Counter
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 
 import fastalign
 from fastalign.algorithms import get_algorithm, token_logps
-from fastalign.data.synthetic import Oracle, SyntheticTask, corrupt, solve
+from fastalign.data.synthetic import Oracle, SyntheticTask
 from fastalign.errors import ConfigError
 from fastalign.models import load_model, tiny_model, tiny_tokenizer
 from fastalign.recipes.steps import mean_and_se
@@ -142,7 +141,6 @@ def test_config_errors(name, bad, match):
 
 from tests.test_rl_algorithms import sft_dir  # noqa: E402,F401  (the module-scoped SFT model)
 
-ARCH = dict(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=192)  # sft_dir's
 
 
 def _oracle_scores(model, tok, n=512, seed=5):
@@ -165,28 +163,11 @@ def _train(alg, model, tok, data, tmp_path, **kw):
     return model
 
 
-@pytest.mark.slow
-def test_orpo_from_the_untrained_model_beats_sft(tok, tmp_path, sft_dir):  # noqa: F811
-    # The SFT model (tests/test_rl_algorithms.py sft_dir): 150 steps of 32 on 4000 demonstrations,
-    # 30% of them with one mistake. ORPO: the same untrained model, steps, batch and learning rate,
-    # on the same 4000 demonstrations, each paired with a fresh corruption of the answer and
-    # labelled by the oracle (a mistaken demonstration may lose to the corruption; ties dropped):
-    # no SFT stage.
-    task, rng = SyntheticTask(), random.Random(7)
-    demos = task.demonstrations(4000, seed=1, error_rate=0.3)
-    prompts = [d["messages"][0]["content"] for d in demos]
-    pairs, _ = Oracle(seed=1).label_pairs(prompts, [d["messages"][1]["content"] for d in demos],
-                                          [corrupt(solve(p), rng) for p in prompts])
-    alg = get_algorithm("orpo")({"beta": 0.5})
-    model = _train(alg, tiny_model(tok, seed=0, **ARCH), tok, alg.encode(pairs, tok, 64, Counter()), tmp_path,
-                   max_steps=150, lr=3e-3, warmup_steps=20)
-    sft, orpo = _oracle_scores(load_model(sft_dir), tok), _oracle_scores(model, tok)
-    gain, se = _gain(orpo, sft)
-    # NOT YET MEASURED to completion (the session's 2-core machine ran at load ~18; the SFT model
-    # alone took 16 min and scored 0.356 on these 512 prompts). The margin 0.04 is GRPO's
-    # (test_rl_algorithms): about two standard errors of a paired difference of 512 samples
-    # (~0.02); set it from the first measured run.
-    assert gain > 0.04, (sum(sft) / len(sft), sum(orpo) / len(orpo), gain, se)
+# ORPO from the untrained model against the SFT model (open, no test yet): on the SFT model's 4000
+# demonstrations each paired with a fresh corruption (oracle-labelled), the same steps, batch and
+# learning rate as SFT (150 x 32, 3e-3), measured 2026-12-08 on 512 prompts, paired against SFT's
+# 0.356: beta 0.5 -> 0.373 (+0.017 +- 0.017), beta 1 -> 0.329 (-0.027), beta 2 -> 0.294 (-0.062).
+# Not beyond noise: a learning test needs another recipe (more steps, on-policy pairs).
 
 
 @pytest.mark.slow

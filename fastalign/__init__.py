@@ -31,6 +31,7 @@ from fastalign.ops.unpaired import (
     kto_loss,
     kto_loss_from_tokens,
 )
+from fastalign.ops.ref_free import cpo_loss_from_tokens, orpo_loss_from_tokens, simpo_loss_from_tokens
 
 __version__ = "0.1.0"
 
@@ -78,5 +79,9 @@ __all__ = [
     "kto_kl_reference",
     "bco_loss",
     "bco_loss_from_tokens",
+    # reference-free paired preference losses
+    "orpo_loss_from_tokens",
+    "cpo_loss_from_tokens",
+    "simpo_loss_from_tokens",
     *_LAZY,
 ]

@@ -207,10 +207,10 @@ def example_plugin(tmp_path_factory):
 
 def test_entry_point_plugin(example_plugin):
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="fastalign.algorithms")}
-    assert eps.get("simpo") == "fastalign_example_plugin:SimPO"
-    simpo = get_algorithm("simpo")
+    assert eps.get("simpo-example") == "fastalign_example_plugin:SimPO"
+    simpo = get_algorithm("simpo-example")
     assert simpo.__module__ == "fastalign_example_plugin" and simpo.models == ("policy",)
-    assert "simpo" in list_algorithms() and "ln-dpo" in list_algorithms()
+    assert "simpo-example" in list_algorithms() and "ln-dpo" in list_algorithms()
     assert get_algorithm("ln-dpo")().logp_reduce == "mean"
 
 
@@ -414,7 +414,7 @@ def test_short_dpo_run_prefers_chosen(tok, tmp_path):
 
 
 def test_short_plugin_run(tok, tmp_path, example_plugin):
-    simpo = get_algorithm("simpo")()
+    simpo = get_algorithm("simpo-example")()
     pairs, _ = SyntheticTask().preference_pairs(200, seed=0)
     data = simpo.encode(pairs, tok, 64, Counter())
     _, s = _run(simpo, {"policy": _model(tok)}, tok, data, tmp_path, 30, 3e-3, data[:64])

@@ -16,6 +16,7 @@ from fastalign.algorithms.registry import (
 # built-ins register themselves on import
 from fastalign.algorithms import dpo, grpo, kto, online_dpo, ppo, presets, reward, sft  # noqa: E402,F401
 from fastalign.algorithms import prm  # noqa: E402,F401
+from fastalign.algorithms import ref_free  # noqa: E402,F401  (orpo, cpo, simpo)
 
 __all__ = ["Algorithm", "AlgorithmConfig", "CriticFreeAlgorithm", "CriticFreeConfig", "ENTRY_POINT_GROUP",
            "OnlineAlgorithm", "OnlineConfig", "UnknownAlgorithmError", "get_algorithm", "list_algorithms",

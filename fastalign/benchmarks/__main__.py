@@ -33,7 +33,7 @@ from fastalign.benchmarks._common import (
     time_interleaved, warm_up,
 )
 
-FAMILIES = ("logprobs", "rl", "preference", "linear_logprobs", "advantages", "unpaired")
+FAMILIES = ("logprobs", "rl", "preference", "linear_logprobs", "advantages", "unpaired", "ref_free")
 
 
 def _measure_bandwidth(device: str, quick: bool) -> dict:

@@ -3,7 +3,9 @@ few lines, and an online algorithm in one short file (rloo.py). Installed, they 
 through the `fastalign.algorithms` entry-point group:
 
     pip install --no-build-isolation -e tests/example_plugin
-    fastalign list          # shows simpo, ln-dpo and rloo-example
+    fastalign list          # shows simpo-example, ln-dpo and rloo-example
+
+(Entry-point names of their own: fastalign has built-in `simpo` and `rloo`.)
 """
 
 from dataclasses import dataclass

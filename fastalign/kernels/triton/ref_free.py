@@ -27,27 +27,11 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels.triton._utils import device_guard, row_block, warps_for
+from fastalign.kernels.triton.preference import _log_sigmoid, _sigmoid  # the DPO head's stable forms
 
 # (constexpr: a @triton.jit function may read only constexpr globals)
 ODDS_FLOOR = tl.constexpr(5.9604644775390625e-08)  # 2^-24, as kernels/reference_ref_free.py
 LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _log1p_small(e):
-    # log(1 + e) for e in [0, 1]
-    return tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
-
-
-@triton.jit
-def _log_sigmoid(x):
-    return tl.minimum(x, 0.0) - _log1p_small(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _sigmoid(x):
-    e = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit

@@ -21,11 +21,16 @@
 #include <utility>
 
 #include "common.cuh"
+#include "preference_common.cuh"
 
 namespace fastalign::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+// the DPO head's block size, block/row sums and stable sigmoid (preference_common.cuh)
+using dpo::block_sum;
+using dpo::kThreads;
+using dpo::row_sum;
+using dpo::sigmoid;
 
 struct Params {
   float beta, wd, wu;
@@ -34,11 +39,6 @@ struct Params {
 
 Params make_params(double beta, double wd, double wu, int64_t kind) {
   return {static_cast<float>(beta), static_cast<float>(wd), static_cast<float>(wu), static_cast<int>(kind)};
-}
-
-__device__ __forceinline__ float sigmoid(float x) {
-  const float e = expf(-fabsf(x));
-  return x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
 }
 
 __device__ __forceinline__ float signed_arg(float lr, bool d, float z, const Params& p) {
@@ -64,35 +64,6 @@ __device__ __forceinline__ float example_grad(float lr, bool d, float z, const P
 }
 
 __device__ __forceinline__ float point_of(const float* pt, float point) { return pt != nullptr ? pt[0] : point; }
-
-// Sum of v over the block (kThreads threads); every thread gets the result. (The DPO head's
-// reduction, csrc/cuda/preference.cu.)
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float s = 0.f;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) s += scratch[w];
-  return s;
-}
-
-template <typename T>
-__device__ float row_sum(const T* __restrict__ x, const bool* __restrict__ m, int64_t steps, bool mean,
-                         float* scratch) {
-  float acc = 0.f, cnt = 0.f;
-  for (int64_t t = threadIdx.x; t < steps; t += kThreads) {
-    if (m[t]) {
-      acc += to_f32(x[t]);
-      cnt += 1.f;
-    }
-  }
-  const float s = block_sum(acc, scratch);
-  if (!mean) return s;
-  return s / fmaxf(block_sum(cnt, scratch), 1.f);
-}
 
 template <typename T>
 __global__ void loss_fwd_kernel(const T* pol, const T* ref, const bool* labels, const float* pt, float point,
